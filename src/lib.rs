@@ -1,0 +1,24 @@
+//! # mlctl
+//!
+//! Multi-level contrastive learning (ML-CTL, Chi et al., ICASSP 2022, arXiv 2202.13083) for
+//! cross-lingual sentence and word alignment, in pure Rust on [candle](https://github.com/huggingface/candle).
+//!
+//! The crate is a library first. Its building blocks:
+//! - [`encoder`]: a trainable BERT/mBERT encoder ([`encoder::BertEncoder`]) that returns every
+//!   hidden state, applies real dropout in training, carries the MLM head and loads and saves
+//!   Hugging Face checkpoints ([`encoder::PretrainedBert`]).
+//! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
+//! - [`device`]: choosing CPU, CUDA or Metal.
+//! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
+#![warn(missing_docs)]
+
+#[allow(missing_docs)]
+pub mod device;
+pub mod encoder;
+mod error;
+#[cfg(feature = "hub")]
+pub mod hub;
+pub mod loss;
+pub mod tokenize;
+
+pub use error::{Error, Result};
