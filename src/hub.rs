@@ -1,1 +1,77 @@
-//! TODO
+//! Resolving a model id to a local directory, offline first (feature `hub`).
+
+use std::path::PathBuf;
+
+use crate::encoder::{CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use crate::{Error, Result};
+
+/// Finds the files of a Hugging Face model, `model_id` (`org/name`, optionally `@revision`),
+/// and returns the directory that holds them.
+///
+/// The local cache (`HF_HOME`, default `~/.cache/huggingface`) is searched first, so a model
+/// downloaded once is used with no network. Otherwise, unless `HF_HUB_OFFLINE=1` is set, the
+/// files are downloaded into that cache. Failing both, the error says which.
+pub fn resolve(model_id: &str) -> Result<PathBuf> {
+    let (id, revision) = match model_id.split_once('@') {
+        Some((id, rev)) => (id.to_string(), rev.to_string()),
+        None => (model_id.to_string(), "main".to_string()),
+    };
+    let repo = hf_hub::Repo::with_revision(id, hf_hub::RepoType::Model, revision);
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.repo(repo.clone());
+    if let Some(config) = cached.get(CONFIG_FILE) {
+        let has_weights = cached.get(WEIGHTS_FILE).is_some() || cached.get(WEIGHTS_INDEX_FILE).is_some();
+        if has_weights {
+            return parent(model_id, config);
+        }
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let hub_error = |reason: String| Error::Hub { model: model_id.to_string(), reason };
+    if offline {
+        return Err(hub_error(format!(
+            "not in the local cache {} and HF_HUB_OFFLINE is set; download it on a connected \
+             machine or pass a local directory",
+            cache.path().display()
+        )));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| hub_error(e.to_string()))?;
+    let remote = api.repo(repo);
+    let fetch = |file: &str| {
+        remote.get(file).map_err(|e| {
+            hub_error(format!(
+                "not in the local cache {} and `{file}` could not be downloaded ({e}); on a machine \
+                 without network, pass a local directory holding config.json and model.safetensors",
+                cache.path().display()
+            ))
+        })
+    };
+    let config = fetch(CONFIG_FILE)?;
+    if fetch(WEIGHTS_FILE).is_err() {
+        let index = fetch(WEIGHTS_INDEX_FILE)?;
+        let text = std::fs::read_to_string(&index).map_err(Error::io(&index))?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+        let mut shards: Vec<&str> = parsed["weight_map"]
+            .as_object()
+            .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        shards.sort_unstable();
+        shards.dedup();
+        for shard in shards {
+            fetch(shard)?;
+        }
+    }
+    // A model without tokenizer.json still loads; the caller then brings its own tokenizer.
+    let _ = remote.get(TOKENIZER_FILE);
+    parent(model_id, config)
+}
+
+fn parent(model_id: &str, file: PathBuf) -> Result<PathBuf> {
+    file.parent().map(PathBuf::from).ok_or_else(|| Error::Hub {
+        model: model_id.to_string(),
+        reason: format!("cached file {} has no parent directory", file.display()),
+    })
+}

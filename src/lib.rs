@@ -12,7 +12,6 @@
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 #![warn(missing_docs)]
 
-#[allow(missing_docs)]
 pub mod device;
 pub mod encoder;
 mod error;

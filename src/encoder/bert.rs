@@ -1,0 +1,376 @@
+//! The BERT encoder and its masked-language-model head.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::BertConfig;
+use super::layers::{accumulation_dtype, activate, embedding, linear, Dropout, DropoutRng, LayerNorm};
+use crate::{Error, Result};
+
+/// Every hidden state of a forward pass.
+///
+/// # Shapes
+/// - `last_hidden_state`: `[batch, seq_len, hidden]`
+/// - `hidden_states`: `num_hidden_layers + 1` tensors of `[batch, seq_len, hidden]`; entry 0 is
+///   the embedding output and entry `i` the output of layer `i`, exactly as transformers returns
+///   them with `output_hidden_states=True`.
+#[derive(Debug, Clone)]
+pub struct EncoderOutput {
+    /// Output of the last layer (the same tensor as the last entry of `hidden_states`).
+    pub last_hidden_state: Tensor,
+    /// Embedding output followed by the output of every layer.
+    pub hidden_states: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word: candle_nn::Embedding,
+    position: candle_nn::Embedding,
+    token_type: candle_nn::Embedding,
+    layer_norm: LayerNorm,
+    dropout: Dropout,
+}
+
+impl Embeddings {
+    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
+        let std = cfg.initializer_range;
+        Ok(Self {
+            word: embedding(vb.pp("word_embeddings"), cfg.vocab_size, cfg.hidden_size, std)?,
+            position: embedding(
+                vb.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                std,
+            )?,
+            token_type: embedding(vb.pp("token_type_embeddings"), cfg.type_vocab_size, cfg.hidden_size, std)?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+        })
+    }
+
+    fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
+        let xs = self
+            .word
+            .forward(input_ids)?
+            .broadcast_add(&self.position.forward(&positions)?)?
+            .add(&self.token_type.forward(token_type_ids)?)?;
+        let xs = self.layer_norm.forward(&xs)?;
+        Ok(self.dropout.forward_t(&xs, train)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    query: candle_nn::Linear,
+    key: candle_nn::Linear,
+    value: candle_nn::Linear,
+    output: candle_nn::Linear,
+    layer_norm: LayerNorm,
+    probs_dropout: Dropout,
+    output_dropout: Dropout,
+    num_heads: usize,
+    head_size: usize,
+}
+
+impl SelfAttention {
+    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
+        let (h, std) = (cfg.hidden_size, cfg.initializer_range);
+        let attn = vb.pp("self");
+        let out = vb.pp("output");
+        Ok(Self {
+            query: linear(attn.pp("query"), h, h, std)?,
+            key: linear(attn.pp("key"), h, h, std)?,
+            value: linear(attn.pp("value"), h, h, std)?,
+            output: linear(out.pp("dense"), h, h, std)?,
+            layer_norm: LayerNorm::load(out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob, rng.clone()),
+            output_dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            num_heads: cfg.num_attention_heads,
+            head_size: cfg.head_size(),
+        })
+    }
+
+    /// `[b, l, h]` -> `[b, heads, l, head_size]`
+    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        xs.reshape((b, l, self.num_heads, self.head_size))?.transpose(1, 2)?.contiguous()
+    }
+
+    fn forward_t(&self, xs: &Tensor, additive_mask: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, l, h) = xs.dims3()?;
+        let q = self.split_heads(&self.query.forward(xs)?)?;
+        let k = self.split_heads(&self.key.forward(xs)?)?;
+        let v = self.split_heads(&self.value.forward(xs)?)?;
+        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
+        let scores = scores.broadcast_add(additive_mask)?;
+        // Softmax in f32 for half precision; candle-nn's composite softmax has a backward pass.
+        let probs = candle_nn::ops::softmax(&scores.to_dtype(accumulation_dtype(scores.dtype()))?, D::Minus1)?
+            .to_dtype(xs.dtype())?;
+        let probs = self.probs_dropout.forward_t(&probs, train)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        let out = self.output_dropout.forward_t(&self.output.forward(&context)?, train)?;
+        Ok(self.layer_norm.forward(&(out + xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    intermediate: candle_nn::Linear,
+    output: candle_nn::Linear,
+    layer_norm: LayerNorm,
+    dropout: Dropout,
+    act: super::HiddenAct,
+}
+
+impl FeedForward {
+    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
+        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+        Ok(Self {
+            intermediate: linear(vb.pp("intermediate").pp("dense"), h, i, std)?,
+            output: linear(vb.pp("output").pp("dense"), i, h, std)?,
+            layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            act: cfg.hidden_act,
+        })
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let inner = activate(self.act, &self.intermediate.forward(xs)?)?;
+        let out = self.dropout.forward_t(&self.output.forward(&inner)?, train)?;
+        Ok(self.layer_norm.forward(&(out + xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attention: SelfAttention,
+    feed_forward: FeedForward,
+}
+
+/// A BERT encoder (embeddings and transformer layers) that returns every hidden state and trains.
+///
+/// Parameter names are transformers' `BertModel` names (`embeddings.word_embeddings.weight`,
+/// `encoder.layer.0.attention.self.query.weight`, ...), relative to the [`VarBuilder`] it is
+/// loaded from. Dropout is real and active only in [`BertEncoder::forward_t`] with `train = true`;
+/// on the CPU its masks come from a seeded generator ([`BertEncoder::dropout_rng`]).
+///
+/// # Shapes
+/// - `input_ids`, `token_type_ids`: `[batch, seq_len]`, any integer dtype
+/// - `attention_mask`: `[batch, seq_len]`, 1 for tokens to attend to and 0 for padding
+/// - output: [`EncoderOutput`], hidden states of `[batch, seq_len, hidden]`
+#[derive(Debug, Clone)]
+pub struct BertEncoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    dropout_rng: DropoutRng,
+    config: BertConfig,
+}
+
+impl BertEncoder {
+    /// Builds the encoder from `vb` (rooted where `embeddings.*` and `encoder.*` live).
+    ///
+    /// Dropout masks start from seed 0; change it with [`BertEncoder::with_dropout_seed`].
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        cfg.validate()?;
+        let rng = DropoutRng::new(0);
+        let embeddings = Embeddings::load(vb.pp("embeddings"), cfg, &rng)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let vb = vb.pp("encoder").pp("layer").pp(i);
+                Ok(Layer {
+                    attention: SelfAttention::load(vb.pp("attention"), cfg, &rng)?,
+                    feed_forward: FeedForward::load(vb.clone(), cfg, &rng)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers, dropout_rng: rng, config: cfg.clone() })
+    }
+
+    /// Restarts the dropout generator from `seed`.
+    pub fn with_dropout_seed(self, seed: u64) -> Self {
+        self.dropout_rng.reseed(seed);
+        self
+    }
+
+    /// The generator every dropout layer of this encoder draws from.
+    pub fn dropout_rng(&self) -> &DropoutRng {
+        &self.dropout_rng
+    }
+
+    /// The configuration the encoder was built with.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The word-embedding matrix `[vocab_size, hidden]`, shared with the MLM decoder.
+    pub fn word_embeddings(&self) -> &Tensor {
+        self.embeddings.word.embeddings()
+    }
+
+    /// Inference forward pass (no dropout). See [`BertEncoder::forward_t`].
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<EncoderOutput> {
+        self.forward_t(input_ids, token_type_ids, attention_mask, false)
+    }
+
+    /// Forward pass; dropout is applied when `train` is true.
+    ///
+    /// Missing `token_type_ids` mean all zeros and a missing `attention_mask` means every token
+    /// is attended to. Masked keys get the most negative value of the compute dtype added to
+    /// their attention scores, as transformers does.
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<EncoderOutput> {
+        let (batch, seq_len) = input_ids.dims2()?;
+        if seq_len > self.config.max_position_embeddings {
+            return Err(Error::InvalidArgument(format!(
+                "sequence length {seq_len} exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        for (name, t) in [("token_type_ids", token_type_ids), ("attention_mask", attention_mask)] {
+            if let Some(t) = t {
+                if t.dims() != [batch, seq_len] {
+                    return Err(Error::ShapeMismatch {
+                        name: name.into(),
+                        expected: vec![batch, seq_len],
+                        actual: t.dims().to_vec(),
+                    });
+                }
+            }
+        }
+        let zeros;
+        let token_type_ids = match token_type_ids {
+            Some(t) => t,
+            None => {
+                zeros = input_ids.zeros_like()?;
+                &zeros
+            }
+        };
+        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, train)?;
+        let additive_mask = self.additive_mask(attention_mask, batch, seq_len, xs.dtype())?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        hidden_states.push(xs.clone());
+        for layer in &self.layers {
+            xs = layer.attention.forward_t(&xs, &additive_mask, train)?;
+            xs = layer.feed_forward.forward_t(&xs, train)?;
+            hidden_states.push(xs.clone());
+        }
+        Ok(EncoderOutput { last_hidden_state: xs, hidden_states })
+    }
+
+    /// `(1 - mask) * dtype::MIN`, shaped `[batch, 1, 1, seq_len]` to broadcast over heads and queries.
+    fn additive_mask(&self, mask: Option<&Tensor>, batch: usize, seq_len: usize, dtype: DType) -> Result<Tensor> {
+        let device = self.word_embeddings().device();
+        let mask = match mask {
+            Some(m) => m.to_dtype(DType::F32)?,
+            None => Tensor::ones((batch, seq_len), DType::F32, device)?,
+        };
+        let min = match dtype {
+            DType::F16 => f64::from(half::f16::MIN),
+            DType::BF16 => f64::from(half::bf16::MIN),
+            DType::F64 => f64::MIN,
+            _ => f64::from(f32::MIN),
+        };
+        let additive = ((1.0 - mask)? * min)?;
+        Ok(additive.to_dtype(dtype)?.reshape((batch, 1, 1, seq_len))?)
+    }
+}
+
+/// The masked-language-model head: dense, activation, LayerNorm, then a decoder tied to the
+/// word embeddings plus a bias.
+///
+/// Loaded from transformers' `cls.predictions` names: `transform.dense.*`,
+/// `transform.LayerNorm.*` and `bias`.
+///
+/// # Shapes
+/// - input: hidden states `[batch, seq_len, hidden]`
+/// - output: logits `[batch, seq_len, vocab_size]`
+#[derive(Debug, Clone)]
+pub struct MlmHead {
+    dense: candle_nn::Linear,
+    layer_norm: LayerNorm,
+    decoder_weight: Tensor,
+    bias: Tensor,
+    act: super::HiddenAct,
+}
+
+impl MlmHead {
+    /// Builds the head from `vb` (rooted at `cls.predictions`) with its decoder tied to
+    /// `word_embeddings` (`[vocab_size, hidden]`).
+    pub fn load(vb: VarBuilder, cfg: &BertConfig, word_embeddings: &Tensor) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let transform = vb.pp("transform");
+        Ok(Self {
+            dense: linear(transform.pp("dense"), h, h, cfg.initializer_range)?,
+            layer_norm: LayerNorm::load(transform.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            decoder_weight: word_embeddings.clone(),
+            bias: vb.get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?,
+            act: cfg.hidden_act,
+        })
+    }
+}
+
+impl Module for MlmHead {
+    fn forward(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = activate(self.act, &self.dense.forward(hidden)?)?;
+        let xs = self.layer_norm.forward(&xs)?;
+        xs.broadcast_matmul(&self.decoder_weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// A BERT encoder with its MLM head, named as transformers' `BertForMaskedLM`
+/// (`bert.*` and `cls.predictions.*`).
+#[derive(Debug, Clone)]
+pub struct BertForMaskedLm {
+    /// The encoder (`bert.*`).
+    pub encoder: BertEncoder,
+    /// The MLM head (`cls.predictions.*`), its decoder tied to the encoder's word embeddings.
+    pub mlm_head: MlmHead,
+}
+
+impl BertForMaskedLm {
+    /// Builds encoder and head from `vb` rooted at the checkpoint's top level.
+    pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        let encoder = BertEncoder::load(vb.pp("bert"), cfg)?;
+        let mlm_head = MlmHead::load(vb.pp("cls").pp("predictions"), cfg, encoder.word_embeddings())?;
+        Ok(Self { encoder, mlm_head })
+    }
+
+    /// MLM logits for the input, with every hidden state. Arguments as
+    /// [`BertEncoder::forward_t`].
+    pub fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<MaskedLmOutput> {
+        let encoder = self.encoder.forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let logits = self.mlm_head.forward(&encoder.last_hidden_state)?;
+        Ok(MaskedLmOutput { logits, encoder })
+    }
+}
+
+/// Output of [`BertForMaskedLm::forward_t`].
+///
+/// # Shapes
+/// - `logits`: `[batch, seq_len, vocab_size]`
+/// - `encoder`: see [`EncoderOutput`]
+#[derive(Debug, Clone)]
+pub struct MaskedLmOutput {
+    /// MLM logits over the vocabulary.
+    pub logits: Tensor,
+    /// Every hidden state of the encoder.
+    pub encoder: EncoderOutput,
+}

@@ -1,0 +1,174 @@
+//! Hugging Face checkpoints on disk: reading safetensors (single or sharded) with the key
+//! variants real checkpoints use, and writing them back under transformers' names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use super::params::ParamStore;
+use crate::{Error, Result};
+
+/// Single-file weights.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Index of sharded weights.
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+/// Model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+/// Tokenizer in the `tokenizers` format.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// How a checkpoint's tensor name maps onto this crate's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyMapping {
+    /// The tensor is the parameter with this canonical (transformers `BertForMaskedLM`) name.
+    Param(String),
+    /// A tensor real checkpoints carry that the model does not use (pooler, next-sentence head,
+    /// position-id buffer, the decoder copy of the tied word embeddings).
+    Ignored,
+}
+
+/// Maps a checkpoint key to its canonical name.
+///
+/// Accepted variants: with or without the `bert.` prefix (`BertModel` checkpoints such as
+/// sentence-transformers models have none), TF-era `LayerNorm.gamma`/`LayerNorm.beta` for
+/// `weight`/`bias`, and `cls.predictions.decoder.bias` for `cls.predictions.bias`.
+pub fn map_key(key: &str) -> KeyMapping {
+    let key = key
+        .replace("LayerNorm.gamma", "LayerNorm.weight")
+        .replace("LayerNorm.beta", "LayerNorm.bias");
+    let key = if key.starts_with("bert.") || key.starts_with("cls.") {
+        key
+    } else {
+        format!("bert.{key}")
+    };
+    let ignored = key.starts_with("bert.pooler.")
+        || key.starts_with("cls.seq_relationship.")
+        || key == "bert.embeddings.position_ids"
+        || key == "cls.predictions.decoder.weight";
+    if ignored {
+        KeyMapping::Ignored
+    } else if key == "cls.predictions.decoder.bias" {
+        KeyMapping::Param("cls.predictions.bias".into())
+    } else {
+        KeyMapping::Param(key)
+    }
+}
+
+/// Tensors read from a checkpoint, by canonical name, with the names that were set aside.
+#[derive(Debug, Default)]
+pub struct CheckpointTensors {
+    /// Tensors by canonical name, on the CPU in the checkpoint's dtype.
+    pub tensors: HashMap<String, Tensor>,
+    /// Original names of tensors the model does not use (see [`KeyMapping::Ignored`]).
+    pub ignored: Vec<String>,
+}
+
+/// Reads every weight file of a checkpoint directory (`model.safetensors`, or the shards listed
+/// in `model.safetensors.index.json`) onto the CPU.
+///
+/// `pytorch_model.bin` is a Python pickle and is not read: convert it once with
+/// `python -c "from transformers import AutoModelForMaskedLM as M; M.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)"`.
+pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
+    let mut out = CheckpointTensors::default();
+    let mut decoder_bias = None;
+    for file in weight_files(dir)? {
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Checkpoint {
+            path: file.clone(),
+            reason: format!("not a readable safetensors file ({e})"),
+        })?;
+        for (key, tensor) in tensors {
+            match map_key(&key) {
+                KeyMapping::Ignored => out.ignored.push(key),
+                // `decoder.bias` is an alias: used only where `cls.predictions.bias` is absent.
+                KeyMapping::Param(_) if key == "cls.predictions.decoder.bias" => decoder_bias = Some((key, tensor)),
+                KeyMapping::Param(name) => {
+                    out.tensors.insert(name, tensor);
+                }
+            }
+        }
+    }
+    if let Some((key, tensor)) = decoder_bias {
+        if out.tensors.contains_key("cls.predictions.bias") {
+            out.ignored.push(key);
+        } else {
+            out.tensors.insert("cls.predictions.bias".into(), tensor);
+        }
+    }
+    out.ignored.sort();
+    Ok(out)
+}
+
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(Error::io(&index))?;
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let mut files: Vec<PathBuf> = parsed.weight_map.into_values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let reason = if dir.join("pytorch_model.bin").is_file() {
+        "holds only pytorch_model.bin, a Python pickle this crate does not load; convert it once with \
+         `python -c \"from transformers import AutoModelForMaskedLM as M; M.from_pretrained('DIR').save_pretrained('DIR', safe_serialization=True)\"`"
+            .to_string()
+    } else {
+        format!("has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
+    };
+    Err(Error::Checkpoint { path: dir.to_path_buf(), reason })
+}
+
+/// Writes every parameter of `params` to a safetensors file under its canonical name, with the
+/// `{"format": "pt"}` metadata transformers expects.
+///
+/// The file is written under a temporary name, synced and renamed into place, so an
+/// interrupted save never leaves a truncated `path` behind.
+pub fn save_params(params: &ParamStore, path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = params
+        .named_vars()
+        .into_iter()
+        .map(|(name, var)| Ok((name, var.as_tensor().contiguous()?)))
+        .collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = temp_path(path);
+    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| Error::Checkpoint {
+        path: tmp.clone(),
+        reason: format!("could not write safetensors: {e}"),
+    })?;
+    sync_and_rename(&tmp, path)
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let mut file = std::fs::File::create(&tmp).map_err(Error::io(&tmp))?;
+    file.write_all(bytes).map_err(Error::io(&tmp))?;
+    drop(file);
+    sync_and_rename(&tmp, path)
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::File::open(tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(Error::io(tmp))?;
+    std::fs::rename(tmp, path).map_err(Error::io(path))
+}

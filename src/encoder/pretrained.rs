@@ -1,0 +1,137 @@
+//! `PretrainedBert`: a BERT with MLM head, its parameters and tokenizer, loaded from or saved
+//! to a Hugging Face model directory.
+
+use std::fmt;
+use std::path::Path;
+
+use candle_core::{DType, Device};
+
+use super::bert::BertForMaskedLm;
+use super::checkpoint::{read_checkpoint_dir, save_params, write_atomic, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+use super::config::BertConfig;
+use super::params::ParamStore;
+use crate::tokenize::Tokenizer;
+use crate::{Error, Result};
+
+/// What loading a checkpoint did beyond the one-to-one copy of tensors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Parameters the checkpoint lacked, freshly initialised (only the MLM head may be: a
+    /// `BertModel` checkpoint has none).
+    pub initialized: Vec<String>,
+    /// Checkpoint tensors that are known not to be needed (pooler, next-sentence head,
+    /// position-id buffer, the decoder copy of the tied word embeddings).
+    pub ignored: Vec<String>,
+    /// Checkpoint tensors the model has no use for and that are not known extras: a sign the
+    /// checkpoint is not a BERT, or uses names this crate does not know.
+    pub unexpected: Vec<String>,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |names: &[String]| if names.is_empty() { "none".to_string() } else { names.join(", ") };
+        writeln!(f, "initialized (not in checkpoint): {}", list(&self.initialized))?;
+        writeln!(f, "ignored: {}", list(&self.ignored))?;
+        write!(f, "unexpected: {}", list(&self.unexpected))
+    }
+}
+
+/// A BERT with its MLM head, its trainable parameters and (when the directory has one) its
+/// tokenizer: what a Hugging Face model directory holds.
+///
+/// ```no_run
+/// # fn main() -> mlctl::Result<()> {
+/// use mlctl::encoder::PretrainedBert;
+/// let bert = PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+/// let tok = bert.tokenizer.as_ref().expect("the model ships tokenizer.json");
+/// let batch = tok.encode_batch(&["Hello world"], &candle_core::Device::Cpu)?;
+/// let out = bert.model.encoder.forward(&batch.input_ids, Some(&batch.token_type_ids), Some(&batch.attention_mask))?;
+/// assert_eq!(out.hidden_states.len(), 13);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PretrainedBert {
+    /// The configuration (`config.json`).
+    pub config: BertConfig,
+    /// Encoder and MLM head.
+    pub model: BertForMaskedLm,
+    /// Every trainable parameter by transformers name: give `params.varmap().all_vars()` to an
+    /// optimizer.
+    pub params: ParamStore,
+    /// The tokenizer, when the directory has a `tokenizer.json`.
+    pub tokenizer: Option<Tokenizer>,
+    /// How the checkpoint's tensors were mapped.
+    pub report: LoadReport,
+}
+
+impl PretrainedBert {
+    /// Loads from a local directory or, with the `hub` feature, a Hugging Face model id found in
+    /// the local cache (or downloaded when the network allows).
+    pub fn load(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() {
+            return Self::from_dir(path, device, dtype);
+        }
+        #[cfg(feature = "hub")]
+        {
+            Self::from_dir(&crate::hub::resolve(model)?, device, dtype)
+        }
+        #[cfg(not(feature = "hub"))]
+        Err(Error::Hub {
+            model: model.to_string(),
+            reason: "not a directory, and this build has no `hub` feature to look it up".into(),
+        })
+    }
+
+    /// Loads `config.json`, the safetensors weights (single file or sharded) and, if present,
+    /// `tokenizer.json` from `dir`, converting weights to `dtype` on `device`.
+    ///
+    /// Every encoder tensor must be present ([`Error::MissingTensors`] names all that are not)
+    /// with the right shape ([`Error::ShapeMismatch`]); a missing MLM head is initialised and
+    /// listed in [`LoadReport::initialized`].
+    pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let config = BertConfig::from_file(dir.join(CONFIG_FILE))?;
+        let checkpoint = read_checkpoint_dir(dir)?;
+        let params = ParamStore::with_checkpoint(checkpoint.tensors, 0);
+        let model = BertForMaskedLm::load(params.var_builder(dtype, device), &config)?;
+        let log = params.log().clone();
+        if let Some((name, expected, actual)) = log.mismatched.into_iter().next() {
+            return Err(Error::ShapeMismatch { name, expected, actual });
+        }
+        let missing: Vec<String> = log.initialized.iter().filter(|n| !n.starts_with("cls.")).cloned().collect();
+        if !missing.is_empty() {
+            return Err(Error::MissingTensors { names: missing });
+        }
+        let tokenizer_path = dir.join(TOKENIZER_FILE);
+        let tokenizer = if tokenizer_path.is_file() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+        let report = LoadReport {
+            initialized: log.initialized,
+            ignored: checkpoint.ignored,
+            unexpected: params.unused_checkpoint_names(),
+        };
+        Ok(Self { config, model, params, tokenizer, report })
+    }
+
+    /// A model with freshly initialised weights (normal with `initializer_range`, LayerNorm at
+    /// one and zero, biases zero, as transformers does), reproducible from `seed`.
+    pub fn from_config(config: BertConfig, tokenizer: Option<Tokenizer>, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let params = ParamStore::new(seed);
+        let model = BertForMaskedLm::load(params.var_builder(dtype, device), &config)?;
+        let report = LoadReport { initialized: params.log().initialized.clone(), ..Default::default() };
+        Ok(Self { config, model, params, tokenizer, report })
+    }
+
+    /// Writes `model.safetensors` (transformers names), `config.json` and `tokenizer.json` to
+    /// `dir`, creating it. The result loads with
+    /// `transformers.BertForMaskedLM.from_pretrained(dir)`. Each file is written atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        save_params(&self.params, &dir.join(WEIGHTS_FILE))?;
+        write_atomic(&dir.join(CONFIG_FILE), self.config.to_json_string().as_bytes())?;
+        if let Some(tokenizer) = &self.tokenizer {
+            tokenizer.save(dir.join(TOKENIZER_FILE))?;
+        }
+        Ok(())
+    }
+}
