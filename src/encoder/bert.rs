@@ -4,7 +4,9 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::BertConfig;
-use super::layers::{accumulation_dtype, activate, embedding, linear, Dropout, DropoutRng, LayerNorm};
+use super::layers::{
+    accumulation_dtype, activate, embedding, linear, Dropout, DropoutRng, LayerNorm,
+};
 use crate::{Error, Result};
 
 /// Every hidden state of a forward pass.
@@ -35,20 +37,35 @@ impl Embeddings {
     fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
         let std = cfg.initializer_range;
         Ok(Self {
-            word: embedding(vb.pp("word_embeddings"), cfg.vocab_size, cfg.hidden_size, std)?,
+            word: embedding(
+                vb.pp("word_embeddings"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+                std,
+            )?,
             position: embedding(
                 vb.pp("position_embeddings"),
                 cfg.max_position_embeddings,
                 cfg.hidden_size,
                 std,
             )?,
-            token_type: embedding(vb.pp("token_type_embeddings"), cfg.type_vocab_size, cfg.hidden_size, std)?,
+            token_type: embedding(
+                vb.pp("token_type_embeddings"),
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+                std,
+            )?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
         })
     }
 
-    fn forward_t(&self, input_ids: &Tensor, token_type_ids: &Tensor, train: bool) -> Result<Tensor> {
+    fn forward_t(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let (_, seq_len) = input_ids.dims2()?;
         let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
         let xs = self
@@ -95,7 +112,9 @@ impl SelfAttention {
     /// `[b, l, h]` -> `[b, heads, l, head_size]`
     fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        xs.reshape((b, l, self.num_heads, self.head_size))?.transpose(1, 2)?.contiguous()
+        xs.reshape((b, l, self.num_heads, self.head_size))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     fn forward_t(&self, xs: &Tensor, additive_mask: &Tensor, train: bool) -> Result<Tensor> {
@@ -106,11 +125,16 @@ impl SelfAttention {
         let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
         let scores = scores.broadcast_add(additive_mask)?;
         // Softmax in f32 for half precision; candle-nn's composite softmax has a backward pass.
-        let probs = candle_nn::ops::softmax(&scores.to_dtype(accumulation_dtype(scores.dtype()))?, D::Minus1)?
-            .to_dtype(xs.dtype())?;
+        let probs = candle_nn::ops::softmax(
+            &scores.to_dtype(accumulation_dtype(scores.dtype()))?,
+            D::Minus1,
+        )?
+        .to_dtype(xs.dtype())?;
         let probs = self.probs_dropout.forward_t(&probs, train)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        let out = self.output_dropout.forward_t(&self.output.forward(&context)?, train)?;
+        let out = self
+            .output_dropout
+            .forward_t(&self.output.forward(&context)?, train)?;
         Ok(self.layer_norm.forward(&(out + xs)?)?)
     }
 }
@@ -126,7 +150,11 @@ struct FeedForward {
 
 impl FeedForward {
     fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
-        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+        let (h, i, std) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+        );
         Ok(Self {
             intermediate: linear(vb.pp("intermediate").pp("dense"), h, i, std)?,
             output: linear(vb.pp("output").pp("dense"), i, h, std)?,
@@ -138,7 +166,9 @@ impl FeedForward {
 
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let inner = activate(self.act, &self.intermediate.forward(xs)?)?;
-        let out = self.dropout.forward_t(&self.output.forward(&inner)?, train)?;
+        let out = self
+            .dropout
+            .forward_t(&self.output.forward(&inner)?, train)?;
         Ok(self.layer_norm.forward(&(out + xs)?)?)
     }
 }
@@ -185,7 +215,12 @@ impl BertEncoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings, layers, dropout_rng: rng, config: cfg.clone() })
+        Ok(Self {
+            embeddings,
+            layers,
+            dropout_rng: rng,
+            config: cfg.clone(),
+        })
     }
 
     /// Restarts the dropout generator from `seed`.
@@ -238,7 +273,10 @@ impl BertEncoder {
                 self.config.max_position_embeddings
             )));
         }
-        for (name, t) in [("token_type_ids", token_type_ids), ("attention_mask", attention_mask)] {
+        for (name, t) in [
+            ("token_type_ids", token_type_ids),
+            ("attention_mask", attention_mask),
+        ] {
             if let Some(t) = t {
                 if t.dims() != [batch, seq_len] {
                     return Err(Error::ShapeMismatch {
@@ -257,7 +295,9 @@ impl BertEncoder {
                 &zeros
             }
         };
-        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, train)?;
+        let mut xs = self
+            .embeddings
+            .forward_t(input_ids, token_type_ids, train)?;
         let additive_mask = self.additive_mask(attention_mask, batch, seq_len, xs.dtype())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(xs.clone());
@@ -266,11 +306,20 @@ impl BertEncoder {
             xs = layer.feed_forward.forward_t(&xs, train)?;
             hidden_states.push(xs.clone());
         }
-        Ok(EncoderOutput { last_hidden_state: xs, hidden_states })
+        Ok(EncoderOutput {
+            last_hidden_state: xs,
+            hidden_states,
+        })
     }
 
     /// `(1 - mask) * dtype::MIN`, shaped `[batch, 1, 1, seq_len]` to broadcast over heads and queries.
-    fn additive_mask(&self, mask: Option<&Tensor>, batch: usize, seq_len: usize, dtype: DType) -> Result<Tensor> {
+    fn additive_mask(
+        &self,
+        mask: Option<&Tensor>,
+        batch: usize,
+        seq_len: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let device = self.word_embeddings().device();
         let mask = match mask {
             Some(m) => m.to_dtype(DType::F32)?,
@@ -325,7 +374,8 @@ impl Module for MlmHead {
     fn forward(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let xs = activate(self.act, &self.dense.forward(hidden)?)?;
         let xs = self.layer_norm.forward(&xs)?;
-        xs.broadcast_matmul(&self.decoder_weight.t()?)?.broadcast_add(&self.bias)
+        xs.broadcast_matmul(&self.decoder_weight.t()?)?
+            .broadcast_add(&self.bias)
     }
 }
 
@@ -343,7 +393,11 @@ impl BertForMaskedLm {
     /// Builds encoder and head from `vb` rooted at the checkpoint's top level.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         let encoder = BertEncoder::load(vb.pp("bert"), cfg)?;
-        let mlm_head = MlmHead::load(vb.pp("cls").pp("predictions"), cfg, encoder.word_embeddings())?;
+        let mlm_head = MlmHead::load(
+            vb.pp("cls").pp("predictions"),
+            cfg,
+            encoder.word_embeddings(),
+        )?;
         Ok(Self { encoder, mlm_head })
     }
 
@@ -356,7 +410,9 @@ impl BertForMaskedLm {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<MaskedLmOutput> {
-        let encoder = self.encoder.forward_t(input_ids, token_type_ids, attention_mask, train)?;
+        let encoder = self
+            .encoder
+            .forward_t(input_ids, token_type_ids, attention_mask, train)?;
         let logits = self.mlm_head.forward(&encoder.last_hidden_state)?;
         Ok(MaskedLmOutput { logits, encoder })
     }

@@ -63,6 +63,8 @@ pub struct CheckpointTensors {
     pub tensors: HashMap<String, Tensor>,
     /// Original names of tensors the model does not use (see [`KeyMapping::Ignored`]).
     pub ignored: Vec<String>,
+    /// The name each tensor has in the checkpoint file, by canonical name.
+    pub original_names: HashMap<String, String>,
 }
 
 /// Reads every weight file of a checkpoint directory (`model.safetensors`, or the shards listed
@@ -74,16 +76,20 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
     let mut out = CheckpointTensors::default();
     let mut decoder_bias = None;
     for file in weight_files(dir)? {
-        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Checkpoint {
-            path: file.clone(),
-            reason: format!("not a readable safetensors file ({e})"),
-        })?;
+        let tensors =
+            candle_core::safetensors::load(&file, &Device::Cpu).map_err(|e| Error::Checkpoint {
+                path: file.clone(),
+                reason: format!("not a readable safetensors file ({e})"),
+            })?;
         for (key, tensor) in tensors {
             match map_key(&key) {
                 KeyMapping::Ignored => out.ignored.push(key),
                 // `decoder.bias` is an alias: used only where `cls.predictions.bias` is absent.
-                KeyMapping::Param(_) if key == "cls.predictions.decoder.bias" => decoder_bias = Some((key, tensor)),
+                KeyMapping::Param(_) if key == "cls.predictions.decoder.bias" => {
+                    decoder_bias = Some((key, tensor))
+                }
                 KeyMapping::Param(name) => {
+                    out.original_names.insert(name.clone(), key);
                     out.tensors.insert(name, tensor);
                 }
             }
@@ -93,6 +99,8 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
         if out.tensors.contains_key("cls.predictions.bias") {
             out.ignored.push(key);
         } else {
+            out.original_names
+                .insert("cls.predictions.bias".into(), key);
             out.tensors.insert("cls.predictions.bias".into(), tensor);
         }
     }
@@ -116,7 +124,11 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             path: index.clone(),
             source,
         })?;
-        let mut files: Vec<PathBuf> = parsed.weight_map.into_values().map(|f| dir.join(f)).collect();
+        let mut files: Vec<PathBuf> = parsed
+            .weight_map
+            .into_values()
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -128,7 +140,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     } else {
         format!("has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}")
     };
-    Err(Error::Checkpoint { path: dir.to_path_buf(), reason })
+    Err(Error::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    })
 }
 
 /// Writes every parameter of `params` to a safetensors file under its canonical name, with the
@@ -144,9 +159,11 @@ pub fn save_params(params: &ParamStore, path: &Path) -> Result<()> {
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = temp_path(path);
-    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| Error::Checkpoint {
-        path: tmp.clone(),
-        reason: format!("could not write safetensors: {e}"),
+    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| {
+        Error::Checkpoint {
+            path: tmp.clone(),
+            reason: format!("could not write safetensors: {e}"),
+        }
     })?;
     sync_and_rename(&tmp, path)
 }

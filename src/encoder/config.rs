@@ -67,7 +67,10 @@ impl Default for BertConfig {
     fn default() -> Self {
         let mut extra = serde_json::Map::new();
         extra.insert("model_type".into(), "bert".into());
-        extra.insert("architectures".into(), serde_json::json!(["BertForMaskedLM"]));
+        extra.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForMaskedLM"]),
+        );
         Self {
             vocab_size: 119_547,
             hidden_size: 768,
@@ -113,8 +116,10 @@ impl BertConfig {
         cfg.extra
             .entry("model_type")
             .or_insert_with(|| "bert".into());
-        cfg.extra
-            .insert("architectures".into(), serde_json::json!(["BertForMaskedLM"]));
+        cfg.extra.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForMaskedLM"]),
+        );
         // Serialising a struct of plain fields and a JSON map cannot fail.
         serde_json::to_string_pretty(&cfg).expect("config serialises")
     }
@@ -132,11 +137,16 @@ impl BertConfig {
             ));
         }
         if self.vocab_size == 0 || self.max_position_embeddings == 0 || self.type_vocab_size == 0 {
-            return bad("vocab_size, max_position_embeddings and type_vocab_size must be positive".into());
+            return bad(
+                "vocab_size, max_position_embeddings and type_vocab_size must be positive".into(),
+            );
         }
         for (name, p) in [
             ("hidden_dropout_prob", self.hidden_dropout_prob),
-            ("attention_probs_dropout_prob", self.attention_probs_dropout_prob),
+            (
+                "attention_probs_dropout_prob",
+                self.attention_probs_dropout_prob,
+            ),
         ] {
             if !(0.0..1.0).contains(&p) {
                 return bad(format!("{name} must be in [0, 1), got {p}"));
@@ -149,7 +159,9 @@ impl BertConfig {
             ));
         }
         if !self.tie_word_embeddings {
-            return bad("an untied MLM decoder (tie_word_embeddings = false) is not supported".into());
+            return bad(
+                "an untied MLM decoder (tie_word_embeddings = false) is not supported".into(),
+            );
         }
         Ok(())
     }

@@ -84,7 +84,9 @@ impl DropoutRng {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ChaCha8Rng> {
         // A panic elsewhere cannot leave a ChaCha state half-written: recover the guard.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A mask of `0` and `1 / (1 - p)` entries, each zero with probability `p`.
@@ -95,7 +97,13 @@ impl DropoutRng {
                 let n = like.elem_count();
                 let mut rng = self.lock();
                 let keep: Vec<f32> = (0..n)
-                    .map(|_| if rng.random::<f32>() >= p { scale as f32 } else { 0.0 })
+                    .map(|_| {
+                        if rng.random::<f32>() >= p {
+                            scale as f32
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect();
                 Tensor::from_vec(keep, like.shape(), &Device::Cpu)?.to_dtype(like.dtype())
             }
@@ -140,7 +148,10 @@ pub(crate) fn linear(
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
         "weight",
-        Init::Randn { mean: 0.0, stdev: init_std },
+        Init::Randn {
+            mean: 0.0,
+            stdev: init_std,
+        },
     )?;
     let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
     Ok(candle_nn::Linear::new(weight, Some(bias)))
@@ -156,7 +167,10 @@ pub(crate) fn embedding(
     let table = vb.get_with_hints(
         (rows, dim),
         "weight",
-        Init::Randn { mean: 0.0, stdev: init_std },
+        Init::Randn {
+            mean: 0.0,
+            stdev: init_std,
+        },
     )?;
     Ok(candle_nn::Embedding::new(table, dim))
 }

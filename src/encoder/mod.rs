@@ -15,8 +15,8 @@ mod pretrained;
 pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
 pub(crate) use checkpoint::write_atomic;
 pub use checkpoint::{
-    map_key, read_checkpoint_dir, save_params, CheckpointTensors, KeyMapping, CONFIG_FILE, TOKENIZER_FILE,
-    WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+    map_key, read_checkpoint_dir, save_params, CheckpointTensors, KeyMapping, CONFIG_FILE,
+    TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 };
 pub use config::{BertConfig, HiddenAct};
 pub use layers::{Dropout, DropoutRng, LayerNorm};

@@ -78,7 +78,12 @@ impl ParamStore {
 
     /// Every variable with its canonical name, sorted by name.
     pub fn named_vars(&self) -> BTreeMap<String, Var> {
-        let data = self.inner.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
+        let data = self
+            .inner
+            .varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
@@ -90,14 +95,23 @@ impl ParamStore {
     }
 
     fn checkpoint(&self) -> MutexGuard<'_, HashMap<String, Tensor>> {
-        self.inner.checkpoint.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn log(&self) -> MutexGuard<'_, LoadLog> {
         self.inner.log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn init_var(&self, shape: &Shape, init: Init, dtype: DType, device: &Device) -> candle_core::Result<Var> {
+    fn init_var(
+        &self,
+        shape: &Shape,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Var> {
         let n = shape.elem_count();
         let values: Vec<f32> = match init {
             Init::Const(c) => vec![c as f32; n],
@@ -110,14 +124,30 @@ impl ParamStore {
             // Modules here only ask for constants and normals; anything else keeps candle's meaning.
             other => return other.var(shape, dtype, device),
         };
-        let t = Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
+        let t = Tensor::from_vec(values, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
         Var::from_tensor(&t)
     }
 }
 
 impl SimpleBackend for ParamStore {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        if let Some(var) = self.inner.varmap.data().lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(var) = self
+            .inner
+            .varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             return Ok(var.as_tensor().clone());
         }
         let from_checkpoint = self.checkpoint().remove(name);
@@ -127,7 +157,9 @@ impl SimpleBackend for ParamStore {
             }
             Some(t) => {
                 let actual = t.dims().to_vec();
-                self.log().mismatched.push((name.to_string(), shape.dims().to_vec(), actual));
+                self.log()
+                    .mismatched
+                    .push((name.to_string(), shape.dims().to_vec(), actual));
                 self.init_var(&shape, init, dtype, device)?
             }
             None => {
@@ -145,8 +177,20 @@ impl SimpleBackend for ParamStore {
         Ok(tensor)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        match self.inner.varmap.data().lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match self
+            .inner
+            .varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             Some(var) => var.as_tensor().to_dtype(dtype)?.to_device(device),
             None => candle_core::bail!("no parameter named {name}"),
         }
@@ -154,6 +198,12 @@ impl SimpleBackend for ParamStore {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.checkpoint().contains_key(name)
-            || self.inner.varmap.data().lock().unwrap_or_else(|p| p.into_inner()).contains_key(name)
+            || self
+                .inner
+                .varmap
+                .data()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(name)
     }
 }

@@ -7,7 +7,9 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use super::bert::BertForMaskedLm;
-use super::checkpoint::{read_checkpoint_dir, save_params, write_atomic, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+use super::checkpoint::{
+    read_checkpoint_dir, save_params, write_atomic, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+};
 use super::config::BertConfig;
 use super::params::ParamStore;
 use crate::tokenize::Tokenizer;
@@ -29,8 +31,18 @@ pub struct LoadReport {
 
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |names: &[String]| if names.is_empty() { "none".to_string() } else { names.join(", ") };
-        writeln!(f, "initialized (not in checkpoint): {}", list(&self.initialized))?;
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        writeln!(
+            f,
+            "initialized (not in checkpoint): {}",
+            list(&self.initialized)
+        )?;
         writeln!(f, "ignored: {}", list(&self.ignored))?;
         write!(f, "unexpected: {}", list(&self.unexpected))
     }
@@ -92,34 +104,73 @@ impl PretrainedBert {
     pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = BertConfig::from_file(dir.join(CONFIG_FILE))?;
         let checkpoint = read_checkpoint_dir(dir)?;
+        let original_names = checkpoint.original_names;
         let params = ParamStore::with_checkpoint(checkpoint.tensors, 0);
         let model = BertForMaskedLm::load(params.var_builder(dtype, device), &config)?;
         let log = params.log().clone();
         if let Some((name, expected, actual)) = log.mismatched.into_iter().next() {
-            return Err(Error::ShapeMismatch { name, expected, actual });
+            return Err(Error::ShapeMismatch {
+                name,
+                expected,
+                actual,
+            });
         }
-        let missing: Vec<String> = log.initialized.iter().filter(|n| !n.starts_with("cls.")).cloned().collect();
+        let missing: Vec<String> = log
+            .initialized
+            .iter()
+            .filter(|n| !n.starts_with("cls."))
+            .cloned()
+            .collect();
         if !missing.is_empty() {
             return Err(Error::MissingTensors { names: missing });
         }
         let tokenizer_path = dir.join(TOKENIZER_FILE);
-        let tokenizer = if tokenizer_path.is_file() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
+        let tokenizer = if tokenizer_path.is_file() {
+            Some(Tokenizer::from_file(&tokenizer_path)?)
+        } else {
+            None
+        };
         let report = LoadReport {
             initialized: log.initialized,
             ignored: checkpoint.ignored,
-            unexpected: params.unused_checkpoint_names(),
+            unexpected: params
+                .unused_checkpoint_names()
+                .into_iter()
+                .map(|name| original_names.get(&name).cloned().unwrap_or(name))
+                .collect(),
         };
-        Ok(Self { config, model, params, tokenizer, report })
+        Ok(Self {
+            config,
+            model,
+            params,
+            tokenizer,
+            report,
+        })
     }
 
     /// A model with freshly initialised weights (normal with `initializer_range`, LayerNorm at
     /// one and zero, biases zero, as transformers does), reproducible from `seed`.
-    pub fn from_config(config: BertConfig, tokenizer: Option<Tokenizer>, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+    pub fn from_config(
+        config: BertConfig,
+        tokenizer: Option<Tokenizer>,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Self> {
         config.validate()?;
         let params = ParamStore::new(seed);
         let model = BertForMaskedLm::load(params.var_builder(dtype, device), &config)?;
-        let report = LoadReport { initialized: params.log().initialized.clone(), ..Default::default() };
-        Ok(Self { config, model, params, tokenizer, report })
+        let report = LoadReport {
+            initialized: params.log().initialized.clone(),
+            ..Default::default()
+        };
+        Ok(Self {
+            config,
+            model,
+            params,
+            tokenizer,
+            report,
+        })
     }
 
     /// Writes `model.safetensors` (transformers names), `config.json` and `tokenizer.json` to
@@ -128,7 +179,10 @@ impl PretrainedBert {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         save_params(&self.params, &dir.join(WEIGHTS_FILE))?;
-        write_atomic(&dir.join(CONFIG_FILE), self.config.to_json_string().as_bytes())?;
+        write_atomic(
+            &dir.join(CONFIG_FILE),
+            self.config.to_json_string().as_bytes(),
+        )?;
         if let Some(tokenizer) = &self.tokenizer {
             tokenizer.save(dir.join(TOKENIZER_FILE))?;
         }
