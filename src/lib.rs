@@ -8,6 +8,7 @@
 //!   hidden state, applies real dropout in training, carries the MLM head and loads and saves
 //!   Hugging Face checkpoints ([`encoder::PretrainedBert`]).
 //! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
+//! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@ mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod loss;
+pub mod pooling;
 pub mod tokenize;
 
 pub use error::{Error, Result};

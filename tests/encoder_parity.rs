@@ -209,7 +209,7 @@ fn real_minilm_checkpoint_matches_transformers() {
             &format!("minilm hidden_states.{i}"),
             h,
             &g[&format!("hidden_states.{i}")],
-            1e-4,
+            5e-5,
         );
     }
     // Our tokenizer reproduces the golden input ids from the same sentences.

@@ -84,6 +84,10 @@ impl PretrainedBert {
         if path.is_dir() {
             return Self::from_dir(path, device, dtype);
         }
+        let looks_like_path = path.is_absolute() || model.starts_with('.') || path.exists() || model.matches('/').count() > 1;
+        if looks_like_path {
+            return Err(Error::Hub { model: model.to_string(), reason: "no such model directory".into() });
+        }
         #[cfg(feature = "hub")]
         {
             Self::from_dir(&crate::hub::resolve(model)?, device, dtype)

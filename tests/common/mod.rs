@@ -35,5 +35,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     let diff = max_abs_diff(actual, expected);
+    eprintln!("{name}: max abs diff {diff:.3e}");
     assert!(diff <= tol, "{name}: max abs diff {diff:e} > {tol:e}");
 }
