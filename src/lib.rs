@@ -23,3 +23,8 @@ pub mod pooling;
 pub mod tokenize;
 
 pub use error::{Error, Result};
+
+// Compiles the README's Rust example as a doctest, so the documented API cannot drift.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
