@@ -13,6 +13,7 @@
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod device;
 pub mod encoder;
 mod error;
@@ -20,7 +21,9 @@ mod error;
 pub mod hub;
 pub mod loss;
 pub mod pooling;
+pub mod projection;
 pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};
 

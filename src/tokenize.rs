@@ -139,6 +139,23 @@ impl Tokenizer {
         self.encode_inputs(inputs, device)
     }
 
+    /// Encodes each text on its own, truncated to `max_len` but not padded, so a caller can
+    /// inspect or drop sequences before [`Tokenizer::pad_batch`].
+    pub fn encode_each<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoding>> {
+        texts.iter().map(|t| self.inner.encode(t.as_ref(), true).map_err(Error::Tokenizer)).collect()
+    }
+
+    /// Pads encodings to the longest one and stacks them into a batch.
+    pub fn pad_batch(&self, mut encodings: Vec<Encoding>, device: &Device) -> Result<TokenBatch> {
+        if encodings.is_empty() {
+            return Err(Error::InvalidArgument("cannot pad an empty batch".into()));
+        }
+        if let Some(params) = self.inner.get_padding() {
+            tokenizers::pad_encodings(&mut encodings, params).map_err(Error::Tokenizer)?;
+        }
+        TokenBatch::from_encodings(&encodings, device)
+    }
+
     fn encode_inputs(&self, inputs: Vec<EncodeInput>, device: &Device) -> Result<TokenBatch> {
         if inputs.is_empty() {
             return Err(Error::InvalidArgument(

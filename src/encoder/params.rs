@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::{var_builder::SimpleBackend, Init, VarBuilder, VarMap};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -121,7 +121,11 @@ impl ParamStore {
                 let mut rng = self.inner.rng.lock().unwrap_or_else(|p| p.into_inner());
                 (0..n).map(|_| normal.sample(&mut *rng)).collect()
             }
-            // Modules here only ask for constants and normals; anything else keeps candle's meaning.
+            Init::Uniform { lo, up } => {
+                let mut rng = self.inner.rng.lock().unwrap_or_else(|p| p.into_inner());
+                (0..n).map(|_| rng.random_range(lo as f32..up as f32)).collect()
+            }
+            // Modules here ask for constants, normals and uniforms; Kaiming keeps candle's meaning.
             other => return other.var(shape, dtype, device),
         };
         let t = Tensor::from_vec(values, shape, &Device::Cpu)?

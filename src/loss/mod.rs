@@ -1,1 +1,5 @@
 //! Training objectives.
+
+mod mlm;
+
+pub use mlm::masked_lm_loss;
