@@ -1,1 +1,2 @@
 //! Training objectives.
+pub mod cz_nce;
