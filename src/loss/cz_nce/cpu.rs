@@ -60,7 +60,11 @@ pub(crate) trait Real:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     /// Wraps a row-major `rows × cols` buffer as a CPU tensor of this dtype.
-    fn into_tensor(v: Vec<Self>, rows: usize, cols: usize) -> candle_core::Result<candle_core::Tensor>;
+    fn into_tensor(
+        v: Vec<Self>,
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::Result<candle_core::Tensor>;
 }
 
 macro_rules! impl_real {
@@ -203,7 +207,13 @@ impl<'a, T> View<'a, T> {
 
 /// `dst (m × n, row-major) = [dst +] beta · lhs · rhs`, through the `gemm` crate (the GEMM
 /// candle's CPU backend uses), parallelized with rayon.
-fn gemm_into<T: Real>(dst: &mut [T], lhs: View<'_, T>, rhs: View<'_, T>, beta: T, accumulate: bool) {
+fn gemm_into<T: Real>(
+    dst: &mut [T],
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    beta: T,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k);
     assert_eq!(dst.len(), m * n);
@@ -306,21 +316,28 @@ fn direction_pass<T: Real>(
         let lse = m + sum.ln();
         let pos = blocks[0][i * b + i] * scale;
         let row_loss = wb * (lse - pos);
-        // Pass 3: G = w/B (softmax − onehot(positive)), and Σ G⊙X.
-        let mut gx = -wb * pos;
+        // Pass 3: G = w/B (softmax − onehot(positive)), and Σ G⊙X. The positive's weight is
+        // written last: with the positive in the partition its `p − 1` is computed as
+        // `−Σ_{j≠pos} p_j`, which does not cancel when the softmax saturates.
+        let mut gx = T::ZERO;
         if let Some(g_rows) = g_rows.as_mut() {
+            let mut others = T::ZERO;
             for (blk, (x, g)) in blocks.iter().zip(g_rows.iter_mut()).enumerate() {
                 for (j, (&v, g)) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()).enumerate() {
                     let v = v * scale;
-                    let p = if masked(blk, j) {
+                    let p = if masked(blk, j) || (blk == 0 && j == i) {
                         T::ZERO
                     } else {
                         wb * (v - lse).exp()
                     };
                     gx += p * v;
-                    *g = if blk == 0 && j == i { p - wb } else { p };
+                    others += p;
+                    *g = p;
                 }
             }
+            let gpos = if include_positive { -others } else { -wb };
+            g_rows[0][i] = gpos;
+            gx += gpos * pos;
         }
         (row_loss, gx)
     };
@@ -475,7 +492,9 @@ pub(crate) fn cz_nce<T: Real>(
 }
 
 fn add_into<T: Real>(dst: &mut [T], src: &[T]) {
-    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d += s);
+    dst.par_iter_mut()
+        .zip(src.par_iter())
+        .for_each(|(d, &s)| *d += s);
 }
 
 fn symmetrize<T: Real>(g: &[T], b: usize) -> Vec<T> {
@@ -539,8 +558,12 @@ mod tests {
     #[test]
     fn matches_naive_loop() {
         let (b, d) = (5, 3);
-        let q: Vec<f64> = (0..b * d).map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0).collect();
-        let k: Vec<f64> = (0..b * d).map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0).collect();
+        let q: Vec<f64> = (0..b * d)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let k: Vec<f64> = (0..b * d)
+            .map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0)
+            .collect();
         let spec = Spec {
             include_positive: false,
             anchor_negatives: true,

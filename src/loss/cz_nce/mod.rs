@@ -60,7 +60,8 @@
 //!
 //! The loss is an f32 scalar for f32/f16/bf16 inputs (accumulation in f32) and an f64 scalar
 //! for f64 inputs (everything in f64, useful for finite-difference checks). Gradients come back
-//! in each input's dtype.
+//! in each input's dtype; the fused op saturates f16 gradients beyond the f16 range (only an
+//! all-zero row, whose exact gradient is `∂L/∂q̂ / ε`, gets there) to `±f16::MAX`.
 //!
 //! # Memory (fused backward)
 //!
@@ -251,7 +252,10 @@ impl CzNce {
     /// Whether [`CzNce::forward`] would take the fused path for this input.
     pub fn fused_supported(q: &Tensor) -> bool {
         q.device().is_cpu()
-            && matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+            && matches!(
+                q.dtype(),
+                DType::F32 | DType::F16 | DType::BF16 | DType::F64
+            )
     }
 
     /// Validates the inputs and the temperature; returns `B`.

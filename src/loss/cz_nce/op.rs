@@ -10,8 +10,7 @@
 use super::cpu::{self, Real, Spec};
 use super::BackwardMode;
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape,
-    Tensor,
+    backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
 };
 use std::sync::Mutex;
 
@@ -65,7 +64,10 @@ fn gather<T: Real>(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<T>, u
         f: impl Fn(S) -> f64 + Sync,
     ) -> Vec<T> {
         if s1 == 1 && s0 == d {
-            v[off..off + b * d].iter().map(|&x| T::from_f64(f(x))).collect()
+            v[off..off + b * d]
+                .iter()
+                .map(|&x| T::from_f64(f(x)))
+                .collect()
         } else {
             let mut out = Vec::with_capacity(b * d);
             for i in 0..b {
@@ -99,7 +101,10 @@ fn scalar_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
         CpuStorage::F64(v) => v[i],
         CpuStorage::F16(v) => v[i].to_f64(),
         CpuStorage::BF16(v) => v[i].to_f64(),
-        other => candle_core::bail!("cz_nce fused: unsupported log_scale dtype {:?}", other.dtype()),
+        other => candle_core::bail!(
+            "cz_nce fused: unsupported log_scale dtype {:?}",
+            other.dtype()
+        ),
     })
 }
 
@@ -184,9 +189,20 @@ impl CzNceOp {
                 (s.dq, s.dk, s.dlog_scale)
             }
         };
-        let dq = (dq * g)?.to_dtype(q.dtype())?;
-        let dk = (dk * g)?.to_dtype(k.dtype())?;
+        let dq = cast_grad((dq * g)?, q.dtype())?;
+        let dk = cast_grad((dk * g)?, k.dtype())?;
         Ok((dq, dk, dls * g))
+    }
+}
+
+/// Casts a gradient to the input dtype. For f16, values beyond its range (e.g. the `1/ε`-sized
+/// gradient of an all-zero row) saturate to `±f16::MAX` instead of becoming `±inf`.
+fn cast_grad(g: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if dtype == DType::F16 {
+        let max = half::f16::MAX.to_f64();
+        g.clamp(-max, max)?.to_dtype(dtype)
+    } else {
+        g.to_dtype(dtype)
     }
 }
 
@@ -255,7 +271,8 @@ impl CustomOp3 for CzNceOp {
             .to_vec1::<f64>()?[0]
             .exp();
         let (dq, dk, dls) = self.bwd_impl(q, k, scale, grad_res)?;
-        let dls = Tensor::full(dls, log_scale.shape(), &Device::Cpu)?.to_dtype(log_scale.dtype())?;
+        let dls =
+            Tensor::full(dls, log_scale.shape(), &Device::Cpu)?.to_dtype(log_scale.dtype())?;
         Ok((Some(dq), Some(dk), Some(dls)))
     }
 }
