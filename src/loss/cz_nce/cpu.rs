@@ -55,6 +55,7 @@ pub(crate) trait Real:
     const ONE: Self;
     const NEG_INFINITY: Self;
     fn from_f64(x: f64) -> Self;
+    fn from_f32(x: f32) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
@@ -74,6 +75,9 @@ macro_rules! impl_real {
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
             fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn from_f32(x: f32) -> Self {
                 x as $t
             }
             fn to_f64(self) -> f64 {

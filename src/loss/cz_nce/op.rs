@@ -12,6 +12,7 @@ use super::BackwardMode;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
 };
+use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// Gradients saved by the forward, in the accumulation dtype, for an upstream gradient of 1.
@@ -54,35 +55,32 @@ fn gather<T: Real>(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<T>, u
     let (b, d) = l.shape().dims2()?;
     let st = l.stride();
     let (s0, s1, off) = (st[0], st[1], l.start_offset());
-    fn read<S: Copy, T: Real>(
+    fn read<S: Copy + Sync, T: Real>(
         v: &[S],
-        b: usize,
-        d: usize,
-        s0: usize,
-        s1: usize,
-        off: usize,
-        f: impl Fn(S) -> f64 + Sync,
+        (b, d, s0, s1, off): (usize, usize, usize, usize, usize),
+        f: impl Fn(S) -> T + Sync,
     ) -> Vec<T> {
-        if s1 == 1 && s0 == d {
-            v[off..off + b * d]
-                .iter()
-                .map(|&x| T::from_f64(f(x)))
-                .collect()
-        } else {
-            let mut out = Vec::with_capacity(b * d);
-            for i in 0..b {
-                for j in 0..d {
-                    out.push(T::from_f64(f(v[off + i * s0 + j * s1])));
+        let mut out = vec![T::ZERO; b * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            let base = off + i * s0;
+            if s1 == 1 {
+                for (o, &x) in row.iter_mut().zip(&v[base..base + d]) {
+                    *o = f(x);
+                }
+            } else {
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = f(v[base + j * s1]);
                 }
             }
-            out
-        }
+        });
+        out
     }
+    let g = (b, d, s0, s1, off);
     let out = match s {
-        CpuStorage::F32(v) => read(v, b, d, s0, s1, off, |x| x as f64),
-        CpuStorage::F64(v) => read(v, b, d, s0, s1, off, |x| x),
-        CpuStorage::F16(v) => read(v, b, d, s0, s1, off, |x| x.to_f64()),
-        CpuStorage::BF16(v) => read(v, b, d, s0, s1, off, |x| x.to_f64()),
+        CpuStorage::F32(v) => read(v, g, |x| T::from_f32(x)),
+        CpuStorage::F64(v) => read(v, g, |x| T::from_f64(x)),
+        CpuStorage::F16(v) => read(v, g, |x| T::from_f32(x.to_f32())),
+        CpuStorage::BF16(v) => read(v, g, |x| T::from_f32(x.to_f32())),
         other => candle_core::bail!(
             "cz_nce fused: unsupported dtype {:?} (use f32, f16, bf16 or f64)",
             other.dtype()
