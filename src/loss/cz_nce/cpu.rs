@@ -218,9 +218,23 @@ fn gemm_into<T: Real>(
     beta: T,
     accumulate: bool,
 ) {
+    assert_eq!(dst.len(), lhs.rows * rhs.cols);
+    gemm_strided(dst, rhs.cols, lhs, rhs, beta, accumulate);
+}
+
+/// [`gemm_into`] into a row-major destination with row stride `dst_rs` (a sub-block).
+fn gemm_strided<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    beta: T,
+    accumulate: bool,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k);
-    assert_eq!(dst.len(), m * n);
+    assert!(n <= dst_rs);
+    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
     // The views cover their slices: the last element of each is in bounds.
     for v in [lhs, rhs] {
         if v.rows > 0 && v.cols > 0 {
@@ -247,7 +261,7 @@ fn gemm_into<T: Real>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs,
@@ -270,6 +284,43 @@ fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize) -> Vec<T> {
     let va = View::rows(a, rows, d);
     let vb = View::rows(b_, rows, d);
     gemm_into(&mut out, va, vb.t(), T::ONE, false);
+    out
+}
+
+/// `a aᵀ` for row-major `a` (`rows × d`), computing only the lower block triangle
+/// (`nb (nb + 1) / 2` of `nb²` blocks, ~40% fewer flops for `nb = 4`) and mirroring it.
+fn gram_self<T: Real>(a: &[T], rows: usize, d: usize) -> Vec<T> {
+    const MIN_ROWS: usize = 256;
+    const NB: usize = 4;
+    if rows < MIN_ROWS {
+        return gram(a, a, rows, d);
+    }
+    let chunk = rows.div_ceil(NB);
+    let bounds: Vec<(usize, usize)> = (0..rows)
+        .step_by(chunk)
+        .map(|s| (s, (s + chunk).min(rows)))
+        .collect();
+    let mut out = vec![T::ZERO; rows * rows];
+    for (bi, &(i0, i1)) in bounds.iter().enumerate() {
+        let lhs = View::rows(&a[i0 * d..i1 * d], i1 - i0, d);
+        for &(j0, j1) in &bounds[..=bi] {
+            let rhs = View::rows(&a[j0 * d..j1 * d], j1 - j0, d).t();
+            gemm_strided(&mut out[i0 * rows + j0..], rows, lhs, rhs, T::ONE, false);
+        }
+    }
+    // Mirror: the rows of block I take their columns beyond block I from the later rows.
+    for &(i0, i1) in &bounds {
+        let (head, tail) = out.split_at_mut(i1 * rows);
+        head[i0 * rows..]
+            .par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let i = i0 + r;
+                for j in i1..rows {
+                    row[j] = tail[(j - i1) * rows + i];
+                }
+            });
+    }
     out
 }
 
@@ -386,8 +437,8 @@ pub(crate) fn cz_nce<T: Real>(
     let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
     let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
     let s_out = gram(&qn.hat, &kn.hat, b, d);
-    let s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d));
-    let s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d));
+    let s_in = need_in.then(|| gram_self(&qn.hat, b, d));
+    let s_kk = need_kk.then(|| gram_self(&kn.hat, b, d));
     let weight = if spec.symmetric {
         T::from_f64(0.5)
     } else {
@@ -578,6 +629,23 @@ mod tests {
         let out = cz_nce(&q, &k, b, d, 1.0 / 0.5, spec, false);
         let want = naive_cz(&q, &k, b, d, 0.5);
         assert!((out.loss - want).abs() < 1e-12, "{} vs {want}", out.loss);
+    }
+
+    #[test]
+    fn gram_self_matches_gram() {
+        for rows in [255usize, 256, 301] {
+            let d = 5;
+            let a: Vec<f64> = (0..rows * d)
+                .map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0)
+                .collect();
+            let want = gram(&a, &a, rows, d);
+            let got = gram_self(&a, rows, d);
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 1e-12, "rows={rows} err={err}");
+        }
     }
 
     #[test]
