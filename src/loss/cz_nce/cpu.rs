@@ -359,12 +359,29 @@ fn direction_pass<T: Real>(
                 }
             }
         }
-        // Pass 2: Σ exp(x − m).
+        // Pass 2: Σ exp(x − m); with gradients, the exponentials are kept in G's row.
         let mut sum = T::ZERO;
-        for (blk, x) in blocks.iter().enumerate() {
-            for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
-                if !masked(blk, j) {
-                    sum += (v * scale - m).exp();
+        match g_rows.as_mut() {
+            None => {
+                for (blk, x) in blocks.iter().enumerate() {
+                    for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
+                        if !masked(blk, j) {
+                            sum += (v * scale - m).exp();
+                        }
+                    }
+                }
+            }
+            Some(g_rows) => {
+                for (blk, (x, g)) in blocks.iter().zip(g_rows.iter_mut()).enumerate() {
+                    for (j, (&v, g)) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()).enumerate() {
+                        let e = if masked(blk, j) {
+                            T::ZERO
+                        } else {
+                            (v * scale - m).exp()
+                        };
+                        sum += e;
+                        *g = e;
+                    }
                 }
             }
         }
@@ -376,20 +393,18 @@ fn direction_pass<T: Real>(
         // `−Σ_{j≠pos} p_j`, which does not cancel when the softmax saturates.
         let mut gx = T::ZERO;
         if let Some(g_rows) = g_rows.as_mut() {
+            let c = wb / sum;
+            g_rows[0][i] = T::ZERO;
             let mut others = T::ZERO;
-            for (blk, (x, g)) in blocks.iter().zip(g_rows.iter_mut()).enumerate() {
-                for (j, (&v, g)) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()).enumerate() {
-                    let v = v * scale;
-                    let p = if masked(blk, j) || (blk == 0 && j == i) {
-                        T::ZERO
-                    } else {
-                        wb * (v - lse).exp()
-                    };
+            for (x, g) in blocks.iter().zip(g_rows.iter_mut()) {
+                for (&v, g) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()) {
+                    let p = *g * c;
                     gx += p * v;
                     others += p;
                     *g = p;
                 }
             }
+            gx = gx * scale;
             let gpos = if include_positive { -others } else { -wb };
             g_rows[0][i] = gpos;
             gx += gpos * pos;
