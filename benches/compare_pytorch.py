@@ -1,0 +1,112 @@
+"""CZ-NCE on CPU: fused (Rust) vs composite (Rust, candle ops) vs PyTorch eager, forward+backward.
+
+Run from the repository root (needs torch; uses cargo):
+
+    python benches/compare_pytorch.py [--shapes 256x768,1024x1536] [--reps 5] [--threads N]
+
+It builds and runs `cargo bench --bench cz_nce_timing` (release), times the same loss in
+PyTorch eager with the same number of threads (default: the number of cores, which is what
+candle/rayon use), and prints a Markdown table. Times are medians over `reps` runs after a
+warm-up, all measured in this one invocation on this machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def cz_nce(q, k, t=0.07, eps=1e-8):
+    """ML-CTL CZ-NCE in plain PyTorch (what a user would write): positive not in the partition."""
+    qn = q / q.norm(dim=1, keepdim=True).clamp_min(eps)
+    kn = k / k.norm(dim=1, keepdim=True).clamp_min(eps)
+    b = q.shape[0]
+    eye = torch.eye(b, dtype=torch.bool)
+    sim_out = qn @ kn.T / t
+    sim_in = qn @ qn.T / t
+    pos = sim_out.diagonal()
+    logits = torch.cat([sim_out.masked_fill(eye, float("-inf")), sim_in.masked_fill(eye, float("-inf"))], 1)
+    return (torch.logsumexp(logits, 1) - pos).mean()
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def time_torch(b, d, reps, dtype):
+    torch.manual_seed(0)
+    q = torch.randn(b, d).to(dtype).requires_grad_(True)
+    k = (q.detach() + torch.randn(b, d).to(dtype)).requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            cz_nce(q.float(), k.float()).item()
+
+    def fwd_bwd():
+        q.grad = None
+        k.grad = None
+        cz_nce(q.float(), k.float()).backward()
+
+    out = {}
+    for name, f in [("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)]:
+        f()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        out[name] = median(ts)
+    return out
+
+
+def cpu_model():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="256x768,1024x1536")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    cmd = ["cargo", "bench", "--bench", "cz_nce_timing", "--", "--shapes", args.shapes,
+           "--reps", str(args.reps), "--dtype", args.dtype]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    rust = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+    torch.set_num_threads(args.threads)
+    tdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads} "
+          f"(rayon {rust[0]['threads'] if rust else '?'}, torch {torch.get_num_threads()}); "
+          f"torch {torch.__version__}; dtype {args.dtype}; median of {args.reps}\n")
+    print("| B | D | fused fwd | composite fwd | torch fwd | fused fwd+bwd | composite fwd+bwd "
+          "| torch fwd+bwd | composite/fused | torch/fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        b, d = (int(x) for x in shape.split("x"))
+        r = {x["path"]: x for x in rust if x["b"] == b and x["d"] == d}
+        t = time_torch(b, d, args.reps, tdtype)
+        fu, co = r["fused"], r["composite"]
+        print(f"| {b} | {d} | {fu['fwd_ms']:.1f} ms | {co['fwd_ms']:.1f} ms | {t['fwd_ms']:.1f} ms "
+              f"| {fu['fwd_bwd_ms']:.1f} ms | {co['fwd_bwd_ms']:.1f} ms | {t['fwd_bwd_ms']:.1f} ms "
+              f"| {co['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x | {t['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

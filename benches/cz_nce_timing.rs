@@ -1,0 +1,91 @@
+//! Plain timing of CZ-NCE (fused vs composite), one JSON object per line, for
+//! `benches/compare_pytorch.py` (which runs it and adds PyTorch eager timings).
+//!
+//! ```text
+//! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
+//! ```
+//!
+//! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "threads"}` with the median
+//! over `reps` runs after one warm-up.
+
+use candle_core::{DType, Device, Tensor, Var};
+use mlctl::loss::cz_nce::CzNce;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN timings"));
+    v[v.len() / 2]
+}
+
+fn time<F: FnMut() -> candle_core::Result<()>>(
+    dev: &Device,
+    reps: usize,
+    mut f: F,
+) -> candle_core::Result<f64> {
+    f()?; // warm-up
+    dev.synchronize()?;
+    let mut ts = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        ts.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(ts))
+}
+
+fn main() -> candle_core::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let shapes: Vec<(usize, usize)> = arg("--shapes")
+        .unwrap_or_else(|| "256x768,1024x1536".into())
+        .split(',')
+        .map(|s| {
+            let (b, d) = s.split_once('x').expect("shape BxD");
+            (b.parse().expect("B"), d.parse().expect("D"))
+        })
+        .collect();
+    let dtype = match arg("--dtype").as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => panic!("unknown dtype {other}"),
+    };
+    let reps: usize = arg("--reps").map_or(5, |r| r.parse().expect("reps"));
+    let dev = Device::Cpu;
+    let cfg = CzNce::new();
+    let threads = rayon::current_num_threads();
+    for (b, d) in shapes {
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?)?;
+        let k0 = Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?;
+        let k = Var::from_tensor(&(q.as_tensor() + k0)?)?;
+        let (qc, kc) = (q.as_tensor().detach(), k.as_tensor().detach());
+        for path in ["fused", "composite"] {
+            let run = |t1: &Tensor, t2: &Tensor| match path {
+                "fused" => cfg.forward_fused(t1, t2),
+                _ => cfg.forward_composite(t1, t2),
+            };
+            let fwd = time(&dev, reps, || {
+                let l = run(&qc, &kc).map_err(candle_core::Error::wrap)?;
+                l.to_scalar::<f32>().map(|_| ())
+            })?;
+            let fwd_bwd = time(&dev, reps, || {
+                let l = run(q.as_tensor(), k.as_tensor()).map_err(candle_core::Error::wrap)?;
+                let g = l.backward()?;
+                let dq = g.get(q.as_tensor()).expect("dq");
+                let dk = g.get(k.as_tensor()).expect("dk");
+                std::hint::black_box((dq, dk));
+                Ok(())
+            })?;
+            println!(
+                "{{\"path\": \"{path}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
+                 \"fwd_ms\": {fwd:.3}, \"fwd_bwd_ms\": {fwd_bwd:.3}, \"threads\": {threads}}}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,674 @@
+//! The fused CPU kernel: loss and exact gradients of CZ-NCE / InfoNCE in one pass.
+//!
+//! # Derivation
+//!
+//! Write `q̂_i = q_i / n_i` with `n_i = max(‖q_i‖, ε)` (likewise `k̂`), `s = 1 / t` and the three
+//! similarity blocks `Ŝ_out = q̂ k̂ᵀ`, `Ŝ_in = q̂ q̂ᵀ`, `Ŝ_kk = k̂ k̂ᵀ`. A *direction* (q→k, or
+//! k→q when symmetric) has one row per anchor, built from the blocks
+//! `X = s · [Ŝ_AT | Ŝ_AA | Ŝ_TT]` (cross block, then the optional anchor-side and target-side
+//! blocks; for q→k that is `[Ŝ_out | Ŝ_in | Ŝ_kk]`, for k→q `[Ŝ_outᵀ | Ŝ_kk | Ŝ_in]`). With `N_i`
+//! the unmasked entries of row `i`, the row loss is `ℓ_i = lse_{j∈N_i}(X_ij) − X_AT[i,i]` and the
+//! direction loss is `w/B Σ_i ℓ_i` (`w = 1`, or `½` per direction when symmetric). Hence
+//!
+//! ```text
+//! G_ij := ∂L/∂X_ij = w/B · ( softmax_{N_i}(X_i)_j · [j ∈ N_i]  −  [j is the positive of row i] )
+//! ```
+//!
+//! (in CZ-NCE mode the positive is not in `N_i` but still receives `−w/B`). Summing the
+//! directions' `G` blocks into `G_out` (the k→q cross block enters transposed), `G_in` and `G_kk`:
+//!
+//! ```text
+//! ∂L/∂q̂ = s · ( G_out k̂  + (G_in + G_inᵀ) q̂ )
+//! ∂L/∂k̂ = s · ( G_outᵀ q̂ + (G_kk + G_kkᵀ) k̂ )
+//! ∂L/∂log s = Σ G ⊙ X                       (s = exp(log s), so ∂L/∂log s = s ∂L/∂s)
+//! ```
+//!
+//! and the normalization Jacobian, for a row with `‖q_i‖ > ε`,
+//! `∂L/∂q_i = (∂L/∂q̂_i − q̂_i ⟨q̂_i, ∂L/∂q̂_i⟩) / n_i`; for a row with `‖q_i‖ ≤ ε` the divisor is
+//! the constant `ε` and `∂L/∂q_i = ∂L/∂q̂_i / ε` (this is exactly what autograd gives for
+//! `x / sqrt(max(Σx², ε²))`, the composite twin's formula).
+//!
+//! Cost: the forward is two GEMMs (`Ŝ_out`, `Ŝ_in`) for plain CZ-NCE plus one row-wise pass over
+//! the `B × 2B` logits (max, log-sum-exp and the softmax weights `G`, parallel over rows with
+//! rayon); the gradient is three more GEMMs (`G_out k̂`, `G_in,sym q̂`, `G_outᵀ q̂`) and an
+//! `O(B·D)` Jacobian pass. The `B × B` blocks are freed before the kernel returns: what outlives
+//! it is the `O(B·D)` gradient (see [`super::BackwardMode`]).
+
+use rayon::prelude::*;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+/// Accumulation type of the kernel: `f32` (for f32/f16/bf16 inputs) or `f64`.
+pub(crate) trait Real:
+    Copy
+    + Send
+    + Sync
+    + 'static
+    + PartialOrd
+    + Add<Output = Self>
+    + AddAssign
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn from_f64(x: f64) -> Self;
+    fn from_f32(x: f32) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn sqrt(self) -> Self;
+    /// Wraps a row-major `rows × cols` buffer as a CPU tensor of this dtype.
+    fn into_tensor(
+        v: Vec<Self>,
+        rows: usize,
+        cols: usize,
+    ) -> candle_core::Result<candle_core::Tensor>;
+}
+
+macro_rules! impl_real {
+    ($t:ty) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            fn from_f64(x: f64) -> Self {
+                x as $t
+            }
+            fn from_f32(x: f32) -> Self {
+                x as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn into_tensor(
+                v: Vec<Self>,
+                rows: usize,
+                cols: usize,
+            ) -> candle_core::Result<candle_core::Tensor> {
+                candle_core::Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu)
+            }
+        }
+    };
+}
+impl_real!(f32);
+impl_real!(f64);
+
+/// Which logits enter the partition function. Mirrors the options of [`super::CzNce`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Spec {
+    /// InfoNCE (`true`) or CZ-NCE (`false`).
+    pub include_positive: bool,
+    /// Same-side-as-anchor negatives (`sim_in` for q→k).
+    pub anchor_negatives: bool,
+    /// Target-side negatives (`sim_kk` for q→k).
+    pub target_negatives: bool,
+    /// Average q→k and k→q.
+    pub symmetric: bool,
+    /// L2-normalize the rows (cosine similarity) or use raw dot products.
+    pub normalize: bool,
+}
+
+/// Gradients of the loss (for an upstream gradient of 1).
+pub(crate) struct Grads<T> {
+    pub dq: Vec<T>,
+    pub dk: Vec<T>,
+    pub dlog_scale: T,
+}
+
+/// Loss and, when asked for, its gradients.
+pub(crate) struct Output<T> {
+    pub loss: T,
+    pub grads: Option<Grads<T>>,
+}
+
+/// Epsilon of the row normalization `x / max(‖x‖, ε)`.
+pub(crate) const NORM_EPS: f64 = 1e-8;
+
+struct Normed<T> {
+    hat: Vec<T>,
+    /// `1 / max(‖x‖, ε)` per row (1 when not normalizing).
+    inv: Vec<T>,
+    /// Whether `‖x‖ > ε` (the projection term of the Jacobian applies).
+    active: Vec<bool>,
+}
+
+fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool) -> Normed<T> {
+    if !normalize {
+        return Normed {
+            hat: x.to_vec(),
+            inv: vec![T::ONE; b],
+            active: vec![false; b],
+        };
+    }
+    let eps2 = T::from_f64(NORM_EPS * NORM_EPS);
+    let mut hat = vec![T::ZERO; b * d];
+    let mut inv = vec![T::ZERO; b];
+    let mut active = vec![false; b];
+    hat.par_chunks_mut(d)
+        .zip(inv.par_iter_mut())
+        .zip(active.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, ((h, inv), act))| {
+            let row = &x[i * d..(i + 1) * d];
+            let mut ss = T::ZERO;
+            for &v in row {
+                ss += v * v;
+            }
+            *act = ss > eps2;
+            let n = if ss > eps2 { ss.sqrt() } else { eps2.sqrt() };
+            let r = T::ONE / n;
+            *inv = r;
+            for (h, &v) in h.iter_mut().zip(row) {
+                *h = v * r;
+            }
+        });
+    Normed { hat, inv, active }
+}
+
+/// A strided read-only matrix view.
+#[derive(Clone, Copy)]
+struct View<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl<'a, T> View<'a, T> {
+    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        View {
+            data,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+    fn t(self) -> Self {
+        View {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (m × n, row-major) = [dst +] beta · lhs · rhs`, through the `gemm` crate (the GEMM
+/// candle's CPU backend uses), parallelized with rayon.
+fn gemm_into<T: Real>(
+    dst: &mut [T],
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    beta: T,
+    accumulate: bool,
+) {
+    assert_eq!(dst.len(), lhs.rows * rhs.cols);
+    gemm_strided(dst, rhs.cols, lhs, rhs, beta, accumulate);
+}
+
+/// [`gemm_into`] into a row-major destination with row stride `dst_rs` (a sub-block).
+fn gemm_strided<T: Real>(
+    dst: &mut [T],
+    dst_rs: usize,
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    beta: T,
+    accumulate: bool,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k);
+    assert!(n <= dst_rs);
+    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
+    // The views cover their slices: the last element of each is in bounds.
+    for v in [lhs, rhs] {
+        if v.rows > 0 && v.cols > 0 {
+            let last = (v.rows as isize - 1) * v.rs + (v.cols as isize - 1) * v.cs;
+            assert!(last >= 0 && (last as usize) < v.data.len());
+        }
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `T` is f32 or f64 (the only `Real` impls), which `gemm` supports; every index
+    // `gemm` touches is `row * rs + col * cs` with row/col inside the asserted dimensions, and
+    // those were checked to lie inside the slices above; `dst` is uniquely borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            T::ONE,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; rows * rows];
+    let va = View::rows(a, rows, d);
+    let vb = View::rows(b_, rows, d);
+    gemm_into(&mut out, va, vb.t(), T::ONE, false);
+    out
+}
+
+/// `a aᵀ` for row-major `a` (`rows × d`), computing only the lower block triangle
+/// (`nb (nb + 1) / 2` of `nb²` blocks, ~40% fewer flops for `nb = 4`) and mirroring it.
+fn gram_self<T: Real>(a: &[T], rows: usize, d: usize) -> Vec<T> {
+    const MIN_ROWS: usize = 256;
+    const NB: usize = 4;
+    if rows < MIN_ROWS {
+        return gram(a, a, rows, d);
+    }
+    let chunk = rows.div_ceil(NB);
+    let bounds: Vec<(usize, usize)> = (0..rows)
+        .step_by(chunk)
+        .map(|s| (s, (s + chunk).min(rows)))
+        .collect();
+    let mut out = vec![T::ZERO; rows * rows];
+    for (bi, &(i0, i1)) in bounds.iter().enumerate() {
+        let lhs = View::rows(&a[i0 * d..i1 * d], i1 - i0, d);
+        for &(j0, j1) in &bounds[..=bi] {
+            let rhs = View::rows(&a[j0 * d..j1 * d], j1 - j0, d).t();
+            gemm_strided(&mut out[i0 * rows + j0..], rows, lhs, rhs, T::ONE, false);
+        }
+    }
+    // Mirror: the rows of block I take their columns beyond block I from the later rows.
+    for &(i0, i1) in &bounds {
+        let (head, tail) = out.split_at_mut(i1 * rows);
+        head[i0 * rows..]
+            .par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let i = i0 + r;
+                for j in i1..rows {
+                    row[j] = tail[(j - i1) * rows + i];
+                }
+            });
+    }
+    out
+}
+
+fn transpose<T: Real>(x: &[T], b: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; b * b];
+    out.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = x[j * b + i];
+        }
+    });
+    out
+}
+
+/// One direction's row-wise pass. `blocks[0]` is the cross block (positive on its diagonal), the
+/// others are same-batch blocks whose diagonal is masked. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)` and, when
+/// `grad` is set, writes `G` (one `B × B` buffer per block).
+fn direction_pass<T: Real>(
+    blocks: &[&[T]],
+    b: usize,
+    scale: T,
+    include_positive: bool,
+    weight: T,
+    grad: Option<&mut [Vec<T>]>,
+) -> (T, T) {
+    let nb = blocks.len();
+    let wb = weight / T::from_f64(b as f64);
+    let row_fn = |i: usize, mut g_rows: Option<Vec<&mut [T]>>| -> (T, T) {
+        let masked = |blk: usize, j: usize| j == i && (blk > 0 || !include_positive);
+        // Pass 1: row max over unmasked entries.
+        let mut m = T::NEG_INFINITY;
+        for (blk, x) in blocks.iter().enumerate() {
+            for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
+                let v = v * scale;
+                if !masked(blk, j) && v > m {
+                    m = v;
+                }
+            }
+        }
+        // Pass 2: Σ exp(x − m); with gradients, the exponentials are kept in G's row.
+        let mut sum = T::ZERO;
+        match g_rows.as_mut() {
+            None => {
+                for (blk, x) in blocks.iter().enumerate() {
+                    for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
+                        if !masked(blk, j) {
+                            sum += (v * scale - m).exp();
+                        }
+                    }
+                }
+            }
+            Some(g_rows) => {
+                for (blk, (x, g)) in blocks.iter().zip(g_rows.iter_mut()).enumerate() {
+                    for (j, (&v, g)) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()).enumerate() {
+                        let e = if masked(blk, j) {
+                            T::ZERO
+                        } else {
+                            (v * scale - m).exp()
+                        };
+                        sum += e;
+                        *g = e;
+                    }
+                }
+            }
+        }
+        let lse = m + sum.ln();
+        let pos = blocks[0][i * b + i] * scale;
+        let row_loss = wb * (lse - pos);
+        // Pass 3: G = w/B (softmax − onehot(positive)), and Σ G⊙X. The positive's weight is
+        // written last: with the positive in the partition its `p − 1` is computed as
+        // `−Σ_{j≠pos} p_j`, which does not cancel when the softmax saturates.
+        let mut gx = T::ZERO;
+        if let Some(g_rows) = g_rows.as_mut() {
+            let c = wb / sum;
+            g_rows[0][i] = T::ZERO;
+            let mut others = T::ZERO;
+            for (x, g) in blocks.iter().zip(g_rows.iter_mut()) {
+                for (&v, g) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()) {
+                    let p = *g * c;
+                    gx += p * v;
+                    others += p;
+                    *g = p;
+                }
+            }
+            gx = gx * scale;
+            let gpos = if include_positive { -others } else { -wb };
+            g_rows[0][i] = gpos;
+            gx += gpos * pos;
+        }
+        (row_loss, gx)
+    };
+    let sum2 = |a: (T, T), b: (T, T)| (a.0 + b.0, a.1 + b.1);
+    match grad {
+        None => (0..b)
+            .into_par_iter()
+            .map(|i| row_fn(i, None))
+            .reduce(|| (T::ZERO, T::ZERO), sum2),
+        Some(g) => {
+            assert_eq!(g.len(), nb);
+            // Split every G buffer into rows and hand row i of each block to task i.
+            let mut rows: Vec<Vec<&mut [T]>> = (0..b).map(|_| Vec::with_capacity(nb)).collect();
+            for gb in g.iter_mut() {
+                for (i, r) in gb.chunks_mut(b).enumerate() {
+                    rows[i].push(r);
+                }
+            }
+            rows.into_par_iter()
+                .enumerate()
+                .map(|(i, r)| row_fn(i, Some(r)))
+                .reduce(|| (T::ZERO, T::ZERO), sum2)
+        }
+    }
+}
+
+/// Runs the fused CZ-NCE kernel on row-major contiguous `q`, `k` (`b × d` each).
+///
+/// `scale` is `1 / t`. `want_grad` also computes the exact gradients (for an upstream gradient
+/// of 1). Requires `b ≥ 2` when `!spec.include_positive` (checked by the caller).
+pub(crate) fn cz_nce<T: Real>(
+    q: &[T],
+    k: &[T],
+    b: usize,
+    d: usize,
+    scale: T,
+    spec: Spec,
+    want_grad: bool,
+) -> Output<T> {
+    let qn = normalize(q, b, d, spec.normalize);
+    let kn = normalize(k, b, d, spec.normalize);
+    let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
+    let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
+    let s_out = gram(&qn.hat, &kn.hat, b, d);
+    let s_in = need_in.then(|| gram_self(&qn.hat, b, d));
+    let s_kk = need_kk.then(|| gram_self(&kn.hat, b, d));
+    let weight = if spec.symmetric {
+        T::from_f64(0.5)
+    } else {
+        T::ONE
+    };
+
+    // Gradient accumulators w.r.t. the scaled logits of each block.
+    let zeros = || vec![T::ZERO; b * b];
+    let mut g_out = want_grad.then(zeros);
+    let mut g_in = (want_grad && need_in).then(zeros);
+    let mut g_kk = (want_grad && need_kk).then(zeros);
+
+    let mut loss = T::ZERO;
+    let mut dlog_scale = T::ZERO;
+
+    // Direction q→k: [S_out | S_in | S_kk].
+    {
+        let mut blocks: Vec<&[T]> = vec![&s_out];
+        if spec.anchor_negatives {
+            blocks.push(s_in.as_deref().expect("s_in"));
+        }
+        if spec.target_negatives {
+            blocks.push(s_kk.as_deref().expect("s_kk"));
+        }
+        let mut gbufs: Option<Vec<Vec<T>>> =
+            want_grad.then(|| blocks.iter().map(|_| zeros()).collect());
+        let (l, gx) = direction_pass(
+            &blocks,
+            b,
+            scale,
+            spec.include_positive,
+            weight,
+            gbufs.as_deref_mut(),
+        );
+        loss += l;
+        dlog_scale += gx;
+        if let Some(mut gbufs) = gbufs {
+            let mut it = gbufs.drain(..);
+            g_out = it.next();
+            if spec.anchor_negatives {
+                add_into(g_in.as_mut().expect("g_in"), &it.next().expect("blk"));
+            }
+            if spec.target_negatives {
+                add_into(g_kk.as_mut().expect("g_kk"), &it.next().expect("blk"));
+            }
+        }
+    }
+    // Direction k→q: [S_outᵀ | S_kk | S_in].
+    if spec.symmetric {
+        let s_out_t = transpose(&s_out, b);
+        let mut blocks: Vec<&[T]> = vec![&s_out_t];
+        if spec.anchor_negatives {
+            blocks.push(s_kk.as_deref().expect("s_kk"));
+        }
+        if spec.target_negatives {
+            blocks.push(s_in.as_deref().expect("s_in"));
+        }
+        let mut gbufs: Option<Vec<Vec<T>>> =
+            want_grad.then(|| blocks.iter().map(|_| zeros()).collect());
+        let (l, gx) = direction_pass(
+            &blocks,
+            b,
+            scale,
+            spec.include_positive,
+            weight,
+            gbufs.as_deref_mut(),
+        );
+        loss += l;
+        dlog_scale += gx;
+        if let Some(mut gbufs) = gbufs {
+            let mut it = gbufs.drain(..);
+            let gt = transpose(&it.next().expect("blk"), b);
+            add_into(g_out.as_mut().expect("g_out"), &gt);
+            if spec.anchor_negatives {
+                add_into(g_kk.as_mut().expect("g_kk"), &it.next().expect("blk"));
+            }
+            if spec.target_negatives {
+                add_into(g_in.as_mut().expect("g_in"), &it.next().expect("blk"));
+            }
+        }
+    }
+    drop((s_in, s_kk, s_out));
+
+    let grads = g_out.map(|g_out| {
+        // ∂L/∂q̂ = s (G_out k̂ + (G_in + G_inᵀ) q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + (G_kk + G_kkᵀ) k̂).
+        let vq = View::rows(&qn.hat, b, d);
+        let vk = View::rows(&kn.hat, b, d);
+        let vg = View::rows(&g_out, b, b);
+        let mut dq = vec![T::ZERO; b * d];
+        let mut dk = vec![T::ZERO; b * d];
+        gemm_into(&mut dq, vg, vk, scale, false);
+        gemm_into(&mut dk, vg.t(), vq, scale, false);
+        if let Some(g) = g_in.as_ref().filter(|_| need_in) {
+            let gs = symmetrize(g, b);
+            gemm_into(&mut dq, View::rows(&gs, b, b), vq, scale, true);
+        }
+        if let Some(g) = g_kk.as_ref().filter(|_| need_kk) {
+            let gs = symmetrize(g, b);
+            gemm_into(&mut dk, View::rows(&gs, b, b), vk, scale, true);
+        }
+        norm_backward(&mut dq, &qn, d);
+        norm_backward(&mut dk, &kn, d);
+        Grads { dq, dk, dlog_scale }
+    });
+    Output { loss, grads }
+}
+
+fn add_into<T: Real>(dst: &mut [T], src: &[T]) {
+    dst.par_iter_mut()
+        .zip(src.par_iter())
+        .for_each(|(d, &s)| *d += s);
+}
+
+fn symmetrize<T: Real>(g: &[T], b: usize) -> Vec<T> {
+    let mut out = vec![T::ZERO; b * b];
+    out.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = g[i * b + j] + g[j * b + i];
+        }
+    });
+    out
+}
+
+/// In place: `dx_i = (dx̂_i − x̂_i ⟨x̂_i, dx̂_i⟩) · inv_i` (projection only for active rows).
+fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize) {
+    dx.par_chunks_mut(d).enumerate().for_each(|(i, g)| {
+        let h = &n.hat[i * d..(i + 1) * d];
+        let r = n.inv[i];
+        if n.active[i] {
+            let mut dot = T::ZERO;
+            for (&a, &b) in h.iter().zip(g.iter()) {
+                dot += a * b;
+            }
+            for (g, &a) in g.iter_mut().zip(h) {
+                *g = (*g - a * dot) * r;
+            }
+        } else {
+            for g in g.iter_mut() {
+                *g = *g * r;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain O(B²D) loop reference in f64, straight from the definition (CZ-NCE, q→k only).
+    fn naive_cz(q: &[f64], k: &[f64], b: usize, d: usize, t: f64) -> f64 {
+        let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt().max(NORM_EPS);
+        let cos = |x: &[f64], y: &[f64]| {
+            x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>() / (norm(x) * norm(y))
+        };
+        let row = |i: usize| &q[i * d..(i + 1) * d];
+        let krow = |i: usize| &k[i * d..(i + 1) * d];
+        let mut total = 0.0;
+        for i in 0..b {
+            let mut negs = vec![];
+            for j in 0..b {
+                if j != i {
+                    negs.push(cos(row(i), krow(j)) / t);
+                    negs.push(cos(row(i), row(j)) / t);
+                }
+            }
+            let lse = negs.iter().map(|v| v.exp()).sum::<f64>().ln();
+            total += lse - cos(row(i), krow(i)) / t;
+        }
+        total / b as f64
+    }
+
+    #[test]
+    fn matches_naive_loop() {
+        let (b, d) = (5, 3);
+        let q: Vec<f64> = (0..b * d)
+            .map(|i| ((i * 7 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let k: Vec<f64> = (0..b * d)
+            .map(|i| ((i * 5 % 13) as f64 - 6.0) / 4.0)
+            .collect();
+        let spec = Spec {
+            include_positive: false,
+            anchor_negatives: true,
+            target_negatives: false,
+            symmetric: false,
+            normalize: true,
+        };
+        let out = cz_nce(&q, &k, b, d, 1.0 / 0.5, spec, false);
+        let want = naive_cz(&q, &k, b, d, 0.5);
+        assert!((out.loss - want).abs() < 1e-12, "{} vs {want}", out.loss);
+    }
+
+    #[test]
+    fn gram_self_matches_gram() {
+        for rows in [255usize, 256, 301] {
+            let d = 5;
+            let a: Vec<f64> = (0..rows * d)
+                .map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0)
+                .collect();
+            let want = gram(&a, &a, rows, d);
+            let got = gram_self(&a, rows, d);
+            let err = want
+                .iter()
+                .zip(&got)
+                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(err < 1e-12, "rows={rows} err={err}");
+        }
+    }
+
+    #[test]
+    fn strided_gemm() {
+        // [[1,2],[3,4]] · [[5,6],[7,8]]ᵀ
+        let a = [1.0f64, 2.0, 3.0, 4.0];
+        let b_ = [5.0f64, 6.0, 7.0, 8.0];
+        let out = gram(&a, &b_, 2, 2);
+        assert_eq!(out, vec![17.0, 23.0, 39.0, 53.0]);
+    }
+}

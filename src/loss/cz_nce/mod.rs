@@ -1,0 +1,400 @@
+//! CZ-NCE: ML-CTL's contrastive loss, numerically stable, with an exact fused CPU backward.
+//!
+//! # Definition
+//!
+//! For queries `q` (source side) and keys `k` (target side), both `[B, D]`, and a temperature
+//! `t` (default 0.07):
+//!
+//! - `sim_out[i,j] = cos(q_i, k_j) / t`, `sim_in[i,j] = cos(q_i, q_j) / t`,
+//!   `sim_kk[i,j] = cos(k_i, k_j) / t`;
+//! - row `i` of the logits is `[sim_out[i,:] | sim_in[i,:]]` (`2B` entries);
+//! - the positive is `p_i = sim_out[i,i]`; the negatives are all entries of row `i` except
+//!   `sim_out[i,i]` and `sim_in[i,i]`;
+//! - `loss = mean_i ( logsumexp(negatives_i) − p_i )`: the positive is **not** in the
+//!   denominator (this is what distinguishes CZ-NCE from InfoNCE).
+//!
+//! # Options (builder methods of [`CzNce`])
+//!
+//! Modelled on sentence-transformers' `MultipleNegativesRankingLoss`: which directions, whether
+//! the positive is in the partition, which in-batch negatives, and the scale `1/t`.
+//!
+//! - [`CzNce::with_positive_in_denominator`]: `true` gives InfoNCE-style rows
+//!   `logsumexp(positive ∪ negatives) − p_i`. [`CzNce::info_nce`] is the standard InfoNCE:
+//!   positive in the denominator, `sim_out` only (cross-entropy over `sim_out` rows with the
+//!   diagonal as labels).
+//! - [`CzNce::with_anchor_negatives`] (default on): `sim_in` (the anchor's own side, diagonal
+//!   masked) joins row `i`. Off, with the positive excluded, the loss is the "decoupled" loss
+//!   over `sim_out` off-diagonals only.
+//! - [`CzNce::with_target_negatives`] (default off): key-side in-batch negatives. Row `i` (the
+//!   row whose positive key is `k_i`) also gets `sim_kk[i,:]` with `sim_kk[i,i]` masked, i.e.
+//!   the other keys `k_j` scored against the positive `k_i` (as in GTE's "improved contrastive
+//!   loss"). Row `i` is then `[sim_out[i,:] | sim_in[i,:] | sim_kk[i,:]]`.
+//! - [`CzNce::with_symmetric`]: `loss = ½ (L(q→k) + L(k→q))`. The k→q direction swaps the
+//!   roles: anchors are keys, its cross block is `sim_outᵀ`, its anchor-side block is `sim_kk`
+//!   and its target-side block is `sim_in` (so "anchor"/"target" negatives always mean "the
+//!   anchor's side"/"the other side").
+//! - Temperature: fixed ([`CzNce::with_temperature`], must be finite and `> 0`) or learnable
+//!   ([`CzNce::with_learnable_log_scale`]): a scalar tensor `θ` (typically a `Var`) with
+//!   `1/t = exp(θ)`; its gradient flows through both paths (the fused op returns it too).
+//! - [`CzNce::with_assume_normalized`]: skip the L2 normalization and use raw dot products
+//!   `q_i·k_j / t` (correct only for unit-norm inputs).
+//!
+//! # Edge cases
+//!
+//! - CZ-NCE (positive excluded) with `B = 1` has no negatives: [`CzNce::forward`] returns
+//!   [`Error::InvalidArgument`] rather than `-inf`/NaN. InfoNCE with `B = 1` is defined and
+//!   equals 0 (the row is just the positive).
+//! - Zero rows: normalization is `x / max(‖x‖, 1e-8)`, so a zero row has cosine 0 with
+//!   everything; loss and gradients stay finite.
+//! - Masked entries never produce NaN; every row is max-subtracted; f16/bf16 inputs are
+//!   converted to f32 before anything else, so `|logit|` up to 1e4 is fine.
+//!
+//! # Paths
+//!
+//! [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) for CPU tensors of dtype
+//! f32, f16, bf16 or f64, and the composite twin ([`CzNce::forward_composite`], plain candle ops)
+//! otherwise. **The fused op is CPU-only for now**: on CUDA and Metal `forward` runs the
+//! composite path (candle ops on the GPU).
+//!
+//! # Dtypes
+//!
+//! The loss is an f32 scalar for f32/f16/bf16 inputs (accumulation in f32) and an f64 scalar
+//! for f64 inputs (everything in f64, useful for finite-difference checks). Gradients come back
+//! in each input's dtype; the fused op saturates f16 gradients beyond the f16 range (only an
+//! all-zero row, whose exact gradient is `∂L/∂q̂ / ε`, gets there) to `±f16::MAX`.
+//!
+//! # Memory (fused backward)
+//!
+//! [`BackwardMode::GradInForward`] (default): when the inputs track gradients, the fused forward
+//! already computes the exact gradients (the loss is a scalar, so the backward only rescales
+//! them) and keeps `2·B·D` values; the `B × 2B` logits and softmax weights are transient.
+//! [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
+//! GEMMs included), costing ~2 extra `B²D` GEMMs. Either way the composite path keeps a dozen
+//! `B × 2B` intermediates alive for autograd.
+
+mod composite;
+mod cpu;
+mod op;
+
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use cpu::Spec;
+
+/// The fused op's memory/compute trade-off for the backward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardMode {
+    /// Compute the gradients during the forward (only when the inputs track gradients) and keep
+    /// them (`2·B·D` values) until the backward rescales them. Fastest.
+    #[default]
+    GradInForward,
+    /// Keep nothing; the backward reruns the kernel (two to three extra `B²D` GEMMs).
+    Recompute,
+}
+
+/// The temperature of the loss.
+#[derive(Clone, Debug)]
+pub enum Temperature {
+    /// A fixed temperature `t` (the logits are `cos / t`).
+    Fixed(f64),
+    /// A learnable scalar log-scale `θ` with `1/t = exp(θ)` (shape `[]` or `[1]`), typically
+    /// a `Var` initialised to `-ln t`.
+    LearnableLogScale(Tensor),
+}
+
+/// The CZ-NCE loss and its InfoNCE-family variants; see the [module docs](self).
+///
+/// # Shapes
+///
+/// - `q`: `[B, D]`, the anchors (source side), any float dtype, any strides.
+/// - `k`: `[B, D]`, the positives (target side), same dtype and device as `q`; `k_i` is the
+///   positive of `q_i`.
+/// - output: `[]`, an f32 scalar (f64 for f64 inputs).
+///
+/// # Example
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use mlctl::loss::cz_nce::CzNce;
+///
+/// # fn main() -> mlctl::Result<()> {
+/// let dev = Device::Cpu;
+/// let q = Tensor::new(&[[1f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &dev)?;
+/// let k = Tensor::new(&[[0.9f32, 0.1], [0.1, 0.9], [1.0, 0.8]], &dev)?;
+/// let loss = CzNce::new().with_temperature(0.1).forward(&q, &k)?;
+/// assert!(loss.to_scalar::<f32>()?.is_finite());
+///
+/// // Standard InfoNCE, symmetric (CLIP-style):
+/// let clip = CzNce::info_nce().with_symmetric(true).forward(&q, &k)?;
+/// assert_eq!(clip.dims(), &[] as &[usize]);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct CzNce {
+    temperature: Temperature,
+    include_positive: bool,
+    anchor_negatives: bool,
+    target_negatives: bool,
+    symmetric: bool,
+    assume_normalized: bool,
+    backward_mode: BackwardMode,
+}
+
+impl Default for CzNce {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CzNce {
+    /// The default temperature, 0.07.
+    pub const DEFAULT_TEMPERATURE: f64 = 0.07;
+    /// The epsilon of the row normalization `x / max(‖x‖, ε)`.
+    pub const NORM_EPS: f64 = cpu::NORM_EPS;
+
+    /// CZ-NCE as in ML-CTL: `t = 0.07`, positive excluded from the denominator, `sim_in`
+    /// negatives on, no key-side negatives, one direction (q→k), inputs normalized.
+    pub fn new() -> Self {
+        Self {
+            temperature: Temperature::Fixed(Self::DEFAULT_TEMPERATURE),
+            include_positive: false,
+            anchor_negatives: true,
+            target_negatives: false,
+            symmetric: false,
+            assume_normalized: false,
+            backward_mode: BackwardMode::GradInForward,
+        }
+    }
+
+    /// Standard InfoNCE (`t = 0.07`): positive in the denominator, `sim_out` only, q→k.
+    pub fn info_nce() -> Self {
+        Self::new()
+            .with_positive_in_denominator(true)
+            .with_anchor_negatives(false)
+    }
+
+    /// Sets a fixed temperature `t` (validated in `forward`: finite and `> 0`).
+    pub fn with_temperature(mut self, t: f64) -> Self {
+        self.temperature = Temperature::Fixed(t);
+        self
+    }
+
+    /// Makes the temperature learnable: `log_scale` is a scalar tensor `θ` with `1/t = exp(θ)`
+    /// (e.g. a `Var` created with `-t0.ln()`). Must be finite, on the inputs' device.
+    pub fn with_learnable_log_scale(mut self, log_scale: Tensor) -> Self {
+        self.temperature = Temperature::LearnableLogScale(log_scale);
+        self
+    }
+
+    /// `true`: InfoNCE-style rows (positive in the partition function); `false` (default):
+    /// CZ-NCE (positive excluded).
+    pub fn with_positive_in_denominator(mut self, yes: bool) -> Self {
+        self.include_positive = yes;
+        self
+    }
+
+    /// Whether same-side in-batch negatives (`sim_in` for q→k) join each row (default `true`).
+    pub fn with_anchor_negatives(mut self, yes: bool) -> Self {
+        self.anchor_negatives = yes;
+        self
+    }
+
+    /// Whether other-side in-batch negatives (`sim_kk[i,:]` for q→k, diagonal masked) join
+    /// row `i` (default `false`).
+    pub fn with_target_negatives(mut self, yes: bool) -> Self {
+        self.target_negatives = yes;
+        self
+    }
+
+    /// Whether to average the q→k and k→q directions (default `false`).
+    pub fn with_symmetric(mut self, yes: bool) -> Self {
+        self.symmetric = yes;
+        self
+    }
+
+    /// Skip the L2 normalization (inputs assumed unit-norm; default `false`).
+    pub fn with_assume_normalized(mut self, yes: bool) -> Self {
+        self.assume_normalized = yes;
+        self
+    }
+
+    /// The fused op's backward strategy (default [`BackwardMode::GradInForward`]).
+    pub fn with_backward_mode(mut self, mode: BackwardMode) -> Self {
+        self.backward_mode = mode;
+        self
+    }
+
+    /// The temperature setting.
+    pub fn temperature(&self) -> &Temperature {
+        &self.temperature
+    }
+
+    /// Whether the positive is in the denominator (InfoNCE) or not (CZ-NCE).
+    pub fn positive_in_denominator(&self) -> bool {
+        self.include_positive
+    }
+
+    /// Whether the loss is symmetric.
+    pub fn symmetric(&self) -> bool {
+        self.symmetric
+    }
+
+    fn spec(&self) -> Spec {
+        Spec {
+            include_positive: self.include_positive,
+            anchor_negatives: self.anchor_negatives,
+            target_negatives: self.target_negatives,
+            symmetric: self.symmetric,
+            normalize: !self.assume_normalized,
+        }
+    }
+
+    /// Whether [`CzNce::forward`] would take the fused path for this input.
+    pub fn fused_supported(q: &Tensor) -> bool {
+        q.device().is_cpu()
+            && matches!(
+                q.dtype(),
+                DType::F32 | DType::F16 | DType::BF16 | DType::F64
+            )
+    }
+
+    /// Validates the inputs and the temperature; returns `B`.
+    fn validate(&self, q: &Tensor, k: &Tensor) -> Result<usize> {
+        for (name, x) in [("q", q), ("k", k)] {
+            if x.rank() != 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "cz_nce: {name} must be rank 2 [B, D], got shape {:?}",
+                    x.dims()
+                )));
+            }
+            if !x.dtype().is_float() {
+                return Err(Error::InvalidArgument(format!(
+                    "cz_nce: {name} must be a float tensor, got {:?}",
+                    x.dtype()
+                )));
+            }
+        }
+        if q.dims() != k.dims() {
+            return Err(Error::ShapeMismatch {
+                name: "k".into(),
+                expected: q.dims().to_vec(),
+                actual: k.dims().to_vec(),
+            });
+        }
+        let (b, d) = (q.dims()[0], q.dims()[1]);
+        if b == 0 || d == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: empty batch, q has shape {:?}",
+                q.dims()
+            )));
+        }
+        if q.dtype() != k.dtype() {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: q and k dtypes differ ({:?} vs {:?})",
+                q.dtype(),
+                k.dtype()
+            )));
+        }
+        if !q.device().same_device(k.device()) {
+            return Err(Error::InvalidArgument(
+                "cz_nce: q and k are on different devices".into(),
+            ));
+        }
+        if b == 1 && !self.include_positive {
+            return Err(Error::InvalidArgument(
+                "cz_nce: CZ-NCE with B = 1 has no negatives (use B >= 2 or InfoNCE mode)".into(),
+            ));
+        }
+        match &self.temperature {
+            Temperature::Fixed(t) => {
+                if !(t.is_finite() && *t > 0.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "cz_nce: temperature must be finite and > 0, got {t}"
+                    )));
+                }
+            }
+            Temperature::LearnableLogScale(ls) => {
+                if ls.elem_count() != 1 || ls.rank() > 1 || !ls.dtype().is_float() {
+                    return Err(Error::InvalidArgument(format!(
+                        "cz_nce: log_scale must be a float scalar, got {:?} {:?}",
+                        ls.dtype(),
+                        ls.dims()
+                    )));
+                }
+                if !ls.device().same_device(q.device()) {
+                    return Err(Error::InvalidArgument(
+                        "cz_nce: log_scale is on another device than q".into(),
+                    ));
+                }
+                let v = ls.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+                if !(v.is_finite() && v.exp().is_finite() && v.exp() > 0.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "cz_nce: log_scale must give a finite, positive 1/t, got log_scale = {v}"
+                    )));
+                }
+            }
+        }
+        Ok(b)
+    }
+
+    /// Computes the loss, with the fused op where supported (CPU, float dtypes) and the
+    /// composite path otherwise.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a rank other than 2, an empty batch (`B = 0` or `D = 0`),
+    /// CZ-NCE with `B = 1`, a non-finite or non-positive temperature, dtype or device mismatch;
+    /// [`Error::ShapeMismatch`] when `k`'s shape differs from `q`'s.
+    pub fn forward(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        if Self::fused_supported(q) {
+            self.forward_fused(q, k)
+        } else {
+            self.forward_composite(q, k)
+        }
+    }
+
+    /// The composite path: plain candle ops, on any device, differentiable through candle's
+    /// autograd. Same errors as [`CzNce::forward`].
+    pub fn forward_composite(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        self.validate(q, k)?;
+        let (fixed, ls) = match &self.temperature {
+            Temperature::Fixed(t) => (Some(1.0 / t), None),
+            Temperature::LearnableLogScale(ls) => (None, Some(ls)),
+        };
+        Ok(composite::forward(q, k, self.spec(), fixed, ls)?)
+    }
+
+    /// The fused CPU op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
+    /// [`Error::InvalidArgument`] when the tensors are not on the CPU or not f32/f16/bf16/f64.
+    pub fn forward_fused(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
+        self.validate(q, k)?;
+        if !Self::fused_supported(q) {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: the fused op runs on the CPU with f32/f16/bf16/f64 inputs, got {:?} on {:?}",
+                q.dtype(),
+                q.device().location()
+            )));
+        }
+        let spec = self.spec();
+        Ok(match &self.temperature {
+            Temperature::Fixed(t) => {
+                let tracks = q.track_op() || k.track_op();
+                let op = op::CzNceOp::new(spec, Some(1.0 / t), tracks, self.backward_mode);
+                if tracks {
+                    q.apply_op2(k, op)?
+                } else {
+                    q.apply_op2_no_bwd(k, &op)?
+                }
+            }
+            Temperature::LearnableLogScale(ls) => {
+                let tracks = q.track_op() || k.track_op() || ls.track_op();
+                let op = op::CzNceOp::new(spec, None, tracks, self.backward_mode);
+                if tracks {
+                    q.apply_op3(k, ls, op)?
+                } else {
+                    q.apply_op3_no_bwd(k, ls, &op)?
+                }
+            }
+        })
+    }
+}
