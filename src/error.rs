@@ -88,6 +88,18 @@ pub enum Error {
         reason: String,
     },
 
+    /// Training produced non-finite losses or gradients too many steps in a row.
+    #[error(
+        "training diverged: {consecutive} consecutive steps with a non-finite loss or gradient \
+         (the last at step {step}); lower the learning rate or check the data"
+    )]
+    Diverged {
+        /// The step of the last non-finite update.
+        step: u64,
+        /// How many steps in a row were skipped.
+        consecutive: usize,
+    },
+
     /// A function argument is out of its valid range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

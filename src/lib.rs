@@ -20,6 +20,7 @@ mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod loss;
+pub mod model;
 pub mod pooling;
 pub mod projection;
 pub mod tokenize;

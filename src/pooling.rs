@@ -3,8 +3,8 @@
 
 use candle_core::Tensor;
 
-use crate::encoder::EncoderOutput;
 use crate::encoder::accumulation_dtype;
+use crate::encoder::EncoderOutput;
 use crate::{Error, Result};
 
 /// Which hidden states to pool, and how.
@@ -40,12 +40,16 @@ pub struct TokenSpan {
 impl Pooling {
     /// ML-CTL's pooling: layer 1 plus the last layer (layer 12 of mBERT).
     pub fn mlctl() -> Self {
-        Self { layers: vec![1, -1] }
+        Self {
+            layers: vec![1, -1],
+        }
     }
 
     /// Pools one layer only, e.g. layer 8 for SimAlign-style word alignment.
     pub fn layer(layer: isize) -> Self {
-        Self { layers: vec![layer] }
+        Self {
+            layers: vec![layer],
+        }
     }
 
     /// Pools the sum of these layers.
@@ -63,7 +67,9 @@ impl Pooling {
     fn summed_layers(&self, out: &EncoderOutput) -> Result<Tensor> {
         let n = out.hidden_states.len() as isize;
         if self.layers.is_empty() {
-            return Err(Error::InvalidArgument("pooling needs at least one layer".into()));
+            return Err(Error::InvalidArgument(
+                "pooling needs at least one layer".into(),
+            ));
         }
         let mut sum: Option<Tensor> = None;
         for &layer in &self.layers {
@@ -97,7 +103,11 @@ impl Pooling {
         let hidden = self.summed_layers(out)?;
         let (batch, seq_len, _) = hidden.dims3()?;
         if spans.len() != batch {
-            return Err(Error::ShapeMismatch { name: "spans".into(), expected: vec![batch], actual: vec![spans.len()] });
+            return Err(Error::ShapeMismatch {
+                name: "spans".into(),
+                expected: vec![batch],
+                actual: vec![spans.len()],
+            });
         }
         let mut mask = vec![0f32; batch * seq_len];
         for (row, span) in spans.iter().enumerate() {
@@ -119,7 +129,11 @@ impl Pooling {
 pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (batch, seq_len, _) = hidden.dims3()?;
     if mask.dims() != [batch, seq_len] {
-        return Err(Error::ShapeMismatch { name: "mask".into(), expected: vec![batch, seq_len], actual: mask.dims().to_vec() });
+        return Err(Error::ShapeMismatch {
+            name: "mask".into(),
+            expected: vec![batch, seq_len],
+            actual: mask.dims().to_vec(),
+        });
     }
     let mask = mask.ne(0f64)?.to_dtype(hidden.dtype())?;
     let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;

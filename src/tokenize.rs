@@ -142,7 +142,14 @@ impl Tokenizer {
     /// Encodes each text on its own, truncated to `max_len` but not padded, so a caller can
     /// inspect or drop sequences before [`Tokenizer::pad_batch`].
     pub fn encode_each<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoding>> {
-        texts.iter().map(|t| self.inner.encode(t.as_ref(), true).map_err(Error::Tokenizer)).collect()
+        texts
+            .iter()
+            .map(|t| {
+                self.inner
+                    .encode(t.as_ref(), true)
+                    .map_err(Error::Tokenizer)
+            })
+            .collect()
     }
 
     /// Pads encodings to the longest one and stacks them into a batch.

@@ -28,7 +28,12 @@ struct Args {
     #[arg(long)]
     output: Option<PathBuf>,
     /// Hidden layers to pool and sum (0 = embeddings, -1 = last); ML-CTL uses 1 and -1.
-    #[arg(long, value_delimiter = ',', allow_hyphen_values = true, default_value = "1,-1")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "1,-1"
+    )]
     layers: Vec<isize>,
     /// Scale every embedding to unit length.
     #[arg(long)]
@@ -53,7 +58,8 @@ fn main() -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let device = select_device(args.device, args.cpu)?;
-    let bert = PretrainedBert::load(&args.model, &device, DType::F32).with_context(|| format!("loading {}", args.model))?;
+    let bert = PretrainedBert::load(&args.model, &device, DType::F32)
+        .with_context(|| format!("loading {}", args.model))?;
     let tokenizer = bert
         .tokenizer
         .clone()
@@ -67,7 +73,10 @@ fn main() -> Result<()> {
             .lines()
             .map(str::to_owned)
             .collect(),
-        _ => std::io::stdin().lock().lines().collect::<std::io::Result<_>>()?,
+        _ => std::io::stdin()
+            .lock()
+            .lines()
+            .collect::<std::io::Result<_>>()?,
     };
     if lines.is_empty() {
         bail!("no input lines");
@@ -80,10 +89,18 @@ fn main() -> Result<()> {
     let mut embeddings = Vec::with_capacity(lines.len().div_ceil(args.batch_size));
     for chunk in lines.chunks(args.batch_size) {
         let batch = tokenizer.encode_batch(chunk, &device)?;
-        let out = bert.model.encoder.forward(&batch.input_ids, Some(&batch.token_type_ids), Some(&batch.attention_mask))?;
+        let out = bert.model.encoder.forward(
+            &batch.input_ids,
+            Some(&batch.token_type_ids),
+            Some(&batch.attention_mask),
+        )?;
         let mut pooled = pooling.sentence(&out, &batch.attention_mask)?;
         if args.normalize {
-            let norm = pooled.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+            let norm = pooled
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()?
+                .clamp(1e-12, f64::INFINITY)?;
             pooled = pooled.broadcast_div(&norm)?;
         }
         embeddings.push(pooled.to_device(&candle_core::Device::Cpu)?);
@@ -101,13 +118,24 @@ fn main() -> Result<()> {
         }
         Some(path) => {
             let tmp = path.with_extension("partial");
-            write_jsonl(BufWriter::new(std::fs::File::create(&tmp)?), &lines, &embeddings)?;
+            write_jsonl(
+                BufWriter::new(std::fs::File::create(&tmp)?),
+                &lines,
+                &embeddings,
+            )?;
             std::fs::rename(&tmp, path)?;
         }
-        None => write_jsonl(BufWriter::new(std::io::stdout().lock()), &lines, &embeddings)?,
+        None => write_jsonl(
+            BufWriter::new(std::io::stdout().lock()),
+            &lines,
+            &embeddings,
+        )?,
     }
     let (n, dim) = embeddings.dims2()?;
-    eprintln!("embedded {n} sentences into {dim} dimensions (layers {:?})", args.layers);
+    eprintln!(
+        "embedded {n} sentences into {dim} dimensions (layers {:?})",
+        args.layers
+    );
     Ok(())
 }
 
@@ -120,7 +148,14 @@ struct Record<'a> {
 
 fn write_jsonl(mut out: impl Write, lines: &[String], embeddings: &Tensor) -> Result<()> {
     for (i, (text, embedding)) in lines.iter().zip(embeddings.to_vec2::<f32>()?).enumerate() {
-        serde_json::to_writer(&mut out, &Record { line: i + 1, text, embedding })?;
+        serde_json::to_writer(
+            &mut out,
+            &Record {
+                line: i + 1,
+                text,
+                embedding,
+            },
+        )?;
         out.write_all(b"\n")?;
     }
     out.flush()?;

@@ -18,7 +18,13 @@ use crate::{Error, Result};
 /// that do not carry anchors (plain parallel text). Spans are inclusive, `[CLS]` at 0.
 pub trait AnchorFinder: Send + Sync {
     /// The spans of one anchor word pair, or `None` if the pair has none.
-    fn find(&self, src: &str, src_tokens: &Encoding, tgt: &str, tgt_tokens: &Encoding) -> Option<(TokenSpan, TokenSpan)>;
+    fn find(
+        &self,
+        src: &str,
+        src_tokens: &Encoding,
+        tgt: &str,
+        tgt_tokens: &Encoding,
+    ) -> Option<(TokenSpan, TokenSpan)>;
 }
 
 /// Options of a [`PairLoader`].
@@ -38,7 +44,13 @@ pub struct LoaderConfig {
 
 impl Default for LoaderConfig {
     fn default() -> Self {
-        Self { batch_size: 64, seed: 0, shuffle: true, skip_bad_lines: false, require_anchors: true }
+        Self {
+            batch_size: 64,
+            seed: 0,
+            shuffle: true,
+            skip_bad_lines: false,
+            require_anchors: true,
+        }
     }
 }
 
@@ -92,12 +104,16 @@ impl PairBatch {
 
     /// Source spans of the anchors.
     pub fn src_spans(&self) -> Option<Vec<TokenSpan>> {
-        self.anchors.as_ref().map(|a| a.iter().map(|p| p.0).collect())
+        self.anchors
+            .as_ref()
+            .map(|a| a.iter().map(|p| p.0).collect())
     }
 
     /// Target spans of the anchors.
     pub fn tgt_spans(&self) -> Option<Vec<TokenSpan>> {
-        self.anchors.as_ref().map(|a| a.iter().map(|p| p.1).collect())
+        self.anchors
+            .as_ref()
+            .map(|a| a.iter().map(|p| p.1).collect())
     }
 }
 
@@ -129,7 +145,7 @@ impl std::fmt::Debug for PairLoader {
 }
 
 enum Verdict {
-    Use(Encoding, Encoding, Option<(TokenSpan, TokenSpan)>),
+    Use(Box<(Encoding, Encoding)>, Option<(TokenSpan, TokenSpan)>),
     Truncated,
     NoAnchor,
 }
@@ -138,10 +154,15 @@ impl PairLoader {
     /// A loader over `corpus`, tokenizing with `tokenizer` (its `max_len` truncates).
     pub fn new(corpus: ParallelCorpus, tokenizer: Tokenizer, config: LoaderConfig) -> Result<Self> {
         if config.batch_size == 0 {
-            return Err(Error::InvalidArgument("batch size must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "batch size must be at least 1".into(),
+            ));
         }
         if corpus.is_empty() {
-            return Err(Error::InvalidArgument(format!("the corpus {:?} has no lines", corpus.format())));
+            return Err(Error::InvalidArgument(format!(
+                "the corpus {:?} has no lines",
+                corpus.format()
+            )));
         }
         let mut loader = Self {
             corpus,
@@ -209,7 +230,11 @@ impl PairLoader {
     fn permutation(&self, epoch: u64) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.corpus.len() as u32).collect();
         if self.config.shuffle {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            let mut rng = ChaCha8Rng::seed_from_u64(
+                self.config
+                    .seed
+                    .wrapping_add(epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            );
             order.shuffle(&mut rng);
         }
         order
@@ -222,7 +247,10 @@ impl PairLoader {
         let mut since_last_use = 0usize;
         while src.len() < self.config.batch_size {
             if self.cursor.position == self.order.len() {
-                self.cursor = LoaderCursor { epoch: self.cursor.epoch + 1, position: 0 };
+                self.cursor = LoaderCursor {
+                    epoch: self.cursor.epoch + 1,
+                    position: 0,
+                };
                 self.order = self.permutation(self.cursor.epoch);
             }
             if since_last_use > self.corpus.len() {
@@ -236,7 +264,8 @@ impl PairLoader {
             since_last_use += 1;
             let verdict = self.corpus.get(index).and_then(|pair| self.examine(&pair));
             match verdict {
-                Ok(Verdict::Use(s, t, a)) => {
+                Ok(Verdict::Use(encodings, a)) => {
+                    let (s, t) = *encodings;
                     src.push(s);
                     tgt.push(t);
                     anchors.push(a);
@@ -250,31 +279,50 @@ impl PairLoader {
             }
         }
         let anchors = if self.config.require_anchors {
-            Some(anchors.into_iter().map(|a| a.expect("required anchors are present")).collect())
+            Some(
+                anchors
+                    .into_iter()
+                    .map(|a| a.expect("required anchors are present"))
+                    .collect(),
+            )
         } else {
             None
         };
-        Ok(PairBatch { src: self.tokenizer.pad_batch(src, device)?, tgt: self.tokenizer.pad_batch(tgt, device)?, anchors })
+        Ok(PairBatch {
+            src: self.tokenizer.pad_batch(src, device)?,
+            tgt: self.tokenizer.pad_batch(tgt, device)?,
+            anchors,
+        })
     }
 
     fn examine(&self, pair: &RawPair) -> Result<Verdict> {
-        let bad = |reason: String| Error::Data { path: pair.origin.0.clone(), line: pair.origin.1, reason };
+        let bad = |reason: String| Error::Data {
+            path: pair.origin.0.clone(),
+            line: pair.origin.1,
+            reason,
+        };
         if pair.src.is_empty() || pair.tgt.is_empty() {
             return Err(bad("empty sentence".into()));
         }
         let mut encodings = self.tokenizer.encode_each(&[&pair.src, &pair.tgt])?;
         let (tgt_enc, src_enc) = (encodings.pop().expect("two"), encodings.pop().expect("two"));
         if !self.config.require_anchors {
-            return Ok(Verdict::Use(src_enc, tgt_enc, None));
+            return Ok(Verdict::Use(Box::new((src_enc, tgt_enc)), None));
         }
         let spans = match &pair.anchors {
             Some((s, t)) => Some((s.span, t.span)),
             None => match &self.anchor_finder {
                 Some(finder) => finder.find(&pair.src, &src_enc, &pair.tgt, &tgt_enc),
-                None => return Err(bad("the format has no anchors and the loader has no anchor finder".into())),
+                None => {
+                    return Err(bad(
+                        "the format has no anchors and the loader has no anchor finder".into(),
+                    ))
+                }
             },
         };
-        let Some((s, t)) = spans else { return Ok(Verdict::NoAnchor) };
+        let Some((s, t)) = spans else {
+            return Ok(Verdict::NoAnchor);
+        };
         // The last position holds [SEP]: a span must end before it.
         for (span, enc, side) in [(s, &src_enc, "source"), (t, &tgt_enc, "target")] {
             if span.end + 1 >= enc.len() {
@@ -289,6 +337,6 @@ impl PairLoader {
                 )));
             }
         }
-        Ok(Verdict::Use(src_enc, tgt_enc, Some((s, t))))
+        Ok(Verdict::Use(Box::new((src_enc, tgt_enc)), Some((s, t))))
     }
 }

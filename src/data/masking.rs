@@ -56,7 +56,12 @@ impl MlmMasking {
                 "mask token id {mask_token_id} is outside the vocabulary of {vocab_size}"
             )));
         }
-        Ok(Self { prob: 0.15, mask_token_id, vocab_size: vocab_size as u32, special_ids })
+        Ok(Self {
+            prob: 0.15,
+            mask_token_id,
+            vocab_size: vocab_size as u32,
+            special_ids,
+        })
     }
 
     /// Masking set up from a tokenizer's `[MASK]`, `[CLS]`, `[SEP]`, `[PAD]`, `[UNK]` tokens.
@@ -74,14 +79,21 @@ impl MlmMasking {
     /// Sets the selection probability (default 0.15).
     pub fn with_prob(mut self, prob: f64) -> Result<Self> {
         if !(0.0..=1.0).contains(&prob) {
-            return Err(Error::InvalidArgument(format!("masking probability must be in [0, 1], got {prob}")));
+            return Err(Error::InvalidArgument(format!(
+                "masking probability must be in [0, 1], got {prob}"
+            )));
         }
         self.prob = prob;
         Ok(self)
     }
 
     /// Draws a masked copy of `batch` from `rng`.
-    pub fn mask(&self, batch: &TokenBatch, rng: &mut ChaCha8Rng, device: &Device) -> Result<MaskedTokens> {
+    pub fn mask(
+        &self,
+        batch: &TokenBatch,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Result<MaskedTokens> {
         let ids = batch.input_ids.to_vec2::<u32>()?;
         let attention = batch.attention_mask.to_vec2::<u32>()?;
         let seq_len = ids.first().map_or(0, Vec::len);

@@ -61,20 +61,26 @@ impl LineIndex {
         let (mut starts, mut offset, mut buf) = (Vec::new(), 0u64, Vec::new());
         loop {
             buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(Error::io(path))?;
+            let n = reader
+                .read_until(b'\n', &mut buf)
+                .map_err(Error::io(path))?;
             if n == 0 {
                 break;
             }
             starts.push(offset);
             offset += n as u64;
         }
-        Ok(Self { path: path.to_path_buf(), starts })
+        Ok(Self {
+            path: path.to_path_buf(),
+            starts,
+        })
     }
 
     fn read(&self, file: &mut File, line: usize) -> Result<String> {
         let start = self.starts[line];
         let end = self.starts.get(line + 1).copied();
-        file.seek(SeekFrom::Start(start)).map_err(Error::io(&self.path))?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(Error::io(&self.path))?;
         let mut bytes = Vec::new();
         match end {
             Some(end) => {
@@ -82,7 +88,8 @@ impl LineIndex {
                 file.read_exact(&mut bytes).map_err(Error::io(&self.path))?;
             }
             None => {
-                file.read_to_end(&mut bytes).map_err(Error::io(&self.path))?;
+                file.read_to_end(&mut bytes)
+                    .map_err(Error::io(&self.path))?;
             }
         }
         let text = String::from_utf8(bytes).map_err(|_| Error::Data {
@@ -130,8 +137,16 @@ impl ParallelCorpus {
             }
         };
         let open = |p: &Path| File::open(p).map_err(Error::io(p));
-        let files = (open(&primary.path)?, secondary.as_ref().map(|s| open(&s.path)).transpose()?);
-        Ok(Self { format, primary, secondary, files })
+        let files = (
+            open(&primary.path)?,
+            secondary.as_ref().map(|s| open(&s.path)).transpose()?,
+        );
+        Ok(Self {
+            format,
+            primary,
+            secondary,
+            files,
+        })
     }
 
     /// The format the corpus was opened with.
@@ -153,16 +168,30 @@ impl ParallelCorpus {
     /// the file and line.
     pub fn get(&mut self, i: usize) -> Result<RawPair> {
         if i >= self.len() {
-            return Err(Error::InvalidArgument(format!("pair {i} of a corpus of {}", self.len())));
+            return Err(Error::InvalidArgument(format!(
+                "pair {i} of a corpus of {}",
+                self.len()
+            )));
         }
         let line = self.primary.read(&mut self.files.0, i)?;
         let origin = (self.primary.path.clone(), i + 1);
-        let bad = |reason: String| Error::Data { path: origin.0.clone(), line: i + 1, reason };
+        let bad = |reason: String| Error::Data {
+            path: origin.0.clone(),
+            line: i + 1,
+            reason,
+        };
         match &self.format {
             CorpusFormat::ReferenceTsv(_) => parse_tsv(&line, origin.clone()).map_err(bad),
             CorpusFormat::Bitext(_) => {
-                let (src, tgt) = line.split_once("|||").ok_or_else(|| bad("no ` ||| ` separator".into()))?;
-                Ok(RawPair { src: src.trim().into(), tgt: tgt.trim().into(), anchors: None, origin })
+                let (src, tgt) = line
+                    .split_once("|||")
+                    .ok_or_else(|| bad("no ` ||| ` separator".into()))?;
+                Ok(RawPair {
+                    src: src.trim().into(),
+                    tgt: tgt.trim().into(),
+                    anchors: None,
+                    origin,
+                })
             }
             CorpusFormat::LineAligned { .. } => {
                 let (index, file) = (self.secondary.as_ref(), self.files.1.as_mut());
@@ -170,7 +199,12 @@ impl ParallelCorpus {
                     (Some(index), Some(file)) => index.read(file, i)?,
                     _ => unreachable!("line-aligned corpora open both files"),
                 };
-                Ok(RawPair { src: line.trim().into(), tgt: tgt.trim().into(), anchors: None, origin })
+                Ok(RawPair {
+                    src: line.trim().into(),
+                    tgt: tgt.trim().into(),
+                    anchors: None,
+                    origin,
+                })
             }
         }
     }
@@ -179,18 +213,34 @@ impl ParallelCorpus {
 fn parse_tsv(line: &str, origin: (PathBuf, usize)) -> std::result::Result<RawPair, String> {
     let fields: Vec<&str> = line.split('\t').collect();
     if fields.len() != 8 {
-        return Err(format!("expected 8 tab-separated fields, found {}", fields.len()));
+        return Err(format!(
+            "expected 8 tab-separated fields, found {}",
+            fields.len()
+        ));
     }
     let span = |start: &str, end: &str, side: &str| -> std::result::Result<TokenSpan, String> {
-        let parse = |s: &str| s.trim().parse::<usize>().map_err(|_| format!("{side} span bound `{s}` is not a number"));
+        let parse = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{side} span bound `{s}` is not a number"))
+        };
         let (start, end) = (parse(start)?, parse(end)?);
         if start == 0 || end < start {
-            return Err(format!("{side} span {start}..={end} is empty or covers [CLS]"));
+            return Err(format!(
+                "{side} span {start}..={end} is empty or covers [CLS]"
+            ));
         }
         Ok(TokenSpan { start, end })
     };
-    let anchor = |word: &str, start: &str, end: &str, side: &str| -> std::result::Result<AnchorWord, String> {
-        Ok(AnchorWord { word: word.to_string(), span: span(start, end, side)? })
+    let anchor = |word: &str,
+                  start: &str,
+                  end: &str,
+                  side: &str|
+     -> std::result::Result<AnchorWord, String> {
+        Ok(AnchorWord {
+            word: word.to_string(),
+            span: span(start, end, side)?,
+        })
     };
     let (src, tgt) = (fields[0].trim(), fields[4].trim());
     if src.is_empty() || tgt.is_empty() {
@@ -199,7 +249,10 @@ fn parse_tsv(line: &str, origin: (PathBuf, usize)) -> std::result::Result<RawPai
     Ok(RawPair {
         src: src.into(),
         tgt: tgt.into(),
-        anchors: Some((anchor(fields[1], fields[2], fields[3], "source")?, anchor(fields[5], fields[6], fields[7], "target")?)),
+        anchors: Some((
+            anchor(fields[1], fields[2], fields[3], "source")?,
+            anchor(fields[5], fields[6], fields[7], "target")?,
+        )),
         origin,
     })
 }

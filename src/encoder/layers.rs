@@ -82,6 +82,16 @@ impl DropoutRng {
         *self.lock() = ChaCha8Rng::seed_from_u64(seed);
     }
 
+    /// A copy of the generator's state, for a checkpoint.
+    pub fn state(&self) -> ChaCha8Rng {
+        self.lock().clone()
+    }
+
+    /// Restores a state saved with [`DropoutRng::state`].
+    pub fn set_state(&self, state: ChaCha8Rng) {
+        *self.lock() = state;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ChaCha8Rng> {
         // A panic elsewhere cannot leave a ChaCha state half-written: recover the guard.
         self.0

@@ -123,7 +123,9 @@ impl ParamStore {
             }
             Init::Uniform { lo, up } => {
                 let mut rng = self.inner.rng.lock().unwrap_or_else(|p| p.into_inner());
-                (0..n).map(|_| rng.random_range(lo as f32..up as f32)).collect()
+                (0..n)
+                    .map(|_| rng.random_range(lo as f32..up as f32))
+                    .collect()
             }
             // Modules here ask for constants, normals and uniforms; Kaiming keeps candle's meaning.
             other => return other.var(shape, dtype, device),

@@ -84,9 +84,15 @@ impl PretrainedBert {
         if path.is_dir() {
             return Self::from_dir(path, device, dtype);
         }
-        let looks_like_path = path.is_absolute() || model.starts_with('.') || path.exists() || model.matches('/').count() > 1;
+        let looks_like_path = path.is_absolute()
+            || model.starts_with('.')
+            || path.exists()
+            || model.matches('/').count() > 1;
         if looks_like_path {
-            return Err(Error::Hub { model: model.to_string(), reason: "no such model directory".into() });
+            return Err(Error::Hub {
+                model: model.to_string(),
+                reason: "no such model directory".into(),
+            });
         }
         #[cfg(feature = "hub")]
         {

@@ -19,9 +19,15 @@ use crate::Result;
 pub fn masked_lm_loss(head: &MlmHead, hidden: &Tensor, masked: &MaskedTokens) -> Result<Tensor> {
     let (batch, seq_len, width) = hidden.dims3()?;
     if masked.is_empty() {
-        return Ok(Tensor::zeros((), accumulation_dtype(hidden.dtype()), hidden.device())?);
+        return Ok(Tensor::zeros(
+            (),
+            accumulation_dtype(hidden.dtype()),
+            hidden.device(),
+        )?);
     }
-    let selected = hidden.reshape((batch * seq_len, width))?.index_select(&masked.positions, 0)?;
+    let selected = hidden
+        .reshape((batch * seq_len, width))?
+        .index_select(&masked.positions, 0)?;
     let logits = head.forward(&selected)?;
     let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?;
     // candle-nn's log_softmax is composed of differentiable ops.

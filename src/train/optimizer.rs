@@ -25,7 +25,12 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     /// PyTorch's `AdamW` defaults.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -52,7 +57,10 @@ pub struct AdamW {
 
 impl std::fmt::Debug for AdamW {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdamW").field("params", &self.slots.len()).field("step", &self.step).finish()
+        f.debug_struct("AdamW")
+            .field("params", &self.slots.len())
+            .field("step", &self.step)
+            .finish()
     }
 }
 
@@ -68,7 +76,11 @@ impl AdamW {
                 Ok((name, Slot { var, m, v, decay }))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { slots, config, step: 0 })
+        Ok(Self {
+            slots,
+            config,
+            step: 0,
+        })
     }
 
     /// Number of updates applied so far.
@@ -79,18 +91,28 @@ impl AdamW {
     /// Names of the parameters in each group: `(decay, no_decay)`.
     pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
         let (decay, no_decay): (Vec<_>, Vec<_>) = self.slots.iter().partition(|(_, s)| s.decay);
-        (decay.into_iter().map(|(n, _)| n.as_str()).collect(), no_decay.into_iter().map(|(n, _)| n.as_str()).collect())
+        (
+            decay.into_iter().map(|(n, _)| n.as_str()).collect(),
+            no_decay.into_iter().map(|(n, _)| n.as_str()).collect(),
+        )
     }
 
     /// Applies one update with learning rate `lr`. Parameters without a gradient are left alone
     /// (their moments do not advance).
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         self.step += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.config;
         let correction1 = 1.0 - beta1.powi(self.step as i32);
         let correction2 = 1.0 - beta2.powi(self.step as i32);
         for (name, slot) in self.slots.iter_mut() {
-            let Some(grad) = grads.get(name) else { continue };
+            let Some(grad) = grads.get(name) else {
+                continue;
+            };
             let grad = grad.to_dtype(DType::F32)?;
             slot.m = ((&slot.m * beta1)? + (&grad * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
@@ -110,7 +132,12 @@ impl AdamW {
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         self.slots
             .iter()
-            .flat_map(|(name, s)| [(format!("m.{name}"), s.m.clone()), (format!("v.{name}"), s.v.clone())])
+            .flat_map(|(name, s)| {
+                [
+                    (format!("m.{name}"), s.m.clone()),
+                    (format!("v.{name}"), s.v.clone()),
+                ]
+            })
             .collect()
     }
 
@@ -119,9 +146,15 @@ impl AdamW {
         for (name, slot) in self.slots.iter_mut() {
             for (kind, target) in [("m", &mut slot.m), ("v", &mut slot.v)] {
                 let key = format!("{kind}.{name}");
-                let t = tensors.get(&key).ok_or_else(|| Error::MissingTensors { names: vec![key.clone()] })?;
+                let t = tensors.get(&key).ok_or_else(|| Error::MissingTensors {
+                    names: vec![key.clone()],
+                })?;
                 if t.dims() != target.dims() {
-                    return Err(Error::ShapeMismatch { name: key, expected: target.dims().to_vec(), actual: t.dims().to_vec() });
+                    return Err(Error::ShapeMismatch {
+                        name: key,
+                        expected: target.dims().to_vec(),
+                        actual: t.dims().to_vec(),
+                    });
                 }
                 *target = t.to_dtype(DType::F32)?.to_device(target.device())?;
             }
@@ -136,7 +169,11 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
-        total += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        total += g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
     let norm = total.sqrt();
     if norm.is_finite() && norm > max_norm {

@@ -38,3 +38,85 @@ pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     eprintln!("{name}: max abs diff {diff:.3e}");
     assert!(diff <= tol, "{name}: max abs diff {diff:e} > {tol:e}");
 }
+
+/// Whole words of the tiny vocabulary (each one token).
+pub const WORDS: [&str; 40] = [
+    "cat", "dog", "bird", "fish", "fox", "mat", "house", "tree", "park", "garden", "book", "ball",
+    "car", "red", "blue", "green", "big", "small", "happy", "sad", "quick", "brown", "lazy",
+    "today", "sun", "moon", "water", "home", "friend", "day", "night", "play", "run", "jump",
+    "walk", "eat", "sleep", "read", "sing", "rain",
+];
+
+/// A synthetic "translation": a fixed permutation of `WORDS`, so target sentences share no
+/// surface tokens with their sources but are a consistent function of them.
+pub fn translate(word: &str) -> &'static str {
+    let i = WORDS.iter().position(|w| *w == word).expect("known word");
+    WORDS[(i * 7 + 3) % WORDS.len()]
+}
+
+/// `n` reference-TSV lines of 4-7 word sentences and their translations, anchored on the
+/// word at a varying position; spans count tokens with [CLS] at 0 (each word is one token).
+pub fn synthetic_tsv(n: usize, seed: u64) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut out = String::new();
+    for _ in 0..n {
+        let len = rng.random_range(4..=7);
+        let mut src: Vec<&str> = Vec::new();
+        while src.len() < len {
+            let w = WORDS[rng.random_range(0..WORDS.len())];
+            if !src.contains(&w) {
+                src.push(w);
+            }
+        }
+        let tgt: Vec<&str> = src.iter().rev().map(|w| translate(w)).collect();
+        let k = rng.random_range(0..len);
+        let tk = len - 1 - k;
+        out += &format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            src.join(" "),
+            src[k],
+            k + 1,
+            k + 1,
+            tgt.join(" "),
+            tgt[tk],
+            tk + 1,
+            tk + 1
+        );
+    }
+    out
+}
+
+/// A freshly initialised tiny model (the fixture's config) with the fixture's tokenizer.
+pub fn tiny_model(seed: u64) -> mlctl::model::MlCtlModel {
+    use mlctl::encoder::{BertConfig, PretrainedBert};
+    let cfg = BertConfig::from_file(fixture("tiny_bert/config.json")).unwrap();
+    let tok = mlctl::tokenize::Tokenizer::from_file(fixture("tiny_bert/tokenizer.json")).unwrap();
+    let bert = PretrainedBert::from_config(cfg, Some(tok), &Device::Cpu, DType::F32, seed).unwrap();
+    mlctl::model::MlCtlModel::new(bert, Default::default(), seed).unwrap()
+}
+
+/// A loader over a TSV file with the tiny tokenizer.
+pub fn tsv_loader(
+    path: &std::path::Path,
+    batch_size: usize,
+    max_len: usize,
+    seed: u64,
+) -> mlctl::data::PairLoader {
+    use mlctl::data::{CorpusFormat, LoaderConfig, PairLoader, ParallelCorpus};
+    let tok = mlctl::tokenize::Tokenizer::from_file(fixture("tiny_bert/tokenizer.json"))
+        .unwrap()
+        .with_max_len(max_len)
+        .unwrap();
+    let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(path.to_path_buf())).unwrap();
+    PairLoader::new(
+        corpus,
+        tok,
+        LoaderConfig {
+            batch_size,
+            seed,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}

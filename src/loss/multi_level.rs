@@ -1,0 +1,183 @@
+//! ML-CTL's multi-level objective: sentence-level contrast on `concat(sentence, word)`
+//! projections, an optional word-level contrast, and the auxiliary MLM loss.
+
+use candle_core::Tensor;
+use rand_chacha::ChaCha8Rng;
+
+use super::{masked_lm_loss, CzNce};
+use crate::data::{MaskedTokens, MlmMasking, PairBatch};
+use crate::model::MlCtlModel;
+use crate::tokenize::TokenBatch;
+use crate::{Error, Result};
+
+/// The terms of one evaluation of [`MultiLevelLoss`], each reported separately.
+#[derive(Debug, Clone)]
+pub struct LossTerms {
+    /// `sentence + word + mlm_weight * mlm`, the tensor to differentiate.
+    pub total: Tensor,
+    /// Sentence-level contrastive loss (on the projections).
+    pub sentence: Option<Tensor>,
+    /// Word-level contrastive loss (on the anchor-word embeddings).
+    pub word: Option<Tensor>,
+    /// MLM loss, the mean over the source and target masked copies (unweighted).
+    pub mlm: Option<Tensor>,
+}
+
+impl LossTerms {
+    /// A term's value as `f32`, `None` when the term is off.
+    pub fn value(term: &Option<Tensor>) -> Result<Option<f32>> {
+        term.as_ref()
+            .map(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?))
+            .transpose()
+    }
+}
+
+/// Masked copies of both sides of a batch.
+#[derive(Debug, Clone)]
+pub struct MaskedPair {
+    /// The masked source side.
+    pub src: MaskedTokens,
+    /// The masked target side.
+    pub tgt: MaskedTokens,
+}
+
+impl MaskedPair {
+    /// Draws masked copies of both sides, source first.
+    pub fn draw(masking: &MlmMasking, batch: &PairBatch, rng: &mut ChaCha8Rng) -> Result<Self> {
+        let device = batch.src.input_ids.device();
+        Ok(Self {
+            src: masking.mask(&batch.src, rng, device)?,
+            tgt: masking.mask(&batch.tgt, rng, device)?,
+        })
+    }
+}
+
+/// ML-CTL's objective as composable terms.
+///
+/// - sentence level: a contrastive loss (CZ-NCE by default) between the source and target
+///   projections of `concat(sentence, word)` embeddings (or of sentences alone, when the
+///   model's head does not concatenate words);
+/// - word level (off by default, as in the reference): a contrastive loss between the pooled
+///   anchor-word embeddings of the two sides;
+/// - MLM: the masked-language-model loss on separately masked copies of both sides, averaged,
+///   with weight `mlm_weight` (0.1 in ML-CTL).
+///
+/// Any term can be used alone: set the others to `None`.
+#[derive(Debug, Clone)]
+pub struct MultiLevelLoss {
+    /// Sentence-level contrastive loss.
+    pub sentence: Option<CzNce>,
+    /// Word-level contrastive loss.
+    pub word: Option<CzNce>,
+    /// Weight of the MLM term; `None` turns it off.
+    pub mlm_weight: Option<f64>,
+}
+
+impl Default for MultiLevelLoss {
+    fn default() -> Self {
+        Self::mlctl()
+    }
+}
+
+impl MultiLevelLoss {
+    /// The paper's setting: sentence-level CZ-NCE (t = 0.07) and MLM with weight 0.1.
+    pub fn mlctl() -> Self {
+        Self {
+            sentence: Some(CzNce::new()),
+            word: None,
+            mlm_weight: Some(0.1),
+        }
+    }
+
+    /// Sets the sentence-level term.
+    pub fn with_sentence(mut self, loss: Option<CzNce>) -> Self {
+        self.sentence = loss;
+        self
+    }
+
+    /// Sets the word-level term.
+    pub fn with_word(mut self, loss: Option<CzNce>) -> Self {
+        self.word = loss;
+        self
+    }
+
+    /// Sets the MLM weight (`None` turns the term off).
+    pub fn with_mlm_weight(mut self, weight: Option<f64>) -> Self {
+        self.mlm_weight = weight;
+        self
+    }
+
+    /// Evaluates every active term on a batch. `masked` is required when the MLM term is on.
+    pub fn forward(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        train: bool,
+    ) -> Result<LossTerms> {
+        let mut total: Option<Tensor> = None;
+        let mut add = |t: &Tensor| -> Result<()> {
+            total = Some(match total.take() {
+                None => t.clone(),
+                Some(sum) => (sum + t)?,
+            });
+            Ok(())
+        };
+        let (mut sentence, mut word) = (None, None);
+        if self.sentence.is_some() || self.word.is_some() {
+            let (src_spans, tgt_spans) = (batch.src_spans(), batch.tgt_spans());
+            let src = model.embed(&batch.src, src_spans.as_deref(), train)?;
+            let tgt = model.embed(&batch.tgt, tgt_spans.as_deref(), train)?;
+            if let Some(loss) = &self.sentence {
+                let value = loss.forward(&src.projected, &tgt.projected)?;
+                add(&value)?;
+                sentence = Some(value);
+            }
+            if let Some(loss) = &self.word {
+                let (Some(q), Some(k)) = (&src.word, &tgt.word) else {
+                    return Err(Error::InvalidArgument(
+                        "the word-level term needs anchor spans in the batch".into(),
+                    ));
+                };
+                let value = loss.forward(q, k)?;
+                add(&value)?;
+                word = Some(value);
+            }
+        }
+        let mut mlm = None;
+        if let Some(weight) = self.mlm_weight {
+            let masked = masked.ok_or_else(|| {
+                Error::InvalidArgument("the MLM term needs masked copies of the batch".into())
+            })?;
+            let value = ((mlm_side(model, &batch.src, &masked.src, train)?
+                + mlm_side(model, &batch.tgt, &masked.tgt, train)?)?
+                / 2.0)?;
+            add(&(&value * weight)?)?;
+            mlm = Some(value);
+        }
+        let total = total
+            .ok_or_else(|| Error::InvalidArgument("every term of the objective is off".into()))?;
+        Ok(LossTerms {
+            total,
+            sentence,
+            word,
+            mlm,
+        })
+    }
+}
+
+/// MLM loss of one side: the encoder runs on the masked ids with the original mask and types.
+fn mlm_side(
+    model: &MlCtlModel,
+    tokens: &TokenBatch,
+    masked: &MaskedTokens,
+    train: bool,
+) -> Result<Tensor> {
+    let out = model.bert.model.encoder.forward_t(
+        &masked.input_ids,
+        Some(&tokens.token_type_ids),
+        Some(&tokens.attention_mask),
+        train,
+    )?;
+    masked_lm_loss(&model.bert.model.mlm_head, &out.last_hidden_state, masked)
+}

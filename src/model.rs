@@ -1,0 +1,228 @@
+//! `MlCtlModel`: the encoder with its MLM head plus ML-CTL's projection, saved as one directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::encoder::{save_params, write_atomic, ParamStore, PretrainedBert};
+use crate::pooling::{Pooling, TokenSpan};
+use crate::projection::Projection;
+use crate::tokenize::TokenBatch;
+use crate::{Error, Result};
+
+/// Weights of the ML-CTL head, beside the transformers files.
+pub const HEAD_WEIGHTS_FILE: &str = "mlctl_head.safetensors";
+/// Configuration of the ML-CTL head.
+pub const HEAD_CONFIG_FILE: &str = "mlctl.json";
+/// Prefix of the head's parameter names in [`MlCtlModel::named_vars`].
+pub const HEAD_PREFIX: &str = "mlctl.";
+
+/// What `mlctl.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadConfig {
+    /// Hidden layers pooled and summed for sentence and word embeddings.
+    pub pooling_layers: Vec<isize>,
+    /// Whether the projection's input is `concat(sentence, word)` (2H, ML-CTL) or the sentence
+    /// embedding alone (H).
+    pub concat_word: bool,
+}
+
+impl Default for HeadConfig {
+    fn default() -> Self {
+        Self {
+            pooling_layers: Pooling::mlctl().layers().to_vec(),
+            concat_word: true,
+        }
+    }
+}
+
+/// Sentence and word embeddings of one side of a batch, and their projection.
+///
+/// # Shapes
+/// - `sentence`, `word`: `[batch, hidden]`
+/// - `projected`: `[batch, d]` with `d = 2H` when the word is concatenated, else `H`
+#[derive(Debug, Clone)]
+pub struct SideEmbeddings {
+    /// Pooled sentence embedding.
+    pub sentence: Tensor,
+    /// Pooled anchor-word embedding, when spans were given.
+    pub word: Option<Tensor>,
+    /// The projection of `concat(sentence, word)` (or of `sentence`).
+    pub projected: Tensor,
+}
+
+/// ML-CTL's model: a BERT encoder with its MLM head ([`PretrainedBert`]), the pooling, and the
+/// `Linear -> ReLU -> Linear` projection.
+///
+/// On disk it is a transformers model directory (`model.safetensors`, `config.json`,
+/// `tokenizer.json`: the encoder loads in transformers unchanged) plus `mlctl_head.safetensors`
+/// (`projection.fc1.*`, `projection.fc2.*`) and `mlctl.json` ([`HeadConfig`]).
+#[derive(Debug, Clone)]
+pub struct MlCtlModel {
+    /// Encoder, MLM head, their parameters and the tokenizer.
+    pub bert: PretrainedBert,
+    /// The projection head.
+    pub projection: Projection,
+    /// The projection's parameters.
+    pub head_params: ParamStore,
+    /// How sentence and word embeddings are pooled.
+    pub pooling: Pooling,
+    config: HeadConfig,
+}
+
+impl MlCtlModel {
+    /// Adds a freshly initialised head (from `seed`) to an encoder.
+    pub fn new(bert: PretrainedBert, config: HeadConfig, seed: u64) -> Result<Self> {
+        Self::with_head_params(bert, config, ParamStore::new(seed))
+    }
+
+    fn with_head_params(
+        bert: PretrainedBert,
+        config: HeadConfig,
+        head_params: ParamStore,
+    ) -> Result<Self> {
+        let device = bert.model.encoder.word_embeddings().device().clone();
+        let dtype = bert.model.encoder.word_embeddings().dtype();
+        let h = bert.config.hidden_size;
+        let d = if config.concat_word { 2 * h } else { h };
+        let projection = Projection::load(
+            head_params.var_builder(dtype, &device).pp("projection"),
+            d,
+            d,
+            d,
+        )?;
+        let log = head_params.log().clone();
+        if let Some((name, expected, actual)) = log.mismatched.into_iter().next() {
+            return Err(Error::ShapeMismatch {
+                name,
+                expected,
+                actual,
+            });
+        }
+        let pooling = Pooling::mlctl().with_layers(config.pooling_layers.clone());
+        Ok(Self {
+            bert,
+            projection,
+            head_params,
+            pooling,
+            config,
+        })
+    }
+
+    /// Loads a model directory. Without `mlctl_head.safetensors` (a plain transformers
+    /// checkpoint such as mBERT) the head is initialised from `seed` with `config`'s
+    /// defaults; with it, `mlctl.json` decides the head's shape.
+    pub fn load(model: &str, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let bert = PretrainedBert::load(model, device, dtype)?;
+        let dir = Path::new(model);
+        let head_file = dir.join(HEAD_WEIGHTS_FILE);
+        if !head_file.is_file() {
+            return Self::new(bert, HeadConfig::default(), seed);
+        }
+        let config_path = dir.join(HEAD_CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(Error::io(&config_path))?;
+        let config: HeadConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+        let tensors = candle_core::safetensors::load(&head_file, &Device::Cpu).map_err(|e| {
+            Error::Checkpoint {
+                path: head_file.clone(),
+                reason: format!("not a readable safetensors file ({e})"),
+            }
+        })?;
+        let params = ParamStore::with_checkpoint(tensors, seed);
+        let model = Self::with_head_params(bert, config, params)?;
+        let missing = model.head_params.log().initialized.clone();
+        if !missing.is_empty() {
+            return Err(Error::MissingTensors { names: missing });
+        }
+        Ok(model)
+    }
+
+    /// Writes the model directory (see the type's docs); every file atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        self.bert.save(dir)?;
+        save_params(&self.head_params, &dir.join(HEAD_WEIGHTS_FILE))?;
+        let json = serde_json::to_string_pretty(&self.config).expect("head config serialises");
+        write_atomic(&dir.join(HEAD_CONFIG_FILE), json.as_bytes())
+    }
+
+    /// The head's configuration.
+    pub fn head_config(&self) -> &HeadConfig {
+        &self.config
+    }
+
+    /// Every trainable variable: the encoder's and MLM head's under transformers names, the
+    /// projection's under `mlctl.projection.*`.
+    pub fn named_vars(&self) -> BTreeMap<String, Var> {
+        let mut vars = self.bert.params.named_vars();
+        vars.extend(
+            self.head_params
+                .named_vars()
+                .into_iter()
+                .map(|(n, v)| (format!("{HEAD_PREFIX}{n}"), v)),
+        );
+        vars
+    }
+
+    /// Replaces every variable's value with the tensor of the same name (as in
+    /// [`MlCtlModel::named_vars`]); used to restore checkpoints in place.
+    pub fn set_vars(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.named_vars() {
+            let t = tensors.get(&name).ok_or_else(|| Error::MissingTensors {
+                names: vec![name.clone()],
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    expected: var.dims().to_vec(),
+                    actual: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Encodes one side of a batch: pooled sentence embeddings, anchor-word embeddings over
+    /// `spans` (required when the head concatenates words) and their projection.
+    pub fn embed(
+        &self,
+        tokens: &TokenBatch,
+        spans: Option<&[TokenSpan]>,
+        train: bool,
+    ) -> Result<SideEmbeddings> {
+        let out = self.bert.model.encoder.forward_t(
+            &tokens.input_ids,
+            Some(&tokens.token_type_ids),
+            Some(&tokens.attention_mask),
+            train,
+        )?;
+        let sentence = self.pooling.sentence(&out, &tokens.attention_mask)?;
+        let word = spans.map(|s| self.pooling.spans(&out, s)).transpose()?;
+        let input = match (&word, self.config.concat_word) {
+            (Some(word), true) => Tensor::cat(&[&sentence, word], 1)?,
+            (None, true) => {
+                return Err(Error::InvalidArgument(
+                    "this head concatenates anchor words: give their spans".into(),
+                ))
+            }
+            (_, false) => sentence.clone(),
+        };
+        let projected = self
+            .projection
+            .forward(&input.to_dtype(self.head_dtype())?)?;
+        Ok(SideEmbeddings {
+            sentence,
+            word,
+            projected,
+        })
+    }
+
+    fn head_dtype(&self) -> DType {
+        self.bert.model.encoder.word_embeddings().dtype()
+    }
+}

@@ -1,0 +1,486 @@
+//! The training loop: accumulation, clipping, AdamW, schedule, non-finite guard, checkpoints
+//! that resume bit-exactly, JSONL metrics and a progress bar.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{
+    checkpoint_name, latest_checkpoint, prune_checkpoints, write_checkpoint_dir,
+};
+use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig, Gradients};
+use super::schedule::{Decay, LrSchedule};
+use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairLoader};
+use crate::encoder::read_checkpoint_dir;
+use crate::loss::{LossTerms, MaskedPair, MultiLevelLoss};
+use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
+use crate::{Error, Result};
+
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "trainer_state.json";
+/// Name of the metrics log in the run directory.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+
+/// Options of a [`Trainer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Number of optimizer updates.
+    pub steps: u64,
+    /// Learning-rate schedule (its `total_steps` should equal `steps`).
+    pub schedule: LrSchedule,
+    /// AdamW's moments and weight decay.
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this value (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+    /// Micro-batches whose gradients are summed (each scaled by `1 / grad_accum`) per update.
+    pub grad_accum: usize,
+    /// Keep the embeddings fixed.
+    pub freeze_embeddings: bool,
+    /// Keep the first this-many transformer layers fixed.
+    pub freeze_layers: usize,
+    /// Stop with [`Error::Diverged`] after this many non-finite steps in a row (each is skipped).
+    pub max_consecutive_bad_steps: usize,
+    /// Save a checkpoint every this-many updates (0: only at the end).
+    pub checkpoint_every: u64,
+    /// Complete checkpoints to keep.
+    pub keep_checkpoints: usize,
+    /// Seed of the MLM masking (the loader and the dropout have their own).
+    pub seed: u64,
+    /// Show a progress bar on standard error.
+    pub progress: bool,
+}
+
+impl TrainConfig {
+    /// ML-CTL's reference optimisation (Adam, lr 2e-6) for `steps` updates, with a linear decay
+    /// and no warm-up.
+    pub fn mlctl(steps: u64) -> Self {
+        Self {
+            steps,
+            schedule: LrSchedule {
+                peak_lr: 2e-6,
+                warmup_steps: 0,
+                total_steps: steps,
+                decay: Decay::Linear,
+            },
+            adamw: AdamWConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            max_grad_norm: Some(1.0),
+            grad_accum: 1,
+            freeze_embeddings: false,
+            freeze_layers: 0,
+            max_consecutive_bad_steps: 5,
+            checkpoint_every: 0,
+            keep_checkpoints: 2,
+            seed: 0,
+            progress: true,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based update number.
+    pub step: u64,
+    /// Total loss (mean over micro-batches).
+    pub loss: f32,
+    /// Sentence-level term.
+    pub sentence: Option<f32>,
+    /// Word-level term.
+    pub word: Option<f32>,
+    /// MLM term (unweighted).
+    pub mlm: Option<f32>,
+    /// Learning rate of the update.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Sentence pairs per second.
+    pub pairs_per_s: f64,
+    /// Tokens (both sides, padding excluded) per second.
+    pub tokens_per_s: f64,
+    /// True when the update was skipped for a non-finite loss or gradient.
+    pub skipped: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Updates done in total (including before a resume).
+    pub steps: u64,
+    /// Loss of the first update of this process's run.
+    pub first_loss: Option<f32>,
+    /// Loss of the last update.
+    pub last_loss: Option<f32>,
+    /// Updates skipped as non-finite.
+    pub skipped_steps: u64,
+    /// The data loader's counts.
+    pub loader: LoaderStats,
+    /// Seconds this process spent training.
+    pub seconds: f64,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    cursor: LoaderCursor,
+    loader_stats: LoaderStats,
+    mask_rng: ChaCha8Rng,
+    dropout_rng: ChaCha8Rng,
+    skipped_steps: u64,
+    consecutive_bad: usize,
+}
+
+/// Trains an [`MlCtlModel`] with a [`MultiLevelLoss`] on batches from a [`PairLoader`], writing
+/// metrics and checkpoints into a run directory.
+///
+/// On the CPU a run is deterministic given its seeds, and [`Trainer::resume`] restores weights,
+/// optimizer moments, schedule position, every random generator and the data cursor, so a run
+/// killed (even by `kill -9`) and resumed ends with the same weights as one never stopped.
+pub struct Trainer {
+    /// The model being trained.
+    pub model: MlCtlModel,
+    /// The objective.
+    pub objective: MultiLevelLoss,
+    /// The data.
+    pub loader: PairLoader,
+    config: TrainConfig,
+    masking: Option<MlmMasking>,
+    optimizer: AdamW,
+    trainable: Vec<(String, candle_core::Var)>,
+    run_dir: PathBuf,
+    device: Device,
+    step: u64,
+    mask_rng: ChaCha8Rng,
+    skipped_steps: u64,
+    consecutive_bad: usize,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("run_dir", &self.run_dir)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Sets up training; nothing is written until the first step or checkpoint.
+    pub fn new(
+        model: MlCtlModel,
+        objective: MultiLevelLoss,
+        loader: PairLoader,
+        config: TrainConfig,
+        run_dir: &Path,
+    ) -> Result<Self> {
+        if config.grad_accum == 0 {
+            return Err(Error::InvalidArgument(
+                "grad_accum must be at least 1".into(),
+            ));
+        }
+        let masking = match objective.mlm_weight {
+            Some(_) => Some(MlmMasking::for_tokenizer(loader.tokenizer())?),
+            None => None,
+        };
+        let layers = model.bert.config.num_hidden_layers;
+        if config.freeze_layers > layers {
+            return Err(Error::InvalidArgument(format!(
+                "cannot freeze {} of {layers} layers",
+                config.freeze_layers
+            )));
+        }
+        let frozen = |name: &str| {
+            (config.freeze_embeddings && name.starts_with("bert.embeddings."))
+                || (0..config.freeze_layers)
+                    .any(|i| name.starts_with(&format!("bert.encoder.layer.{i}.")))
+        };
+        let trainable: Vec<_> = model
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| !frozen(n))
+            .collect();
+        let optimizer = AdamW::new(trainable.clone(), config.adamw)?;
+        let device = model.bert.model.encoder.word_embeddings().device().clone();
+        let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
+        model
+            .bert
+            .model
+            .encoder
+            .dropout_rng()
+            .reseed(config.seed.wrapping_add(1));
+        Ok(Self {
+            model,
+            objective,
+            loader,
+            config,
+            masking,
+            optimizer,
+            trainable,
+            run_dir: run_dir.to_path_buf(),
+            device,
+            step: 0,
+            mask_rng,
+            skipped_steps: 0,
+            consecutive_bad: 0,
+        })
+    }
+
+    /// Updates done so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The options.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// Where checkpoints go.
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.run_dir.join("checkpoints")
+    }
+
+    /// Names of the parameters the optimizer updates.
+    pub fn trainable_names(&self) -> Vec<&str> {
+        self.trainable.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// One update: forward and backward over `grad_accum` batches, the non-finite guard,
+    /// clipping and the AdamW step. The record is also appended to `metrics.jsonl`.
+    pub fn train_step(&mut self) -> Result<StepRecord> {
+        let started = Instant::now();
+        let accum = self.config.grad_accum;
+        let mut grads = Gradients::new();
+        let (mut pairs, mut tokens) = (0usize, 0usize);
+        let mut sums = [0f32; 4];
+        let mut present = [false; 4];
+        for _ in 0..accum {
+            let batch = self.loader.next_batch(&self.device)?;
+            pairs += batch.len();
+            tokens += batch
+                .src
+                .lengths
+                .iter()
+                .chain(&batch.tgt.lengths)
+                .sum::<usize>();
+            let masked = match &self.masking {
+                Some(m) => Some(MaskedPair::draw(m, &batch, &mut self.mask_rng)?),
+                None => None,
+            };
+            let terms = self
+                .objective
+                .forward(&self.model, &batch, masked.as_ref(), true)?;
+            let values = [
+                Some(terms.total.to_dtype(DType::F32)?.to_scalar::<f32>()?),
+                LossTerms::value(&terms.sentence)?,
+                LossTerms::value(&terms.word)?,
+                LossTerms::value(&terms.mlm)?,
+            ];
+            for (i, v) in values.into_iter().enumerate() {
+                if let Some(v) = v {
+                    sums[i] += v / accum as f32;
+                    present[i] = true;
+                }
+            }
+            let store = (terms.total / accum as f64)?.backward()?;
+            for (name, var) in &self.trainable {
+                if let Some(g) = store.get(var) {
+                    let g = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(name.clone(), g);
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(
+            &mut grads,
+            self.config.max_grad_norm.unwrap_or(f64::INFINITY),
+        )?;
+        let lr = self.config.schedule.lr(self.step);
+        let skipped = !sums[0].is_finite() || !grad_norm.is_finite();
+        if skipped {
+            self.skipped_steps += 1;
+            self.consecutive_bad += 1;
+            if self.consecutive_bad >= self.config.max_consecutive_bad_steps.max(1) {
+                return Err(Error::Diverged {
+                    step: self.step + 1,
+                    consecutive: self.consecutive_bad,
+                });
+            }
+        } else {
+            self.consecutive_bad = 0;
+            self.optimizer.step(&grads, lr)?;
+        }
+        self.step += 1;
+        let seconds = started.elapsed().as_secs_f64().max(1e-9);
+        let pick = |i: usize| present[i].then_some(sums[i]);
+        let record = StepRecord {
+            step: self.step,
+            loss: sums[0],
+            sentence: pick(1),
+            word: pick(2),
+            mlm: pick(3),
+            lr,
+            grad_norm,
+            pairs_per_s: pairs as f64 / seconds,
+            tokens_per_s: tokens as f64 / seconds,
+            skipped,
+        };
+        self.append_metrics(&record)?;
+        Ok(record)
+    }
+
+    fn append_metrics(&self, record: &StepRecord) -> Result<()> {
+        std::fs::create_dir_all(&self.run_dir).map_err(Error::io(&self.run_dir))?;
+        let path = self.run_dir.join(METRICS_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(Error::io(&path))?;
+        let line = serde_json::to_string(record).expect("records serialise");
+        writeln!(file, "{line}").map_err(Error::io(&path))
+    }
+
+    /// Trains until `config.steps` updates are done, checkpointing every `checkpoint_every`
+    /// updates and at the end.
+    pub fn run(&mut self) -> Result<TrainSummary> {
+        let started = Instant::now();
+        let bar = if self.config.progress {
+            ProgressBar::new(self.config.steps)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(self.step);
+        let (mut first_loss, mut last_loss) = (None, None);
+        while self.step < self.config.steps {
+            let record = self.train_step()?;
+            first_loss.get_or_insert(record.loss);
+            last_loss = Some(record.loss);
+            bar.set_message(format!("loss {:.4}  lr {:.2e}", record.loss, record.lr));
+            bar.inc(1);
+            let every = self.config.checkpoint_every;
+            if every > 0 && self.step % every == 0 && self.step < self.config.steps {
+                self.save_checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        let checkpoint = Some(self.save_checkpoint()?);
+        Ok(TrainSummary {
+            steps: self.step,
+            first_loss,
+            last_loss,
+            skipped_steps: self.skipped_steps,
+            loader: self.loader.stats(),
+            seconds: started.elapsed().as_secs_f64(),
+            checkpoint,
+        })
+    }
+
+    /// Writes a complete checkpoint of the current step atomically and prunes old ones.
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let root = self.checkpoint_root();
+        let state = TrainerState {
+            step: self.step,
+            cursor: self.loader.cursor(),
+            loader_stats: self.loader.stats(),
+            mask_rng: self.mask_rng.clone(),
+            dropout_rng: self.model.bert.model.encoder.dropout_rng().state(),
+            skipped_steps: self.skipped_steps,
+            consecutive_bad: self.consecutive_bad,
+        };
+        let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
+            self.model.save(dir)?;
+            let optimizer = dir.join(OPTIMIZER_FILE);
+            candle_core::safetensors::save(&self.optimizer.state_tensors(), &optimizer)?;
+            let json = serde_json::to_string_pretty(&state).expect("state serialises");
+            std::fs::write(dir.join(STATE_FILE), json).map_err(Error::io(dir.join(STATE_FILE)))
+        })?;
+        prune_checkpoints(&root, self.config.keep_checkpoints)?;
+        Ok(path)
+    }
+
+    /// Continues from the latest complete checkpoint of the run directory, if there is one;
+    /// returns its step. `metrics.jsonl` is cut back to that step.
+    pub fn resume(&mut self) -> Result<Option<u64>> {
+        let Some((_, dir)) = latest_checkpoint(&self.checkpoint_root())? else {
+            return Ok(None);
+        };
+        let state_path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&state_path).map_err(Error::io(&state_path))?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: state_path.clone(),
+            source,
+        })?;
+
+        let mut tensors: HashMap<String, candle_core::Tensor> = read_checkpoint_dir(&dir)?.tensors;
+        let head_path = dir.join(HEAD_WEIGHTS_FILE);
+        let head = candle_core::safetensors::load(&head_path, &Device::Cpu).map_err(|e| {
+            Error::Checkpoint {
+                path: head_path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        tensors.extend(
+            head.into_iter()
+                .map(|(n, t)| (format!("{HEAD_PREFIX}{n}"), t)),
+        );
+        self.model.set_vars(&tensors)?;
+
+        let optimizer_path = dir.join(OPTIMIZER_FILE);
+        let moments =
+            candle_core::safetensors::load(&optimizer_path, &Device::Cpu).map_err(|e| {
+                Error::Checkpoint {
+                    path: optimizer_path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        self.optimizer.load_state(&moments, state.step)?;
+
+        self.loader.set_cursor(state.cursor)?;
+        self.loader.set_stats(state.loader_stats);
+        self.mask_rng = state.mask_rng;
+        self.model
+            .bert
+            .model
+            .encoder
+            .dropout_rng()
+            .set_state(state.dropout_rng);
+        self.step = state.step;
+        self.skipped_steps = state.skipped_steps;
+        self.consecutive_bad = state.consecutive_bad;
+        self.truncate_metrics(state.step)?;
+        Ok(Some(state.step))
+    }
+
+    fn truncate_metrics(&self, step: u64) -> Result<()> {
+        let path = self.run_dir.join(METRICS_FILE);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let kept: String = text
+            .lines()
+            .filter(|line| serde_json::from_str::<StepRecord>(line).is_ok_and(|r| r.step <= step))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        crate::encoder::write_atomic(&path, kept.as_bytes())
+    }
+}

@@ -1,0 +1,141 @@
+//! The multi-level objective: its total is the sum of its terms, and gradients reach every part.
+
+mod common;
+
+use candle_core::Device;
+use common::{synthetic_tsv, tiny_model, tsv_loader};
+use mlctl::data::MlmMasking;
+use mlctl::loss::{masked_lm_loss, CzNce, MaskedPair, MultiLevelLoss};
+use rand::SeedableRng;
+
+#[test]
+fn total_is_the_sum_of_terms_computed_separately_and_gradients_reach_every_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.tsv");
+    std::fs::write(&path, synthetic_tsv(8, 1)).unwrap();
+    let mut loader = tsv_loader(&path, 8, 16, 0);
+    let batch = loader.next_batch(&Device::Cpu).unwrap();
+    let model = tiny_model(3);
+    let masking = MlmMasking::for_tokenizer(loader.tokenizer())
+        .unwrap()
+        .with_prob(0.3)
+        .unwrap();
+    let masked = MaskedPair::draw(
+        &masking,
+        &batch,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
+    )
+    .unwrap();
+    assert!(!masked.src.is_empty() && !masked.tgt.is_empty());
+
+    let objective = MultiLevelLoss::mlctl().with_word(Some(CzNce::new().with_temperature(0.1)));
+    let terms = objective
+        .forward(&model, &batch, Some(&masked), false)
+        .unwrap();
+
+    // The same terms, assembled by hand from the public pieces.
+    let src = model
+        .embed(&batch.src, batch.src_spans().as_deref(), false)
+        .unwrap();
+    let tgt = model
+        .embed(&batch.tgt, batch.tgt_spans().as_deref(), false)
+        .unwrap();
+    let sentence = CzNce::new()
+        .forward(&src.projected, &tgt.projected)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let word = CzNce::new()
+        .with_temperature(0.1)
+        .forward(src.word.as_ref().unwrap(), tgt.word.as_ref().unwrap())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let encoder = &model.bert.model.encoder;
+    let mlm_of = |tokens: &mlctl::tokenize::TokenBatch, m: &mlctl::data::MaskedTokens| {
+        let out = encoder
+            .forward(
+                &m.input_ids,
+                Some(&tokens.token_type_ids),
+                Some(&tokens.attention_mask),
+            )
+            .unwrap();
+        masked_lm_loss(&model.bert.model.mlm_head, &out.last_hidden_state, m)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let mlm = (mlm_of(&batch.src, &masked.src) + mlm_of(&batch.tgt, &masked.tgt)) / 2.0;
+
+    let value = |t: &Option<candle_core::Tensor>| t.as_ref().unwrap().to_scalar::<f32>().unwrap();
+    assert!((value(&terms.sentence) - sentence).abs() < 1e-5);
+    assert!((value(&terms.word) - word).abs() < 1e-5);
+    assert!((value(&terms.mlm) - mlm).abs() < 1e-5);
+    let total = terms.total.to_scalar::<f32>().unwrap();
+    assert!(
+        (total - (sentence + word + 0.1 * mlm)).abs() < 1e-4,
+        "{total} vs {}",
+        sentence + word + 0.1 * mlm
+    );
+    assert!(
+        mlm > 3.0,
+        "an untrained MLM over 113 words should be near ln(113) = 4.7, got {mlm}"
+    );
+
+    let grads = terms.total.backward().unwrap();
+    let vars = model.named_vars();
+    for name in [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.1.output.LayerNorm.weight",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.bias",
+        "mlctl.projection.fc1.weight",
+        "mlctl.projection.fc2.bias",
+    ] {
+        let g = grads
+            .get(&vars[name])
+            .unwrap_or_else(|| panic!("no gradient reaches {name}"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: gradient norm {norm}"
+        );
+    }
+}
+
+#[test]
+fn terms_can_be_used_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.tsv");
+    std::fs::write(&path, synthetic_tsv(4, 2)).unwrap();
+    let batch = tsv_loader(&path, 4, 16, 0)
+        .next_batch(&Device::Cpu)
+        .unwrap();
+    let model = tiny_model(3);
+    let sentence_only = MultiLevelLoss::mlctl().with_mlm_weight(None);
+    let terms = sentence_only.forward(&model, &batch, None, false).unwrap();
+    assert!(terms.mlm.is_none() && terms.word.is_none());
+    assert_eq!(
+        terms.total.to_scalar::<f32>().unwrap(),
+        terms.sentence.unwrap().to_scalar::<f32>().unwrap()
+    );
+    // The MLM term without masked copies, and an objective with nothing on, are typed errors.
+    assert!(matches!(
+        MultiLevelLoss::mlctl().forward(&model, &batch, None, false),
+        Err(mlctl::Error::InvalidArgument(_))
+    ));
+    let nothing = MultiLevelLoss::mlctl()
+        .with_sentence(None)
+        .with_mlm_weight(None);
+    assert!(matches!(
+        nothing.forward(&model, &batch, None, false),
+        Err(mlctl::Error::InvalidArgument(_))
+    ));
+}
