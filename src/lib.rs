@@ -16,6 +16,7 @@
 pub mod data;
 pub mod device;
 pub mod encoder;
+pub mod eval;
 mod error;
 #[cfg(feature = "hub")]
 pub mod hub;
