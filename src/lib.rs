@@ -11,8 +11,11 @@
 //! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
+//! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
+//!   dictionary anchors.
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod data;
 pub mod device;
 pub mod encoder;

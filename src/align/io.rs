@@ -1,0 +1,149 @@
+//! Reading and writing parallel text, Pharaoh alignments and gold alignments.
+//!
+//! Every reader reports a malformed line as [`Error::Data`] with the file and its 1-based line
+//! number; files are read whole, so nothing is processed before the input is known to be valid.
+
+use std::path::Path;
+
+use super::methods::Alignment;
+use super::metrics::GoldAlignment;
+use crate::{Error, Result};
+
+/// One line of a parallel file: source and target words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentencePair {
+    /// Source words.
+    pub src: Vec<String>,
+    /// Target words.
+    pub tgt: Vec<String>,
+}
+
+impl SentencePair {
+    /// A pair from whitespace-tokenized source and target text.
+    pub fn from_text(src: &str, tgt: &str) -> Self {
+        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect();
+        Self { src: words(src), tgt: words(tgt) }
+    }
+
+    /// Parses `source words ||| target words`. A blank line is the empty pair; a non-blank line
+    /// needs exactly one `|||`.
+    pub fn parse(line: &str) -> std::result::Result<Self, String> {
+        if line.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let mut parts = line.split("|||");
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(src), Some(tgt), None) => Ok(Self::from_text(src, tgt)),
+            (_, None, _) => Err("no ` ||| ` separator between source and target".into()),
+            _ => Err("more than one `|||` separator".into()),
+        }
+    }
+
+    /// Whether either side has no word.
+    pub fn is_empty(&self) -> bool {
+        self.src.is_empty() || self.tgt.is_empty()
+    }
+}
+
+fn read_lines(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(Error::io(path))
+}
+
+fn data_error(path: &Path, line: usize, reason: impl Into<String>) -> Error {
+    Error::Data { path: path.to_path_buf(), line, reason: reason.into() }
+}
+
+/// Reads a parallel file, one `source ||| target` pair per line (words separated by
+/// whitespace; a blank line is an empty pair).
+pub fn read_parallel(path: impl AsRef<Path>) -> Result<Vec<SentencePair>> {
+    let path = path.as_ref();
+    read_lines(path)?
+        .lines()
+        .enumerate()
+        .map(|(k, line)| SentencePair::parse(line).map_err(|r| data_error(path, k + 1, r)))
+        .collect()
+}
+
+/// Reads a Pharaoh file: one line of 0-based `i-j` links per sentence pair.
+pub fn read_pharaoh(path: impl AsRef<Path>) -> Result<Vec<Alignment>> {
+    let path = path.as_ref();
+    read_lines(path)?
+        .lines()
+        .enumerate()
+        .map(|(k, line)| Alignment::parse_pharaoh(line).map_err(|r| data_error(path, k + 1, r)))
+        .collect()
+}
+
+/// Pharaoh text for a corpus: one line per alignment, each ending in a newline.
+pub fn pharaoh_text(alignments: &[Alignment]) -> String {
+    let mut out = String::new();
+    for a in alignments {
+        out.push_str(&a.to_pharaoh());
+        out.push('\n');
+    }
+    out
+}
+
+/// Writes a Pharaoh file atomically (a temporary file in the same directory, then a rename).
+pub fn write_pharaoh(path: impl AsRef<Path>, alignments: &[Alignment]) -> Result<()> {
+    crate::encoder::write_atomic(path.as_ref(), pharaoh_text(alignments).as_bytes())
+}
+
+/// Reads a gold file: one line per sentence pair of `i-j` (sure) and `ipj` (possible) links,
+/// 1-based when `one_based` (the shared ja-en and ro-en sets are), converted to 0-based.
+pub fn read_gold(path: impl AsRef<Path>, one_based: bool) -> Result<Vec<GoldAlignment>> {
+    let path = path.as_ref();
+    read_lines(path)?
+        .lines()
+        .enumerate()
+        .map(|(k, line)| GoldAlignment::parse(line, one_based).map_err(|r| data_error(path, k + 1, r)))
+        .collect()
+}
+
+/// Checks that `links_file` (read into `links`: one entry per line) has one line per sentence
+/// pair and that every link `(i, j)` is inside its pair (`i < src.len()`, `j < tgt.len()`).
+/// Indices in the error are reported as they appear in the file (`one_based` adds 1).
+pub fn check_links<'a>(
+    links_file: impl AsRef<Path>,
+    links: impl ExactSizeIterator<Item = &'a [(usize, usize)]>,
+    pairs: &[SentencePair],
+    one_based: bool,
+) -> Result<()> {
+    let path = links_file.as_ref();
+    let n = links.len();
+    if n != pairs.len() {
+        return Err(data_error(
+            path,
+            n.min(pairs.len()) + 1,
+            format!("{n} lines of links for {} sentence pairs", pairs.len()),
+        ));
+    }
+    let o = usize::from(one_based);
+    for (k, (line, pair)) in links.zip(pairs).enumerate() {
+        if let Some(&(i, j)) = line.iter().find(|&&(i, j)| i >= pair.src.len() || j >= pair.tgt.len()) {
+            return Err(data_error(
+                path,
+                k + 1,
+                format!(
+                    "link {}-{} is out of range: the pair has {} source and {} target words",
+                    i + o,
+                    j + o,
+                    pair.src.len(),
+                    pair.tgt.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// [`check_links`] for gold alignments (their possible links, which include the sure ones).
+pub fn check_gold(
+    gold_file: impl AsRef<Path>,
+    gold: &[GoldAlignment],
+    pairs: &[SentencePair],
+    one_based: bool,
+) -> Result<()> {
+    let links: Vec<Vec<(usize, usize)>> = gold.iter().map(|g| g.possible().iter().copied().collect()).collect();
+    check_links(gold_file, links.iter().map(Vec::as_slice), pairs, one_based)
+}
