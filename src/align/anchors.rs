@@ -208,7 +208,7 @@ pub fn token_span(tokenizer: &Tokenizer, text: &str, bytes: (usize, usize)) -> R
     Ok(span_of(&batch.offsets[0], &batch.word_ids[0], bytes))
 }
 
-fn span_of(offsets: &[(usize, usize)], word_ids: &[Option<u32>], bytes: (usize, usize)) -> Option<TokenSpan> {
+pub(crate) fn span_of(offsets: &[(usize, usize)], word_ids: &[Option<u32>], bytes: (usize, usize)) -> Option<TokenSpan> {
     let mut hits = offsets
         .iter()
         .zip(word_ids)

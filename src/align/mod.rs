@@ -28,7 +28,7 @@
 //! # Ok(()) }
 //! ```
 
-mod anchors;
+pub(crate) mod anchors;
 pub mod io;
 mod methods;
 mod metrics;

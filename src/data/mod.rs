@@ -1,10 +1,12 @@
 //! Training data: parallel corpora (ML-CTL's TSV, `src ||| tgt`, line-aligned files), a seeded
 //! resumable loader that batches and checks anchor spans, and MLM masking.
 
+mod anchors;
 mod loader;
 mod masking;
 mod parallel;
 
+pub use anchors::LexiconAnchors;
 pub use loader::{AnchorFinder, LoaderConfig, LoaderCursor, LoaderStats, PairBatch, PairLoader};
 pub use masking::{MaskedTokens, MlmMasking};
 pub use parallel::{AnchorWord, CorpusFormat, ParallelCorpus, RawPair};
