@@ -11,12 +11,14 @@
 //! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
+//! - [`eval`]: downstream evaluation: XNLI zero-shot cross-lingual transfer.
 #![warn(missing_docs)]
 
 pub mod data;
 pub mod device;
 pub mod encoder;
 mod error;
+pub mod eval;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod loss;
