@@ -698,34 +698,33 @@ fn classifier_logits_match_a_manual_head_over_cls_or_mean_pooling() {
     ));
 }
 
-/// A learnable NLI task over the tiny vocabulary: the premise is 4-6 distinct words; the
-/// hypothesis is 2-3 words of the premise (entailment), the same with `not` in front
-/// (contradiction), or 2-3 words absent from the premise (neutral).
+/// A learnable NLI task over the tiny vocabulary. The premise is 4-6 distinct words of the
+/// first half of `WORDS`; the hypothesis is 2-3 words of the premise (entailment), the same
+/// with `not` in front (contradiction), or 2-3 words of the second half of `WORDS`, disjoint
+/// from the premise (neutral).
 fn synthetic_nli(n: usize, seed: u64, language: &str) -> Vec<NliExample> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (first, second) = WORDS.split_at(WORDS.len() / 2);
+    let pick = |rng: &mut rand_chacha::ChaCha8Rng, from: &[&'static str], k: usize| {
+        let mut out: Vec<&'static str> = Vec::new();
+        while out.len() < k {
+            let w = from[rng.random_range(0..from.len())];
+            if !out.contains(&w) {
+                out.push(w);
+            }
+        }
+        out
+    };
     (0..n)
         .map(|i| {
             let label = NliLabel::ALL[i % 3];
             let len = rng.random_range(4..=6);
-            let mut premise: Vec<&str> = Vec::new();
-            while premise.len() < len {
-                let w = WORDS[rng.random_range(0..WORDS.len())];
-                if !premise.contains(&w) {
-                    premise.push(w);
-                }
-            }
+            let premise = pick(&mut rng, first, len);
             let k = rng.random_range(2..=3);
-            let mut hypothesis: Vec<&str> = Vec::new();
-            while hypothesis.len() < k {
-                let w = match label {
-                    N => WORDS[rng.random_range(0..WORDS.len())],
-                    _ => premise[rng.random_range(0..len)],
-                };
-                let fits = !hypothesis.contains(&w) && (label != N || !premise.contains(&w));
-                if fits {
-                    hypothesis.push(w);
-                }
-            }
+            let mut hypothesis = match label {
+                N => pick(&mut rng, second, k),
+                _ => pick(&mut rng, &premise, k),
+            };
             if label == C {
                 hypothesis.insert(0, "not");
             }
@@ -738,32 +737,32 @@ fn synthetic_nli(n: usize, seed: u64, language: &str) -> Vec<NliExample> {
 fn finetuning_learns_a_synthetic_nli_task_and_leaves_the_callers_model_alone() {
     let bert = tiny_bert(5);
     let before = snapshot(&bert);
-    let train = synthetic_nli(300, 1, "en");
+    let train = synthetic_nli(160, 1, "en");
     let held_out: Vec<NliExample> = synthetic_nli(60, 2, "en")
         .into_iter()
         .chain(synthetic_nli(30, 3, "xx"))
         .collect();
     let config = NliFinetuneConfig {
-        epochs: 6,
+        epochs: 4,
         batch_size: 16,
-        lr: 2e-3,
+        lr: 3e-3,
         max_len: 16,
-        pooling: NliPooling::Cls,
+        pooling: NliPooling::Mean,
         seed: 7,
         max_examples: None,
         progress: false,
     };
-    let untrained = NliClassifier::new(tiny_bert(5), NliPooling::Cls, 16, 7).unwrap();
+    let untrained = NliClassifier::new(tiny_bert(5), NliPooling::Mean, 16, 7).unwrap();
     let chance = evaluate_nli(&untrained, &held_out).unwrap();
     let classifier = finetune_nli(&bert, &train, &config).unwrap();
     let report = evaluate_nli(&classifier, &held_out).unwrap();
     let summary = classifier.summary().unwrap();
     eprintln!("untrained:\n{chance}\nfine-tuned:\n{report}\n{summary:?}");
-    assert_eq!(summary.examples, 300);
-    assert_eq!(summary.steps, 6 * 19);
+    assert_eq!(summary.examples, 160);
+    assert_eq!(summary.steps, 4 * 10);
     assert!(summary.last_epoch_loss < summary.first_epoch_loss);
     assert!(
-        report.overall >= 0.6,
+        report.overall >= 0.7,
         "held-out accuracy {}",
         report.overall
     );
@@ -790,7 +789,7 @@ fn finetuning_is_seeded_and_reproducible() {
         batch_size: 8,
         lr: 1e-3,
         max_len: 16,
-        pooling: NliPooling::Mean,
+        pooling: NliPooling::Cls,
         seed,
         max_examples: Some(16),
         progress: false,
