@@ -13,6 +13,7 @@
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
+//! - [`eval`]: evaluation: sentence and anchor-word retrieval, XNLI zero-shot transfer, plots.
 #![warn(missing_docs)]
 
 pub mod align;

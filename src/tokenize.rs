@@ -123,6 +123,34 @@ impl Tokenizer {
         self.encode_inputs(inputs, device)
     }
 
+    /// Encodes sentence pairs (`[CLS] first [SEP] second [SEP]` for BERT, with
+    /// `token_type_ids` 0 on the first segment and 1 on the second). A pair longer than
+    /// `max_len` is truncated longest-first: tokens come off the end of whichever segment is
+    /// longer at the time.
+    ///
+    /// `first` and `second` must have the same, non-zero length ([`Error::ShapeMismatch`]
+    /// otherwise).
+    pub fn encode_pair_batch<S: AsRef<str>>(
+        &self,
+        first: &[S],
+        second: &[S],
+        device: &Device,
+    ) -> Result<TokenBatch> {
+        if first.len() != second.len() {
+            return Err(Error::ShapeMismatch {
+                name: "second sentences of the pairs".into(),
+                expected: vec![first.len()],
+                actual: vec![second.len()],
+            });
+        }
+        let inputs: Vec<EncodeInput> = first
+            .iter()
+            .zip(second)
+            .map(|(a, b)| EncodeInput::Dual(a.as_ref().into(), b.as_ref().into()))
+            .collect();
+        self.encode_inputs(inputs, device)
+    }
+
     /// Encodes texts already split into words; `word_ids` then index those words.
     pub fn encode_pretokenized_batch<S: AsRef<str>>(
         &self,
