@@ -16,7 +16,11 @@ use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, Parall
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::{BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
-use mlctl::eval::{embed_sentences, embed_spans, retrieval_accuracy, RetrievalScores};
+use mlctl::data::{NliExample, NliReadOptions, XnliDir};
+use mlctl::eval::{
+    embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy, NliFinetuneConfig, NliReport,
+    RetrievalScores,
+};
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::pooling::TokenSpan;
@@ -115,9 +119,25 @@ struct Args {
     /// The `src ||| tgt` sentences of --gold.
     #[arg(long, requires = "gold")]
     gold_input: Option<PathBuf>,
+    /// XNLI data (XNLI-1.0 dev/test and an English MNLI / XNLI-MT train file): fine-tune on
+    /// English, evaluate every language, before and after ML-CTL.
+    #[arg(long)]
+    xnli_dir: Option<PathBuf>,
+    /// Fine-tune on at most this many English NLI examples (a seeded sample).
+    #[arg(long)]
+    xnli_train_examples: Option<usize>,
+    /// Epochs of NLI fine-tuning.
+    #[arg(long, default_value_t = 2)]
+    xnli_epochs: usize,
     /// Layer used for word alignment (default: 8, or the last layer of smaller encoders).
     #[arg(long)]
     align_layer: Option<isize>,
+    /// Embedded default only: training pairs taken from each language (at most 800).
+    #[arg(long, default_value_t = EMBEDDED_TRAIN_PAIRS)]
+    train_pairs: usize,
+    /// Held-apart Tatoeba pairs evaluated per language (at most 200).
+    #[arg(long, default_value_t = 1000 - EMBEDDED_TRAIN_PAIRS)]
+    eval_pairs: usize,
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -152,6 +172,9 @@ fn main() -> Result<()> {
     let stage = |name: &str| eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64());
     let device = select_device(args.device, args.cpu)?;
     let embedded = args.model.is_none();
+    if args.train_pairs == 0 || args.train_pairs > EMBEDDED_TRAIN_PAIRS || args.eval_pairs < 2 || args.eval_pairs > 1000 - EMBEDDED_TRAIN_PAIRS {
+        bail!("--train-pairs must be in 1..={EMBEDDED_TRAIN_PAIRS} and --eval-pairs in 2..={}", 1000 - EMBEDDED_TRAIN_PAIRS);
+    }
     let mode = Mode {
         steps: args.steps.unwrap_or(if embedded { 300 } else { 10_000 }),
         batch_size: args.batch_size.unwrap_or(if embedded { 32 } else { 64 }),
@@ -167,8 +190,8 @@ fn main() -> Result<()> {
         .map(|(lang, lex, text, eng)| EvalSet {
             lang: lang.to_string(),
             lexicon_lang: lex.to_string(),
-            src: lines(text)[EMBEDDED_TRAIN_PAIRS..].to_vec(),
-            eng: lines(eng)[EMBEDDED_TRAIN_PAIRS..].to_vec(),
+            src: lines(text)[EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs].to_vec(),
+            eng: lines(eng)[EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs].to_vec(),
         })
         .collect();
 
@@ -178,7 +201,7 @@ fn main() -> Result<()> {
     let embedded_train: Vec<(&str, Vec<String>, Vec<String>)> = TATOEBA
         .iter()
         .map(|(_, lex, text, eng)| {
-            (*lex, lines(text)[..EMBEDDED_TRAIN_PAIRS].to_vec(), lines(eng)[..EMBEDDED_TRAIN_PAIRS].to_vec())
+            (*lex, lines(text)[..args.train_pairs].to_vec(), lines(eng)[..args.train_pairs].to_vec())
         })
         .collect();
     let bert = match &args.model {
@@ -218,7 +241,7 @@ fn main() -> Result<()> {
         (None, _) => {
             let tsv = args.out.join("train.tsv");
             let written = write_anchored_tsv(&tsv, &embedded_train, &lexicon, &tokenizer)?;
-            eprintln!("      {written} of {} embedded training pairs have a dictionary anchor", 5 * EMBEDDED_TRAIN_PAIRS);
+            eprintln!("      {written} of {} embedded training pairs have a dictionary anchor", 5 * args.train_pairs);
             let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv))?;
             PairLoader::new(corpus, tokenizer.clone(), loader_config)?
         }
@@ -238,8 +261,31 @@ fn main() -> Result<()> {
         }
     };
 
+    let xnli = match &args.xnli_dir {
+        Some(dir) => {
+            let xnli = XnliDir::discover(dir)?;
+            let train = xnli.read_train(&NliReadOptions::default())?.examples;
+            let eval = match xnli.read_test(&NliReadOptions::default()) {
+                Ok(test) => test.examples,
+                Err(_) => xnli.read_dev(&NliReadOptions::default())?.examples,
+            };
+            eprintln!("      XNLI: {} English training examples, {} evaluation examples", train.len(), eval.len());
+            Some(XnliData { train, eval })
+        }
+        None => None,
+    };
+    let nli_config = NliFinetuneConfig {
+        epochs: args.xnli_epochs,
+        max_len: mode.max_len,
+        seed: args.seed,
+        max_examples: args.xnli_train_examples,
+        progress: true,
+        ..NliFinetuneConfig::default()
+    };
+
     stage("2/5 evaluating the starting model");
     let before = evaluate(&model, &tokenizer, &eval_sets, &lexicon, &args)?;
+    let xnli_before = xnli.as_ref().map(|d| xnli_accuracy(&model, d, &nli_config)).transpose()?;
 
     stage(&format!("3/5 training ({} steps, batch {}, lr {:e}, {:?})", mode.steps, mode.batch_size, mode.lr, args.objective));
     let objective = match args.objective {
@@ -284,9 +330,13 @@ fn main() -> Result<()> {
 
     stage("4/5 evaluating the trained model");
     let after = evaluate(&trainer.model, &tokenizer, &eval_sets, &lexicon, &args)?;
+    let xnli_after = xnli.as_ref().map(|d| xnli_accuracy(&trainer.model, d, &nli_config)).transpose()?;
 
     stage(&format!("5/5 writing {}", args.out.display()));
-    let report = results_markdown(&args, &mode, embedded, &before, &after, summary.checkpoint.as_deref());
+    let mut report = results_markdown(&args, &mode, embedded, &before, &after, summary.checkpoint.as_deref());
+    if let (Some(b), Some(a)) = (&xnli_before, &xnli_after) {
+        report += &xnli_markdown(b, a);
+    }
     write_file(&args.out.join("results.md"), &report)?;
     let records: Vec<StepRecord> = std::fs::read_to_string(args.out.join(METRICS_FILE))?
         .lines()
@@ -301,6 +351,28 @@ fn main() -> Result<()> {
     plot_before_after("Tatoeba retrieval acc@1 (held-apart pairs, both directions)", &rows, &args.out.join("retrieval.svg"))?;
     println!("{report}");
     Ok(())
+}
+
+/// English NLI training examples and the multilingual evaluation examples.
+struct XnliData {
+    train: Vec<NliExample>,
+    eval: Vec<NliExample>,
+}
+
+/// Zero-shot XNLI: fine-tune a copy of the encoder on English, evaluate every language.
+fn xnli_accuracy(model: &MlCtlModel, data: &XnliData, config: &NliFinetuneConfig) -> Result<NliReport> {
+    let classifier = finetune_nli(&model.bert, &data.train, config)?;
+    Ok(evaluate_nli(&classifier, &data.eval)?)
+}
+
+fn xnli_markdown(before: &NliReport, after: &NliReport) -> String {
+    let mut s = String::from("\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n| language | before | after |\n|---|---|---|\n");
+    for (lang, b) in &before.accuracy_by_language {
+        let a = after.accuracy_by_language.get(lang).copied().unwrap_or(f32::NAN);
+        s += &format!("| {lang} | {} | {} |\n", pct(*b), pct(a));
+    }
+    s += &format!("| average | {} | {} |\n", pct(before.average), pct(after.average));
+    s
 }
 
 /// Scores of one model.
@@ -394,13 +466,15 @@ fn results_markdown(args: &Args, mode: &Mode, embedded: bool, before: &Evaluatio
     );
     let data = match (&args.train, embedded) {
         (Some(p), _) => p.display().to_string(),
-        (None, _) => format!("embedded Tatoeba, first {EMBEDDED_TRAIN_PAIRS} pairs of each language (pairs with a dictionary anchor)"),
+        (None, _) => format!("embedded Tatoeba, first {} pairs of each language (those with a dictionary anchor)", args.train_pairs),
     };
     s += &format!("- training data: {data}\n");
     s += &format!(
-        "- evaluation: the last {} Tatoeba pairs of each language, never trained on; chance acc@1 = {:.1}%\n",
-        1000 - EMBEDDED_TRAIN_PAIRS,
-        100.0 / (1000 - EMBEDDED_TRAIN_PAIRS) as f32
+        "- evaluation: {} Tatoeba pairs of each language from lines {}-{}, never trained on; chance acc@1 = {:.1}%\n",
+        args.eval_pairs,
+        EMBEDDED_TRAIN_PAIRS + 1,
+        EMBEDDED_TRAIN_PAIRS + args.eval_pairs,
+        100.0 / args.eval_pairs as f32
     );
     if let Some(c) = checkpoint {
         s += &format!("- checkpoint: `{}`\n", c.display());
