@@ -19,16 +19,18 @@ pub struct SentencePair {
 }
 
 impl SentencePair {
-    /// A pair from whitespace-tokenized source and target text.
+    /// A pair from tokenized source and target text, words separated by ASCII whitespace
+    /// (space, tab, CR, LF, FF) only: other Unicode spaces, e.g. the ideographic space U+3000
+    /// that the ja-en gold set counts as a word, are words.
     pub fn from_text(src: &str, tgt: &str) -> Self {
-        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect();
+        let words = |s: &str| s.split_ascii_whitespace().map(str::to_owned).collect();
         Self { src: words(src), tgt: words(tgt) }
     }
 
     /// Parses `source words ||| target words`. A blank line is the empty pair; a non-blank line
     /// needs exactly one `|||`.
     pub fn parse(line: &str) -> std::result::Result<Self, String> {
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             return Ok(Self::default());
         }
         let mut parts = line.split("|||");
@@ -53,8 +55,8 @@ fn data_error(path: &Path, line: usize, reason: impl Into<String>) -> Error {
     Error::Data { path: path.to_path_buf(), line, reason: reason.into() }
 }
 
-/// Reads a parallel file, one `source ||| target` pair per line (words separated by
-/// whitespace; a blank line is an empty pair).
+/// Reads a parallel file, one `source ||| target` pair per line (words separated by ASCII
+/// whitespace, see [`SentencePair::from_text`]; a blank line is an empty pair).
 pub fn read_parallel(path: impl AsRef<Path>) -> Result<Vec<SentencePair>> {
     let path = path.as_ref();
     read_lines(path)?
