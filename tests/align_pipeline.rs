@@ -81,6 +81,15 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
     assert_eq!(v[0].iter().map(Option::is_some).collect::<Vec<_>>(), [[true; 3].as_slice(), &[false; 6]].concat());
     let a = short.align_words(&s, &s[..4], &ArgMax).unwrap();
     assert_eq!(a.links(), &[(0, 0), (1, 1), (2, 2)]);
+
+    // The tiny model has 64 positions: a longer sentence is truncated to them (default max_len
+    // 128 is lowered), not rejected; the words past position 62 get no link.
+    let long: Vec<&str> = std::iter::repeat_n(["the", "cat", "sat"], 30).flatten().collect();
+    let default = WordAligner::new(&bert.model.encoder, bert.tokenizer.clone().unwrap()).with_layer(-1);
+    let v = default.embed_words(&[long.clone()]).unwrap();
+    assert_eq!(v[0].iter().filter(|w| w.is_some()).count(), 62);
+    let a = default.align_words(&long, &long[..5], &ArgMax).unwrap();
+    assert!(a.links().iter().all(|&(i, _)| i < 62) && !a.is_empty());
 }
 
 #[test]

@@ -22,6 +22,11 @@ pub trait HiddenStates {
 
     /// The device the token batch must be on.
     fn device(&self) -> Device;
+
+    /// The longest sequence the encoder accepts (BERT: `max_position_embeddings`), if limited.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl HiddenStates for BertEncoder {
@@ -33,6 +38,10 @@ impl HiddenStates for BertEncoder {
 
     fn device(&self) -> Device {
         self.word_embeddings().device().clone()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().max_position_embeddings)
     }
 }
 
@@ -81,7 +90,15 @@ pub struct WordAligner<'a, E: HiddenStates + ?Sized> {
 
 impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
     /// An aligner at layer [`DEFAULT_ALIGN_LAYER`] (8), no distortion, no null threshold.
+    ///
+    /// A tokenizer whose `max_len` exceeds the encoder's position limit
+    /// ([`HiddenStates::max_positions`]) is lowered to it, so long sentences are truncated
+    /// (their last words get no link) rather than rejected by the encoder.
     pub fn new(encoder: &'a E, tokenizer: Tokenizer) -> Self {
+        let tokenizer = match encoder.max_positions() {
+            Some(limit) if tokenizer.max_len() > limit => tokenizer.clone().with_max_len(limit).unwrap_or(tokenizer),
+            _ => tokenizer,
+        };
         Self { encoder, tokenizer, layers: vec![DEFAULT_ALIGN_LAYER], distortion: 0.0, null_threshold: None }
     }
 
