@@ -3,7 +3,8 @@
 mod common;
 
 use mlctl::align::{
-    find_anchor_spans, script_kind, token_span, word_spans, AnchorMatch, Lexicon, ScriptKind, LEXICON_LANGS,
+    find_anchor_spans, script_kind, token_span, word_spans, AnchorMatch, Lexicon, ScriptKind,
+    LEXICON_LANGS,
 };
 use mlctl::pooling::TokenSpan;
 use mlctl::tokenize::Tokenizer;
@@ -57,7 +58,10 @@ fn lexicon_files_must_have_equal_lengths() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(Lexicon::load(dir.path(), &["en", "de"]).unwrap_err(), mlctl::Error::Io { .. }));
+    assert!(matches!(
+        Lexicon::load(dir.path(), &["en", "de"]).unwrap_err(),
+        mlctl::Error::Io { .. }
+    ));
 }
 
 #[test]
@@ -76,20 +80,35 @@ fn zh_en_matches_characters_and_words() {
     let en = "the cat sat with a dog";
     let zh = "猫和狗坐着";
     let got = found(&lex, "en", en, "zh", zh);
-    assert_eq!(got, vec![(CAT, "cat".into(), "猫".into()), (DOG, "dog".into(), "狗".into())]);
+    assert_eq!(
+        got,
+        vec![
+            (CAT, "cat".into(), "猫".into()),
+            (DOG, "dog".into(), "狗".into())
+        ]
+    );
     // byte ranges: 猫 is bytes 0..3, 狗 6..9 (3 bytes per character)
     let m = lex.find_anchors("en", en, "zh", zh).unwrap();
     assert_eq!((m[0].src_bytes, m[0].tgt_bytes), ((4, 7), (0, 3)));
     assert_eq!((m[1].src_bytes, m[1].tgt_bytes), ((19, 22), (6, 9)));
     // Unspaced side works with spaces too, and as the source.
     let got = found(&lex, "zh", "猫 和 狗", "en", "the dog and the cat");
-    assert_eq!(got, vec![(CAT, "猫".into(), "cat".into()), (DOG, "狗".into(), "dog".into())]);
+    assert_eq!(
+        got,
+        vec![
+            (CAT, "猫".into(), "cat".into()),
+            (DOG, "狗".into(), "dog".into())
+        ]
+    );
 
     // Token spans with the tiny tokenizer: [CLS] the cat sat with a dog [SEP] -> cat 2, dog 6;
     // every CJK character is its own word ([UNK]): [CLS] 猫 和 狗 坐 着 [SEP] -> 猫 1, 狗 3.
     let anchors = find_anchor_spans(&lex, &tiny(), "en", en, "zh", zh).unwrap();
     let spans: Vec<_> = anchors.iter().map(|a| (a.src_span, a.tgt_span)).collect();
-    assert_eq!(spans, vec![(span(2, 2), span(1, 1)), (span(6, 6), span(3, 3))]);
+    assert_eq!(
+        spans,
+        vec![(span(2, 2), span(1, 1)), (span(6, 6), span(3, 3))]
+    );
     assert_eq!(
         anchors[0].to_tsv(en, zh).unwrap(),
         "the cat sat with a dog\tcat\t2\t2\t猫和狗坐着\t猫\t1\t1"
@@ -112,14 +131,27 @@ fn ar_en_whole_words() {
     // sword . [SEP] -> friend 2, dog 5, sword 8.
     let anchors = find_anchor_spans(&lex, &tiny(), "ar", ar, "en", en).unwrap();
     let spans: Vec<_> = anchors.iter().map(|a| (a.src_span, a.tgt_span)).collect();
-    assert_eq!(spans, vec![(span(2, 2), span(2, 2)), (span(3, 3), span(5, 5)), (span(5, 5), span(8, 8))]);
+    assert_eq!(
+        spans,
+        vec![
+            (span(2, 2), span(2, 2)),
+            (span(3, 3), span(5, 5)),
+            (span(5, 5), span(8, 8))
+        ]
+    );
 }
 
 #[test]
 fn words_occurring_twice_are_skipped() {
     let lex = Lexicon::embedded();
     // "cat" twice in English: no cat anchor; "dog" once on each side still is one.
-    let got = found(&lex, "en", "the cat saw the other cat and a dog", "fr", "le chat a vu un chien");
+    let got = found(
+        &lex,
+        "en",
+        "the cat saw the other cat and a dog",
+        "fr",
+        "le chat a vu un chien",
+    );
     assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![DOG]);
     // Twice on the unspaced side.
     assert!(found(&lex, "en", "a cat", "zh", "猫和猫").is_empty());
@@ -132,10 +164,19 @@ fn words_occurring_twice_are_skipped() {
 #[test]
 fn case_apostrophes_and_multiword_entries() {
     let lex = Lexicon::embedded();
-    let got = found(&lex, "en", "The Cat drinks water", "fr", "Le CHAT boit de l'eau");
+    let got = found(
+        &lex,
+        "en",
+        "The Cat drinks water",
+        "fr",
+        "Le CHAT boit de l'eau",
+    );
     assert_eq!(
         got,
-        vec![(CAT, "Cat".into(), "CHAT".into()), (WATER, "water".into(), "l'eau".into())]
+        vec![
+            (CAT, "Cat".into(), "CHAT".into()),
+            (WATER, "water".into(), "l'eau".into())
+        ]
     );
     // Cyrillic has case too.
     let got = found(&lex, "ru", "Кот спит", "en", "the cat sleeps");
@@ -147,7 +188,10 @@ fn spans_cover_every_subword_and_agree_with_word_ids() {
     // A custom dictionary whose English word has several subwords in the tiny vocabulary.
     let lex = Lexicon::from_lists(
         vec!["en".into(), "fr".into()],
-        vec![vec!["playing".into(), "sleep".into()], vec!["jouer".into(), "dormir".into()]],
+        vec![
+            vec!["playing".into(), "sleep".into()],
+            vec!["jouer".into(), "dormir".into()],
+        ],
     )
     .unwrap();
     let tok = tiny();
@@ -158,15 +202,25 @@ fn spans_cover_every_subword_and_agree_with_word_ids() {
     assert_eq!(anchors[0].src_span, span(4, 5));
     // the same span as the tokenizer's word ids give for word 3 of the pre-tokenized sentence
     let words: Vec<&str> = en.split(' ').collect();
-    let batch = tok.encode_pretokenized_batch(&[words.clone()], &candle_core::Device::Cpu).unwrap();
-    assert_eq!(word_spans(&batch.word_ids[0], words.len())[3], Some(anchors[0].src_span));
-    assert_eq!(token_span(&tok, en, anchors[0].found.src_bytes).unwrap(), Some(span(4, 5)));
+    let batch = tok
+        .encode_pretokenized_batch(std::slice::from_ref(&words), &candle_core::Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        word_spans(&batch.word_ids[0], words.len())[3],
+        Some(anchors[0].src_span)
+    );
+    assert_eq!(
+        token_span(&tok, en, anchors[0].found.src_bytes).unwrap(),
+        Some(span(4, 5))
+    );
     // fr words are all unknown to the tiny vocabulary: [CLS] le chien aime jouer [SEP]
     assert_eq!(anchors[0].tgt_span, span(4, 4));
 
     // Truncated away: the anchor is dropped.
     let short = tok.clone().with_max_len(4).unwrap();
-    assert!(find_anchor_spans(&lex, &short, "en", en, "fr", "jouer").unwrap().is_empty());
+    assert!(find_anchor_spans(&lex, &short, "en", en, "fr", "jouer")
+        .unwrap()
+        .is_empty());
     let m: Vec<AnchorMatch> = lex.find_anchors("en", en, "fr", "jouer").unwrap();
     assert_eq!(token_span(&short, en, m[0].src_bytes).unwrap(), None);
 }
@@ -175,6 +229,9 @@ fn spans_cover_every_subword_and_agree_with_word_ids() {
 fn tsv_rejects_tabs() {
     let lex = Lexicon::embedded();
     let anchors = find_anchor_spans(&lex, &tiny(), "en", "a cat", "fr", "un chat").unwrap();
-    assert_eq!(anchors[0].to_tsv("a cat", "un chat").unwrap(), "a cat\tcat\t2\t2\tun chat\tchat\t2\t2");
+    assert_eq!(
+        anchors[0].to_tsv("a cat", "un chat").unwrap(),
+        "a cat\tcat\t2\t2\tun chat\tchat\t2\t2"
+    );
     assert!(anchors[0].to_tsv("a\tcat", "un chat").is_err());
 }

@@ -49,20 +49,52 @@ fn simalign_argmax_itermax_match_distortion() {
     let (mut matches, mut distortions) = (0, 0);
     for case in &g.simalign {
         let m = SimMatrix::new(case.rows, case.cols, case.sim.clone()).unwrap();
-        assert_eq!(ArgMax.align(&m).links(), case.argmax.as_slice(), "{} argmax", case.name);
-        assert_eq!(IterMax::default().align(&m).links(), case.itermax.as_slice(), "{} itermax", case.name);
-        let three = IterMax { max_iter: 3, ..Default::default() };
-        assert_eq!(three.align(&m).links(), case.itermax3.as_slice(), "{} itermax x3", case.name);
+        assert_eq!(
+            ArgMax.align(&m).links(),
+            case.argmax.as_slice(),
+            "{} argmax",
+            case.name
+        );
+        assert_eq!(
+            IterMax::default().align(&m).links(),
+            case.itermax.as_slice(),
+            "{} itermax",
+            case.name
+        );
+        let three = IterMax {
+            max_iter: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            three.align(&m).links(),
+            case.itermax3.as_slice(),
+            "{} itermax x3",
+            case.name
+        );
         if let Some(expected) = &case.matching {
-            assert_eq!(MaxWeightMatch.align(&m).links(), expected.as_slice(), "{} match", case.name);
+            assert_eq!(
+                MaxWeightMatch.align(&m).links(),
+                expected.as_slice(),
+                "{} match",
+                case.name
+            );
             matches += 1;
         }
         if let (Some(dist), Some(expected)) = (&case.distorted, &case.itermax_distorted) {
             let d = m.with_distortion(0.5);
             for (k, (a, b)) in d.data().iter().zip(dist).enumerate() {
-                assert!((a - b).abs() <= 1e-6, "{} distortion at {k}: {a} vs {b}", case.name);
+                assert!(
+                    (a - b).abs() <= 1e-6,
+                    "{} distortion at {k}: {a} vs {b}",
+                    case.name
+                );
             }
-            assert_eq!(IterMax::default().align(&d).links(), expected.as_slice(), "{} distorted itermax", case.name);
+            assert_eq!(
+                IterMax::default().align(&d).links(),
+                expected.as_slice(),
+                "{} distorted itermax",
+                case.name
+            );
             distortions += 1;
         }
     }
@@ -75,7 +107,10 @@ fn awesome_align_softmax() {
     assert_eq!(g.softmax.len(), 8);
     for (k, case) in g.softmax.iter().enumerate() {
         let m = SimMatrix::new(case.rows, case.cols, case.dot.clone()).unwrap();
-        let got = SoftmaxAlign { threshold: case.threshold }.align(&m);
+        let got = SoftmaxAlign {
+            threshold: case.threshold,
+        }
+        .align(&m);
         assert_eq!(got.links(), case.softmax.as_slice(), "softmax case {k}");
     }
 }

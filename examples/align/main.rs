@@ -12,7 +12,8 @@ use clap::{ArgAction, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlctl::align::io::{check_gold, pharaoh_text, read_gold, read_parallel, write_pharaoh};
 use mlctl::align::{
-    AlignMethod, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, WordAligner, DEFAULT_ALIGN_LAYER,
+    AlignMethod, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, WordAligner,
+    DEFAULT_ALIGN_LAYER,
 };
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::PretrainedBert;
@@ -89,11 +90,14 @@ fn main() -> Result<()> {
         "argmax" => Box::new(ArgMax),
         "itermax" => Box::new(IterMax::default()),
         "match" => Box::new(MaxWeightMatch),
-        _ => Box::new(SoftmaxAlign { threshold: args.softmax_threshold }),
+        _ => Box::new(SoftmaxAlign {
+            threshold: args.softmax_threshold,
+        }),
     };
 
     let device = select_device(args.device, args.cpu)?;
-    let bert = PretrainedBert::load(&args.model, &device, DType::F32).with_context(|| format!("loading {}", args.model))?;
+    let bert = PretrainedBert::load(&args.model, &device, DType::F32)
+        .with_context(|| format!("loading {}", args.model))?;
     let tokenizer = bert
         .tokenizer
         .clone()
@@ -111,7 +115,8 @@ fn main() -> Result<()> {
         .with_null_threshold(args.null_threshold);
 
     let progress = ProgressBar::new(pairs.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} pairs, {per_sec}, eta {eta}").expect("valid template"),
+        ProgressStyle::with_template("{bar:40} {pos}/{len} pairs, {per_sec}, eta {eta}")
+            .expect("valid template"),
     );
     let mut alignments = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(args.batch_size) {

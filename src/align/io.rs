@@ -24,7 +24,10 @@ impl SentencePair {
     /// that the ja-en gold set counts as a word, are words.
     pub fn from_text(src: &str, tgt: &str) -> Self {
         let words = |s: &str| s.split_ascii_whitespace().map(str::to_owned).collect();
-        Self { src: words(src), tgt: words(tgt) }
+        Self {
+            src: words(src),
+            tgt: words(tgt),
+        }
     }
 
     /// Parses `source words ||| target words`. A blank line is the empty pair; a non-blank line
@@ -52,7 +55,11 @@ fn read_lines(path: &Path) -> Result<String> {
 }
 
 fn data_error(path: &Path, line: usize, reason: impl Into<String>) -> Error {
-    Error::Data { path: path.to_path_buf(), line, reason: reason.into() }
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
 }
 
 /// Reads a parallel file, one `source ||| target` pair per line (words separated by ASCII
@@ -98,7 +105,9 @@ pub fn read_gold(path: impl AsRef<Path>, one_based: bool) -> Result<Vec<GoldAlig
     read_lines(path)?
         .lines()
         .enumerate()
-        .map(|(k, line)| GoldAlignment::parse(line, one_based).map_err(|r| data_error(path, k + 1, r)))
+        .map(|(k, line)| {
+            GoldAlignment::parse(line, one_based).map_err(|r| data_error(path, k + 1, r))
+        })
         .collect()
 }
 
@@ -122,7 +131,10 @@ pub fn check_links<'a>(
     }
     let o = usize::from(one_based);
     for (k, (line, pair)) in links.zip(pairs).enumerate() {
-        if let Some(&(i, j)) = line.iter().find(|&&(i, j)| i >= pair.src.len() || j >= pair.tgt.len()) {
+        if let Some(&(i, j)) = line
+            .iter()
+            .find(|&&(i, j)| i >= pair.src.len() || j >= pair.tgt.len())
+        {
             return Err(data_error(
                 path,
                 k + 1,
@@ -146,6 +158,9 @@ pub fn check_gold(
     pairs: &[SentencePair],
     one_based: bool,
 ) -> Result<()> {
-    let links: Vec<Vec<(usize, usize)>> = gold.iter().map(|g| g.possible().iter().copied().collect()).collect();
+    let links: Vec<Vec<(usize, usize)>> = gold
+        .iter()
+        .map(|g| g.possible().iter().copied().collect())
+        .collect();
     check_links(gold_file, links.iter().map(Vec::as_slice), pairs, one_based)
 }

@@ -140,7 +140,11 @@ impl AlignMethod for ArgMax {
         }
         let col_best: Vec<usize> = (0..sim.cols()).filter_map(|j| col_argmax(sim, j)).collect();
         (0..sim.rows())
-            .filter_map(|i| row_argmax(sim, i).filter(|&j| col_best[j] == i).map(|j| (i, j)))
+            .filter_map(|i| {
+                row_argmax(sim, i)
+                    .filter(|&j| col_best[j] == i)
+                    .map(|j| (i, j))
+            })
             .collect()
     }
 }
@@ -169,7 +173,10 @@ pub struct IterMax {
 
 impl Default for IterMax {
     fn default() -> Self {
-        Self { max_iter: 2, alpha: 0.9 }
+        Self {
+            max_iter: 2,
+            alpha: 0.9,
+        }
     }
 }
 
@@ -191,7 +198,9 @@ impl AlignMethod for IterMax {
         let alpha = f64::from(self.alpha);
         let mut count = 1;
         while count < self.max_iter {
-            let row_free: Vec<bool> = (0..m).map(|i| !linked[i * n..(i + 1) * n].iter().any(|&l| l)).collect();
+            let row_free: Vec<bool> = (0..m)
+                .map(|i| !linked[i * n..(i + 1) * n].iter().any(|&l| l))
+                .collect();
             let col_free: Vec<bool> = (0..n).map(|j| !(0..m).any(|i| linked[i * n + j])).collect();
             if !row_free.iter().any(|&f| f) || !col_free.iter().any(|&f| f) {
                 break;
@@ -220,7 +229,10 @@ impl AlignMethod for IterMax {
             }
             count += 1;
         }
-        (0..m * n).filter(|&k| linked[k]).map(|k| (k / n, k % n)).collect()
+        (0..m * n)
+            .filter(|&k| linked[k])
+            .map(|k| (k / n, k % n))
+            .collect()
     }
 }
 
@@ -260,9 +272,17 @@ impl AlignMethod for MaxWeightMatch {
             }
         };
         let transpose = sim.rows() > sim.cols();
-        let (r, c) = if transpose { (sim.cols(), sim.rows()) } else { (sim.rows(), sim.cols()) };
+        let (r, c) = if transpose {
+            (sim.cols(), sim.rows())
+        } else {
+            (sim.rows(), sim.cols())
+        };
         let weights = Matrix::from_fn(r, c, |(a, b)| {
-            if transpose { weight(sim.get(b, a)) } else { weight(sim.get(a, b)) }
+            if transpose {
+                weight(sim.get(b, a))
+            } else {
+                weight(sim.get(a, b))
+            }
         });
         let (_, assignment) = kuhn_munkres(&weights);
         assignment

@@ -36,15 +36,17 @@ mod sim;
 mod words;
 
 pub use anchors::{
-    find_anchor_spans, script_kind, token_span, Anchor, AnchorMatch, Lexicon, ScriptKind, LEXICON_LANGS,
+    find_anchor_spans, script_kind, token_span, Anchor, AnchorMatch, Lexicon, ScriptKind,
+    LEXICON_LANGS,
 };
 pub use io::SentencePair;
 pub use methods::{
-    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, MATCH_SCALE,
-    METHOD_NAMES,
+    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch,
+    SoftmaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors, DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors,
+    DEFAULT_ALIGN_LAYER,
 };
