@@ -2,7 +2,7 @@
 
 use mlctl::align::{
     drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch, SimMatrix,
-    Similarity, SoftmaxAlign,
+    Similarity, SoftmaxAlign, SparsemaxAlign, METHOD_NAMES,
 };
 
 fn sim(rows: &[&[f32]]) -> SimMatrix {
@@ -262,4 +262,21 @@ fn pharaoh_lines() {
     for bad in ["0-", "a-1", "1:2", "-1-2", "1-2-3"] {
         assert!(Alignment::parse_pharaoh(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn sparsemax_keeps_only_the_support() {
+    // Row [2, 0.5]: tau = 1, probabilities [1, 0]; so only the diagonal survives both ways.
+    let m = sim(&[&[2.0, 0.5], &[0.5, 2.0]]);
+    assert_eq!(
+        links(&SparsemaxAlign::default().align(&m)),
+        vec![(0, 0), (1, 1)]
+    );
+    // Row [1, 0.8]: tau = 0.4, probabilities [0.6, 0.4]: every link survives; with threshold
+    // 0.5 only the diagonal.
+    let m = sim(&[&[1.0, 0.8], &[0.8, 1.0]]);
+    assert_eq!(SparsemaxAlign::default().align(&m).len(), 4);
+    let strict = SparsemaxAlign { threshold: 0.5 };
+    assert_eq!(links(&strict.align(&m)), vec![(0, 0), (1, 1)]);
+    assert_eq!(METHOD_NAMES.len(), 5);
 }

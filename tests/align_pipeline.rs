@@ -100,7 +100,8 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
     let s = [
         "the", "quick", "brown", "fox", "jumped", "over", "a", "lazy", "dog",
     ];
-    for name in METHOD_NAMES.iter().filter(|&&m| m != "softmax") {
+    // (softmax and sparsemax compare dot products, for which a word need not be its own best match)
+    for name in ["argmax", "itermax", "match"] {
         let a = aligner
             .align_words(&s, &s, method_by_name(name).unwrap().as_ref())
             .unwrap();

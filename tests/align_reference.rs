@@ -4,13 +4,24 @@
 
 mod common;
 
-use mlctl::align::{AlignMethod, ArgMax, IterMax, MaxWeightMatch, SimMatrix, SoftmaxAlign};
+use mlctl::align::{
+    AlignMethod, ArgMax, IterMax, MaxWeightMatch, SimMatrix, SoftmaxAlign, SparsemaxAlign,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
 struct Golden {
     simalign: Vec<SimAlignCase>,
     softmax: Vec<SoftmaxCase>,
+    sparsemax: Vec<SparsemaxCase>,
+}
+
+#[derive(Deserialize)]
+struct SparsemaxCase {
+    rows: usize,
+    cols: usize,
+    dot: Vec<f32>,
+    sparsemax: Vec<(usize, usize)>,
 }
 
 #[derive(Deserialize)]
@@ -112,5 +123,16 @@ fn awesome_align_softmax() {
         }
         .align(&m);
         assert_eq!(got.links(), case.softmax.as_slice(), "softmax case {k}");
+    }
+}
+
+#[test]
+fn sparsemax_against_a_bisection_reference() {
+    let g = golden();
+    assert_eq!(g.sparsemax.len(), 7);
+    for (k, case) in g.sparsemax.iter().enumerate() {
+        let m = SimMatrix::new(case.rows, case.cols, case.dot.clone()).unwrap();
+        let got = SparsemaxAlign::default().align(&m);
+        assert_eq!(got.links(), case.sparsemax.as_slice(), "sparsemax case {k}");
     }
 }

@@ -12,8 +12,8 @@ use clap::{ArgAction, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlctl::align::io::{check_gold, pharaoh_text, read_gold, read_parallel, write_pharaoh};
 use mlctl::align::{
-    AlignMethod, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, WordAligner,
-    DEFAULT_ALIGN_LAYER,
+    AlignMethod, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, SparsemaxAlign,
+    WordAligner, DEFAULT_ALIGN_LAYER,
 };
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::PretrainedBert;
@@ -29,8 +29,8 @@ struct Args {
     /// Parallel file: `source words ||| target words` per line, words separated by spaces.
     #[arg(long)]
     input: PathBuf,
-    /// Extraction method: argmax, itermax, match or softmax.
-    #[arg(long, default_value = "argmax", value_parser = ["argmax", "itermax", "match", "softmax"])]
+    /// Extraction method: argmax, itermax, match, softmax or sparsemax.
+    #[arg(long, default_value = "argmax", value_parser = ["argmax", "itermax", "match", "softmax", "sparsemax"])]
     method: String,
     /// Hidden layer of the word vectors (0 = embeddings, negative from the end); default
     /// min(8, number of layers), 8 being SimAlign's choice for mBERT.
@@ -90,6 +90,7 @@ fn main() -> Result<()> {
         "argmax" => Box::new(ArgMax),
         "itermax" => Box::new(IterMax::default()),
         "match" => Box::new(MaxWeightMatch),
+        "sparsemax" => Box::new(SparsemaxAlign::default()),
         _ => Box::new(SoftmaxAlign {
             threshold: args.softmax_threshold,
         }),

@@ -344,17 +344,76 @@ impl AlignMethod for SoftmaxAlign {
     }
 }
 
-/// The method names [`method_by_name`] accepts.
-pub const METHOD_NAMES: [&str; 4] = ["argmax", "itermax", "match", "softmax"];
+/// Sparsemax (Martins and Astudillo, 2016), the Euclidean projection of `z` onto the simplex:
+/// `max(z - tau, 0)` with `tau` chosen so the result sums to 1.
+fn sparsemax(z: &[f64]) -> Vec<f64> {
+    let mut sorted = z.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let (mut cumsum, mut tau) = (0.0, 0.0);
+    for (k, &v) in sorted.iter().enumerate() {
+        cumsum += v;
+        let candidate = (cumsum - 1.0) / (k + 1) as f64;
+        if v > candidate {
+            tau = candidate;
+        } else {
+            break;
+        }
+    }
+    z.iter().map(|&v| (v - tau).max(0.0)).collect()
+}
 
-/// A method with its default settings by name: `argmax`, `itermax`, `match` (alias `mwmf`) or
-/// `softmax`.
+/// awesome-align's softmax rule with sparsemax in place of softmax (in the spirit of its
+/// `entmax` option, which uses the 1.5-entmax; this crate implements sparsemax, i.e. 2-entmax):
+/// sparsemax over each row and each column of the dot-product matrix, `(i, j)` is a link when
+/// both probabilities are strictly above `threshold` (default 0: both non-zero).
+///
+/// Every row and column keeps its maximum with a non-zero probability, but a link needs both
+/// directions, so a pair may get no link.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SparsemaxAlign {
+    /// Both probabilities must exceed it; 0 by default.
+    pub threshold: f64,
+}
+
+impl AlignMethod for SparsemaxAlign {
+    fn name(&self) -> &'static str {
+        "sparsemax"
+    }
+
+    fn similarity(&self) -> Similarity {
+        Similarity::Dot
+    }
+
+    fn align(&self, sim: &SimMatrix) -> Alignment {
+        if sim.is_empty() {
+            return Alignment::default();
+        }
+        let (m, n) = (sim.rows(), sim.cols());
+        let fwd: Vec<Vec<f64>> = (0..m)
+            .map(|i| sparsemax(&sim.row(i).iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
+            .collect();
+        let bwd: Vec<Vec<f64>> = (0..n)
+            .map(|j| sparsemax(&(0..m).map(|i| f64::from(sim.get(i, j))).collect::<Vec<_>>()))
+            .collect();
+        (0..m)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .filter(|&(i, j)| fwd[i][j] > self.threshold && bwd[j][i] > self.threshold)
+            .collect()
+    }
+}
+
+/// The method names [`method_by_name`] accepts.
+pub const METHOD_NAMES: [&str; 5] = ["argmax", "itermax", "match", "softmax", "sparsemax"];
+
+/// A method with its default settings by name: `argmax` (alias `inter`), `itermax`, `match`
+/// (alias `mwmf`), `softmax` or `sparsemax`.
 pub fn method_by_name(name: &str) -> Result<Box<dyn AlignMethod>> {
     Ok(match name {
         "argmax" | "inter" => Box::new(ArgMax),
         "itermax" => Box::new(IterMax::default()),
         "match" | "mwmf" => Box::new(MaxWeightMatch),
         "softmax" => Box::new(SoftmaxAlign::default()),
+        "sparsemax" => Box::new(SparsemaxAlign::default()),
         other => {
             return Err(Error::InvalidArgument(format!(
                 "unknown alignment method `{other}` (expected one of {})",

@@ -6,7 +6,8 @@
 //!   mean of their subwords at a chosen layer (default 8, as SimAlign for mBERT) or over
 //!   several layers ([`crate::pooling::Pooling::mlctl`]), and one [`SimMatrix`] per pair.
 //! - [`AlignMethod`] and its implementations: SimAlign's [`ArgMax`], [`IterMax`] and
-//!   [`MaxWeightMatch`], awesome-align's [`SoftmaxAlign`]; [`SimMatrix::with_distortion`] and
+//!   [`MaxWeightMatch`], awesome-align's [`SoftmaxAlign`] (and its sparse variant
+//!   [`SparsemaxAlign`]); [`SimMatrix::with_distortion`] and
 //!   [`drop_below`] as optional extensions.
 //! - [`io`]: `src ||| tgt` parallel files, Pharaoh (`i-j`, 0-based) files, gold files
 //!   (`i-j` sure, `ipj` possible, 1- or 0-based).
@@ -42,7 +43,7 @@ pub use anchors::{
 pub use io::SentencePair;
 pub use methods::{
     drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch,
-    SoftmaxAlign, MATCH_SCALE, METHOD_NAMES,
+    SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{SimMatrix, Similarity};
