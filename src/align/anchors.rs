@@ -1,6 +1,7 @@
 //! ML-CTL word anchors: dictionary entries that occur exactly once on each side of a sentence
 //! pair, with their token spans.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Device;
@@ -27,6 +28,9 @@ const EMBEDDED: [(&str, &str); 6] = [
 pub struct Lexicon {
     langs: Vec<String>,
     words: Vec<Vec<String>>,
+    /// Per language and entry: the lower-cased units to match (words, or characters for
+    /// unspaced scripts).
+    keys: Vec<Vec<Vec<String>>>,
 }
 
 /// How a language's text is matched against dictionary words.
@@ -69,7 +73,19 @@ impl Lexicon {
                 )
             })
             .unzip();
-        Self { langs, words }
+        Self::build(langs, words)
+    }
+
+    fn build(langs: Vec<String>, words: Vec<Vec<String>>) -> Self {
+        let keys = langs
+            .iter()
+            .zip(&words)
+            .map(|(lang, list)| {
+                let kind = script_kind(lang);
+                list.iter().map(|w| entry_units(w, kind)).collect()
+            })
+            .collect();
+        Self { langs, words, keys }
     }
 
     /// Reads `dir/{lang}.txt` for each language (one word per line, UTF-8). Every file must have
@@ -110,7 +126,7 @@ impl Lexicon {
         if words.iter().any(|w| w.len() != words[0].len()) {
             return Err(Error::InvalidArgument("word lists differ in length".into()));
         }
-        Ok(Self { langs, words })
+        Ok(Self::build(langs, words))
     }
 
     /// The language codes, in order.
@@ -165,11 +181,11 @@ impl Lexicon {
         let src = Matcher::new(src_text, script_kind(src_lang));
         let tgt = Matcher::new(tgt_text, script_kind(tgt_lang));
         let mut found = Vec::new();
-        for (entry, (sw, tw)) in self.words[s].iter().zip(&self.words[t]).enumerate() {
-            let Some(src_bytes) = src.unique(sw) else {
+        for (entry, (sk, tk)) in self.keys[s].iter().zip(&self.keys[t]).enumerate() {
+            let Some(src_bytes) = src.unique(sk) else {
                 continue;
             };
-            let Some(tgt_bytes) = tgt.unique(tw) else {
+            let Some(tgt_bytes) = tgt.unique(tk) else {
                 continue;
             };
             found.push(AnchorMatch {
@@ -336,18 +352,35 @@ fn is_punct(c: char) -> bool {
         )
 }
 
-fn chars_eq_ci(a: &str, b: &str) -> bool {
-    a.chars()
-        .flat_map(char::to_lowercase)
-        .eq(b.chars().flat_map(char::to_lowercase))
+fn fold(s: &str) -> String {
+    s.chars().flat_map(char::to_lowercase).collect()
 }
 
-/// Words (spaced) or characters (unspaced) of a text with byte offsets.
-struct Matcher<'a> {
-    text: &'a str,
-    kind: ScriptKind,
+/// The lower-cased units of a dictionary entry: its words (spaced scripts) or its
+/// non-space characters (unspaced scripts).
+fn entry_units(entry: &str, kind: ScriptKind) -> Vec<String> {
+    match kind {
+        ScriptKind::Spaced => word_ranges(entry)
+            .into_iter()
+            .map(|(s, e)| fold(&entry[s..e]))
+            .collect(),
+        ScriptKind::Unspaced => entry
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .map(|c| fold(c.encode_utf8(&mut [0; 4])))
+            .collect(),
+    }
+}
+
+/// Words (spaced) or characters (unspaced) of a text with byte offsets, lower-cased and
+/// indexed.
+struct Matcher {
     /// Spaced: byte ranges of the words. Unspaced: byte ranges of the characters.
     units: Vec<(usize, usize)>,
+    /// The units' lower-cased text.
+    folded: Vec<String>,
+    /// Where each lower-cased unit occurs.
+    positions: HashMap<String, Vec<usize>>,
 }
 
 fn word_ranges(text: &str) -> Vec<(usize, usize)> {
@@ -370,46 +403,39 @@ fn word_ranges(text: &str) -> Vec<(usize, usize)> {
     out
 }
 
-impl<'a> Matcher<'a> {
-    fn new(text: &'a str, kind: ScriptKind) -> Self {
-        let units = match kind {
+impl Matcher {
+    fn new(text: &str, kind: ScriptKind) -> Self {
+        let units: Vec<(usize, usize)> = match kind {
             ScriptKind::Spaced => word_ranges(text),
             ScriptKind::Unspaced => text
                 .char_indices()
                 .map(|(b, c)| (b, b + c.len_utf8()))
                 .collect(),
         };
-        Self { text, kind, units }
+        let folded: Vec<String> = units.iter().map(|&(s, e)| fold(&text[s..e])).collect();
+        let mut positions: HashMap<String, Vec<usize>> = HashMap::new();
+        for (k, u) in folded.iter().enumerate() {
+            positions.entry(u.clone()).or_default().push(k);
+        }
+        Self {
+            units,
+            folded,
+            positions,
+        }
     }
 
-    /// The byte range of the only occurrence of `entry`, or `None` for zero or several.
-    fn unique(&self, entry: &str) -> Option<(usize, usize)> {
-        let pattern: Vec<&str> = match self.kind {
-            ScriptKind::Spaced => word_ranges(entry)
-                .into_iter()
-                .map(|(s, e)| &entry[s..e])
-                .collect(),
-            ScriptKind::Unspaced => entry
-                .char_indices()
-                .filter(|(_, c)| !c.is_whitespace())
-                .map(|(b, c)| &entry[b..b + c.len_utf8()])
-                .collect(),
-        };
-        if pattern.is_empty() || pattern.len() > self.units.len() {
-            return None;
-        }
+    /// The byte range of the only occurrence of the unit sequence `pattern`, or `None` for
+    /// zero or several.
+    fn unique(&self, pattern: &[String]) -> Option<(usize, usize)> {
+        let first = pattern.first()?;
         let mut found = None;
-        for start in 0..=self.units.len() - pattern.len() {
-            let window = &self.units[start..start + pattern.len()];
-            if window
-                .iter()
-                .zip(&pattern)
-                .all(|(&(s, e), p)| chars_eq_ci(&self.text[s..e], p))
-            {
+        for &start in self.positions.get(first)? {
+            let end = start + pattern.len();
+            if end <= self.folded.len() && self.folded[start..end] == *pattern {
                 if found.is_some() {
                     return None;
                 }
-                found = Some((window[0].0, window[pattern.len() - 1].1));
+                found = Some((self.units[start].0, self.units[end - 1].1));
             }
         }
         found
