@@ -20,8 +20,8 @@ pub mod align;
 pub mod data;
 pub mod device;
 pub mod encoder;
-pub mod eval;
 mod error;
+pub mod eval;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod loss;

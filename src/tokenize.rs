@@ -219,7 +219,10 @@ pub const BERT_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", 
 /// Trains a cased BERT-style WordPiece tokenizer (BERT normalizer without lower-casing, CJK
 /// characters split, `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` templates) on `texts`, with at
 /// most `vocab_size` entries. The special tokens get ids 0-4 ([`BERT_SPECIAL_TOKENS`]).
-pub fn train_wordpiece<S: AsRef<str> + Send>(texts: impl Iterator<Item = S> + Send, vocab_size: usize) -> Result<Tokenizer> {
+pub fn train_wordpiece<S: AsRef<str> + Send>(
+    texts: impl Iterator<Item = S> + Send,
+    vocab_size: usize,
+) -> Result<Tokenizer> {
     use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainer};
     use tokenizers::models::TrainerWrapper;
     use tokenizers::normalizers::BertNormalizer;
@@ -227,17 +230,31 @@ pub fn train_wordpiece<S: AsRef<str> + Send>(texts: impl Iterator<Item = S> + Se
     use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::AddedToken;
 
-    let specials: Vec<AddedToken> = BERT_SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
-    let mut trainer: TrainerWrapper =
-        WordPieceTrainer::builder().vocab_size(vocab_size).special_tokens(specials).show_progress(false).build().into();
-    let mut inner = tokenizers::Tokenizer::new(WordPiece::builder().unk_token("[UNK]".into()).build().map_err(Error::Tokenizer)?);
+    let specials: Vec<AddedToken> = BERT_SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
+    let mut trainer: TrainerWrapper = WordPieceTrainer::builder()
+        .vocab_size(vocab_size)
+        .special_tokens(specials)
+        .show_progress(false)
+        .build()
+        .into();
+    let mut inner = tokenizers::Tokenizer::new(
+        WordPiece::builder()
+            .unk_token("[UNK]".into())
+            .build()
+            .map_err(Error::Tokenizer)?,
+    );
     inner
         .with_normalizer(Some(BertNormalizer::new(true, true, None, false)))
         .with_pre_tokenizer(Some(BertPreTokenizer))
         .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
     inner.train(&mut trainer, texts).map_err(Error::Tokenizer)?;
     let id = |t: &str| {
-        inner.token_to_id(t).ok_or_else(|| Error::InvalidArgument(format!("trained vocabulary lacks {t}")))
+        inner
+            .token_to_id(t)
+            .ok_or_else(|| Error::InvalidArgument(format!("trained vocabulary lacks {t}")))
     };
     let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
     let template = TemplateProcessing::builder()

@@ -1,8 +1,8 @@
 //! Alignment methods on hand-built similarity matrices with known answers.
 
 use mlctl::align::{
-    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch, SimMatrix, Similarity,
-    SoftmaxAlign,
+    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch, SimMatrix,
+    Similarity, SoftmaxAlign, SparsemaxAlign, METHOD_NAMES,
 };
 
 fn sim(rows: &[&[f32]]) -> SimMatrix {
@@ -14,7 +14,10 @@ fn links(a: &Alignment) -> Vec<(usize, usize)> {
 }
 
 fn methods() -> Vec<Box<dyn AlignMethod>> {
-    ["argmax", "itermax", "match", "softmax"].iter().map(|m| method_by_name(m).unwrap()).collect()
+    ["argmax", "itermax", "match", "softmax"]
+        .iter()
+        .map(|m| method_by_name(m).unwrap())
+        .collect()
 }
 
 #[test]
@@ -58,7 +61,10 @@ fn one_row_and_one_column() {
     // softmax over a single row is 1 along the column axis, so only the row softmax decides.
     // Row softmax of [0, 5, -10]: [0.0067, 0.993, 3e-7].
     let one = sim(&[&[0.0, 5.0, -10.0]]);
-    assert_eq!(links(&SoftmaxAlign::default().align(&one)), vec![(0, 0), (0, 1)]);
+    assert_eq!(
+        links(&SoftmaxAlign::default().align(&one)),
+        vec![(0, 0), (0, 1)]
+    );
 }
 
 #[test]
@@ -72,13 +78,22 @@ fn itermax_adds_links_for_unaligned_words() {
     // (0.72 > 0.0 for the linked cells) -> (0,1) is added too.
     let m = sim(&[&[0.95, 0.8, 0.1], &[0.85, 0.6, 0.1], &[0.1, 0.1, 0.9]]);
     assert_eq!(links(&ArgMax.align(&m)), vec![(0, 0), (2, 2)]);
-    assert_eq!(links(&IterMax::default().align(&m)), vec![(0, 0), (0, 1), (1, 0), (2, 2)]);
+    assert_eq!(
+        links(&IterMax::default().align(&m)),
+        vec![(0, 0), (0, 1), (1, 0), (2, 2)]
+    );
     // One round only = argmax.
-    let once = IterMax { max_iter: 1, ..Default::default() };
+    let once = IterMax {
+        max_iter: 1,
+        ..Default::default()
+    };
     assert_eq!(links(&once.align(&m)), vec![(0, 0), (2, 2)]);
     // With alpha = 0.5 the discounted cells drop below (1,1): row 1 -> col 1 (0.6 vs 0.425),
     // column 1 -> row 1 (0.6 vs 0.4): (1,1) is added instead.
-    let half = IterMax { alpha: 0.5, ..Default::default() };
+    let half = IterMax {
+        alpha: 0.5,
+        ..Default::default()
+    };
     assert_eq!(links(&half.align(&m)), vec![(0, 0), (1, 1), (2, 2)]);
 }
 
@@ -86,14 +101,21 @@ fn itermax_adds_links_for_unaligned_words() {
 fn itermax_on_two_rows_is_argmax() {
     // SimAlign returns the argmax round only when min(rows, cols) <= 2.
     let m = sim(&[&[0.9, 0.8, 0.1], &[0.85, 0.2, 0.3]]);
-    assert_eq!(links(&IterMax::default().align(&m)), links(&ArgMax.align(&m)));
+    assert_eq!(
+        links(&IterMax::default().align(&m)),
+        links(&ArgMax.align(&m))
+    );
     assert_eq!(links(&ArgMax.align(&m)), vec![(0, 0)]);
 }
 
 fn brute_force_best(m: &SimMatrix) -> f64 {
     // Heaviest matching of size min(rows, cols), by trying every injection of the smaller side.
     fn go(m: &SimMatrix, i: usize, used: &mut Vec<bool>, transpose: bool) -> f64 {
-        let (r, c) = if transpose { (m.cols(), m.rows()) } else { (m.rows(), m.cols()) };
+        let (r, c) = if transpose {
+            (m.cols(), m.rows())
+        } else {
+            (m.rows(), m.cols())
+        };
         if i == r {
             return 0.0;
         }
@@ -120,8 +142,18 @@ fn match_is_a_maximum_weight_matching() {
     assert_eq!(links(&MaxWeightMatch.align(&m)), vec![(0, 1), (1, 0)]);
     // Rectangular both ways, with negative values, and ties (all-equal: any full matching).
     let cases = [
-        sim(&[&[0.3, -0.2, 0.9, 0.4], &[0.8, 0.7, 0.95, -1.0], &[0.1, 0.6, 0.2, 0.5]]),
-        sim(&[&[0.3, -0.2], &[0.8, 0.7], &[0.95, -1.0], &[0.1, 0.6], &[0.2, 0.5]]),
+        sim(&[
+            &[0.3, -0.2, 0.9, 0.4],
+            &[0.8, 0.7, 0.95, -1.0],
+            &[0.1, 0.6, 0.2, 0.5],
+        ]),
+        sim(&[
+            &[0.3, -0.2],
+            &[0.8, 0.7],
+            &[0.95, -1.0],
+            &[0.1, 0.6],
+            &[0.2, 0.5],
+        ]),
         SimMatrix::new(3, 5, vec![0.5; 15]).unwrap(),
         sim(&[&[1.0, 1.0, 0.0], &[1.0, 1.0, 0.0], &[0.0, 0.0, 1.0]]),
     ];
@@ -136,7 +168,11 @@ fn match_is_a_maximum_weight_matching() {
         assert_eq!(rows.len(), a.len(), "each source word once");
         assert_eq!(cols.len(), a.len(), "each target word once");
         let total: f64 = a.links().iter().map(|&(i, j)| f64::from(m.get(i, j))).sum();
-        assert!((total - brute_force_best(m)).abs() < 1e-5, "{total} vs {}", brute_force_best(m));
+        assert!(
+            (total - brute_force_best(m)).abs() < 1e-5,
+            "{total} vs {}",
+            brute_force_best(m)
+        );
         // deterministic
         assert_eq!(MaxWeightMatch.align(m), a);
     }
@@ -148,12 +184,18 @@ fn softmax_thresholds_both_directions() {
     // (not strictly above); column softmaxes of [0, 0] are 0.5 each.
     let ln999 = 999f32.ln();
     let m = sim(&[&[0.0, ln999], &[0.0, ln999]]);
-    assert_eq!(links(&SoftmaxAlign::default().align(&m)), vec![(0, 1), (1, 1)]);
+    assert_eq!(
+        links(&SoftmaxAlign::default().align(&m)),
+        vec![(0, 1), (1, 1)]
+    );
     // A lower threshold keeps everything; a high one keeps only the dominant links.
     let low = SoftmaxAlign { threshold: 1e-4 };
     assert_eq!(low.align(&m).len(), 4);
     let m = sim(&[&[5.0, 0.0, 0.0], &[0.0, 5.0, 0.0], &[0.0, 0.0, 5.0]]);
-    assert_eq!(links(&SoftmaxAlign { threshold: 0.5 }.align(&m)), vec![(0, 0), (1, 1), (2, 2)]);
+    assert_eq!(
+        links(&SoftmaxAlign { threshold: 0.5 }.align(&m)),
+        vec![(0, 0), (1, 1), (2, 2)]
+    );
     assert_eq!(SoftmaxAlign::default().similarity(), Similarity::Dot);
     assert_eq!(ArgMax.similarity(), Similarity::ScaledCosine);
 }
@@ -195,7 +237,11 @@ fn distortion_favours_the_diagonal() {
     assert_eq!(d.data(), &expect);
     assert_eq!(m.with_distortion(0.0), m);
     let row = sim(&[&[0.2, 0.4]]);
-    assert_eq!(row.with_distortion(0.5), row, "fewer than 2 rows: unchanged, as SimAlign");
+    assert_eq!(
+        row.with_distortion(0.5),
+        row,
+        "fewer than 2 rows: unchanged, as SimAlign"
+    );
 }
 
 #[test]
@@ -216,4 +262,21 @@ fn pharaoh_lines() {
     for bad in ["0-", "a-1", "1:2", "-1-2", "1-2-3"] {
         assert!(Alignment::parse_pharaoh(bad).is_err(), "{bad}");
     }
+}
+
+#[test]
+fn sparsemax_keeps_only_the_support() {
+    // Row [2, 0.5]: tau = 1, probabilities [1, 0]; so only the diagonal survives both ways.
+    let m = sim(&[&[2.0, 0.5], &[0.5, 2.0]]);
+    assert_eq!(
+        links(&SparsemaxAlign::default().align(&m)),
+        vec![(0, 0), (1, 1)]
+    );
+    // Row [1, 0.8]: tau = 0.4, probabilities [0.6, 0.4]: every link survives; with threshold
+    // 0.5 only the diagonal.
+    let m = sim(&[&[1.0, 0.8], &[0.8, 1.0]]);
+    assert_eq!(SparsemaxAlign::default().align(&m).len(), 4);
+    let strict = SparsemaxAlign { threshold: 0.5 };
+    assert_eq!(links(&strict.align(&m)), vec![(0, 0), (1, 1)]);
+    assert_eq!(METHOD_NAMES.len(), 5);
 }

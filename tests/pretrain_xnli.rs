@@ -17,7 +17,18 @@ fn a_small_run_writes_a_complete_run_directory() {
     let status = Command::new(env!("CARGO"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["run", "--quiet", "--example", "pretrain_xnli", "--"])
-        .args(["--steps", "3", "--batch-size", "4", "--max-len", "16", "--train-pairs", "40", "--eval-pairs", "8"])
+        .args([
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--max-len",
+            "16",
+            "--train-pairs",
+            "40",
+            "--eval-pairs",
+            "8",
+        ])
         .args(["--xnli-train-examples", "12", "--xnli-epochs", "1", "--cpu"])
         .arg("--xnli-dir")
         .arg(fixture("xnli"))
@@ -32,27 +43,51 @@ fn a_small_run_writes_a_complete_run_directory() {
     assert!(status.success(), "pretrain_xnli failed");
 
     let checkpoint = run.join("checkpoints/step-00000003");
-    let model = MlCtlModel::load(checkpoint.to_str().unwrap(), &candle_core::Device::Cpu, candle_core::DType::F32, 0)
-        .expect("the checkpoint loads");
+    let model = MlCtlModel::load(
+        checkpoint.to_str().unwrap(),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        0,
+    )
+    .expect("the checkpoint loads");
     assert_eq!(model.bert.config.num_hidden_layers, 4);
 
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let records: Vec<StepRecord> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3]);
-    assert!(records.iter().all(|r| r.loss.is_finite() && r.sentence.is_some() && r.mlm.is_some()));
+    let records: Vec<StepRecord> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        records.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(records
+        .iter()
+        .all(|r| r.loss.is_finite() && r.sentence.is_some() && r.mlm.is_some()));
 
     let results = std::fs::read_to_string(run.join("results.md")).unwrap();
     for lang in ["ara-eng", "cmn-eng", "fra-eng", "rus-eng", "spa-eng"] {
-        assert_eq!(results.matches(&format!("| {lang} |")).count(), 2, "{lang} in both retrieval tables:\n{results}");
+        assert_eq!(
+            results.matches(&format!("| {lang} |")).count(),
+            2,
+            "{lang} in both retrieval tables:\n{results}"
+        );
     }
     assert!(results.contains("AER"), "{results}");
-    assert!(results.contains("## XNLI") && results.contains("| average |"), "{results}");
+    assert!(
+        results.contains("## XNLI") && results.contains("| average |"),
+        "{results}"
+    );
 
     for plot in ["loss.svg", "retrieval.svg"] {
         let text = std::fs::read_to_string(run.join(plot)).unwrap();
-        let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{plot} is not valid XML: {e}"));
+        let doc = roxmltree::Document::parse(&text)
+            .unwrap_or_else(|e| panic!("{plot} is not valid XML: {e}"));
         assert_eq!(doc.root_element().tag_name().name(), "svg");
-        let shapes = doc.descendants().filter(|n| matches!(n.tag_name().name(), "polyline" | "rect" | "path")).count();
+        let shapes = doc
+            .descendants()
+            .filter(|n| matches!(n.tag_name().name(), "polyline" | "rect" | "path"))
+            .count();
         assert!(shapes > 3, "{plot} draws almost nothing");
     }
 }

@@ -124,21 +124,34 @@ fn trained_wordpiece_has_bert_specials_splits_cjk_and_round_trips() {
         "猫在垫子上睡觉。",
         "القطة تنام على السجادة.",
     ];
-    let texts: Vec<String> = corpus.iter().cycle().take(60).map(|s| s.to_string()).collect();
+    let texts: Vec<String> = corpus
+        .iter()
+        .cycle()
+        .take(60)
+        .map(|s| s.to_string())
+        .collect();
     let tok = mlctl::tokenize::train_wordpiece(texts.iter(), 300).unwrap();
     for (id, token) in mlctl::tokenize::BERT_SPECIAL_TOKENS.iter().enumerate() {
         assert_eq!(tok.token_to_id(token), Some(id as u32), "{token}");
     }
     assert!(tok.vocab_size() <= 300);
-    let batch = tok.encode_batch(&["猫在垫子上睡觉。", "The cat"], &Device::Cpu).unwrap();
+    let batch = tok
+        .encode_batch(&["猫在垫子上睡觉。", "The cat"], &Device::Cpu)
+        .unwrap();
     let ids = batch.input_ids.to_vec2::<u32>().unwrap();
     assert_eq!(ids[0][0], 2, "[CLS] first");
-    assert_eq!(batch.lengths[0], 8 + 2, "each CJK character is a word: 8 characters + [CLS] + [SEP]");
+    assert_eq!(
+        batch.lengths[0],
+        8 + 2,
+        "each CJK character is a word: 8 characters + [CLS] + [SEP]"
+    );
     assert!(!ids[0].contains(&1), "no [UNK] for seen characters");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     tok.save(&path).unwrap();
     let reloaded = Tokenizer::from_file(&path).unwrap();
-    let again = reloaded.encode_batch(&["猫在垫子上睡觉。", "The cat"], &Device::Cpu).unwrap();
+    let again = reloaded
+        .encode_batch(&["猫在垫子上睡觉。", "The cat"], &Device::Cpu)
+        .unwrap();
     assert_eq!(again.input_ids.to_vec2::<u32>().unwrap(), ids);
 }

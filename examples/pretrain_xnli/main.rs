@@ -13,13 +13,13 @@ use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use mlctl::align::{io as align_io, AlignmentCounts, IterMax, Lexicon, WordAligner};
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
+use mlctl::data::{NliExample, NliReadOptions, XnliDir};
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::{BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
-use mlctl::data::{NliExample, NliReadOptions, XnliDir};
 use mlctl::eval::{
-    embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy, NliFinetuneConfig, NliReport,
-    RetrievalScores,
+    embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy,
+    NliFinetuneConfig, NliReport, RetrievalScores,
 };
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
@@ -29,11 +29,36 @@ use mlctl::train::{Decay, LrSchedule, StepRecord, TrainConfig, Trainer, METRICS_
 
 /// The Tatoeba sets shipped in `data/tatoeba/`: (LASER code, lexicon code, text, English text).
 const TATOEBA: [(&str, &str, &str, &str); 5] = [
-    ("ara", "ar", include_str!("../../data/tatoeba/tatoeba.ara-eng.ara"), include_str!("../../data/tatoeba/tatoeba.ara-eng.eng")),
-    ("cmn", "zh", include_str!("../../data/tatoeba/tatoeba.cmn-eng.cmn"), include_str!("../../data/tatoeba/tatoeba.cmn-eng.eng")),
-    ("fra", "fr", include_str!("../../data/tatoeba/tatoeba.fra-eng.fra"), include_str!("../../data/tatoeba/tatoeba.fra-eng.eng")),
-    ("rus", "ru", include_str!("../../data/tatoeba/tatoeba.rus-eng.rus"), include_str!("../../data/tatoeba/tatoeba.rus-eng.eng")),
-    ("spa", "es", include_str!("../../data/tatoeba/tatoeba.spa-eng.spa"), include_str!("../../data/tatoeba/tatoeba.spa-eng.eng")),
+    (
+        "ara",
+        "ar",
+        include_str!("../../data/tatoeba/tatoeba.ara-eng.ara"),
+        include_str!("../../data/tatoeba/tatoeba.ara-eng.eng"),
+    ),
+    (
+        "cmn",
+        "zh",
+        include_str!("../../data/tatoeba/tatoeba.cmn-eng.cmn"),
+        include_str!("../../data/tatoeba/tatoeba.cmn-eng.eng"),
+    ),
+    (
+        "fra",
+        "fr",
+        include_str!("../../data/tatoeba/tatoeba.fra-eng.fra"),
+        include_str!("../../data/tatoeba/tatoeba.fra-eng.eng"),
+    ),
+    (
+        "rus",
+        "ru",
+        include_str!("../../data/tatoeba/tatoeba.rus-eng.rus"),
+        include_str!("../../data/tatoeba/tatoeba.rus-eng.eng"),
+    ),
+    (
+        "spa",
+        "es",
+        include_str!("../../data/tatoeba/tatoeba.spa-eng.spa"),
+        include_str!("../../data/tatoeba/tatoeba.spa-eng.eng"),
+    ),
 ];
 /// Pairs of each embedded language used for training; the rest are held apart for evaluation.
 const EMBEDDED_TRAIN_PAIRS: usize = 800;
@@ -172,8 +197,15 @@ fn main() -> Result<()> {
     let stage = |name: &str| eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64());
     let device = select_device(args.device, args.cpu)?;
     let embedded = args.model.is_none();
-    if args.train_pairs == 0 || args.train_pairs > EMBEDDED_TRAIN_PAIRS || args.eval_pairs < 2 || args.eval_pairs > 1000 - EMBEDDED_TRAIN_PAIRS {
-        bail!("--train-pairs must be in 1..={EMBEDDED_TRAIN_PAIRS} and --eval-pairs in 2..={}", 1000 - EMBEDDED_TRAIN_PAIRS);
+    if args.train_pairs == 0
+        || args.train_pairs > EMBEDDED_TRAIN_PAIRS
+        || args.eval_pairs < 2
+        || args.eval_pairs > 1000 - EMBEDDED_TRAIN_PAIRS
+    {
+        bail!(
+            "--train-pairs must be in 1..={EMBEDDED_TRAIN_PAIRS} and --eval-pairs in 2..={}",
+            1000 - EMBEDDED_TRAIN_PAIRS
+        );
     }
     let mode = Mode {
         steps: args.steps.unwrap_or(if embedded { 300 } else { 10_000 }),
@@ -181,7 +213,8 @@ fn main() -> Result<()> {
         max_len: args.max_len.unwrap_or(if embedded { 32 } else { 128 }),
         lr: args.lr.unwrap_or(if embedded { 5e-4 } else { 2e-6 }),
     };
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let lexicon = Arc::new(Lexicon::embedded());
 
     // Evaluation sets: the held-apart embedded Tatoeba pairs.
@@ -201,13 +234,20 @@ fn main() -> Result<()> {
     let embedded_train: Vec<(&str, Vec<String>, Vec<String>)> = TATOEBA
         .iter()
         .map(|(_, lex, text, eng)| {
-            (*lex, lines(text)[..args.train_pairs].to_vec(), lines(eng)[..args.train_pairs].to_vec())
+            (
+                *lex,
+                lines(text)[..args.train_pairs].to_vec(),
+                lines(eng)[..args.train_pairs].to_vec(),
+            )
         })
         .collect();
     let bert = match &args.model {
-        Some(model) => PretrainedBert::load(model, &device, DType::F32).with_context(|| format!("loading {model}"))?,
+        Some(model) => PretrainedBert::load(model, &device, DType::F32)
+            .with_context(|| format!("loading {model}"))?,
         None => {
-            let texts = embedded_train.iter().flat_map(|(_, s, e)| s.iter().chain(e));
+            let texts = embedded_train
+                .iter()
+                .flat_map(|(_, s, e)| s.iter().chain(e));
             let tokenizer = train_wordpiece(texts, 8_000)?;
             let config = BertConfig {
                 vocab_size: tokenizer.vocab_size(),
@@ -221,10 +261,21 @@ fn main() -> Result<()> {
             PretrainedBert::from_config(config, Some(tokenizer), &device, DType::F32, args.seed)?
         }
     };
-    let tokenizer = bert.tokenizer.clone().context("the model has no tokenizer.json")?.with_max_len(mode.max_len)?;
-    let head = HeadConfig { concat_word: args.objective == Objective::MlCtl, ..HeadConfig::default() };
+    let tokenizer = bert
+        .tokenizer
+        .clone()
+        .context("the model has no tokenizer.json")?
+        .with_max_len(mode.max_len)?;
+    let head = HeadConfig {
+        concat_word: args.objective == Objective::MlCtl,
+        ..HeadConfig::default()
+    };
     let model = match &args.model {
-        Some(model) if Path::new(model).join(mlctl::model::HEAD_WEIGHTS_FILE).is_file() => {
+        Some(model)
+            if Path::new(model)
+                .join(mlctl::model::HEAD_WEIGHTS_FILE)
+                .is_file() =>
+        {
             MlCtlModel::load(model, &device, DType::F32, args.seed)?
         }
         _ => MlCtlModel::new(bert, head, args.seed)?,
@@ -241,14 +292,21 @@ fn main() -> Result<()> {
         (None, _) => {
             let tsv = args.out.join("train.tsv");
             let written = write_anchored_tsv(&tsv, &embedded_train, &lexicon, &tokenizer)?;
-            eprintln!("      {written} of {} embedded training pairs have a dictionary anchor", 5 * args.train_pairs);
+            eprintln!(
+                "      {written} of {} embedded training pairs have a dictionary anchor",
+                5 * args.train_pairs
+            );
             let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv))?;
             PairLoader::new(corpus, tokenizer.clone(), loader_config)?
         }
         (Some(src), Some(tgt)) => {
-            let corpus = ParallelCorpus::open(CorpusFormat::LineAligned { src: src.clone(), tgt: tgt.clone() })?;
-            PairLoader::new(corpus, tokenizer.clone(), loader_config)?
-                .with_anchor_finder(Arc::new(LexiconAnchors::new(lexicon.clone(), &args.langs[0], &args.langs[1])?))
+            let corpus = ParallelCorpus::open(CorpusFormat::LineAligned {
+                src: src.clone(),
+                tgt: tgt.clone(),
+            })?;
+            PairLoader::new(corpus, tokenizer.clone(), loader_config)?.with_anchor_finder(Arc::new(
+                LexiconAnchors::new(lexicon.clone(), &args.langs[0], &args.langs[1])?,
+            ))
         }
         (Some(path), None) => {
             let format = if path.extension().is_some_and(|e| e == "tsv") {
@@ -256,8 +314,16 @@ fn main() -> Result<()> {
             } else {
                 CorpusFormat::Bitext(path.clone())
             };
-            PairLoader::new(ParallelCorpus::open(format)?, tokenizer.clone(), loader_config)?
-                .with_anchor_finder(Arc::new(LexiconAnchors::new(lexicon.clone(), &args.langs[0], &args.langs[1])?))
+            PairLoader::new(
+                ParallelCorpus::open(format)?,
+                tokenizer.clone(),
+                loader_config,
+            )?
+            .with_anchor_finder(Arc::new(LexiconAnchors::new(
+                lexicon.clone(),
+                &args.langs[0],
+                &args.langs[1],
+            )?))
         }
     };
 
@@ -269,7 +335,11 @@ fn main() -> Result<()> {
                 Ok(test) => test.examples,
                 Err(_) => xnli.read_dev(&NliReadOptions::default())?.examples,
             };
-            eprintln!("      XNLI: {} English training examples, {} evaluation examples", train.len(), eval.len());
+            eprintln!(
+                "      XNLI: {} English training examples, {} evaluation examples",
+                train.len(),
+                eval.len()
+            );
             Some(XnliData { train, eval })
         }
         None => None,
@@ -285,21 +355,30 @@ fn main() -> Result<()> {
 
     stage("2/5 evaluating the starting model");
     let before = evaluate(&model, &tokenizer, &eval_sets, &lexicon, &args)?;
-    let xnli_before = xnli.as_ref().map(|d| xnli_accuracy(&model, d, &nli_config)).transpose()?;
+    let xnli_before = xnli
+        .as_ref()
+        .map(|d| xnli_accuracy(&model, d, &nli_config))
+        .transpose()?;
 
-    stage(&format!("3/5 training ({} steps, batch {}, lr {:e}, {:?})", mode.steps, mode.batch_size, mode.lr, args.objective));
+    stage(&format!(
+        "3/5 training ({} steps, batch {}, lr {:e}, {:?})",
+        mode.steps, mode.batch_size, mode.lr, args.objective
+    ));
     let objective = match args.objective {
-        Objective::MlCtl | Objective::SentenceCzNce => {
-            MultiLevelLoss::mlctl().with_sentence(Some(CzNce::new().with_temperature(args.temperature)))
-        }
-        Objective::SentenceInfonce => {
-            MultiLevelLoss::mlctl().with_sentence(Some(CzNce::info_nce().with_temperature(args.temperature)))
-        }
+        Objective::MlCtl | Objective::SentenceCzNce => MultiLevelLoss::mlctl()
+            .with_sentence(Some(CzNce::new().with_temperature(args.temperature))),
+        Objective::SentenceInfonce => MultiLevelLoss::mlctl()
+            .with_sentence(Some(CzNce::info_nce().with_temperature(args.temperature))),
         Objective::Mlm => MultiLevelLoss::mlctl().with_sentence(None),
     }
     .with_mlm_weight(Some(args.mlm_weight));
     let config = TrainConfig {
-        schedule: LrSchedule { peak_lr: mode.lr, warmup_steps: args.warmup, total_steps: mode.steps, decay: Decay::Linear },
+        schedule: LrSchedule {
+            peak_lr: mode.lr,
+            warmup_steps: args.warmup,
+            total_steps: mode.steps,
+            decay: Decay::Linear,
+        },
         grad_accum: args.grad_accum,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
@@ -330,10 +409,20 @@ fn main() -> Result<()> {
 
     stage("4/5 evaluating the trained model");
     let after = evaluate(&trainer.model, &tokenizer, &eval_sets, &lexicon, &args)?;
-    let xnli_after = xnli.as_ref().map(|d| xnli_accuracy(&trainer.model, d, &nli_config)).transpose()?;
+    let xnli_after = xnli
+        .as_ref()
+        .map(|d| xnli_accuracy(&trainer.model, d, &nli_config))
+        .transpose()?;
 
     stage(&format!("5/5 writing {}", args.out.display()));
-    let mut report = results_markdown(&args, &mode, embedded, &before, &after, summary.checkpoint.as_deref());
+    let mut report = results_markdown(
+        &args,
+        &mode,
+        embedded,
+        &before,
+        &after,
+        summary.checkpoint.as_deref(),
+    );
     if let (Some(b), Some(a)) = (&xnli_before, &xnli_after) {
         report += &xnli_markdown(b, a);
     }
@@ -346,9 +435,17 @@ fn main() -> Result<()> {
     let rows: Vec<BeforeAfter> = before
         .sentence
         .iter()
-        .map(|(lang, b)| BeforeAfter { label: format!("{lang}-eng"), before: b.mean(), after: after.sentence[lang].mean() })
+        .map(|(lang, b)| BeforeAfter {
+            label: format!("{lang}-eng"),
+            before: b.mean(),
+            after: after.sentence[lang].mean(),
+        })
         .collect();
-    plot_before_after("Tatoeba retrieval acc@1 (held-apart pairs, both directions)", &rows, &args.out.join("retrieval.svg"))?;
+    plot_before_after(
+        "Tatoeba retrieval acc@1 (held-apart pairs, both directions)",
+        &rows,
+        &args.out.join("retrieval.svg"),
+    )?;
     println!("{report}");
     Ok(())
 }
@@ -360,7 +457,11 @@ struct XnliData {
 }
 
 /// Zero-shot XNLI: fine-tune a copy of the encoder on English, evaluate every language.
-fn xnli_accuracy(model: &MlCtlModel, data: &XnliData, config: &NliFinetuneConfig) -> Result<NliReport> {
+fn xnli_accuracy(
+    model: &MlCtlModel,
+    data: &XnliData,
+    config: &NliFinetuneConfig,
+) -> Result<NliReport> {
     let classifier = finetune_nli(&model.bert, &data.train, config)?;
     Ok(evaluate_nli(&classifier, &data.eval)?)
 }
@@ -368,10 +469,18 @@ fn xnli_accuracy(model: &MlCtlModel, data: &XnliData, config: &NliFinetuneConfig
 fn xnli_markdown(before: &NliReport, after: &NliReport) -> String {
     let mut s = String::from("\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n| language | before | after |\n|---|---|---|\n");
     for (lang, b) in &before.accuracy_by_language {
-        let a = after.accuracy_by_language.get(lang).copied().unwrap_or(f32::NAN);
+        let a = after
+            .accuracy_by_language
+            .get(lang)
+            .copied()
+            .unwrap_or(f32::NAN);
         s += &format!("| {lang} | {} | {} |\n", pct(*b), pct(a));
     }
-    s += &format!("| average | {} | {} |\n", pct(before.average), pct(after.average));
+    s += &format!(
+        "| average | {} | {} |\n",
+        pct(before.average),
+        pct(after.average)
+    );
     s
 }
 
@@ -382,7 +491,13 @@ struct Evaluation {
     aer: Option<f64>,
 }
 
-fn evaluate(model: &MlCtlModel, tokenizer: &Tokenizer, sets: &[EvalSet], lexicon: &Lexicon, args: &Args) -> Result<Evaluation> {
+fn evaluate(
+    model: &MlCtlModel,
+    tokenizer: &Tokenizer,
+    sets: &[EvalSet],
+    lexicon: &Lexicon,
+    args: &Args,
+) -> Result<Evaluation> {
     let encoder = &model.bert.model.encoder;
     let (mut sentence, mut anchor) = (BTreeMap::new(), BTreeMap::new());
     for set in sets {
@@ -392,7 +507,8 @@ fn evaluate(model: &MlCtlModel, tokenizer: &Tokenizer, sets: &[EvalSet], lexicon
         // Anchor words of the held-apart pairs: does each word retrieve its translation?
         let (mut texts, mut spans) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         for (s, e) in set.src.iter().zip(&set.eng) {
-            let found = mlctl::align::find_anchor_spans(lexicon, tokenizer, &set.lexicon_lang, s, "en", e)?;
+            let found =
+                mlctl::align::find_anchor_spans(lexicon, tokenizer, &set.lexicon_lang, s, "en", e)?;
             if let Some(a) = found.first() {
                 texts.0.push(s.as_str());
                 texts.1.push(e.as_str());
@@ -401,8 +517,13 @@ fn evaluate(model: &MlCtlModel, tokenizer: &Tokenizer, sets: &[EvalSet], lexicon
             }
         }
         if texts.0.len() >= 2 {
-            let words = |t: &[&str], s: &[TokenSpan]| embed_spans(encoder, tokenizer, &model.pooling, t, s, 64);
-            anchor.insert(set.lang.clone(), retrieval_accuracy(&words(&texts.0, &spans.0)?, &words(&texts.1, &spans.1)?)?);
+            let words = |t: &[&str], s: &[TokenSpan]| {
+                embed_spans(encoder, tokenizer, &model.pooling, t, s, 64)
+            };
+            anchor.insert(
+                set.lang.clone(),
+                retrieval_accuracy(&words(&texts.0, &spans.0)?, &words(&texts.1, &spans.1)?)?,
+            );
         }
     }
     let aer = match (&args.gold, &args.gold_input) {
@@ -417,16 +538,27 @@ fn evaluate(model: &MlCtlModel, tokenizer: &Tokenizer, sets: &[EvalSet], lexicon
         }
         _ => None,
     };
-    Ok(Evaluation { sentence, anchor, aer })
+    Ok(Evaluation {
+        sentence,
+        anchor,
+        aer,
+    })
 }
 
 /// Writes the ML-CTL TSV of the embedded pairs that have a dictionary anchor; returns how many.
-fn write_anchored_tsv(path: &Path, pairs: &[(&str, Vec<String>, Vec<String>)], lexicon: &Lexicon, tokenizer: &Tokenizer) -> Result<usize> {
+fn write_anchored_tsv(
+    path: &Path,
+    pairs: &[(&str, Vec<String>, Vec<String>)],
+    lexicon: &Lexicon,
+    tokenizer: &Tokenizer,
+) -> Result<usize> {
     let mut out = String::new();
     let mut written = 0;
     for (lang, src, eng) in pairs {
         for (s, e) in src.iter().zip(eng) {
-            if let Some(anchor) = mlctl::align::find_anchor_spans(lexicon, tokenizer, lang, s, "en", e)?.first() {
+            if let Some(anchor) =
+                mlctl::align::find_anchor_spans(lexicon, tokenizer, lang, s, "en", e)?.first()
+            {
                 out += &anchor.to_tsv(s, e)?;
                 out.push('\n');
                 written += 1;
@@ -453,7 +585,14 @@ fn pct(x: f32) -> String {
     format!("{:.1}", 100.0 * x)
 }
 
-fn results_markdown(args: &Args, mode: &Mode, embedded: bool, before: &Evaluation, after: &Evaluation, checkpoint: Option<&Path>) -> String {
+fn results_markdown(
+    args: &Args,
+    mode: &Mode,
+    embedded: bool,
+    before: &Evaluation,
+    after: &Evaluation,
+    checkpoint: Option<&Path>,
+) -> String {
     let mut s = String::from("# ML-CTL run\n\n");
     let start = match &args.model {
         Some(m) => m.clone(),
@@ -466,7 +605,10 @@ fn results_markdown(args: &Args, mode: &Mode, embedded: bool, before: &Evaluatio
     );
     let data = match (&args.train, embedded) {
         (Some(p), _) => p.display().to_string(),
-        (None, _) => format!("embedded Tatoeba, first {} pairs of each language (those with a dictionary anchor)", args.train_pairs),
+        (None, _) => format!(
+            "embedded Tatoeba, first {} pairs of each language (those with a dictionary anchor)",
+            args.train_pairs
+        ),
     };
     s += &format!("- training data: {data}\n");
     s += &format!(
@@ -493,7 +635,14 @@ fn results_markdown(args: &Args, mode: &Mode, embedded: bool, before: &Evaluatio
     s += "\n## Anchor-word retrieval acc@1 (%), xx→en / en→xx\n\n| language | pairs | before | after |\n|---|---|---|---|\n";
     for (lang, b) in &before.anchor {
         let a = &after.anchor[lang];
-        s += &format!("| {lang}-eng | {} | {} / {} | {} / {} |\n", b.n, pct(b.src_to_tgt), pct(b.tgt_to_src), pct(a.src_to_tgt), pct(a.tgt_to_src));
+        s += &format!(
+            "| {lang}-eng | {} | {} / {} | {} / {} |\n",
+            b.n,
+            pct(b.src_to_tgt),
+            pct(b.tgt_to_src),
+            pct(a.src_to_tgt),
+            pct(a.tgt_to_src)
+        );
     }
     if let (Some(b), Some(a)) = (before.aer, after.aer) {
         s += &format!("\n## Word alignment\n\nAER (itermax): before {b:.3}, after {a:.3}\n");

@@ -1,6 +1,7 @@
 //! ML-CTL word anchors: dictionary entries that occur exactly once on each side of a sentence
 //! pair, with their token spans.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Device;
@@ -27,6 +28,9 @@ const EMBEDDED: [(&str, &str); 6] = [
 pub struct Lexicon {
     langs: Vec<String>,
     words: Vec<Vec<String>>,
+    /// Per language and entry: the lower-cased units to match (words, or characters for
+    /// unspaced scripts).
+    keys: Vec<Vec<Vec<String>>>,
 }
 
 /// How a language's text is matched against dictionary words.
@@ -43,9 +47,15 @@ pub enum ScriptKind {
 /// The script kind of a language code (`zh`, `zh-CN`, `cmn`, `ja`, `jpn`, `th`, `tha`, `lo`,
 /// `km`, `my` are [`ScriptKind::Unspaced`]; everything else is [`ScriptKind::Spaced`]).
 pub fn script_kind(lang: &str) -> ScriptKind {
-    let base = lang.split(['-', '_']).next().unwrap_or(lang).to_ascii_lowercase();
+    let base = lang
+        .split(['-', '_'])
+        .next()
+        .unwrap_or(lang)
+        .to_ascii_lowercase();
     match base.as_str() {
-        "zh" | "cmn" | "zho" | "ja" | "jpn" | "th" | "tha" | "lo" | "km" | "my" => ScriptKind::Unspaced,
+        "zh" | "cmn" | "zho" | "ja" | "jpn" | "th" | "tha" | "lo" | "km" | "my" => {
+            ScriptKind::Unspaced
+        }
         _ => ScriptKind::Spaced,
     }
 }
@@ -56,9 +66,26 @@ impl Lexicon {
     pub fn embedded() -> Self {
         let (langs, words) = EMBEDDED
             .iter()
-            .map(|(lang, text)| (lang.to_string(), text.lines().map(|l| l.trim().to_owned()).collect()))
+            .map(|(lang, text)| {
+                (
+                    lang.to_string(),
+                    text.lines().map(|l| l.trim().to_owned()).collect(),
+                )
+            })
             .unzip();
-        Self { langs, words }
+        Self::build(langs, words)
+    }
+
+    fn build(langs: Vec<String>, words: Vec<Vec<String>>) -> Self {
+        let keys = langs
+            .iter()
+            .zip(&words)
+            .map(|(lang, list)| {
+                let kind = script_kind(lang);
+                list.iter().map(|w| entry_units(w, kind)).collect()
+            })
+            .collect();
+        Self { langs, words, keys }
     }
 
     /// Reads `dir/{lang}.txt` for each language (one word per line, UTF-8). Every file must have
@@ -99,7 +126,7 @@ impl Lexicon {
         if words.iter().any(|w| w.len() != words[0].len()) {
             return Err(Error::InvalidArgument("word lists differ in length".into()));
         }
-        Ok(Self { langs, words })
+        Ok(Self::build(langs, words))
     }
 
     /// The language codes, in order.
@@ -119,12 +146,18 @@ impl Lexicon {
 
     /// The word of entry `entry` in `lang`.
     pub fn word(&self, lang: &str, entry: usize) -> Option<&str> {
-        self.words.get(self.lang_index(lang).ok()?)?.get(entry).map(String::as_str)
+        self.words
+            .get(self.lang_index(lang).ok()?)?
+            .get(entry)
+            .map(String::as_str)
     }
 
     fn lang_index(&self, lang: &str) -> Result<usize> {
         self.langs.iter().position(|l| l == lang).ok_or_else(|| {
-            Error::InvalidArgument(format!("language `{lang}` is not in the dictionary ({})", self.langs.join(", ")))
+            Error::InvalidArgument(format!(
+                "language `{lang}` is not in the dictionary ({})",
+                self.langs.join(", ")
+            ))
         })
     }
 
@@ -137,14 +170,24 @@ impl Lexicon {
     /// unspaced scripts match the entry's characters anywhere, overlapping occurrences counted.
     /// An entry occurring twice on a side is skipped. Every qualifying entry is returned (the
     /// caller, e.g. a trainer, picks one); entries may overlap each other.
-    pub fn find_anchors(&self, src_lang: &str, src_text: &str, tgt_lang: &str, tgt_text: &str) -> Result<Vec<AnchorMatch>> {
+    pub fn find_anchors(
+        &self,
+        src_lang: &str,
+        src_text: &str,
+        tgt_lang: &str,
+        tgt_text: &str,
+    ) -> Result<Vec<AnchorMatch>> {
         let (s, t) = (self.lang_index(src_lang)?, self.lang_index(tgt_lang)?);
         let src = Matcher::new(src_text, script_kind(src_lang));
         let tgt = Matcher::new(tgt_text, script_kind(tgt_lang));
         let mut found = Vec::new();
-        for (entry, (sw, tw)) in self.words[s].iter().zip(&self.words[t]).enumerate() {
-            let Some(src_bytes) = src.unique(sw) else { continue };
-            let Some(tgt_bytes) = tgt.unique(tw) else { continue };
+        for (entry, (sk, tk)) in self.keys[s].iter().zip(&self.keys[t]).enumerate() {
+            let Some(src_bytes) = src.unique(sk) else {
+                continue;
+            };
+            let Some(tgt_bytes) = tgt.unique(tk) else {
+                continue;
+            };
             found.push(AnchorMatch {
                 entry,
                 src_word: src_text[src_bytes.0..src_bytes.1].to_owned(),
@@ -191,24 +234,39 @@ impl Anchor {
     pub fn to_tsv(&self, src_text: &str, tgt_text: &str) -> Result<String> {
         for text in [src_text, tgt_text] {
             if text.contains(['\t', '\n', '\r']) {
-                return Err(Error::InvalidArgument(format!("a TSV field cannot hold a tab or line break: {text:?}")));
+                return Err(Error::InvalidArgument(format!(
+                    "a TSV field cannot hold a tab or line break: {text:?}"
+                )));
             }
         }
         Ok(format!(
             "{src_text}\t{}\t{}\t{}\t{tgt_text}\t{}\t{}\t{}",
-            self.found.src_word, self.src_span.start, self.src_span.end, self.found.tgt_word, self.tgt_span.start, self.tgt_span.end
+            self.found.src_word,
+            self.src_span.start,
+            self.src_span.end,
+            self.found.tgt_word,
+            self.tgt_span.start,
+            self.tgt_span.end
         ))
     }
 }
 
 /// The inclusive span of the tokens (of `text` encoded alone, `[CLS]` at 0) overlapping the
 /// byte range `bytes`; `None` when every such token was truncated away.
-pub fn token_span(tokenizer: &Tokenizer, text: &str, bytes: (usize, usize)) -> Result<Option<TokenSpan>> {
+pub fn token_span(
+    tokenizer: &Tokenizer,
+    text: &str,
+    bytes: (usize, usize),
+) -> Result<Option<TokenSpan>> {
     let batch = tokenizer.encode_batch(&[text], &Device::Cpu)?;
     Ok(span_of(&batch.offsets[0], &batch.word_ids[0], bytes))
 }
 
-pub(crate) fn span_of(offsets: &[(usize, usize)], word_ids: &[Option<u32>], bytes: (usize, usize)) -> Option<TokenSpan> {
+pub(crate) fn span_of(
+    offsets: &[(usize, usize)],
+    word_ids: &[Option<u32>],
+    bytes: (usize, usize),
+) -> Option<TokenSpan> {
     let mut hits = offsets
         .iter()
         .zip(word_ids)
@@ -216,7 +274,7 @@ pub(crate) fn span_of(offsets: &[(usize, usize)], word_ids: &[Option<u32>], byte
         .filter(|(_, (&(s, e), w))| w.is_some() && s < bytes.1 && e > bytes.0)
         .map(|(k, _)| k);
     let start = hits.next()?;
-    let end = hits.last().unwrap_or(start);
+    let end = hits.next_back().unwrap_or(start);
     Some(TokenSpan { start, end })
 }
 
@@ -241,7 +299,11 @@ pub fn find_anchor_spans(
         .filter_map(|m| {
             let src_span = span_of(&batch.offsets[0], &batch.word_ids[0], m.src_bytes)?;
             let tgt_span = span_of(&batch.offsets[1], &batch.word_ids[1], m.tgt_bytes)?;
-            Some(Anchor { found: m, src_span, tgt_span })
+            Some(Anchor {
+                found: m,
+                src_span,
+                tgt_span,
+            })
         })
         .collect())
 }
@@ -250,22 +312,75 @@ fn is_punct(c: char) -> bool {
     c.is_ascii_punctuation()
         || matches!(
             c,
-            '«' | '»' | '“' | '”' | '„' | '‘' | '’' | '‚' | '‹' | '›' | '…' | '–' | '—' | '¿' | '¡' | '·'
-                | '،' | '؛' | '؟' | '。' | '，' | '、' | '！' | '？' | '：' | '；' | '（' | '）'
-                | '「' | '」' | '『' | '』' | '《' | '》' | '【' | '】' | '〈' | '〉'
+            '«' | '»'
+                | '“'
+                | '”'
+                | '„'
+                | '‘'
+                | '’'
+                | '‚'
+                | '‹'
+                | '›'
+                | '…'
+                | '–'
+                | '—'
+                | '¿'
+                | '¡'
+                | '·'
+                | '،'
+                | '؛'
+                | '؟'
+                | '。'
+                | '，'
+                | '、'
+                | '！'
+                | '？'
+                | '：'
+                | '；'
+                | '（'
+                | '）'
+                | '「'
+                | '」'
+                | '『'
+                | '』'
+                | '《'
+                | '》'
+                | '【'
+                | '】'
+                | '〈'
+                | '〉'
         )
 }
 
-fn chars_eq_ci(a: &str, b: &str) -> bool {
-    a.chars().flat_map(char::to_lowercase).eq(b.chars().flat_map(char::to_lowercase))
+fn fold(s: &str) -> String {
+    s.chars().flat_map(char::to_lowercase).collect()
 }
 
-/// Words (spaced) or characters (unspaced) of a text with byte offsets.
-struct Matcher<'a> {
-    text: &'a str,
-    kind: ScriptKind,
+/// The lower-cased units of a dictionary entry: its words (spaced scripts) or its
+/// non-space characters (unspaced scripts).
+fn entry_units(entry: &str, kind: ScriptKind) -> Vec<String> {
+    match kind {
+        ScriptKind::Spaced => word_ranges(entry)
+            .into_iter()
+            .map(|(s, e)| fold(&entry[s..e]))
+            .collect(),
+        ScriptKind::Unspaced => entry
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .map(|c| fold(c.encode_utf8(&mut [0; 4])))
+            .collect(),
+    }
+}
+
+/// Words (spaced) or characters (unspaced) of a text with byte offsets, lower-cased and
+/// indexed.
+struct Matcher {
     /// Spaced: byte ranges of the words. Unspaced: byte ranges of the characters.
     units: Vec<(usize, usize)>,
+    /// The units' lower-cased text.
+    folded: Vec<String>,
+    /// Where each lower-cased unit occurs.
+    positions: HashMap<String, Vec<usize>>,
 }
 
 fn word_ranges(text: &str) -> Vec<(usize, usize)> {
@@ -288,36 +403,39 @@ fn word_ranges(text: &str) -> Vec<(usize, usize)> {
     out
 }
 
-impl<'a> Matcher<'a> {
-    fn new(text: &'a str, kind: ScriptKind) -> Self {
-        let units = match kind {
+impl Matcher {
+    fn new(text: &str, kind: ScriptKind) -> Self {
+        let units: Vec<(usize, usize)> = match kind {
             ScriptKind::Spaced => word_ranges(text),
-            ScriptKind::Unspaced => text.char_indices().map(|(b, c)| (b, b + c.len_utf8())).collect(),
-        };
-        Self { text, kind, units }
-    }
-
-    /// The byte range of the only occurrence of `entry`, or `None` for zero or several.
-    fn unique(&self, entry: &str) -> Option<(usize, usize)> {
-        let pattern: Vec<&str> = match self.kind {
-            ScriptKind::Spaced => word_ranges(entry).into_iter().map(|(s, e)| &entry[s..e]).collect(),
-            ScriptKind::Unspaced => entry
+            ScriptKind::Unspaced => text
                 .char_indices()
-                .filter(|(_, c)| !c.is_whitespace())
-                .map(|(b, c)| &entry[b..b + c.len_utf8()])
+                .map(|(b, c)| (b, b + c.len_utf8()))
                 .collect(),
         };
-        if pattern.is_empty() || pattern.len() > self.units.len() {
-            return None;
+        let folded: Vec<String> = units.iter().map(|&(s, e)| fold(&text[s..e])).collect();
+        let mut positions: HashMap<String, Vec<usize>> = HashMap::new();
+        for (k, u) in folded.iter().enumerate() {
+            positions.entry(u.clone()).or_default().push(k);
         }
+        Self {
+            units,
+            folded,
+            positions,
+        }
+    }
+
+    /// The byte range of the only occurrence of the unit sequence `pattern`, or `None` for
+    /// zero or several.
+    fn unique(&self, pattern: &[String]) -> Option<(usize, usize)> {
+        let first = pattern.first()?;
         let mut found = None;
-        for start in 0..=self.units.len() - pattern.len() {
-            let window = &self.units[start..start + pattern.len()];
-            if window.iter().zip(&pattern).all(|(&(s, e), p)| chars_eq_ci(&self.text[s..e], p)) {
+        for &start in self.positions.get(first)? {
+            let end = start + pattern.len();
+            if end <= self.folded.len() && self.folded[start..end] == *pattern {
                 if found.is_some() {
                     return None;
                 }
-                found = Some((window[0].0, window[pattern.len() - 1].1));
+                found = Some((self.units[start].0, self.units[end - 1].1));
             }
         }
         found

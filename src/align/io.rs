@@ -19,16 +19,21 @@ pub struct SentencePair {
 }
 
 impl SentencePair {
-    /// A pair from whitespace-tokenized source and target text.
+    /// A pair from tokenized source and target text, words separated by ASCII whitespace
+    /// (space, tab, CR, LF, FF) only: other Unicode spaces, e.g. the ideographic space U+3000
+    /// that the ja-en gold set counts as a word, are words.
     pub fn from_text(src: &str, tgt: &str) -> Self {
-        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect();
-        Self { src: words(src), tgt: words(tgt) }
+        let words = |s: &str| s.split_ascii_whitespace().map(str::to_owned).collect();
+        Self {
+            src: words(src),
+            tgt: words(tgt),
+        }
     }
 
     /// Parses `source words ||| target words`. A blank line is the empty pair; a non-blank line
     /// needs exactly one `|||`.
     pub fn parse(line: &str) -> std::result::Result<Self, String> {
-        if line.trim().is_empty() {
+        if line.trim_ascii().is_empty() {
             return Ok(Self::default());
         }
         let mut parts = line.split("|||");
@@ -50,11 +55,15 @@ fn read_lines(path: &Path) -> Result<String> {
 }
 
 fn data_error(path: &Path, line: usize, reason: impl Into<String>) -> Error {
-    Error::Data { path: path.to_path_buf(), line, reason: reason.into() }
+    Error::Data {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
 }
 
-/// Reads a parallel file, one `source ||| target` pair per line (words separated by
-/// whitespace; a blank line is an empty pair).
+/// Reads a parallel file, one `source ||| target` pair per line (words separated by ASCII
+/// whitespace, see [`SentencePair::from_text`]; a blank line is an empty pair).
 pub fn read_parallel(path: impl AsRef<Path>) -> Result<Vec<SentencePair>> {
     let path = path.as_ref();
     read_lines(path)?
@@ -96,7 +105,9 @@ pub fn read_gold(path: impl AsRef<Path>, one_based: bool) -> Result<Vec<GoldAlig
     read_lines(path)?
         .lines()
         .enumerate()
-        .map(|(k, line)| GoldAlignment::parse(line, one_based).map_err(|r| data_error(path, k + 1, r)))
+        .map(|(k, line)| {
+            GoldAlignment::parse(line, one_based).map_err(|r| data_error(path, k + 1, r))
+        })
         .collect()
 }
 
@@ -120,7 +131,10 @@ pub fn check_links<'a>(
     }
     let o = usize::from(one_based);
     for (k, (line, pair)) in links.zip(pairs).enumerate() {
-        if let Some(&(i, j)) = line.iter().find(|&&(i, j)| i >= pair.src.len() || j >= pair.tgt.len()) {
+        if let Some(&(i, j)) = line
+            .iter()
+            .find(|&&(i, j)| i >= pair.src.len() || j >= pair.tgt.len())
+        {
             return Err(data_error(
                 path,
                 k + 1,
@@ -144,6 +158,9 @@ pub fn check_gold(
     pairs: &[SentencePair],
     one_based: bool,
 ) -> Result<()> {
-    let links: Vec<Vec<(usize, usize)>> = gold.iter().map(|g| g.possible().iter().copied().collect()).collect();
+    let links: Vec<Vec<(usize, usize)>> = gold
+        .iter()
+        .map(|g| g.possible().iter().copied().collect())
+        .collect();
     check_links(gold_file, links.iter().map(Vec::as_slice), pairs, one_based)
 }

@@ -140,7 +140,11 @@ impl AlignMethod for ArgMax {
         }
         let col_best: Vec<usize> = (0..sim.cols()).filter_map(|j| col_argmax(sim, j)).collect();
         (0..sim.rows())
-            .filter_map(|i| row_argmax(sim, i).filter(|&j| col_best[j] == i).map(|j| (i, j)))
+            .filter_map(|i| {
+                row_argmax(sim, i)
+                    .filter(|&j| col_best[j] == i)
+                    .map(|j| (i, j))
+            })
             .collect()
     }
 }
@@ -169,7 +173,10 @@ pub struct IterMax {
 
 impl Default for IterMax {
     fn default() -> Self {
-        Self { max_iter: 2, alpha: 0.9 }
+        Self {
+            max_iter: 2,
+            alpha: 0.9,
+        }
     }
 }
 
@@ -191,7 +198,9 @@ impl AlignMethod for IterMax {
         let alpha = f64::from(self.alpha);
         let mut count = 1;
         while count < self.max_iter {
-            let row_free: Vec<bool> = (0..m).map(|i| !linked[i * n..(i + 1) * n].iter().any(|&l| l)).collect();
+            let row_free: Vec<bool> = (0..m)
+                .map(|i| !linked[i * n..(i + 1) * n].iter().any(|&l| l))
+                .collect();
             let col_free: Vec<bool> = (0..n).map(|j| !(0..m).any(|i| linked[i * n + j])).collect();
             if !row_free.iter().any(|&f| f) || !col_free.iter().any(|&f| f) {
                 break;
@@ -220,7 +229,10 @@ impl AlignMethod for IterMax {
             }
             count += 1;
         }
-        (0..m * n).filter(|&k| linked[k]).map(|k| (k / n, k % n)).collect()
+        (0..m * n)
+            .filter(|&k| linked[k])
+            .map(|k| (k / n, k % n))
+            .collect()
     }
 }
 
@@ -260,9 +272,17 @@ impl AlignMethod for MaxWeightMatch {
             }
         };
         let transpose = sim.rows() > sim.cols();
-        let (r, c) = if transpose { (sim.cols(), sim.rows()) } else { (sim.rows(), sim.cols()) };
+        let (r, c) = if transpose {
+            (sim.cols(), sim.rows())
+        } else {
+            (sim.rows(), sim.cols())
+        };
         let weights = Matrix::from_fn(r, c, |(a, b)| {
-            if transpose { weight(sim.get(b, a)) } else { weight(sim.get(a, b)) }
+            if transpose {
+                weight(sim.get(b, a))
+            } else {
+                weight(sim.get(a, b))
+            }
         });
         let (_, assignment) = kuhn_munkres(&weights);
         assignment
@@ -324,17 +344,76 @@ impl AlignMethod for SoftmaxAlign {
     }
 }
 
-/// The method names [`method_by_name`] accepts.
-pub const METHOD_NAMES: [&str; 4] = ["argmax", "itermax", "match", "softmax"];
+/// Sparsemax (Martins and Astudillo, 2016), the Euclidean projection of `z` onto the simplex:
+/// `max(z - tau, 0)` with `tau` chosen so the result sums to 1.
+fn sparsemax(z: &[f64]) -> Vec<f64> {
+    let mut sorted = z.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let (mut cumsum, mut tau) = (0.0, 0.0);
+    for (k, &v) in sorted.iter().enumerate() {
+        cumsum += v;
+        let candidate = (cumsum - 1.0) / (k + 1) as f64;
+        if v > candidate {
+            tau = candidate;
+        } else {
+            break;
+        }
+    }
+    z.iter().map(|&v| (v - tau).max(0.0)).collect()
+}
 
-/// A method with its default settings by name: `argmax`, `itermax`, `match` (alias `mwmf`) or
-/// `softmax`.
+/// awesome-align's softmax rule with sparsemax in place of softmax (in the spirit of its
+/// `entmax` option, which uses the 1.5-entmax; this crate implements sparsemax, i.e. 2-entmax):
+/// sparsemax over each row and each column of the dot-product matrix, `(i, j)` is a link when
+/// both probabilities are strictly above `threshold` (default 0: both non-zero).
+///
+/// Every row and column keeps its maximum with a non-zero probability, but a link needs both
+/// directions, so a pair may get no link.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SparsemaxAlign {
+    /// Both probabilities must exceed it; 0 by default.
+    pub threshold: f64,
+}
+
+impl AlignMethod for SparsemaxAlign {
+    fn name(&self) -> &'static str {
+        "sparsemax"
+    }
+
+    fn similarity(&self) -> Similarity {
+        Similarity::Dot
+    }
+
+    fn align(&self, sim: &SimMatrix) -> Alignment {
+        if sim.is_empty() {
+            return Alignment::default();
+        }
+        let (m, n) = (sim.rows(), sim.cols());
+        let fwd: Vec<Vec<f64>> = (0..m)
+            .map(|i| sparsemax(&sim.row(i).iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
+            .collect();
+        let bwd: Vec<Vec<f64>> = (0..n)
+            .map(|j| sparsemax(&(0..m).map(|i| f64::from(sim.get(i, j))).collect::<Vec<_>>()))
+            .collect();
+        (0..m)
+            .flat_map(|i| (0..n).map(move |j| (i, j)))
+            .filter(|&(i, j)| fwd[i][j] > self.threshold && bwd[j][i] > self.threshold)
+            .collect()
+    }
+}
+
+/// The method names [`method_by_name`] accepts.
+pub const METHOD_NAMES: [&str; 5] = ["argmax", "itermax", "match", "softmax", "sparsemax"];
+
+/// A method with its default settings by name: `argmax` (alias `inter`), `itermax`, `match`
+/// (alias `mwmf`), `softmax` or `sparsemax`.
 pub fn method_by_name(name: &str) -> Result<Box<dyn AlignMethod>> {
     Ok(match name {
         "argmax" | "inter" => Box::new(ArgMax),
         "itermax" => Box::new(IterMax::default()),
         "match" | "mwmf" => Box::new(MaxWeightMatch),
         "softmax" => Box::new(SoftmaxAlign::default()),
+        "sparsemax" => Box::new(SparsemaxAlign::default()),
         other => {
             return Err(Error::InvalidArgument(format!(
                 "unknown alignment method `{other}` (expected one of {})",

@@ -48,7 +48,9 @@ impl GoldAlignment {
             } else if let Some(p) = link.find('p') {
                 (p, &mut possible)
             } else {
-                return Err(format!("`{link}` is neither an `i-j` (sure) nor an `ipj` (possible) link"));
+                return Err(format!(
+                    "`{link}` is neither an `i-j` (sure) nor an `ipj` (possible) link"
+                ));
             };
             let index = |s: &str| -> std::result::Result<usize, String> {
                 let v = s
@@ -72,7 +74,11 @@ impl GoldAlignment {
         self.possible
             .iter()
             .map(|&(i, j)| {
-                let sep = if self.sure.contains(&(i, j)) { '-' } else { 'p' };
+                let sep = if self.sure.contains(&(i, j)) {
+                    '-'
+                } else {
+                    'p'
+                };
                 format!("{}{sep}{}", i + o, j + o)
             })
             .collect::<Vec<_>>()
@@ -112,8 +118,16 @@ impl AlignmentCounts {
     pub fn add(&mut self, predicted: &Alignment, gold: &GoldAlignment) {
         self.predicted += predicted.len();
         self.sure += gold.sure.len();
-        self.predicted_sure += predicted.links().iter().filter(|l| gold.sure.contains(l)).count();
-        self.predicted_possible += predicted.links().iter().filter(|l| gold.possible.contains(l)).count();
+        self.predicted_sure += predicted
+            .links()
+            .iter()
+            .filter(|l| gold.sure.contains(l))
+            .count();
+        self.predicted_possible += predicted
+            .links()
+            .iter()
+            .filter(|l| gold.possible.contains(l))
+            .count();
     }
 
     /// Counts over a corpus; the two slices must have one entry per sentence pair.

@@ -6,7 +6,8 @@
 //!   mean of their subwords at a chosen layer (default 8, as SimAlign for mBERT) or over
 //!   several layers ([`crate::pooling::Pooling::mlctl`]), and one [`SimMatrix`] per pair.
 //! - [`AlignMethod`] and its implementations: SimAlign's [`ArgMax`], [`IterMax`] and
-//!   [`MaxWeightMatch`], awesome-align's [`SoftmaxAlign`]; [`SimMatrix::with_distortion`] and
+//!   [`MaxWeightMatch`], awesome-align's [`SoftmaxAlign`] (and its sparse variant
+//!   [`SparsemaxAlign`]); [`SimMatrix::with_distortion`] and
 //!   [`drop_below`] as optional extensions.
 //! - [`io`]: `src ||| tgt` parallel files, Pharaoh (`i-j`, 0-based) files, gold files
 //!   (`i-j` sure, `ipj` possible, 1- or 0-based).
@@ -36,15 +37,17 @@ mod sim;
 mod words;
 
 pub use anchors::{
-    find_anchor_spans, script_kind, token_span, Anchor, AnchorMatch, Lexicon, ScriptKind, LEXICON_LANGS,
+    find_anchor_spans, script_kind, token_span, Anchor, AnchorMatch, Lexicon, ScriptKind,
+    LEXICON_LANGS,
 };
 pub use io::SentencePair;
 pub use methods::{
-    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, MATCH_SCALE,
-    METHOD_NAMES,
+    drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch,
+    SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors, DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors,
+    DEFAULT_ALIGN_LAYER,
 };

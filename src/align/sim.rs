@@ -69,14 +69,27 @@ impl SimMatrix {
                 actual: vec![v.len()],
             });
         }
-        let norm = |v: &[f32]| v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+        let norm = |v: &[f32]| {
+            v.iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt()
+        };
         let src_norms: Vec<f64> = src.iter().map(|v| norm(v)).collect();
         let tgt_norms: Vec<f64> = tgt.iter().map(|v| norm(v)).collect();
         let mut data = Vec::with_capacity(src.len() * tgt.len());
         for (s, &ns) in src.iter().zip(&src_norms) {
             for (t, &nt) in tgt.iter().zip(&tgt_norms) {
-                let dot: f64 = s.iter().zip(t).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-                let cos = if ns > 0.0 && nt > 0.0 { (dot / (ns * nt)).clamp(-1.0, 1.0) } else { 0.0 };
+                let dot: f64 = s
+                    .iter()
+                    .zip(t)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let cos = if ns > 0.0 && nt > 0.0 {
+                    (dot / (ns * nt)).clamp(-1.0, 1.0)
+                } else {
+                    0.0
+                };
                 data.push(match kind {
                     Similarity::Cosine => cos as f32,
                     Similarity::ScaledCosine => ((cos + 1.0) / 2.0) as f32,
@@ -107,7 +120,12 @@ impl SimMatrix {
     /// # Panics
     /// When `i` or `j` is out of range.
     pub fn get(&self, i: usize, j: usize) -> f32 {
-        assert!(i < self.rows && j < self.cols, "({i}, {j}) outside {}x{}", self.rows, self.cols);
+        assert!(
+            i < self.rows && j < self.cols,
+            "({i}, {j}) outside {}x{}",
+            self.rows,
+            self.cols
+        );
         self.data[i * self.cols + j]
     }
 
@@ -135,7 +153,8 @@ impl SimMatrix {
             for j in 0..self.cols {
                 let x = j as f64 / (self.cols - 1) as f64;
                 let factor = 1.0 - (x - y).powi(2) * f64::from(ratio);
-                out.data[i * self.cols + j] = (f64::from(self.data[i * self.cols + j]) * factor) as f32;
+                out.data[i * self.cols + j] =
+                    (f64::from(self.data[i * self.cols + j]) * factor) as f32;
             }
         }
         out

@@ -22,17 +22,30 @@ pub trait HiddenStates {
 
     /// The device the token batch must be on.
     fn device(&self) -> Device;
+
+    /// The longest sequence the encoder accepts (BERT: `max_position_embeddings`), if limited.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl HiddenStates for BertEncoder {
     fn hidden_states(&self, batch: &TokenBatch) -> Result<Vec<Tensor>> {
         Ok(self
-            .forward(&batch.input_ids, Some(&batch.token_type_ids), Some(&batch.attention_mask))?
+            .forward(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                Some(&batch.attention_mask),
+            )?
             .hidden_states)
     }
 
     fn device(&self) -> Device {
         self.word_embeddings().device().clone()
+    }
+
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.config().max_position_embeddings)
     }
 }
 
@@ -53,7 +66,12 @@ pub fn word_tokens(word_ids: &[Option<u32>], num_words: usize) -> Vec<Vec<usize>
 pub fn word_spans(word_ids: &[Option<u32>], num_words: usize) -> Vec<Option<TokenSpan>> {
     word_tokens(word_ids, num_words)
         .into_iter()
-        .map(|t| Some(TokenSpan { start: *t.first()?, end: *t.last()? }))
+        .map(|t| {
+            Some(TokenSpan {
+                start: *t.first()?,
+                end: *t.last()?,
+            })
+        })
         .collect()
 }
 
@@ -81,8 +99,24 @@ pub struct WordAligner<'a, E: HiddenStates + ?Sized> {
 
 impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
     /// An aligner at layer [`DEFAULT_ALIGN_LAYER`] (8), no distortion, no null threshold.
+    ///
+    /// A tokenizer whose `max_len` exceeds the encoder's position limit
+    /// ([`HiddenStates::max_positions`]) is lowered to it, so long sentences are truncated
+    /// (their last words get no link) rather than rejected by the encoder.
     pub fn new(encoder: &'a E, tokenizer: Tokenizer) -> Self {
-        Self { encoder, tokenizer, layers: vec![DEFAULT_ALIGN_LAYER], distortion: 0.0, null_threshold: None }
+        let tokenizer = match encoder.max_positions() {
+            Some(limit) if tokenizer.max_len() > limit => {
+                tokenizer.clone().with_max_len(limit).unwrap_or(tokenizer)
+            }
+            _ => tokenizer,
+        };
+        Self {
+            encoder,
+            tokenizer,
+            layers: vec![DEFAULT_ALIGN_LAYER],
+            distortion: 0.0,
+            null_threshold: None,
+        }
     }
 
     /// Uses one hidden layer.
@@ -125,16 +159,24 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
     /// sentence gives an empty list.
     pub fn embed_words<S: AsRef<str>>(&self, sentences: &[Vec<S>]) -> Result<Vec<WordVectors>> {
         if self.layers.is_empty() {
-            return Err(Error::InvalidArgument("word alignment needs at least one layer".into()));
+            return Err(Error::InvalidArgument(
+                "word alignment needs at least one layer".into(),
+            ));
         }
         let mut out: Vec<WordVectors> = sentences.iter().map(|_| Vec::new()).collect();
-        let present: Vec<usize> = (0..sentences.len()).filter(|&k| !sentences[k].is_empty()).collect();
+        let present: Vec<usize> = (0..sentences.len())
+            .filter(|&k| !sentences[k].is_empty())
+            .collect();
         if present.is_empty() {
             return Ok(out);
         }
-        let words: Vec<Vec<&str>> =
-            present.iter().map(|&k| sentences[k].iter().map(AsRef::as_ref).collect()).collect();
-        let batch = self.tokenizer.encode_pretokenized_batch(&words, &self.encoder.device())?;
+        let words: Vec<Vec<&str>> = present
+            .iter()
+            .map(|&k| sentences[k].iter().map(AsRef::as_ref).collect())
+            .collect();
+        let batch = self
+            .tokenizer
+            .encode_pretokenized_batch(&words, &self.encoder.device())?;
         let hidden = self.encoder.hidden_states(&batch)?;
         let n = hidden.len() as isize;
         let mut layers: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(self.layers.len());
@@ -146,7 +188,9 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
                     n - 1
                 )));
             }
-            let h = hidden[index as usize].to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let h = hidden[index as usize]
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
             layers.push(h.to_vec3::<f32>()?);
         }
         for (row, &k) in present.iter().enumerate() {
@@ -175,11 +219,22 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
     }
 
     /// Aligns one pair of word vector lists (from [`WordAligner::embed_words`]).
-    pub fn align_vectors(&self, src: &WordVectors, tgt: &WordVectors, method: &dyn AlignMethod) -> Result<Alignment> {
-        let (src_idx, src_vecs): (Vec<usize>, Vec<Vec<f32>>) =
-            src.iter().enumerate().filter_map(|(k, v)| Some((k, v.clone()?))).unzip();
-        let (tgt_idx, tgt_vecs): (Vec<usize>, Vec<Vec<f32>>) =
-            tgt.iter().enumerate().filter_map(|(k, v)| Some((k, v.clone()?))).unzip();
+    pub fn align_vectors(
+        &self,
+        src: &WordVectors,
+        tgt: &WordVectors,
+        method: &dyn AlignMethod,
+    ) -> Result<Alignment> {
+        let (src_idx, src_vecs): (Vec<usize>, Vec<Vec<f32>>) = src
+            .iter()
+            .enumerate()
+            .filter_map(|(k, v)| Some((k, v.clone()?)))
+            .unzip();
+        let (tgt_idx, tgt_vecs): (Vec<usize>, Vec<Vec<f32>>) = tgt
+            .iter()
+            .enumerate()
+            .filter_map(|(k, v)| Some((k, v.clone()?)))
+            .unzip();
         let mut sim = SimMatrix::compute(&src_vecs, &tgt_vecs, method.similarity())?;
         if self.distortion != 0.0 {
             sim = sim.with_distortion(self.distortion);
@@ -188,24 +243,43 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         if let Some(t) = self.null_threshold {
             links = drop_below(&links, &sim, t);
         }
-        Ok(links.links().iter().map(|&(i, j)| (src_idx[i], tgt_idx[j])).collect())
+        Ok(links
+            .links()
+            .iter()
+            .map(|&(i, j)| (src_idx[i], tgt_idx[j]))
+            .collect())
     }
 
     /// Aligns a batch of pairs with one forward pass over all their sentences. An empty side
     /// gives an empty alignment.
-    pub fn align_pairs(&self, pairs: &[SentencePair], method: &dyn AlignMethod) -> Result<Vec<Alignment>> {
+    pub fn align_pairs(
+        &self,
+        pairs: &[SentencePair],
+        method: &dyn AlignMethod,
+    ) -> Result<Vec<Alignment>> {
         let mut sentences: Vec<&[String]> = Vec::with_capacity(2 * pairs.len());
         for p in pairs {
             sentences.push(&p.src);
             sentences.push(&p.tgt);
         }
-        let sentences: Vec<Vec<&str>> = sentences.iter().map(|s| s.iter().map(String::as_str).collect()).collect();
+        let sentences: Vec<Vec<&str>> = sentences
+            .iter()
+            .map(|s| s.iter().map(String::as_str).collect())
+            .collect();
         let vectors = self.embed_words(&sentences)?;
-        vectors.chunks(2).map(|pair| self.align_vectors(&pair[0], &pair[1], method)).collect()
+        vectors
+            .chunks(2)
+            .map(|pair| self.align_vectors(&pair[0], &pair[1], method))
+            .collect()
     }
 
     /// Aligns two pre-tokenized sentences.
-    pub fn align_words<S: AsRef<str>>(&self, src: &[S], tgt: &[S], method: &dyn AlignMethod) -> Result<Alignment> {
+    pub fn align_words<S: AsRef<str>>(
+        &self,
+        src: &[S],
+        tgt: &[S],
+        method: &dyn AlignMethod,
+    ) -> Result<Alignment> {
         let pair = SentencePair {
             src: src.iter().map(|s| s.as_ref().to_owned()).collect(),
             tgt: tgt.iter().map(|s| s.as_ref().to_owned()).collect(),
@@ -222,8 +296,14 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         tgt: &str,
         method: &dyn AlignMethod,
     ) -> Result<(Vec<String>, Vec<String>, Alignment)> {
-        let s: Vec<String> = split_words(&self.tokenizer, src)?.into_iter().map(|w| w.text).collect();
-        let t: Vec<String> = split_words(&self.tokenizer, tgt)?.into_iter().map(|w| w.text).collect();
+        let s: Vec<String> = split_words(&self.tokenizer, src)?
+            .into_iter()
+            .map(|w| w.text)
+            .collect();
+        let t: Vec<String> = split_words(&self.tokenizer, tgt)?
+            .into_iter()
+            .map(|w| w.text)
+            .collect();
         let a = self.align_words(&s, &t, method)?;
         Ok((s, t, a))
     }
@@ -243,7 +323,10 @@ pub struct TextWord {
 /// truncation, so every word is listed. Words are the spans of the tokens sharing a word id.
 pub fn split_words(tokenizer: &Tokenizer, text: &str) -> Result<Vec<TextWord>> {
     let mut inner = tokenizer.inner().clone();
-    inner.with_truncation(None).map_err(Error::Tokenizer)?.with_padding(None);
+    inner
+        .with_truncation(None)
+        .map_err(Error::Tokenizer)?
+        .with_padding(None);
     let enc = inner.encode(text, false).map_err(Error::Tokenizer)?;
     let mut words: Vec<TextWord> = Vec::new();
     let mut last: Option<u32> = None;
@@ -253,12 +336,18 @@ pub fn split_words(tokenizer: &Tokenizer, text: &str) -> Result<Vec<TextWord>> {
             let w = words.last_mut().expect("a word was started");
             w.bytes.1 = w.bytes.1.max(end);
         } else {
-            words.push(TextWord { text: String::new(), bytes: (start, end) });
+            words.push(TextWord {
+                text: String::new(),
+                bytes: (start, end),
+            });
             last = Some(id);
         }
     }
     for w in &mut words {
-        w.text = text.get(w.bytes.0..w.bytes.1).unwrap_or_default().to_owned();
+        w.text = text
+            .get(w.bytes.0..w.bytes.1)
+            .unwrap_or_default()
+            .to_owned();
     }
     Ok(words)
 }

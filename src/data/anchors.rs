@@ -28,17 +28,34 @@ impl LexiconAnchors {
                 )));
             }
         }
-        Ok(Self { lexicon, src_lang: src_lang.into(), tgt_lang: tgt_lang.into() })
+        Ok(Self {
+            lexicon,
+            src_lang: src_lang.into(),
+            tgt_lang: tgt_lang.into(),
+        })
     }
 }
 
 impl AnchorFinder for LexiconAnchors {
-    fn find(&self, src: &str, src_tokens: &Encoding, tgt: &str, tgt_tokens: &Encoding) -> Option<(TokenSpan, TokenSpan)> {
-        let span = |enc: &Encoding, bytes| crate::align::anchors::span_of(enc.get_offsets(), enc.get_word_ids(), bytes);
+    fn find(
+        &self,
+        src: &str,
+        src_tokens: &Encoding,
+        tgt: &str,
+        tgt_tokens: &Encoding,
+    ) -> Option<(TokenSpan, TokenSpan)> {
+        let span = |enc: &Encoding, bytes| {
+            crate::align::anchors::span_of(enc.get_offsets(), enc.get_word_ids(), bytes)
+        };
         self.lexicon
             .find_anchors(&self.src_lang, src, &self.tgt_lang, tgt)
             .ok()?
             .into_iter()
-            .find_map(|m| Some((span(src_tokens, m.src_bytes)?, span(tgt_tokens, m.tgt_bytes)?)))
+            .find_map(|m| {
+                Some((
+                    span(src_tokens, m.src_bytes)?,
+                    span(tgt_tokens, m.tgt_bytes)?,
+                ))
+            })
     }
 }

@@ -24,9 +24,17 @@ pub fn plot_training(records: &[StepRecord], path: &Path) -> Result<()> {
         ("mlm (unweighted)", |r| r.mlm, RED),
     ];
     let finite = |v: f32| v.is_finite().then_some(v);
-    let values = records.iter().flat_map(|r| terms.iter().filter_map(move |t| t.1(r).and_then(finite)));
-    let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (lo, hi) = if lo.is_finite() { (lo.min(0.0), hi.max(lo + 1e-3)) } else { (0.0, 1.0) };
+    let values = records
+        .iter()
+        .flat_map(|r| terms.iter().filter_map(move |t| t.1(r).and_then(finite)));
+    let (lo, hi) = values.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() {
+        (lo.min(0.0), hi.max(lo + 1e-3))
+    } else {
+        (0.0, 1.0)
+    };
     let last = records.last().map_or(1, |r| r.step).max(2);
 
     let mut svg = String::new();
@@ -40,10 +48,17 @@ pub fn plot_training(records: &[StepRecord], path: &Path) -> Result<()> {
             .y_label_area_size(56)
             .build_cartesian_2d(1u64..last, lo..hi * 1.05)
             .map_err(plot_error)?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw().map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss")
+            .draw()
+            .map_err(plot_error)?;
         for (name, get, color) in terms {
-            let points: Vec<(u64, f32)> =
-                records.iter().filter_map(|r| get(r).and_then(finite).map(|v| (r.step, v))).collect();
+            let points: Vec<(u64, f32)> = records
+                .iter()
+                .filter_map(|r| get(r).and_then(finite).map(|v| (r.step, v)))
+                .collect();
             if points.is_empty() {
                 continue;
             }
@@ -51,9 +66,16 @@ pub fn plot_training(records: &[StepRecord], path: &Path) -> Result<()> {
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))
                 .map_err(plot_error)?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
         }
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
     crate::encoder::write_atomic(path, svg.as_bytes())
@@ -75,7 +97,12 @@ pub fn plot_before_after(title: &str, rows: &[BeforeAfter], path: &Path) -> Resu
     if rows.is_empty() {
         return Err(Error::InvalidArgument("no rows to plot".into()));
     }
-    let top = rows.iter().map(|r| r.before.max(r.after)).fold(0.0f32, f32::max).max(0.05) * 1.15;
+    let top = rows
+        .iter()
+        .map(|r| r.before.max(r.after))
+        .fold(0.0f32, f32::max)
+        .max(0.05)
+        * 1.15;
     let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     let mut svg = String::new();
     {
@@ -94,7 +121,11 @@ pub fn plot_before_after(title: &str, rows: &[BeforeAfter], path: &Path) -> Resu
             .x_labels(rows.len() * 2 + 1)
             .x_label_formatter(&|x| {
                 let i = x.floor() as usize;
-                if (x - x.floor() - 0.5).abs() < 0.26 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
+                if (x - x.floor() - 0.5).abs() < 0.26 {
+                    labels.get(i).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
             })
             .y_desc("acc@1")
             .draw()
@@ -109,13 +140,23 @@ pub fn plot_before_after(title: &str, rows: &[BeforeAfter], path: &Path) -> Resu
             .draw_series(bars(0.12, RGBColor(160, 160, 160), |r| r.before))
             .map_err(plot_error)?
             .label("before")
-            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], RGBColor(160, 160, 160).filled()));
+            .legend(|(x, y)| {
+                Rectangle::new(
+                    [(x, y - 5), (x + 12, y + 5)],
+                    RGBColor(160, 160, 160).filled(),
+                )
+            });
         chart
             .draw_series(bars(0.53, BLUE, |r| r.after))
             .map_err(plot_error)?
             .label("after")
             .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(plot_error)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
     crate::encoder::write_atomic(path, svg.as_bytes())

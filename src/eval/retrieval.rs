@@ -30,7 +30,11 @@ impl RetrievalScores {
 /// Unit-length rows, computed in f32 (zero rows stay zero).
 fn normalize_rows(x: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
-    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
     Ok(x.broadcast_div(&norm)?)
 }
 
@@ -43,12 +47,20 @@ fn normalize_rows(x: &Tensor) -> Result<Tensor> {
 pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores> {
     let (n, d) = src.dims2()?;
     if tgt.dims() != [n, d] {
-        return Err(Error::ShapeMismatch { name: "target embeddings".into(), expected: vec![n, d], actual: tgt.dims().to_vec() });
+        return Err(Error::ShapeMismatch {
+            name: "target embeddings".into(),
+            expected: vec![n, d],
+            actual: tgt.dims().to_vec(),
+        });
     }
     if n == 0 {
-        return Err(Error::InvalidArgument("retrieval needs at least one pair".into()));
+        return Err(Error::InvalidArgument(
+            "retrieval needs at least one pair".into(),
+        ));
     }
-    let sim = normalize_rows(src)?.matmul(&normalize_rows(tgt)?.t()?)?.to_device(&Device::Cpu)?;
+    let sim = normalize_rows(src)?
+        .matmul(&normalize_rows(tgt)?.t()?)?
+        .to_device(&Device::Cpu)?;
     let rows = sim.to_vec2::<f32>()?;
     let argmax = |values: &mut dyn Iterator<Item = f32>| {
         let mut best = (0, f32::NEG_INFINITY);
@@ -59,9 +71,17 @@ pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores>
         }
         best.0
     };
-    let forward = (0..n).filter(|&i| argmax(&mut rows[i].iter().copied()) == i).count();
-    let backward = (0..n).filter(|&j| argmax(&mut rows.iter().map(|r| r[j])) == j).count();
-    Ok(RetrievalScores { src_to_tgt: forward as f32 / n as f32, tgt_to_src: backward as f32 / n as f32, n })
+    let forward = (0..n)
+        .filter(|&i| argmax(&mut rows[i].iter().copied()) == i)
+        .count();
+    let backward = (0..n)
+        .filter(|&j| argmax(&mut rows.iter().map(|r| r[j])) == j)
+        .count();
+    Ok(RetrievalScores {
+        src_to_tgt: forward as f32 / n as f32,
+        tgt_to_src: backward as f32 / n as f32,
+        n,
+    })
 }
 
 /// Sentence embeddings `[texts, hidden]` (f32, on the CPU) in eval mode, `batch_size` at a time.
@@ -86,7 +106,11 @@ pub fn embed_spans<S: AsRef<str>>(
     batch_size: usize,
 ) -> Result<Tensor> {
     if spans.len() != texts.len() {
-        return Err(Error::ShapeMismatch { name: "spans".into(), expected: vec![texts.len()], actual: vec![spans.len()] });
+        return Err(Error::ShapeMismatch {
+            name: "spans".into(),
+            expected: vec![texts.len()],
+            actual: vec![spans.len()],
+        });
     }
     embed(encoder, tokenizer, pooling, texts, Some(spans), batch_size)
 }
@@ -100,13 +124,19 @@ fn embed<S: AsRef<str>>(
     batch_size: usize,
 ) -> Result<Tensor> {
     if texts.is_empty() || batch_size == 0 {
-        return Err(Error::InvalidArgument("nothing to embed (no texts or batch size 0)".into()));
+        return Err(Error::InvalidArgument(
+            "nothing to embed (no texts or batch size 0)".into(),
+        ));
     }
     let device = encoder.word_embeddings().device();
     let mut parts = Vec::new();
     for (chunk_index, chunk) in texts.chunks(batch_size).enumerate() {
         let batch = tokenizer.encode_batch(chunk, device)?;
-        let out = encoder.forward(&batch.input_ids, Some(&batch.token_type_ids), Some(&batch.attention_mask))?;
+        let out = encoder.forward(
+            &batch.input_ids,
+            Some(&batch.token_type_ids),
+            Some(&batch.attention_mask),
+        )?;
         let pooled = match spans {
             None => pooling.sentence(&out, &batch.attention_mask)?,
             Some(spans) => {

@@ -1,0 +1,111 @@
+//! The `align` example as a user runs it: output on success, nothing written on bad input.
+//!
+//! `cargo test` builds the examples before running tests; when the binary is absent (e.g.
+//! `cargo test --test align_example` alone) the test says so and checks nothing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn example() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?.join("examples");
+    let bin = dir.join(format!("align{}", std::env::consts::EXE_SUFFIX));
+    bin.exists().then_some(bin)
+}
+
+fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
+    let model = common::fixture("tiny_bert");
+    let out = Command::new(bin)
+        .args(["--model", model.to_str().unwrap(), "--cpu"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn example_writes_pharaoh_and_scores_or_writes_nothing() {
+    let Some(bin) = example() else {
+        eprintln!("the align example is not built (run the whole `cargo test`): nothing checked");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.src-tgt");
+    std::fs::write(&input, "the cat sat ||| a dog ran\n\nthe dog ||| the dog\n").unwrap();
+    let gold = d.join("in.gold");
+    std::fs::write(&gold, "1-1 2-2 3-3\n\n1-1 2-2\n").unwrap();
+    let output = d.join("out.align");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+
+    let (ok, stdout, stderr) = run(
+        &bin,
+        &[
+            "--input",
+            &s(&input),
+            "--gold",
+            &s(&gold),
+            "--output",
+            &s(&output),
+            "--method",
+            "itermax",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("AER"), "{stdout}");
+    let text = std::fs::read_to_string(&output).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text:?}");
+    assert_eq!(lines[1], "", "empty input line, empty output line");
+    assert!(!lines[0].is_empty() && !lines[2].is_empty());
+
+    // Bad input: a line without `|||`, a gold link out of range, a gold file one line short.
+    let bad_input = d.join("bad.src-tgt");
+    std::fs::write(&bad_input, "a b ||| c\nno separator\n").unwrap();
+    let far = d.join("far.gold");
+    std::fs::write(&far, "1-1\n\n1-9\n").unwrap();
+    let short = d.join("short.gold");
+    std::fs::write(&short, "1-1\n").unwrap();
+    let fresh = d.join("fresh.align");
+    for (args, expect) in [
+        (
+            vec!["--input", &s(&bad_input)],
+            format!("{}:2:", bad_input.display()),
+        ),
+        (
+            vec!["--input", &s(&input), "--gold", &s(&far)],
+            format!("{}:3:", far.display()),
+        ),
+        (
+            vec!["--input", &s(&input), "--gold", &s(&short)],
+            format!("{}:2:", short.display()),
+        ),
+    ] {
+        for target in [&fresh, &output] {
+            let mut all: Vec<&str> = args.clone();
+            let t = s(target);
+            all.extend(["--output", &t]);
+            let (ok, _, stderr) = run(&bin, &all);
+            assert!(!ok, "{args:?} should fail");
+            assert!(stderr.contains(&expect), "{expect} not in {stderr}");
+        }
+        assert!(!fresh.exists(), "nothing written on error");
+        assert_eq!(
+            std::fs::read_to_string(&output).unwrap(),
+            text,
+            "the old output is untouched"
+        );
+        assert_eq!(
+            std::fs::read_dir(d).unwrap().count(),
+            6,
+            "no temporary file left"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! The word alignment pipeline end to end on the tiny model (library, not the example binary).
+
+mod common;
+
+use candle_core::{DType, Device};
+use mlctl::align::io::{check_links, read_gold, read_parallel};
+use mlctl::align::{
+    method_by_name, split_words, word_spans, AlignmentCounts, ArgMax, SentencePair, WordAligner,
+    METHOD_NAMES,
+};
+use mlctl::encoder::PretrainedBert;
+use mlctl::pooling::{Pooling, TokenSpan};
+
+fn tiny() -> PretrainedBert {
+    PretrainedBert::load(
+        common::fixture("tiny_bert").to_str().unwrap(),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+#[test]
+fn roen_lines_give_one_valid_alignment_each() {
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let pairs: Vec<SentencePair> =
+        read_parallel(common::fixture("align/roen.src-tgt")).unwrap()[..6].to_vec();
+    let gold = read_gold(common::fixture("align/roen.gold"), true).unwrap()[..6].to_vec();
+    for pooling in [Pooling::layer(2), Pooling::mlctl()] {
+        let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_pooling(&pooling);
+        for name in METHOD_NAMES {
+            let method = method_by_name(name).unwrap();
+            let aligns = aligner.align_pairs(&pairs, method.as_ref()).unwrap();
+            assert_eq!(aligns.len(), pairs.len(), "{name}");
+            check_links("pred", aligns.iter().map(|a| a.links()), &pairs, false).unwrap();
+            assert!(
+                aligns.iter().all(|a| !a.is_empty()),
+                "{name}: every pair has words, so links"
+            );
+            let c = AlignmentCounts::corpus(&aligns, &gold).unwrap();
+            assert!((0.0..=1.0).contains(&c.aer()), "{name}");
+            // batching does not change the result
+            let one = aligner.align_pairs(&pairs[3..4], method.as_ref()).unwrap();
+            assert_eq!(one[0], aligns[3], "{name}");
+        }
+    }
+}
+
+#[test]
+fn word_vectors_are_subword_means() {
+    // Reference: the crate's span pooling over each word's token span, one word at a time.
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let words = vec!["the", "playing", "dogs", "ran", "!"];
+    let batch = tok
+        .encode_pretokenized_batch(std::slice::from_ref(&words), &Device::Cpu)
+        .unwrap();
+    let spans = word_spans(&batch.word_ids[0], words.len());
+    assert_eq!(spans[1], Some(TokenSpan { start: 2, end: 3 }), "play ##ing");
+    let out = bert
+        .model
+        .encoder
+        .forward(
+            &batch.input_ids,
+            Some(&batch.token_type_ids),
+            Some(&batch.attention_mask),
+        )
+        .unwrap();
+    for (layers, pooling, scale) in [
+        (vec![1isize], Pooling::layer(1), 1.0),
+        (vec![1, -1], Pooling::mlctl(), 0.5),
+    ] {
+        let aligner = WordAligner::new(&bert.model.encoder, tok.clone())
+            .with_pooling(&Pooling::layer(0).with_layers(layers));
+        let vectors = aligner.embed_words(std::slice::from_ref(&words)).unwrap();
+        for (w, span) in spans.iter().enumerate() {
+            let reference = pooling
+                .spans(&out, &[span.unwrap()])
+                .unwrap()
+                .affine(scale, 0.0)
+                .unwrap();
+            let reference: Vec<f32> = reference.squeeze(0).unwrap().to_vec1().unwrap();
+            let got = vectors[0][w].as_ref().unwrap();
+            let diff = got
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-5, "word {w}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn a_sentence_aligns_with_itself_on_the_diagonal() {
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(-1);
+    let s = [
+        "the", "quick", "brown", "fox", "jumped", "over", "a", "lazy", "dog",
+    ];
+    // (softmax and sparsemax compare dot products, for which a word need not be its own best match)
+    for name in ["argmax", "itermax", "match"] {
+        let a = aligner
+            .align_words(&s, &s, method_by_name(name).unwrap().as_ref())
+            .unwrap();
+        let diagonal: Vec<_> = (0..s.len()).map(|i| (i, i)).collect();
+        assert_eq!(a.links(), diagonal.as_slice(), "{name}");
+    }
+    // Truncation: with 5 tokens ([CLS] + 3 words + [SEP]) words 3.. have no vector and no link.
+    let short = WordAligner::new(&bert.model.encoder, tok.with_max_len(5).unwrap()).with_layer(-1);
+    let v = short.embed_words(&[s.to_vec()]).unwrap();
+    assert_eq!(
+        v[0].iter().map(Option::is_some).collect::<Vec<_>>(),
+        [[true; 3].as_slice(), &[false; 6]].concat()
+    );
+    let a = short.align_words(&s, &s[..4], &ArgMax).unwrap();
+    assert_eq!(a.links(), &[(0, 0), (1, 1), (2, 2)]);
+
+    // The tiny model has 64 positions: a longer sentence is truncated to them (default max_len
+    // 128 is lowered), not rejected; the words past position 62 get no link.
+    let long: Vec<&str> = std::iter::repeat_n(["the", "cat", "sat"], 30)
+        .flatten()
+        .collect();
+    let default =
+        WordAligner::new(&bert.model.encoder, bert.tokenizer.clone().unwrap()).with_layer(-1);
+    let v = default.embed_words(std::slice::from_ref(&long)).unwrap();
+    assert_eq!(v[0].iter().filter(|w| w.is_some()).count(), 62);
+    let a = default.align_words(&long, &long[..5], &ArgMax).unwrap();
+    assert!(a.links().iter().all(|&(i, _)| i < 62) && !a.is_empty());
+}
+
+#[test]
+fn empty_sides_missing_layers_and_raw_text() {
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(2);
+    let pairs = vec![
+        SentencePair::from_text("", "the cat"),
+        SentencePair::default(),
+        SentencePair::from_text("the cat", "a dog"),
+        SentencePair::from_text("a dog", ""),
+    ];
+    let a = aligner.align_pairs(&pairs, &ArgMax).unwrap();
+    assert_eq!(
+        a.iter().map(|a| a.is_empty()).collect::<Vec<_>>(),
+        [true, true, false, true]
+    );
+    assert!(aligner
+        .align_pairs(&pairs[..2], &ArgMax)
+        .unwrap()
+        .iter()
+        .all(|a| a.is_empty()));
+
+    // The tiny model has hidden states 0..=2: SimAlign's layer 8 does not exist.
+    let deep = WordAligner::new(&bert.model.encoder, tok.clone());
+    assert_eq!(deep.layers(), &[8]);
+    let err = deep.align_pairs(&pairs, &ArgMax).unwrap_err();
+    assert!(matches!(err, mlctl::Error::InvalidArgument(_)), "{err:?}");
+    assert!(format!("{err}").contains("layer 8"), "{err}");
+
+    // Raw text is split into the tokenizer's words first.
+    let words = split_words(&tok, "The cat's mat, today!").unwrap();
+    let texts: Vec<&str> = words.iter().map(|w| w.text.as_str()).collect();
+    assert_eq!(texts, ["The", "cat", "'", "s", "mat", ",", "today", "!"]);
+    assert_eq!(words[1].bytes, (4, 7));
+    let (s, t, a) = aligner
+        .align_texts("The cat sat.", "the cat sat .", &ArgMax)
+        .unwrap();
+    assert_eq!((s.len(), t.len()), (4, 4));
+    assert!(a.links().iter().all(|&(i, j)| i < 4 && j < 4) && !a.is_empty());
+}
