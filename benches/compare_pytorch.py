@@ -7,7 +7,7 @@ Run from the repository root (needs torch; uses cargo):
 It builds and runs `cargo bench --bench cz_nce_timing` (release), times the same loss in
 PyTorch eager with the same number of threads (default: the number of cores, which is what
 candle/rayon use), and prints a Markdown table. Times are medians over `reps` runs after a
-warm-up, all measured in this one invocation on this machine.
+warm-up (medians and minima), all measured in this one invocation on this machine.
 """
 
 import argparse
@@ -54,14 +54,16 @@ def time_torch(b, d, reps, dtype):
         cz_nce(q.float(), k.float()).backward()
 
     out = {}
-    for name, f in [("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)]:
-        f()
+    for name, f in [("fwd", fwd), ("fwd_bwd", fwd_bwd)]:
+        for _ in range(2):
+            f()  # warm-up
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             f()
             ts.append((time.perf_counter() - t0) * 1e3)
-        out[name] = median(ts)
+        out[f"{name}_ms"] = median(ts)
+        out[f"{name}_min_ms"] = min(ts)
     return out
 
 
@@ -94,18 +96,23 @@ def main():
     tdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads} "
           f"(rayon {rust[0]['threads'] if rust else '?'}, torch {torch.get_num_threads()}); "
-          f"torch {torch.__version__}; dtype {args.dtype}; median of {args.reps}\n")
-    print("| B | D | fused fwd | composite fwd | torch fwd | fused fwd+bwd | composite fwd+bwd "
-          "| torch fwd+bwd | composite/fused | torch/fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"torch {torch.__version__}; dtype {args.dtype}\n")
+    rows = []
     for shape in args.shapes.split(","):
         b, d = (int(x) for x in shape.split("x"))
         r = {x["path"]: x for x in rust if x["b"] == b and x["d"] == d}
-        t = time_torch(b, d, args.reps, tdtype)
-        fu, co = r["fused"], r["composite"]
-        print(f"| {b} | {d} | {fu['fwd_ms']:.1f} ms | {co['fwd_ms']:.1f} ms | {t['fwd_ms']:.1f} ms "
-              f"| {fu['fwd_bwd_ms']:.1f} ms | {co['fwd_bwd_ms']:.1f} ms | {t['fwd_bwd_ms']:.1f} ms "
-              f"| {co['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x | {t['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x |")
+        rows.append((b, d, r["fused"], r["composite"], time_torch(b, d, args.reps, tdtype)))
+    for stat, suffix in [("median", "_ms"), ("minimum", "_min_ms")]:
+        print(f"{stat} over {args.reps} runs:\n")
+        print("| B | D | fused fwd | composite fwd | torch fwd | fused fwd+bwd | composite fwd+bwd "
+              "| torch fwd+bwd | composite/fused | torch/fused |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for b, d, fu, co, t in rows:
+            f, c, p = (x["fwd" + suffix] for x in (fu, co, t))
+            fb, cb, pb = (x["fwd_bwd" + suffix] for x in (fu, co, t))
+            print(f"| {b} | {d} | {f:.1f} ms | {c:.1f} ms | {p:.1f} ms | {fb:.1f} ms | {cb:.1f} ms "
+                  f"| {pb:.1f} ms | {cb / fb:.2f}x | {pb / fb:.2f}x |")
+        print()
 
 
 if __name__ == "__main__":

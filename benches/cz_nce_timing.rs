@@ -5,24 +5,27 @@
 //! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
 //! ```
 //!
-//! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "threads"}` with the median
-//! over `reps` runs after one warm-up.
+//! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_min_ms",
+//! "fwd_bwd_min_ms", "threads"}`: median and minimum over `reps` runs after two warm-ups.
 
 use candle_core::{DType, Device, Tensor, Var};
 use mlctl::loss::cz_nce::CzNce;
 use std::time::Instant;
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// `(median, min)` of the timings.
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN timings"));
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0])
 }
 
 fn time<F: FnMut() -> candle_core::Result<()>>(
     dev: &Device,
     reps: usize,
     mut f: F,
-) -> candle_core::Result<f64> {
-    f()?; // warm-up
+) -> candle_core::Result<(f64, f64)> {
+    for _ in 0..2 {
+        f()?; // warm-up
+    }
     dev.synchronize()?;
     let mut ts = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -31,7 +34,7 @@ fn time<F: FnMut() -> candle_core::Result<()>>(
         dev.synchronize()?;
         ts.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(median(ts))
+    Ok(stats(ts))
 }
 
 fn main() -> candle_core::Result<()> {
@@ -83,7 +86,9 @@ fn main() -> candle_core::Result<()> {
             })?;
             println!(
                 "{{\"path\": \"{path}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
-                 \"fwd_ms\": {fwd:.3}, \"fwd_bwd_ms\": {fwd_bwd:.3}, \"threads\": {threads}}}"
+                 \"fwd_ms\": {:.3}, \"fwd_bwd_ms\": {:.3}, \"fwd_min_ms\": {:.3}, \
+                 \"fwd_bwd_min_ms\": {:.3}, \"threads\": {threads}}}",
+                fwd.0, fwd_bwd.0, fwd.1, fwd_bwd.1
             );
         }
     }
