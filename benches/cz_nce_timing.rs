@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
+//!     [--paths fused,composite]
 //! ```
 //!
 //! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_min_ms",
@@ -59,6 +60,7 @@ fn main() -> candle_core::Result<()> {
         other => panic!("unknown dtype {other}"),
     };
     let reps: usize = arg("--reps").map_or(5, |r| r.parse().expect("reps"));
+    let paths = arg("--paths").unwrap_or_else(|| "fused,composite".into());
     let dev = Device::Cpu;
     let cfg = CzNce::new();
     let threads = rayon::current_num_threads();
@@ -67,7 +69,7 @@ fn main() -> candle_core::Result<()> {
         let k0 = Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?;
         let k = Var::from_tensor(&(q.as_tensor() + k0)?)?;
         let (qc, kc) = (q.as_tensor().detach(), k.as_tensor().detach());
-        for path in ["fused", "composite"] {
+        for path in paths.split(',') {
             let run = |t1: &Tensor, t2: &Tensor| match path {
                 "fused" => cfg.forward_fused(t1, t2),
                 _ => cfg.forward_composite(t1, t2),
