@@ -463,10 +463,11 @@ pub(crate) fn cz_nce<T: Real>(
     };
 
     // Gradient accumulators w.r.t. the scaled logits of each block.
+    // (`None` until a direction contributes; the first contribution is moved, not added.)
     let zeros = || vec![T::ZERO; b * b];
-    let mut g_out = want_grad.then(zeros);
-    let mut g_in = (want_grad && need_in).then(zeros);
-    let mut g_kk = (want_grad && need_kk).then(zeros);
+    let mut g_out: Option<Vec<T>> = None;
+    let mut g_in: Option<Vec<T>> = None;
+    let mut g_kk: Option<Vec<T>> = None;
 
     let mut loss = T::ZERO;
     let mut dlog_scale = T::ZERO;
@@ -494,12 +495,12 @@ pub(crate) fn cz_nce<T: Real>(
         dlog_scale += gx;
         if let Some(mut gbufs) = gbufs {
             let mut it = gbufs.drain(..);
-            g_out = it.next();
+            accumulate(&mut g_out, it.next().expect("blk"));
             if spec.anchor_negatives {
-                add_into(g_in.as_mut().expect("g_in"), &it.next().expect("blk"));
+                accumulate(&mut g_in, it.next().expect("blk"));
             }
             if spec.target_negatives {
-                add_into(g_kk.as_mut().expect("g_kk"), &it.next().expect("blk"));
+                accumulate(&mut g_kk, it.next().expect("blk"));
             }
         }
     }
@@ -527,13 +528,12 @@ pub(crate) fn cz_nce<T: Real>(
         dlog_scale += gx;
         if let Some(mut gbufs) = gbufs {
             let mut it = gbufs.drain(..);
-            let gt = transpose(&it.next().expect("blk"), b);
-            add_into(g_out.as_mut().expect("g_out"), &gt);
+            accumulate(&mut g_out, transpose(&it.next().expect("blk"), b));
             if spec.anchor_negatives {
-                add_into(g_kk.as_mut().expect("g_kk"), &it.next().expect("blk"));
+                accumulate(&mut g_kk, it.next().expect("blk"));
             }
             if spec.target_negatives {
-                add_into(g_in.as_mut().expect("g_in"), &it.next().expect("blk"));
+                accumulate(&mut g_in, it.next().expect("blk"));
             }
         }
     }
@@ -548,12 +548,14 @@ pub(crate) fn cz_nce<T: Real>(
         let mut dk = vec![T::ZERO; b * d];
         gemm_into(&mut dq, vg, vk, scale, false);
         gemm_into(&mut dk, vg.t(), vq, scale, false);
-        if let Some(g) = g_in.as_ref().filter(|_| need_in) {
-            let gs = symmetrize(g, b);
+        if let Some(g) = g_in {
+            let gs = symmetrize(&g, b);
+            drop(g);
             gemm_into(&mut dq, View::rows(&gs, b, b), vq, scale, true);
         }
-        if let Some(g) = g_kk.as_ref().filter(|_| need_kk) {
-            let gs = symmetrize(g, b);
+        if let Some(g) = g_kk {
+            let gs = symmetrize(&g, b);
+            drop(g);
             gemm_into(&mut dk, View::rows(&gs, b, b), vk, scale, true);
         }
         norm_backward(&mut dq, &qn, d);
@@ -563,10 +565,15 @@ pub(crate) fn cz_nce<T: Real>(
     Output { loss, grads }
 }
 
-fn add_into<T: Real>(dst: &mut [T], src: &[T]) {
-    dst.par_iter_mut()
-        .zip(src.par_iter())
-        .for_each(|(d, &s)| *d += s);
+/// `slot += v`, or `slot = v` when empty.
+fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>) {
+    match slot {
+        Some(dst) => dst
+            .par_iter_mut()
+            .zip(v.par_iter())
+            .for_each(|(d, &s)| *d += s),
+        None => *slot = Some(v),
+    }
 }
 
 fn symmetrize<T: Real>(g: &[T], b: usize) -> Vec<T> {
