@@ -2,12 +2,14 @@
 
 Run from the repository root (needs torch; uses cargo):
 
-    python benches/compare_pytorch.py [--shapes 256x768,1024x1536] [--reps 5] [--threads N]
+    python benches/compare_pytorch.py [--shapes 256x768,1024x1536] [--reps 5] [--rounds 3]
+        [--threads N] [--dtype f32|bf16|f16]
 
 It builds and runs `cargo bench --bench cz_nce_timing` (release), times the same loss in
 PyTorch eager with the same number of threads (default: the number of cores, which is what
-candle/rayon use), and prints a Markdown table. Times are medians over `reps` runs after a
-warm-up, all measured in this one invocation on this machine.
+candle/rayon use), and prints Markdown tables. Rust and PyTorch alternate for `rounds` rounds of
+`reps` timed runs each (after warm-ups) so both see the same machine load; the tables give the
+median of the per-round medians and the overall minimum, all measured in this one invocation.
 """
 
 import argparse
@@ -54,14 +56,16 @@ def time_torch(b, d, reps, dtype):
         cz_nce(q.float(), k.float()).backward()
 
     out = {}
-    for name, f in [("fwd_ms", fwd), ("fwd_bwd_ms", fwd_bwd)]:
-        f()
+    for name, f in [("fwd", fwd), ("fwd_bwd", fwd_bwd)]:
+        for _ in range(2):
+            f()  # warm-up
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             f()
             ts.append((time.perf_counter() - t0) * 1e3)
-        out[name] = median(ts)
+        out[f"{name}_ms"] = median(ts)
+        out[f"{name}_min_ms"] = min(ts)
     return out
 
 
@@ -82,30 +86,56 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    load_before = os.getloadavg()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     cmd = ["cargo", "bench", "--bench", "cz_nce_timing", "--", "--shapes", args.shapes,
            "--reps", str(args.reps), "--dtype", args.dtype]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    rust = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-
     torch.set_num_threads(args.threads)
     tdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+
+    # Rust and PyTorch alternate, round by round, so that both see the same machine load;
+    # the table reports the median of the per-round medians and the minimum of all runs.
+    runs = {}  # (b, d, impl) -> list of per-round dicts
+    threads = "?"
+    for _ in range(args.rounds):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        for line in res.stdout.splitlines():
+            if line.startswith("{"):
+                x = json.loads(line)
+                threads = x["threads"]
+                runs.setdefault((x["b"], x["d"], x["path"]), []).append(x)
+        for b, d in shapes:
+            runs.setdefault((b, d, "torch"), []).append(time_torch(b, d, args.reps, tdtype))
+
+    def agg(b, d, impl):
+        xs = runs[(b, d, impl)]
+        out = {}
+        for key in ["fwd", "fwd_bwd"]:
+            out[key + "_ms"] = median([x[key + "_ms"] for x in xs])
+            out[key + "_min_ms"] = min(x[key + "_min_ms"] for x in xs)
+        return out
+
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads} "
-          f"(rayon {rust[0]['threads'] if rust else '?'}, torch {torch.get_num_threads()}); "
-          f"torch {torch.__version__}; dtype {args.dtype}; median of {args.reps}\n")
-    print("| B | D | fused fwd | composite fwd | torch fwd | fused fwd+bwd | composite fwd+bwd "
-          "| torch fwd+bwd | composite/fused | torch/fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
-        b, d = (int(x) for x in shape.split("x"))
-        r = {x["path"]: x for x in rust if x["b"] == b and x["d"] == d}
-        t = time_torch(b, d, args.reps, tdtype)
-        fu, co = r["fused"], r["composite"]
-        print(f"| {b} | {d} | {fu['fwd_ms']:.1f} ms | {co['fwd_ms']:.1f} ms | {t['fwd_ms']:.1f} ms "
-              f"| {fu['fwd_bwd_ms']:.1f} ms | {co['fwd_bwd_ms']:.1f} ms | {t['fwd_bwd_ms']:.1f} ms "
-              f"| {co['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x | {t['fwd_bwd_ms'] / fu['fwd_bwd_ms']:.2f}x |")
+          f"(rayon {threads}, torch {torch.get_num_threads()}); torch {torch.__version__}; "
+          f"dtype {args.dtype}; {args.rounds} rounds x {args.reps} runs; "
+          f"1-min load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}\n")
+    rows = [(b, d, agg(b, d, "fused"), agg(b, d, "composite"), agg(b, d, "torch"))
+            for b, d in shapes]
+    for stat, suffix in [("median of the per-round medians", "_ms"), ("minimum", "_min_ms")]:
+        print(f"{stat}:\n")
+        print("| B | D | fused fwd | composite fwd | torch fwd | fused fwd+bwd | composite fwd+bwd "
+              "| torch fwd+bwd | composite/fused | torch/fused |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for b, d, fu, co, t in rows:
+            f, c, p = (x["fwd" + suffix] for x in (fu, co, t))
+            fb, cb, pb = (x["fwd_bwd" + suffix] for x in (fu, co, t))
+            print(f"| {b} | {d} | {f:.1f} ms | {c:.1f} ms | {p:.1f} ms | {fb:.1f} ms | {cb:.1f} ms "
+                  f"| {pb:.1f} ms | {cb / fb:.2f}x | {pb / fb:.2f}x |")
+        print()
 
 
 if __name__ == "__main__":

@@ -3,26 +3,30 @@
 //!
 //! ```text
 //! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
+//!     [--paths fused,composite]
 //! ```
 //!
-//! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "threads"}` with the median
-//! over `reps` runs after one warm-up.
+//! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_min_ms",
+//! "fwd_bwd_min_ms", "threads"}`: median and minimum over `reps` runs after two warm-ups.
 
 use candle_core::{DType, Device, Tensor, Var};
 use mlctl::loss::cz_nce::CzNce;
 use std::time::Instant;
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// `(median, min)` of the timings.
+fn stats(mut v: Vec<f64>) -> (f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN timings"));
-    v[v.len() / 2]
+    (v[v.len() / 2], v[0])
 }
 
 fn time<F: FnMut() -> candle_core::Result<()>>(
     dev: &Device,
     reps: usize,
     mut f: F,
-) -> candle_core::Result<f64> {
-    f()?; // warm-up
+) -> candle_core::Result<(f64, f64)> {
+    for _ in 0..2 {
+        f()?; // warm-up
+    }
     dev.synchronize()?;
     let mut ts = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -31,7 +35,7 @@ fn time<F: FnMut() -> candle_core::Result<()>>(
         dev.synchronize()?;
         ts.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(median(ts))
+    Ok(stats(ts))
 }
 
 fn main() -> candle_core::Result<()> {
@@ -56,6 +60,7 @@ fn main() -> candle_core::Result<()> {
         other => panic!("unknown dtype {other}"),
     };
     let reps: usize = arg("--reps").map_or(5, |r| r.parse().expect("reps"));
+    let paths = arg("--paths").unwrap_or_else(|| "fused,composite".into());
     let dev = Device::Cpu;
     let cfg = CzNce::new();
     let threads = rayon::current_num_threads();
@@ -64,7 +69,7 @@ fn main() -> candle_core::Result<()> {
         let k0 = Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?;
         let k = Var::from_tensor(&(q.as_tensor() + k0)?)?;
         let (qc, kc) = (q.as_tensor().detach(), k.as_tensor().detach());
-        for path in ["fused", "composite"] {
+        for path in paths.split(',') {
             let run = |t1: &Tensor, t2: &Tensor| match path {
                 "fused" => cfg.forward_fused(t1, t2),
                 _ => cfg.forward_composite(t1, t2),
@@ -83,7 +88,9 @@ fn main() -> candle_core::Result<()> {
             })?;
             println!(
                 "{{\"path\": \"{path}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
-                 \"fwd_ms\": {fwd:.3}, \"fwd_bwd_ms\": {fwd_bwd:.3}, \"threads\": {threads}}}"
+                 \"fwd_ms\": {:.3}, \"fwd_bwd_ms\": {:.3}, \"fwd_min_ms\": {:.3}, \
+                 \"fwd_bwd_min_ms\": {:.3}, \"threads\": {threads}}}",
+                fwd.0, fwd_bwd.0, fwd.1, fwd_bwd.1
             );
         }
     }

@@ -506,3 +506,21 @@ fn bad_inputs_give_typed_errors() -> R<()> {
     }
     Ok(())
 }
+
+/// B ≥ 512 takes the fused kernel's block-triangular Gram path for `q q^T` / `k k^T`.
+#[test]
+fn large_batch_matches_composite_f64() -> R<()> {
+    let (b, d) = (600, 3);
+    let q = tensor(100, b, d, DType::F64)?;
+    let k = tensor(101, b, d, DType::F64)?;
+    let cfg = CzNce::new()
+        .with_target_negatives(true)
+        .with_symmetric(true);
+    let f = eval(&cfg, Path::Fused, &q, &k, 0, Some(0.1))?;
+    let c = eval(&cfg, Path::Composite, &q, &k, 0, Some(0.1))?;
+    assert_close("loss", &[f.loss], &[c.loss], 1e-10, 1e-3);
+    assert_close("dq", &f.dq, &c.dq, 1e-9, 1e-6);
+    assert_close("dk", &f.dk, &c.dk, 1e-9, 1e-6);
+    assert_close("dls", &[f.dls.unwrap()], &[c.dls.unwrap()], 1e-9, 1e-6);
+    Ok(())
+}

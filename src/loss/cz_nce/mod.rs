@@ -45,7 +45,9 @@
 //!   [`Error::InvalidArgument`] rather than `-inf`/NaN. InfoNCE with `B = 1` is defined and
 //!   equals 0 (the row is just the positive).
 //! - Zero rows: normalization is `x / max(‖x‖, 1e-8)`, so a zero row has cosine 0 with
-//!   everything; loss and gradients stay finite.
+//!   everything; the loss is finite and so is the gradient, which is the exact one of that
+//!   formula: `∂L/∂q̂_i / ε`, i.e. large (up to ~1e8 · 2/(B t)). In f16 it exceeds the dtype's
+//!   range: the fused op saturates it (see *Dtypes*), the composite path's autograd gives ±inf.
 //! - Masked entries never produce NaN; every row is max-subtracted; f16/bf16 inputs are
 //!   converted to f32 before anything else, so `|logit|` up to 1e4 is fine.
 //!
@@ -54,7 +56,8 @@
 //! [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) for CPU tensors of dtype
 //! f32, f16, bf16 or f64, and the composite twin ([`CzNce::forward_composite`], plain candle ops)
 //! otherwise. **The fused op is CPU-only for now**: on CUDA and Metal `forward` runs the
-//! composite path (candle ops on the GPU).
+//! composite path (candle ops on the GPU). CPU timings and a cost analysis are in
+//! `benches/README.md`.
 //!
 //! # Dtypes
 //!
@@ -69,8 +72,12 @@
 //! already computes the exact gradients (the loss is a scalar, so the backward only rescales
 //! them) and keeps `2·B·D` values; the `B × 2B` logits and softmax weights are transient.
 //! [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
-//! GEMMs included), costing ~2 extra `B²D` GEMMs. Either way the composite path keeps a dozen
-//! `B × 2B` intermediates alive for autograd.
+//! GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the kernel holds a few
+//! transient `B × B` f32 matrices (at most 5 for the default CZ-NCE: the two similarity blocks
+//! and the softmax-weight blocks), all freed before it returns. The composite path keeps a
+//! dozen `B × 2B` intermediates alive for autograd. Note that with `GradInForward`, a forward
+//! on inputs that track gradients pays for the gradient even if `backward` is never called:
+//! detach the inputs for evaluation-only losses.
 
 mod composite;
 mod cpu;
