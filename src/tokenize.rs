@@ -219,6 +219,10 @@ pub const BERT_SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", 
 /// Trains a cased BERT-style WordPiece tokenizer (BERT normalizer without lower-casing, CJK
 /// characters split, `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` templates) on `texts`, with at
 /// most `vocab_size` entries. The special tokens get ids 0-4 ([`BERT_SPECIAL_TOKENS`]).
+///
+/// The `tokenizers` trainer breaks ties between equally frequent merges by hash order, so two
+/// runs can give slightly different vocabularies: save the result ([`Tokenizer::save`]) and reuse
+/// it where runs must be reproducible.
 pub fn train_wordpiece<S: AsRef<str> + Send>(
     texts: impl Iterator<Item = S> + Send,
     vocab_size: usize,

@@ -324,3 +324,49 @@ fn masking_follows_bert_recipe_and_never_touches_padding_or_specials() {
         .count();
     assert!(changed <= positions.len());
 }
+
+#[test]
+fn line_aligned_text_gets_dictionary_anchors_on_the_fly() {
+    use mlctl::align::Lexicon;
+    use mlctl::data::LexiconAnchors;
+    let dir = tempfile::tempdir().unwrap();
+    // "chien"/"dog" is a dictionary entry; in the second pair "chat" occurs twice: no anchor.
+    let src = write(dir.path(), "fr.txt", "le chien dort\nle chat et le chat\n");
+    let tgt = write(
+        dir.path(),
+        "en.txt",
+        "the dog sleeps\nthe cat and the cat\n",
+    );
+    let corpus = ParallelCorpus::open(CorpusFormat::LineAligned { src, tgt }).unwrap();
+    let finder = LexiconAnchors::new(std::sync::Arc::new(Lexicon::embedded()), "fr", "en").unwrap();
+    let config = LoaderConfig {
+        batch_size: 1,
+        shuffle: false,
+        ..Default::default()
+    };
+    let mut loader = PairLoader::new(corpus, tokenizer(16), config)
+        .unwrap()
+        .with_anchor_finder(std::sync::Arc::new(finder));
+    let batch = loader.next_batch(&Device::Cpu).unwrap();
+    let (s, t) = batch.anchors.unwrap()[0];
+    let tok = tokenizer(16);
+    let tgt_ids = batch.tgt.input_ids.to_vec2::<u32>().unwrap();
+    assert_eq!(
+        tok.inner().id_to_token(tgt_ids[0][t.start]).as_deref(),
+        Some("dog")
+    );
+    // "le chien dort": [CLS] le chien dort [SEP]; the tiny English vocabulary splits French
+    // words into pieces, so the span covers every piece of "chien" and nothing else.
+    let src_batch = tok.encode_batch(&["le chien dort"], &Device::Cpu).unwrap();
+    let chien: Vec<usize> = src_batch.word_ids[0]
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| **w == Some(1))
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!((s.start, s.end), (chien[0], *chien.last().unwrap()));
+    // The next batch wraps around: the second pair has no anchor and is counted.
+    loader.next_batch(&Device::Cpu).unwrap();
+    assert_eq!(loader.stats().no_anchor, 1);
+    assert!(LexiconAnchors::new(std::sync::Arc::new(Lexicon::embedded()), "fr", "xx").is_err());
+}

@@ -60,6 +60,10 @@ const TATOEBA: [(&str, &str, &str, &str); 5] = [
         include_str!("../../data/tatoeba/tatoeba.spa-eng.eng"),
     ),
 ];
+/// The embedded default's WordPiece vocabulary (8000 entries), trained once with
+/// `train_wordpiece` on the embedded training pairs and shipped, because the `tokenizers`
+/// trainer is not deterministic across runs (`--train-tokenizer` trains a fresh one).
+const EMBEDDED_TOKENIZER: &str = include_str!("../../data/tokenizer/wordpiece-8000.json");
 /// Pairs of each embedded language used for training; the rest are held apart for evaluation.
 const EMBEDDED_TRAIN_PAIRS: usize = 800;
 
@@ -99,7 +103,7 @@ struct Args {
     /// Objective (the paper's comparison).
     #[arg(long, value_enum, default_value = "ml-ctl")]
     objective: Objective,
-    /// Optimizer updates (default: 300 embedded, 10000 with --model).
+    /// Optimizer updates (default: 600 embedded, 10000 with --model).
     #[arg(long)]
     steps: Option<u64>,
     /// Pairs per batch (default: 32 embedded, 64 with --model).
@@ -108,12 +112,12 @@ struct Args {
     /// Maximum tokens per sentence (default: 32 embedded, 128 with --model).
     #[arg(long)]
     max_len: Option<usize>,
-    /// Peak learning rate (default: 5e-4 embedded, 2e-6 with --model).
+    /// Peak learning rate (default: 1e-3 embedded, 2e-6 with --model).
     #[arg(long)]
     lr: Option<f64>,
-    /// Warm-up updates.
-    #[arg(long, default_value_t = 0)]
-    warmup: u64,
+    /// Warm-up updates (default: 50 embedded, 0 with --model).
+    #[arg(long)]
+    warmup: Option<u64>,
     /// CZ-NCE temperature.
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
@@ -163,6 +167,10 @@ struct Args {
     /// Held-apart Tatoeba pairs evaluated per language (at most 200).
     #[arg(long, default_value_t = 1000 - EMBEDDED_TRAIN_PAIRS)]
     eval_pairs: usize,
+    /// Embedded default only: train a fresh WordPiece vocabulary on the training pairs instead of
+    /// using the shipped one (the trainer is not deterministic across runs).
+    #[arg(long)]
+    train_tokenizer: bool,
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -186,6 +194,7 @@ fn lines(text: &str) -> Vec<String> {
 /// Settings that differ between the embedded default and a real checkpoint.
 struct Mode {
     steps: u64,
+    warmup: u64,
     batch_size: usize,
     max_len: usize,
     lr: f64,
@@ -208,10 +217,11 @@ fn main() -> Result<()> {
         );
     }
     let mode = Mode {
-        steps: args.steps.unwrap_or(if embedded { 300 } else { 10_000 }),
+        steps: args.steps.unwrap_or(if embedded { 600 } else { 10_000 }),
         batch_size: args.batch_size.unwrap_or(if embedded { 32 } else { 64 }),
         max_len: args.max_len.unwrap_or(if embedded { 32 } else { 128 }),
-        lr: args.lr.unwrap_or(if embedded { 5e-4 } else { 2e-6 }),
+        lr: args.lr.unwrap_or(if embedded { 1e-3 } else { 2e-6 }),
+        warmup: args.warmup.unwrap_or(if embedded { 50 } else { 0 }),
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -245,10 +255,17 @@ fn main() -> Result<()> {
         Some(model) => PretrainedBert::load(model, &device, DType::F32)
             .with_context(|| format!("loading {model}"))?,
         None => {
-            let texts = embedded_train
-                .iter()
-                .flat_map(|(_, s, e)| s.iter().chain(e));
-            let tokenizer = train_wordpiece(texts, 8_000)?;
+            let tokenizer = if args.train_tokenizer {
+                let texts = embedded_train
+                    .iter()
+                    .flat_map(|(_, s, e)| s.iter().chain(e));
+                train_wordpiece(texts, 8_000)?
+            } else {
+                let parsed = EMBEDDED_TOKENIZER
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("embedded tokenizer: {e}"))?;
+                Tokenizer::new(parsed)?
+            };
             let config = BertConfig {
                 vocab_size: tokenizer.vocab_size(),
                 hidden_size: 128,
@@ -375,7 +392,7 @@ fn main() -> Result<()> {
     let config = TrainConfig {
         schedule: LrSchedule {
             peak_lr: mode.lr,
-            warmup_steps: args.warmup,
+            warmup_steps: mode.warmup,
             total_steps: mode.steps,
             decay: Decay::Linear,
         },
@@ -596,12 +613,15 @@ fn results_markdown(
     let mut s = String::from("# ML-CTL run\n\n");
     let start = match &args.model {
         Some(m) => m.clone(),
-        None => "embedded default: BERT 4 layers, H=128, 4 heads, FFN 512, from scratch; WordPiece trained on the training pairs".into(),
+        None => format!(
+            "embedded default: BERT 4 layers, H=128, 4 heads, FFN 512, from scratch; WordPiece ({}) trained on the training pairs",
+            if args.train_tokenizer { "trained in this run" } else { "data/tokenizer/wordpiece-8000.json" }
+        ),
     };
     s += &format!("- starting model: {start}\n");
     s += &format!(
         "- objective: `{:?}`; steps {}, batch {}, max_len {}, lr {:e} (linear decay, {} warm-up), temperature {}, MLM weight {}, seed {}\n",
-        args.objective, mode.steps, mode.batch_size, mode.max_len, mode.lr, args.warmup, args.temperature, args.mlm_weight, args.seed
+        args.objective, mode.steps, mode.batch_size, mode.max_len, mode.lr, mode.warmup, args.temperature, args.mlm_weight, args.seed
     );
     let data = match (&args.train, embedded) {
         (Some(p), _) => p.display().to_string(),
