@@ -25,7 +25,9 @@ use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::pooling::TokenSpan;
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
-use mlctl::train::{Decay, LrSchedule, StepRecord, TrainConfig, Trainer, METRICS_FILE};
+use mlctl::train::{
+    latest_checkpoint, Decay, LrSchedule, StepRecord, TrainConfig, Trainer, METRICS_FILE,
+};
 
 /// The Tatoeba sets shipped in `data/tatoeba/`: (LASER code, lexicon code, text, English text).
 const TATOEBA: [(&str, &str, &str, &str); 5] = [
@@ -225,6 +227,16 @@ fn main() -> Result<()> {
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    // Never overwrite or mix with an earlier run's checkpoints and log.
+    if !args.resume {
+        if let Some((step, _)) = latest_checkpoint(&args.out.join("checkpoints"))? {
+            bail!(
+                "{} already holds a run (checkpoint at step {step}): pass --resume to continue it, \
+                 --out DIR for a new run, or delete the directory",
+                args.out.display()
+            );
+        }
+    }
     let lexicon = Arc::new(Lexicon::embedded());
 
     // Evaluation sets: the held-apart embedded Tatoeba pairs.
@@ -408,7 +420,6 @@ fn main() -> Result<()> {
             None => eprintln!("      nothing to resume: starting afresh"),
         }
     } else {
-        // A fresh run starts a fresh log.
         let _ = std::fs::remove_file(args.out.join(METRICS_FILE));
     }
     let summary = trainer.run()?;
