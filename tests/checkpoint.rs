@@ -23,16 +23,7 @@ fn load(dir: &Path) -> mlctl::Result<PretrainedBert> {
 }
 
 fn outputs(bert: &PretrainedBert) -> Vec<Tensor> {
-    let g = golden("tiny_bert/golden.safetensors");
-    let out = bert
-        .model
-        .forward_t(
-            &g["input_ids"],
-            Some(&g["token_type_ids"]),
-            Some(&g["attention_mask"]),
-            false,
-        )
-        .unwrap();
+    let out = common::forward_golden(bert, false);
     let mut all = out.encoder.hidden_states;
     all.push(out.logits);
     all

@@ -11,15 +11,7 @@ const TOL: f64 = 1e-5;
 fn check_hidden_states(variant: &str, with_mlm_head: bool) -> PretrainedBert {
     let bert = PretrainedBert::from_dir(&fixture(variant), &Device::Cpu, DType::F32).unwrap();
     let g = golden("tiny_bert/golden.safetensors");
-    let out = bert
-        .model
-        .forward_t(
-            &g["input_ids"],
-            Some(&g["token_type_ids"]),
-            Some(&g["attention_mask"]),
-            false,
-        )
-        .unwrap();
+    let out = common::forward_golden(&bert, false);
     assert_eq!(
         out.encoder.hidden_states.len(),
         bert.config.num_hidden_layers + 1

@@ -10,15 +10,7 @@ use mlctl::encoder::{Dropout, DropoutRng, PretrainedBert};
 /// MLM cross-entropy on every attended position of the golden inputs.
 fn mlm_loss(bert: &PretrainedBert, train: bool) -> Tensor {
     let g = golden("tiny_bert/golden.safetensors");
-    let out = bert
-        .model
-        .forward_t(
-            &g["input_ids"],
-            Some(&g["token_type_ids"]),
-            Some(&g["attention_mask"]),
-            train,
-        )
-        .unwrap();
+    let out = common::forward_golden(bert, train);
     let vocab = bert.config.vocab_size;
     let logits = out.logits.reshape(((), vocab)).unwrap();
     let targets = g["input_ids"]

@@ -317,6 +317,26 @@ fn softmax(values: &[f64]) -> Vec<f64> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
+/// awesome-align's extraction rule: normalise every row and every column of `sim` with
+/// `normalize` and keep `(i, j)` where both the row and the column probability exceed
+/// `threshold`.
+fn bidirectional(sim: &SimMatrix, normalize: fn(&[f64]) -> Vec<f64>, threshold: f64) -> Alignment {
+    if sim.is_empty() {
+        return Alignment::default();
+    }
+    let (m, n) = (sim.rows(), sim.cols());
+    let fwd: Vec<Vec<f64>> = (0..m)
+        .map(|i| normalize(&sim.row(i).iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
+        .collect();
+    let bwd: Vec<Vec<f64>> = (0..n)
+        .map(|j| normalize(&(0..m).map(|i| f64::from(sim.get(i, j))).collect::<Vec<_>>()))
+        .collect();
+    (0..m)
+        .flat_map(|i| (0..n).map(move |j| (i, j)))
+        .filter(|&(i, j)| fwd[i][j] > threshold && bwd[j][i] > threshold)
+        .collect()
+}
+
 impl AlignMethod for SoftmaxAlign {
     fn name(&self) -> &'static str {
         "softmax"
@@ -327,20 +347,7 @@ impl AlignMethod for SoftmaxAlign {
     }
 
     fn align(&self, sim: &SimMatrix) -> Alignment {
-        if sim.is_empty() {
-            return Alignment::default();
-        }
-        let (m, n) = (sim.rows(), sim.cols());
-        let fwd: Vec<Vec<f64>> = (0..m)
-            .map(|i| softmax(&sim.row(i).iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
-            .collect();
-        let bwd: Vec<Vec<f64>> = (0..n)
-            .map(|j| softmax(&(0..m).map(|i| f64::from(sim.get(i, j))).collect::<Vec<_>>()))
-            .collect();
-        (0..m)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .filter(|&(i, j)| fwd[i][j] > self.threshold && bwd[j][i] > self.threshold)
-            .collect()
+        bidirectional(sim, softmax, self.threshold)
     }
 }
 
@@ -385,20 +392,7 @@ impl AlignMethod for SparsemaxAlign {
     }
 
     fn align(&self, sim: &SimMatrix) -> Alignment {
-        if sim.is_empty() {
-            return Alignment::default();
-        }
-        let (m, n) = (sim.rows(), sim.cols());
-        let fwd: Vec<Vec<f64>> = (0..m)
-            .map(|i| sparsemax(&sim.row(i).iter().map(|&v| f64::from(v)).collect::<Vec<_>>()))
-            .collect();
-        let bwd: Vec<Vec<f64>> = (0..n)
-            .map(|j| sparsemax(&(0..m).map(|i| f64::from(sim.get(i, j))).collect::<Vec<_>>()))
-            .collect();
-        (0..m)
-            .flat_map(|i| (0..n).map(move |j| (i, j)))
-            .filter(|&(i, j)| fwd[i][j] > self.threshold && bwd[j][i] > self.threshold)
-            .collect()
+        bidirectional(sim, sparsemax, self.threshold)
     }
 }
 

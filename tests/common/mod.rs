@@ -120,3 +120,19 @@ pub fn tsv_loader(
     )
     .unwrap()
 }
+
+/// The tiny model's forward pass on the golden inputs of `tiny_bert/golden.safetensors`.
+pub fn forward_golden(
+    bert: &mlctl::encoder::PretrainedBert,
+    train: bool,
+) -> mlctl::encoder::MaskedLmOutput {
+    let g = golden("tiny_bert/golden.safetensors");
+    bert.model
+        .forward_t(
+            &g["input_ids"],
+            Some(&g["token_type_ids"]),
+            Some(&g["attention_mask"]),
+            train,
+        )
+        .unwrap()
+}
