@@ -56,19 +56,8 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
     let config = fetch(CONFIG_FILE)?;
     if fetch(WEIGHTS_FILE).is_err() {
         let index = fetch(WEIGHTS_INDEX_FILE)?;
-        let text = std::fs::read_to_string(&index).map_err(Error::io(&index))?;
-        let parsed: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
-        let mut shards: Vec<&str> = parsed["weight_map"]
-            .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-            .unwrap_or_default();
-        shards.sort_unstable();
-        shards.dedup();
-        for shard in shards {
+        let shards = crate::encoder::shard_names(&index)?;
+        for shard in &shards {
             fetch(shard)?;
         }
     }

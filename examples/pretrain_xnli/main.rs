@@ -4,7 +4,6 @@
 //! See `examples/pretrain_xnli/README.md`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use mlctl::align::{io as align_io, AlignmentCounts, IterMax, Lexicon, WordAligne
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
 use mlctl::data::{NliExample, NliReadOptions, XnliDir};
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::encoder::{BertConfig, PretrainedBert};
+use mlctl::encoder::{write_atomic, BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
 use mlctl::eval::{
     embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy,
@@ -454,7 +453,7 @@ fn main() -> Result<()> {
     if let (Some(b), Some(a)) = (&xnli_before, &xnli_after) {
         report += &xnli_markdown(b, a);
     }
-    write_file(&args.out.join("results.md"), &report)?;
+    write_atomic(&args.out.join("results.md"), report.as_bytes())?;
     let records: Vec<StepRecord> = std::fs::read_to_string(args.out.join(METRICS_FILE))?
         .lines()
         .map(serde_json::from_str)
@@ -596,17 +595,8 @@ fn write_anchored_tsv(
     if written == 0 {
         bail!("no embedded training pair has a dictionary anchor");
     }
-    write_file(path, &out)?;
+    write_atomic(path, out.as_bytes())?;
     Ok(written)
-}
-
-fn write_file(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("partial");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn pct(x: f32) -> String {

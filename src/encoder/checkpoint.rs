@@ -108,6 +108,23 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
     Ok(out)
 }
 
+/// The shard file names listed in a `model.safetensors.index.json`, sorted and deduplicated.
+pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index).map_err(Error::io(index))?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let mut files: Vec<String> = parsed.weight_map.into_values().collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
@@ -115,23 +132,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join(WEIGHTS_INDEX_FILE);
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(Error::io(&index))?;
-        #[derive(serde::Deserialize)]
-        struct Index {
-            weight_map: BTreeMap<String, String>,
-        }
-        let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.clone(),
-            source,
-        })?;
-        let mut files: Vec<PathBuf> = parsed
-            .weight_map
-            .into_values()
+        return Ok(shard_names(&index)?
+            .into_iter()
             .map(|f| dir.join(f))
-            .collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
+            .collect());
     }
     let reason = if dir.join("pytorch_model.bin").is_file() {
         "holds only pytorch_model.bin, a Python pickle this crate does not load; convert it once with \
@@ -168,8 +172,9 @@ pub fn save_params(params: &ParamStore, path: &Path) -> Result<()> {
     sync_and_rename(&tmp, path)
 }
 
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes `bytes` to `path` through a synced temporary file and a rename, so that `path` is
+/// either its old content or the complete new one, never a truncated file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     let mut file = std::fs::File::create(&tmp).map_err(Error::io(&tmp))?;
     file.write_all(bytes).map_err(Error::io(&tmp))?;

@@ -13,7 +13,8 @@ mod params;
 mod pretrained;
 
 pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
-pub(crate) use checkpoint::write_atomic;
+pub(crate) use checkpoint::shard_names;
+pub use checkpoint::write_atomic;
 pub use checkpoint::{
     map_key, read_checkpoint_dir, save_params, CheckpointTensors, KeyMapping, CONFIG_FILE,
     TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
