@@ -316,6 +316,32 @@ fn masking_follows_bert_recipe_and_never_touches_padding_or_specials() {
         "kept share {}",
         kept as f64 / n
     );
+    // Padding is never selected even when the pad id is not listed as special: the attention
+    // mask decides.
+    let cls_sep = vec![
+        tok.token_to_id("[CLS]").unwrap(),
+        tok.token_to_id("[SEP]").unwrap(),
+    ];
+    let unlisted_pad = MlmMasking::new(mask_id, tok.vocab_size(), cls_sep)
+        .unwrap()
+        .with_prob(1.0)
+        .unwrap();
+    let all = unlisted_pad
+        .mask(
+            &batch,
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(2),
+            &Device::Cpu,
+        )
+        .unwrap();
+    let selected: Vec<u32> = all.positions.to_vec1().unwrap();
+    assert!(
+        selected.iter().all(|&p| attention[p as usize] == 1),
+        "padding selected"
+    );
+    assert_eq!(
+        selected.len(),
+        attention.iter().filter(|&&m| m == 1).count() - 2 * 200
+    );
     // Outside the selected positions nothing changes.
     let changed = corrupted
         .iter()
