@@ -30,9 +30,11 @@
 //!
 //! Cost: the forward is two GEMMs (`Ŝ_out`, `Ŝ_in`) for plain CZ-NCE plus one row-wise pass over
 //! the `B × 2B` logits (max, log-sum-exp and the softmax weights `G`, parallel over rows with
-//! rayon); the gradient is three more GEMMs (`G_out k̂`, `G_in,sym q̂`, `G_outᵀ q̂`) and an
-//! `O(B·D)` Jacobian pass. The `B × B` blocks are freed before the kernel returns: what outlives
-//! it is the `O(B·D)` gradient (see [`super::BackwardMode`]).
+//! rayon, vectorized exponentials); the gradient is three more GEMMs (`G_out k̂`, `G_in,sym q̂`,
+//! `G_outᵀ q̂`) and an `O(B·D)` Jacobian pass. The row pass writes `G` over the similarity
+//! blocks in place and `G_in + G_inᵀ` is formed in place, so the default loss holds two `B × B`
+//! buffers; they are freed before the kernel returns: what outlives it is the `O(B·D)` gradient
+//! (see [`super::BackwardMode`]).
 
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
@@ -54,10 +56,15 @@ pub(crate) trait Real:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
+    /// The value masked logits are overwritten with: the most negative finite number, so that
+    /// `exp(masked · s − m)` is exactly 0 and `0 · masked` is 0, never NaN.
+    const MASKED: Self;
     fn from_f64(x: f64) -> Self;
     fn from_f32(x: f32) -> Self;
     fn to_f64(self) -> f64;
-    fn exp(self) -> Self;
+    /// `eˣ` for `x ≤ 0` (the row pass only exponentiates max-subtracted logits); exactly 0 for
+    /// `x` below the smallest normal result, including `-inf`.
+    fn exp_nonpos(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     /// Wraps a row-major `rows × cols` buffer as a CPU tensor of this dtype.
@@ -69,11 +76,12 @@ pub(crate) trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty) => {
+    ($t:ty, $exp:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const MASKED: Self = <$t>::MIN;
             fn from_f64(x: f64) -> Self {
                 x as $t
             }
@@ -83,8 +91,9 @@ macro_rules! impl_real {
             fn to_f64(self) -> f64 {
                 self as f64
             }
-            fn exp(self) -> Self {
-                <$t>::exp(self)
+            #[inline(always)]
+            fn exp_nonpos(self) -> Self {
+                $exp(self)
             }
             fn ln(self) -> Self {
                 <$t>::ln(self)
@@ -102,8 +111,35 @@ macro_rules! impl_real {
         }
     };
 }
-impl_real!(f32);
-impl_real!(f64);
+impl_real!(f32, exp_nonpos_f32);
+impl_real!(f64, f64::exp);
+
+/// Branch-free `eˣ` for `x ≤ 0` in f32 (Cephes' `expf` polynomial; relative error below
+/// 2.5e-7, see the test). Unlike libm's `expf` it inlines, so the row pass vectorizes.
+#[inline(always)]
+fn exp_nonpos_f32(x: f32) -> f32 {
+    // Below ln(f32::MIN_POSITIVE) the result would be subnormal: flush to 0 (and -inf to 0).
+    const LO: f32 = -87.336_55;
+    let xc = if x < LO { LO } else { x };
+    // n = round(x / ln 2) via the 1.5·2²³ trick (no `round` call, which would not vectorize).
+    const SHIFTER: f32 = 12_582_912.0;
+    let n = (xc * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    // r = x − n ln 2, with ln 2 split in two for precision.
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let p = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else {
+        p * two_n
+    }
+}
 
 /// Which logits enter the partition function. Mirrors the options of [`super::CzNce`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,45 +340,6 @@ fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize) -> Vec<T> {
     out
 }
 
-/// `a aᵀ` for row-major `a` (`rows × d`), computing only the lower block triangle
-/// (`nb (nb + 1) / 2` of `nb²` blocks: 25% fewer flops for `nb = 2`, 37.5% for `nb = 4`) and
-/// mirroring it.
-fn gram_self<T: Real>(a: &[T], rows: usize, d: usize) -> Vec<T> {
-    // Blocks of fewer than ~256 rows make the GEMM calls too small to pay off.
-    const MIN_BLOCK: usize = 256;
-    let nb = (rows / MIN_BLOCK).min(4);
-    if nb < 2 {
-        return gram(a, a, rows, d);
-    }
-    let chunk = rows.div_ceil(nb);
-    let bounds: Vec<(usize, usize)> = (0..rows)
-        .step_by(chunk)
-        .map(|s| (s, (s + chunk).min(rows)))
-        .collect();
-    let mut out = vec![T::ZERO; rows * rows];
-    for (bi, &(i0, i1)) in bounds.iter().enumerate() {
-        let lhs = View::rows(&a[i0 * d..i1 * d], i1 - i0, d);
-        for &(j0, j1) in &bounds[..=bi] {
-            let rhs = View::rows(&a[j0 * d..j1 * d], j1 - j0, d).t();
-            gemm_strided(&mut out[i0 * rows + j0..], rows, lhs, rhs, T::ONE, false);
-        }
-    }
-    // Mirror: the rows of block I take their columns beyond block I from the later rows.
-    for &(i0, i1) in &bounds {
-        let (head, tail) = out.split_at_mut(i1 * rows);
-        head[i0 * rows..]
-            .par_chunks_mut(rows)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let i = i0 + r;
-                for j in i1..rows {
-                    row[j] = tail[(j - i1) * rows + i];
-                }
-            });
-    }
-    out
-}
-
 fn transpose<T: Real>(x: &[T], b: usize) -> Vec<T> {
     let mut out = vec![T::ZERO; b * b];
     out.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
@@ -353,104 +350,128 @@ fn transpose<T: Real>(x: &[T], b: usize) -> Vec<T> {
     out
 }
 
-/// One direction's row-wise pass. `blocks[0]` is the cross block (positive on its diagonal), the
-/// others are same-batch blocks whose diagonal is masked. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)` and, when
-/// `grad` is set, writes `G` (one `B × B` buffer per block).
+/// `(max, Σ over 8 lanes)` helpers that the compiler can vectorize (float reductions are not
+/// reassociated on their own).
+fn row_max<T: Real>(x: &[T], init: T) -> T {
+    let mut acc = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    let mut m = init;
+    for &v in acc.iter().chain(rest) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
+/// In place `x ← exp(x·s − m)`; returns `(Σ eˣ, Σ eˣ·x)` over the old `x`.
+fn exp_row<T: Real>(x: &mut [T], scale: T, m: T) -> (T, T) {
+    // Σ e·x first, then the exponentials as a plain map (which vectorizes), then Σ e.
+    let mut ex = [T::ZERO; 8];
+    let mut sum = [T::ZERO; 8];
+    for c in x.chunks_mut(8) {
+        let mut e = [T::ZERO; 8];
+        for (e, &v) in e.iter_mut().zip(c.iter()) {
+            *e = (v * scale - m).exp_nonpos();
+        }
+        for l in 0..c.len() {
+            ex[l] += e[l] * c[l];
+            sum[l] += e[l];
+        }
+        c.copy_from_slice(&e[..c.len()]);
+    }
+    let (mut s, mut w) = (T::ZERO, T::ZERO);
+    for l in 0..8 {
+        s += sum[l];
+        w += ex[l];
+    }
+    (s, w)
+}
+
+/// In place `x ← x·c`; returns `Σ x·c`.
+fn scale_row<T: Real>(x: &mut [T], c: T) -> T {
+    let mut acc = [T::ZERO; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for ch in &mut chunks {
+        for l in 0..8 {
+            ch[l] = ch[l] * c;
+            acc[l] += ch[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for v in chunks.into_remainder() {
+        *v = *v * c;
+        s += *v;
+    }
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// One direction's row-wise pass, **in place**: `blocks[0]` is the cross block (positive on its
+/// diagonal), the others are same-batch blocks whose diagonal is masked; all hold unscaled
+/// similarities. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)`. With `want_grad`, every block is overwritten
+/// with its part of `G`; without, the blocks hold garbage afterwards.
 fn direction_pass<T: Real>(
-    blocks: &[&[T]],
+    blocks: &mut [Vec<T>],
     b: usize,
     scale: T,
     include_positive: bool,
     weight: T,
-    grad: Option<&mut [Vec<T>]>,
+    want_grad: bool,
 ) -> (T, T) {
     let nb = blocks.len();
     let wb = weight / T::from_f64(b as f64);
-    let row_fn = |i: usize, mut g_rows: Option<Vec<&mut [T]>>| -> (T, T) {
-        let masked = |blk: usize, j: usize| j == i && (blk > 0 || !include_positive);
-        // Pass 1: row max over unmasked entries.
-        let mut m = T::NEG_INFINITY;
-        for (blk, x) in blocks.iter().enumerate() {
-            for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
-                let v = v * scale;
-                if !masked(blk, j) && v > m {
-                    m = v;
-                }
+    let row_fn = |i: usize, mut r: Vec<&mut [T]>| -> (T, T) {
+        let pos = r[0][i] * scale;
+        for (blk, row) in r.iter_mut().enumerate() {
+            if blk > 0 || !include_positive {
+                row[i] = T::MASKED;
             }
         }
-        // Pass 2: Σ exp(x − m); with gradients, the exponentials are kept in G's row.
-        let mut sum = T::ZERO;
-        match g_rows.as_mut() {
-            None => {
-                for (blk, x) in blocks.iter().enumerate() {
-                    for (j, &v) in x[i * b..(i + 1) * b].iter().enumerate() {
-                        if !masked(blk, j) {
-                            sum += (v * scale - m).exp();
-                        }
-                    }
-                }
-            }
-            Some(g_rows) => {
-                for (blk, (x, g)) in blocks.iter().zip(g_rows.iter_mut()).enumerate() {
-                    for (j, (&v, g)) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()).enumerate() {
-                        let e = if masked(blk, j) {
-                            T::ZERO
-                        } else {
-                            (v * scale - m).exp()
-                        };
-                        sum += e;
-                        *g = e;
-                    }
-                }
-            }
+        // Pass 1: row max (masked entries are the most negative finite value; every row keeps
+        // at least one unmasked entry). `scale > 0`, so the max of `x·s` is `max(x)·s`.
+        let m = r.iter().fold(T::NEG_INFINITY, |m, row| row_max(row, m)) * scale;
+        // Pass 2: e = exp(x·s − m) in place, Σe and Σe·x.
+        let (mut sum, mut ex) = (T::ZERO, T::ZERO);
+        for row in r.iter_mut() {
+            let (s, w) = exp_row(row, scale, m);
+            sum += s;
+            ex += w;
         }
         let lse = m + sum.ln();
-        let pos = blocks[0][i * b + i] * scale;
         let row_loss = wb * (lse - pos);
-        // Pass 3: G = w/B (softmax − onehot(positive)), and Σ G⊙X. The positive's weight is
-        // written last: with the positive in the partition its `p − 1` is computed as
-        // `−Σ_{j≠pos} p_j`, which does not cancel when the softmax saturates.
-        let mut gx = T::ZERO;
-        if let Some(g_rows) = g_rows.as_mut() {
-            let c = wb / sum;
-            g_rows[0][i] = T::ZERO;
-            let mut others = T::ZERO;
-            for (x, g) in blocks.iter().zip(g_rows.iter_mut()) {
-                for (&v, g) in x[i * b..(i + 1) * b].iter().zip(g.iter_mut()) {
-                    let p = *g * c;
-                    gx += p * v;
-                    others += p;
-                    *g = p;
-                }
-            }
-            gx = gx * scale;
-            let gpos = if include_positive { -others } else { -wb };
-            g_rows[0][i] = gpos;
-            gx += gpos * pos;
+        // Σ_j G_ij X_ij = w/B (Σ_j softmax_j X_ij − X_pos).
+        let c = wb / sum;
+        let gx = c * scale * ex - wb * pos;
+        if want_grad {
+            // Pass 3: G = w/B (softmax − onehot(positive)). The positive's weight is written
+            // last: with the positive in the partition its `p − 1` is computed as
+            // `−Σ_{j≠pos} p_j`, which does not cancel when the softmax saturates.
+            r[0][i] = T::ZERO;
+            let others = r
+                .iter_mut()
+                .fold(T::ZERO, |acc, row| acc + scale_row(row, c));
+            r[0][i] = if include_positive { -others } else { -wb };
         }
         (row_loss, gx)
     };
-    let sum2 = |a: (T, T), b: (T, T)| (a.0 + b.0, a.1 + b.1);
-    match grad {
-        None => (0..b)
-            .into_par_iter()
-            .map(|i| row_fn(i, None))
-            .reduce(|| (T::ZERO, T::ZERO), sum2),
-        Some(g) => {
-            assert_eq!(g.len(), nb);
-            // Split every G buffer into rows and hand row i of each block to task i.
-            let mut rows: Vec<Vec<&mut [T]>> = (0..b).map(|_| Vec::with_capacity(nb)).collect();
-            for gb in g.iter_mut() {
-                for (i, r) in gb.chunks_mut(b).enumerate() {
-                    rows[i].push(r);
-                }
-            }
-            rows.into_par_iter()
-                .enumerate()
-                .map(|(i, r)| row_fn(i, Some(r)))
-                .reduce(|| (T::ZERO, T::ZERO), sum2)
+    // Hand row i of every block to task i.
+    let mut rows: Vec<Vec<&mut [T]>> = (0..b).map(|_| Vec::with_capacity(nb)).collect();
+    for blk in blocks.iter_mut() {
+        for (i, r) in blk.chunks_mut(b).enumerate() {
+            rows[i].push(r);
         }
     }
+    rows.into_par_iter()
+        .enumerate()
+        .map(|(i, r)| row_fn(i, r))
+        .reduce(|| (T::ZERO, T::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 /// Runs the fused CZ-NCE kernel on row-major contiguous `q`, `k` (`b × d` each).
@@ -471,47 +492,54 @@ pub(crate) fn cz_nce<T: Real>(
     let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
     let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
     let s_out = gram(&qn.hat, &kn.hat, b, d);
-    let s_in = need_in.then(|| gram_self(&qn.hat, b, d));
-    let s_kk = need_kk.then(|| gram_self(&kn.hat, b, d));
+    let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d));
+    let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d));
     let weight = if spec.symmetric {
         T::from_f64(0.5)
     } else {
         T::ONE
     };
+    // The row pass turns its blocks into gradient blocks in place, so a block that both
+    // directions read (symmetric with both kinds of negatives) is copied for the first one.
+    let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
+    let take = |slot: &mut Option<Vec<T>>| -> Vec<T> {
+        let v = slot.as_ref().expect("block computed");
+        if both_sides {
+            v.clone()
+        } else {
+            slot.take().expect("block computed")
+        }
+    };
+    let s_out_t = spec.symmetric.then(|| transpose(&s_out, b));
 
     // Gradient accumulators w.r.t. the scaled logits of each block.
-    // (`None` until a direction contributes; the first contribution is moved, not added.)
-    let zeros = || vec![T::ZERO; b * b];
     let mut g_out: Option<Vec<T>> = None;
     let mut g_in: Option<Vec<T>> = None;
     let mut g_kk: Option<Vec<T>> = None;
-
     let mut loss = T::ZERO;
     let mut dlog_scale = T::ZERO;
 
     // Direction q→k: [S_out | S_in | S_kk].
     {
-        let mut blocks: Vec<&[T]> = vec![&s_out];
+        let mut blocks = vec![s_out];
         if spec.anchor_negatives {
-            blocks.push(s_in.as_deref().expect("s_in"));
+            blocks.push(take(&mut s_in));
         }
         if spec.target_negatives {
-            blocks.push(s_kk.as_deref().expect("s_kk"));
+            blocks.push(take(&mut s_kk));
         }
-        let mut gbufs: Option<Vec<Vec<T>>> =
-            want_grad.then(|| blocks.iter().map(|_| zeros()).collect());
         let (l, gx) = direction_pass(
-            &blocks,
+            &mut blocks,
             b,
             scale,
             spec.include_positive,
             weight,
-            gbufs.as_deref_mut(),
+            want_grad,
         );
         loss += l;
         dlog_scale += gx;
-        if let Some(mut gbufs) = gbufs {
-            let mut it = gbufs.drain(..);
+        if want_grad {
+            let mut it = blocks.into_iter();
             accumulate(&mut g_out, it.next().expect("blk"));
             if spec.anchor_negatives {
                 accumulate(&mut g_in, it.next().expect("blk"));
@@ -522,29 +550,26 @@ pub(crate) fn cz_nce<T: Real>(
         }
     }
     // Direction k→q: [S_outᵀ | S_kk | S_in].
-    if spec.symmetric {
-        let s_out_t = transpose(&s_out, b);
-        let mut blocks: Vec<&[T]> = vec![&s_out_t];
+    if let Some(s_out_t) = s_out_t {
+        let mut blocks = vec![s_out_t];
         if spec.anchor_negatives {
-            blocks.push(s_kk.as_deref().expect("s_kk"));
+            blocks.push(s_kk.take().expect("s_kk"));
         }
         if spec.target_negatives {
-            blocks.push(s_in.as_deref().expect("s_in"));
+            blocks.push(s_in.take().expect("s_in"));
         }
-        let mut gbufs: Option<Vec<Vec<T>>> =
-            want_grad.then(|| blocks.iter().map(|_| zeros()).collect());
         let (l, gx) = direction_pass(
-            &blocks,
+            &mut blocks,
             b,
             scale,
             spec.include_positive,
             weight,
-            gbufs.as_deref_mut(),
+            want_grad,
         );
         loss += l;
         dlog_scale += gx;
-        if let Some(mut gbufs) = gbufs {
-            let mut it = gbufs.drain(..);
+        if want_grad {
+            let mut it = blocks.into_iter();
             accumulate(&mut g_out, transpose(&it.next().expect("blk"), b));
             if spec.anchor_negatives {
                 accumulate(&mut g_kk, it.next().expect("blk"));
@@ -554,7 +579,7 @@ pub(crate) fn cz_nce<T: Real>(
             }
         }
     }
-    drop((s_in, s_kk, s_out));
+    drop((s_in, s_kk));
 
     let grads = g_out.map(|g_out| {
         // ∂L/∂q̂ = s (G_out k̂ + (G_in + G_inᵀ) q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + (G_kk + G_kkᵀ) k̂).
@@ -565,15 +590,13 @@ pub(crate) fn cz_nce<T: Real>(
         let mut dk = vec![T::ZERO; b * d];
         gemm_into(&mut dq, vg, vk, scale, false);
         gemm_into(&mut dk, vg.t(), vq, scale, false);
-        if let Some(g) = g_in {
-            let gs = symmetrize(&g, b);
-            drop(g);
-            gemm_into(&mut dq, View::rows(&gs, b, b), vq, scale, true);
+        if let Some(mut g) = g_in {
+            symmetrize_in_place(&mut g, b);
+            gemm_into(&mut dq, View::rows(&g, b, b), vq, scale, true);
         }
-        if let Some(g) = g_kk {
-            let gs = symmetrize(&g, b);
-            drop(g);
-            gemm_into(&mut dk, View::rows(&gs, b, b), vk, scale, true);
+        if let Some(mut g) = g_kk {
+            symmetrize_in_place(&mut g, b);
+            gemm_into(&mut dk, View::rows(&g, b, b), vk, scale, true);
         }
         norm_backward(&mut dq, &qn, d);
         norm_backward(&mut dk, &kn, d);
@@ -593,14 +616,42 @@ fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>) {
     }
 }
 
-fn symmetrize<T: Real>(g: &[T], b: usize) -> Vec<T> {
-    let mut out = vec![T::ZERO; b * b];
-    out.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = g[i * b + j] + g[j * b + i];
+/// A raw pointer that rayon tasks may share; see [`symmetrize_in_place`] for why that is sound.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+/// In place `G ← G + Gᵀ` for a row-major `b × b` matrix, in `TILE × TILE` tiles.
+fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize) {
+    const TILE: usize = 64;
+    assert_eq!(g.len(), b * b);
+    let ptr = SharedMut(g.as_mut_ptr());
+    let tiles = b.div_ceil(TILE);
+    (0..tiles).into_par_iter().for_each(|ti| {
+        let p = ptr;
+        let (i0, i1) = (ti * TILE, ((ti + 1) * TILE).min(b));
+        for tj in 0..=ti {
+            let j0 = tj * TILE;
+            for i in i0..i1 {
+                // Entry pairs (i, j) with j < i, plus the diagonal (j = i).
+                let j1 = ((tj + 1) * TILE).min(b).min(i + 1);
+                for j in j0..j1 {
+                    // SAFETY: i, j < b, so both indices are in bounds. Task `ti` is the only
+                    // one touching the pairs {(i, j), (j, i)} with i in tile ti and j ≤ i:
+                    // every unordered pair is owned by the tile of its larger index, so no
+                    // element is read or written by two tasks.
+                    unsafe {
+                        let a = p.0.add(i * b + j);
+                        let t = p.0.add(j * b + i);
+                        let s = *a + *t;
+                        *a = s;
+                        *t = s;
+                    }
+                }
+            }
         }
     });
-    out
 }
 
 /// In place: `dx_i = (dx̂_i − x̂_i ⟨x̂_i, dx̂_i⟩) · inv_i` (projection only for active rows).
@@ -670,20 +721,38 @@ mod tests {
     }
 
     #[test]
-    fn gram_self_matches_gram() {
-        for rows in [300usize, 512, 1100] {
-            let d = 5;
-            let a: Vec<f64> = (0..rows * d)
-                .map(|i| ((i * 37 % 101) as f64) / 50.0 - 1.0)
-                .collect();
-            let want = gram(&a, &a, rows, d);
-            let got = gram_self(&a, rows, d);
-            let err = want
-                .iter()
-                .zip(&got)
-                .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
-            assert!(err < 1e-12, "rows={rows} err={err}");
+    fn symmetrize_matches_definition() {
+        for b in [1usize, 5, 64, 65, 130] {
+            let g: Vec<f64> = (0..b * b).map(|i| ((i * 37 % 101) as f64) - 50.0).collect();
+            let mut got = g.clone();
+            symmetrize_in_place(&mut got, b);
+            for i in 0..b {
+                for j in 0..b {
+                    assert_eq!(
+                        got[i * b + j],
+                        g[i * b + j] + g[j * b + i],
+                        "b={b} ({i},{j})"
+                    );
+                }
+            }
         }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let n = 200_000;
+        for i in 0..=n {
+            let x = -87.0f32 * i as f32 / n as f32;
+            let want = (x as f64).exp();
+            let got = exp_nonpos_f32(x) as f64;
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 2.5e-7, "max relative error {worst}");
+        assert_eq!(exp_nonpos_f32(0.0), 1.0);
+        assert_eq!(exp_nonpos_f32(-90.0), 0.0);
+        assert_eq!(exp_nonpos_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_nonpos_f32(f32::MIN), 0.0);
     }
 
     #[test]

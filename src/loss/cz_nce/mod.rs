@@ -72,9 +72,9 @@
 //! already computes the exact gradients (the loss is a scalar, so the backward only rescales
 //! them) and keeps `2·B·D` values; the `B × 2B` logits and softmax weights are transient.
 //! [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
-//! GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the kernel holds a few
-//! transient `B × B` f32 matrices (at most 5 for the default CZ-NCE: the two similarity blocks
-//! and the softmax-weight blocks), all freed before it returns. The composite path keeps a
+//! GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the CPU kernel holds the
+//! similarity blocks (two `B × B` f32 matrices for the default CZ-NCE), which the row pass
+//! overwrites with the softmax weights in place, all freed before it returns. The composite path keeps a
 //! dozen `B × 2B` intermediates alive for autograd. Note that with `GradInForward`, a forward
 //! on inputs that track gradients pays for the gradient even if `backward` is never called:
 //! detach the inputs for evaluation-only losses.

@@ -13,6 +13,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor,
 };
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 /// Gradients saved by the forward, in the accumulation dtype, for an upstream gradient of 1.
@@ -89,6 +90,19 @@ fn gather<T: Real>(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<T>, u
     Ok((out, b, d))
 }
 
+/// [`gather`] into f32, borrowing instead of copying when the input already is contiguous f32.
+fn gather_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(Cow<'a, [f32]>, usize, usize)> {
+    if let (CpuStorage::F32(v), Some((start, end))) = (s, l.contiguous_offsets()) {
+        let (b, d) = l.shape().dims2()?;
+        return Ok((Cow::Borrowed(&v[start..end]), b, d));
+    }
+    let (v, b, d) = gather::<f32>(s, l)?;
+    Ok((Cow::Owned(v), b, d))
+}
+
 fn scalar_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
     if l.shape().elem_count() != 1 {
         candle_core::bail!("cz_nce fused: log_scale must hold one element");
@@ -144,8 +158,8 @@ impl CzNceOp {
             let (l, s) = self.run(&q, &k, b, d, scale, want_grad)?;
             (CpuStorage::F64(vec![l]), s)
         } else {
-            let (q, b, d) = gather::<f32>(s1, l1)?;
-            let (k, _, _) = gather::<f32>(s2, l2)?;
+            let (q, b, d) = gather_f32(s1, l1)?;
+            let (k, _, _) = gather_f32(s2, l2)?;
             let (l, s) = self.run(&q, &k, b, d, scale, want_grad)?;
             (CpuStorage::F32(vec![l as f32]), s)
         };
