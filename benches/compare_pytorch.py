@@ -1,9 +1,13 @@
-"""CZ-NCE on CPU: fused (Rust) vs composite (Rust, candle ops) vs PyTorch eager, forward+backward.
+"""CZ-NCE: fused (Rust) vs composite (Rust, candle ops) vs PyTorch eager, forward+backward.
 
 Run from the repository root (needs torch; uses cargo):
 
     python benches/compare_pytorch.py [--shapes 256x768,1024x1536] [--reps 5] [--rounds 3]
-        [--threads N] [--dtype f32|bf16|f16]
+        [--threads N] [--dtype f32|bf16|f16] [--device cpu|cuda] [--bench-bin PATH]
+
+With `--device cuda` the Rust side is built with `--features cuda` and both sides run on GPU 0
+(times stop after a device synchronisation). `--bench-bin` runs an already built
+`cz_nce_timing` binary instead of `cargo bench` (for a GPU machine without a Rust toolchain).
 
 It builds and runs `cargo bench --bench cz_nce_timing` (release), times the same loss in
 PyTorch eager with the same number of threads (default: the number of cores, which is what
@@ -28,7 +32,7 @@ def cz_nce(q, k, t=0.07, eps=1e-8):
     qn = q / q.norm(dim=1, keepdim=True).clamp_min(eps)
     kn = k / k.norm(dim=1, keepdim=True).clamp_min(eps)
     b = q.shape[0]
-    eye = torch.eye(b, dtype=torch.bool)
+    eye = torch.eye(b, dtype=torch.bool, device=q.device)
     sim_out = qn @ kn.T / t
     sim_in = qn @ qn.T / t
     pos = sim_out.diagonal()
@@ -41,10 +45,14 @@ def median(xs):
     return xs[len(xs) // 2]
 
 
-def time_torch(b, d, reps, dtype):
+def time_torch(b, d, reps, dtype, device):
     torch.manual_seed(0)
-    q = torch.randn(b, d).to(dtype).requires_grad_(True)
-    k = (q.detach() + torch.randn(b, d).to(dtype)).requires_grad_(True)
+    q = torch.randn(b, d, device=device).to(dtype).requires_grad_(True)
+    k = (q.detach() + torch.randn(b, d, device=device).to(dtype)).requires_grad_(True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def fwd():
         with torch.no_grad():
@@ -59,10 +67,12 @@ def time_torch(b, d, reps, dtype):
     for name, f in [("fwd", fwd), ("fwd_bwd", fwd_bwd)]:
         for _ in range(2):
             f()  # warm-up
+        sync()
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             f()
+            sync()
             ts.append((time.perf_counter() - t0) * 1e3)
         out[f"{name}_ms"] = median(ts)
         out[f"{name}_min_ms"] = min(ts)
@@ -87,12 +97,20 @@ def main():
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bench-bin", default=None,
+                    help="a built cz_nce_timing binary to run instead of `cargo bench`")
     args = ap.parse_args()
     load_before = os.getloadavg()
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-    cmd = ["cargo", "bench", "--bench", "cz_nce_timing", "--", "--shapes", args.shapes,
-           "--reps", str(args.reps), "--dtype", args.dtype]
+    features = ["--features", "cuda"] if args.device == "cuda" else []
+    bench_args = ["--shapes", args.shapes, "--reps", str(args.reps), "--dtype", args.dtype,
+                  "--device", args.device]
+    if args.bench_bin:
+        cmd = [args.bench_bin, "--bench"] + bench_args
+    else:
+        cmd = ["cargo", "bench", *features, "--bench", "cz_nce_timing", "--"] + bench_args
     torch.set_num_threads(args.threads)
     tdtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -109,7 +127,8 @@ def main():
                 threads = x["threads"]
                 runs.setdefault((x["b"], x["d"], x["path"]), []).append(x)
         for b, d in shapes:
-            runs.setdefault((b, d, "torch"), []).append(time_torch(b, d, args.reps, tdtype))
+            runs.setdefault((b, d, "torch"), []).append(
+                time_torch(b, d, args.reps, tdtype, args.device))
 
     def agg(b, d, impl):
         xs = runs[(b, d, impl)]
@@ -119,6 +138,8 @@ def main():
             out[key + "_min_ms"] = min(x[key + "_min_ms"] for x in xs)
         return out
 
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(0)}; ", end="")
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads} "
           f"(rayon {threads}, torch {torch.get_num_threads()}); torch {torch.__version__}; "
           f"dtype {args.dtype}; {args.rounds} rounds x {args.reps} runs; "

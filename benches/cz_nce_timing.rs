@@ -3,8 +3,11 @@
 //!
 //! ```text
 //! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
-//!     [--paths fused,composite]
+//!     [--paths fused,composite] [--device cpu|cuda]
 //! ```
+//!
+//! `--device cuda` needs `--features cuda` (`cargo bench --features cuda --bench cz_nce_timing
+//! -- --device cuda`); the clock stops after `device.synchronize()`.
 //!
 //! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_min_ms",
 //! "fwd_bwd_min_ms", "threads"}`: median and minimum over `reps` runs after two warm-ups.
@@ -61,12 +64,17 @@ fn main() -> candle_core::Result<()> {
     };
     let reps: usize = arg("--reps").map_or(5, |r| r.parse().expect("reps"));
     let paths = arg("--paths").unwrap_or_else(|| "fused,composite".into());
-    let dev = Device::Cpu;
+    let dev = match arg("--device").as_deref().unwrap_or("cpu") {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => panic!("unknown device {other} (cpu or cuda)"),
+    };
     let cfg = CzNce::new();
     let threads = rayon::current_num_threads();
     for (b, d) in shapes {
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?)?;
         let k0 = Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?;
+        let device = if dev.is_cuda() { "cuda" } else { "cpu" };
         let k = Var::from_tensor(&(q.as_tensor() + k0)?)?;
         let (qc, kc) = (q.as_tensor().detach(), k.as_tensor().detach());
         for path in paths.split(',') {
@@ -87,7 +95,7 @@ fn main() -> candle_core::Result<()> {
                 Ok(())
             })?;
             println!(
-                "{{\"path\": \"{path}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
+                "{{\"path\": \"{path}\", \"device\": \"{device}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
                  \"fwd_ms\": {:.3}, \"fwd_bwd_ms\": {:.3}, \"fwd_min_ms\": {:.3}, \
                  \"fwd_bwd_min_ms\": {:.3}, \"threads\": {threads}}}",
                 fwd.0, fwd_bwd.0, fwd.1, fwd_bwd.1

@@ -1,4 +1,5 @@
-//! CZ-NCE: ML-CTL's contrastive loss, numerically stable, with an exact fused CPU backward.
+//! CZ-NCE: ML-CTL's contrastive loss, numerically stable, with an exact fused backward on the CPU
+//! and on CUDA.
 //!
 //! # Definition
 //!
@@ -53,11 +54,17 @@
 //!
 //! # Paths
 //!
-//! [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) for CPU tensors of dtype
-//! f32, f16, bf16 or f64, and the composite twin ([`CzNce::forward_composite`], plain candle ops)
-//! otherwise. **The fused op is CPU-only for now**: on CUDA and Metal `forward` runs the
-//! composite path (candle ops on the GPU). CPU timings and a cost analysis are in
-//! `benches/README.md`.
+//! [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) where
+//! [`CzNce::fused_supported`] says so, and the composite twin ([`CzNce::forward_composite`],
+//! plain candle ops) otherwise:
+//!
+//! - CPU, f32/f16/bf16/f64: fused (GEMMs through the `gemm` crate, rayon-parallel row pass).
+//! - CUDA (`cuda` feature), f32/f16/bf16: fused (cuBLAS GEMMs in f32, no TF32, plus the CUDA
+//!   kernels in `cz_nce.cu` for the normalization, the row pass, the reductions and the
+//!   normalization backward). f64 on CUDA takes the composite path.
+//! - Metal (`metal` feature): the composite path, i.e. candle's Metal kernels.
+//!
+//! Timings and a cost analysis are in `benches/README.md`.
 //!
 //! # Dtypes
 //!
@@ -81,6 +88,8 @@
 
 mod composite;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod op;
 
 use crate::{Error, Result};
@@ -256,13 +265,14 @@ impl CzNce {
         }
     }
 
-    /// Whether [`CzNce::forward`] would take the fused path for this input.
+    /// Whether [`CzNce::forward`] would take the fused path for this input: CPU tensors of
+    /// dtype f32, f16, bf16 or f64, and (with the `cuda` feature) CUDA tensors of dtype f32,
+    /// f16 or bf16.
     pub fn fused_supported(q: &Tensor) -> bool {
-        q.device().is_cpu()
-            && matches!(
-                q.dtype(),
-                DType::F32 | DType::F16 | DType::BF16 | DType::F64
-            )
+        let dtype = q.dtype();
+        let half_or_single = matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+        (q.device().is_cpu() && (half_or_single || dtype == DType::F64))
+            || (cfg!(feature = "cuda") && q.device().is_cuda() && half_or_single)
     }
 
     /// Validates the inputs and the temperature; returns `B`.
@@ -371,13 +381,13 @@ impl CzNce {
         Ok(composite::forward(q, k, self.spec(), fixed, ls)?)
     }
 
-    /// The fused CPU op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
-    /// [`Error::InvalidArgument`] when the tensors are not on the CPU or not f32/f16/bf16/f64.
+    /// The fused op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
+    /// [`Error::InvalidArgument`] when [`CzNce::fused_supported`] says no.
     pub fn forward_fused(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         self.validate(q, k)?;
         if !Self::fused_supported(q) {
             return Err(Error::InvalidArgument(format!(
-                "cz_nce: the fused op runs on the CPU with f32/f16/bf16/f64 inputs, got {:?} on {:?}",
+                "cz_nce: the fused op runs on the CPU (f32/f16/bf16/f64) and, with the `cuda` feature, on CUDA (f32/f16/bf16); got {:?} on {:?}",
                 q.dtype(),
                 q.device().location()
             )));

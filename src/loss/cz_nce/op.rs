@@ -1,8 +1,9 @@
-//! The candle custom op wrapping the fused CPU kernel ([`super::cpu`]).
+//! The candle custom op wrapping the fused kernels ([`super::cpu`], and [`super::cuda`] with
+//! the `cuda` feature).
 //!
 //! `CustomOp2(q, k)` for a fixed temperature, `CustomOp3(q, k, log_scale)` for a learnable one.
 //! The forward reads the inputs through their layouts (any strides / offset), converts f16 / bf16
-//! to f32 (f64 stays f64), and runs the kernel. When the graph will need gradients and the
+//! to f32 (f64 stays f64 on the CPU), and runs the kernel. When the graph will need gradients and the
 //! [`BackwardMode`] is [`BackwardMode::GradInForward`], the kernel also computes the exact
 //! gradients right away and the op keeps them (`O(B·D)`); `bwd` then only scales them by the
 //! upstream gradient. With [`BackwardMode::Recompute`] nothing is kept and `bwd` reruns the kernel.
@@ -17,10 +18,15 @@ use std::borrow::Cow;
 use std::sync::Mutex;
 
 /// Gradients saved by the forward, in the accumulation dtype, for an upstream gradient of 1.
-struct Saved {
-    dq: Tensor,
-    dk: Tensor,
-    dlog_scale: f64,
+enum Saved {
+    Host {
+        dq: Tensor,
+        dk: Tensor,
+        dlog_scale: f64,
+    },
+    /// `[∂L/∂q | ∂L/∂k | ∂L/∂log s]`, f32, on the GPU (see [`super::cuda`]).
+    #[cfg(feature = "cuda")]
+    Packed(candle_core::CudaStorage),
 }
 
 pub(crate) struct CzNceOp {
@@ -133,7 +139,7 @@ impl CzNceOp {
         let out = cpu::cz_nce(q, k, b, d, T::from_f64(scale), self.spec, want_grad);
         let saved = match out.grads {
             None => None,
-            Some(g) => Some(Saved {
+            Some(g) => Some(Saved::Host {
                 dq: T::into_tensor(g.dq, b, d)?,
                 dk: T::into_tensor(g.dk, b, d)?,
                 dlog_scale: g.dlog_scale.to_f64(),
@@ -169,20 +175,26 @@ impl CzNceOp {
         Ok((loss, Shape::from(())))
     }
 
-    /// The shared backward: `(dq, dk, dlog_scale)` for the upstream gradient `grad_res`.
+    /// The shared backward: `(dq, dk, dlog_scale)` for the upstream gradient `grad_res`;
+    /// `dlog_scale` is a one-element f32 (f64) tensor on the inputs' device.
     fn bwd_impl(
         &self,
         q: &Tensor,
         k: &Tensor,
         scale: f64,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Tensor, Tensor, f64)> {
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            return self.cuda_bwd(q, k, scale, grad_res);
+        }
         let g = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let cached = {
-            let guard = self.saved.lock().expect("cz_nce: poisoned lock");
-            guard
-                .as_ref()
-                .map(|s| (s.dq.clone(), s.dk.clone(), s.dlog_scale))
+            let mut guard = self.saved.lock().expect("cz_nce: poisoned lock");
+            match guard.take() {
+                Some(Saved::Host { dq, dk, dlog_scale }) => Some((dq, dk, dlog_scale)),
+                _ => None,
+            }
         };
         let (dq, dk, dls) = match cached {
             Some(c) => c,
@@ -197,14 +209,122 @@ impl CzNceOp {
                     let kv = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     self.run(&qv, &kv, b, d, scale, true)?.1
                 };
-                let s = s.expect("gradients were requested");
-                (s.dq, s.dk, s.dlog_scale)
+                match s {
+                    Some(Saved::Host { dq, dk, dlog_scale }) => (dq, dk, dlog_scale),
+                    _ => candle_core::bail!("cz_nce: the kernel returned no gradients"),
+                }
             }
         };
         let dq = cast_grad((dq * g)?, q.dtype())?;
         let dk = cast_grad((dk * g)?, k.dtype())?;
-        Ok((dq, dk, dls * g))
+        Ok((dq, dk, Tensor::new(&[dls * g], &Device::Cpu)?))
     }
+
+    /// The backward on CUDA: the packed gradients (saved by the forward, or recomputed by
+    /// [`PackedGrads`]) are split and scaled on the device.
+    #[cfg(feature = "cuda")]
+    fn cuda_bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        scale: f64,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, d) = q.dims2()?;
+        let packed = q.apply_op2_no_bwd(k, &PackedGrads { op: self, scale })?;
+        let g = grad_res.to_dtype(DType::F32)?.reshape((1, 1))?;
+        let part = |i: usize| -> candle_core::Result<Tensor> {
+            packed
+                .narrow(0, i * b * d, b * d)?
+                .reshape((b, d))?
+                .broadcast_mul(&g)
+        };
+        let dq = cast_grad(part(0)?, q.dtype())?;
+        let dk = cast_grad(part(1)?, k.dtype())?;
+        let dls = packed
+            .narrow(0, 2 * b * d, 1)?
+            .broadcast_mul(&g.reshape(1)?)?;
+        Ok((dq, dk, dls))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(
+        &self,
+        q: (&candle_core::CudaStorage, &Layout),
+        k: (&candle_core::CudaStorage, &Layout),
+        scale: f64,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let want_grad = self.grad_in_forward && self.mode == BackwardMode::GradInForward;
+        let (loss, packed) = super::cuda::cz_nce(q, k, scale as f32, self.spec, want_grad)?;
+        if let Some(p) = packed {
+            *self.saved.lock().expect("cz_nce: poisoned lock") = Some(Saved::Packed(p));
+        }
+        Ok((loss, Shape::from(())))
+    }
+}
+
+/// The gradients of a [`CzNceOp`] as one f32 tensor `[2·B·D + 1]` (see [`super::cuda`]):
+/// those its forward saved, or recomputed. Used by the CUDA backward only.
+#[cfg(feature = "cuda")]
+struct PackedGrads<'a> {
+    op: &'a CzNceOp,
+    scale: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for PackedGrads<'_> {
+    fn name(&self) -> &'static str {
+        "cz-nce-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("cz_nce: packed gradients are a CUDA-only path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (b, d) = l1.shape().dims2()?;
+        let shape = Shape::from(2 * b * d + 1);
+        let saved = self.op.saved.lock().expect("cz_nce: poisoned lock").take();
+        if let Some(Saved::Packed(p)) = saved {
+            return Ok((p, shape));
+        }
+        let (_, packed) =
+            super::cuda::cz_nce((s1, l1), (s2, l2), self.scale as f32, self.op.spec, true)?;
+        match packed {
+            Some(p) => Ok((p, shape)),
+            None => candle_core::bail!("cz_nce: the kernel returned no gradients"),
+        }
+    }
+}
+
+/// Reads the one element of a scalar tensor's CUDA storage (the learnable log-scale).
+#[cfg(feature = "cuda")]
+fn cuda_scalar(s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<f64> {
+    use candle_core::cuda_backend::CudaStorageSlice;
+    if l.shape().elem_count() != 1 {
+        candle_core::bail!("cz_nce fused: log_scale must hold one element");
+    }
+    let i = l.start_offset();
+    let dev = &s.device;
+    Ok(match &s.slice {
+        CudaStorageSlice::F32(v) => dev.clone_dtoh(&v.slice(i..i + 1))?[0] as f64,
+        CudaStorageSlice::F64(v) => dev.clone_dtoh(&v.slice(i..i + 1))?[0],
+        CudaStorageSlice::F16(v) => dev.clone_dtoh(&v.slice(i..i + 1))?[0].to_f64(),
+        CudaStorageSlice::BF16(v) => dev.clone_dtoh(&v.slice(i..i + 1))?[0].to_f64(),
+        _ => candle_core::bail!("cz_nce fused: unsupported log_scale dtype {:?}", s.dtype()),
+    })
 }
 
 /// Casts a gradient to the input dtype. For f16, values beyond its range (e.g. the `1/ε`-sized
@@ -234,6 +354,20 @@ impl CustomOp2 for CzNceOp {
             .fixed_scale
             .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))?;
         self.fwd(s1, l1, s2, l2, scale)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let scale = self
+            .fixed_scale
+            .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))?;
+        self.cuda_forward((s1, l1), (s2, l2), scale)
     }
 
     fn bwd(
@@ -269,6 +403,21 @@ impl CustomOp3 for CzNceOp {
         self.fwd(s1, l1, s2, l2, scale)
     }
 
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let scale = cuda_scalar(s3, l3)?.exp();
+        self.cuda_forward((s1, l1), (s2, l2), scale)
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -283,8 +432,9 @@ impl CustomOp3 for CzNceOp {
             .to_vec1::<f64>()?[0]
             .exp();
         let (dq, dk, dls) = self.bwd_impl(q, k, scale, grad_res)?;
-        let dls =
-            Tensor::full(dls, log_scale.shape(), &Device::Cpu)?.to_dtype(log_scale.dtype())?;
+        let dls = dls
+            .reshape(log_scale.shape())?
+            .to_dtype(log_scale.dtype())?;
         Ok((Some(dq), Some(dk), Some(dls)))
     }
 }
