@@ -1,0 +1,47 @@
+//! The CUDA kernels of the fused CZ-NCE op (`src/loss/cz_nce/cz_nce.cu`), run on the CPU in a
+//! small CUDA emulator (`tests/cuda_emu/`) against double-precision references, so that their
+//! indexing, masking, reductions and barriers are tested on every machine, GPU or not. The
+//! cuBLAS calls and the host code in `cuda.rs` are covered by `tests/gpu.rs` (needs a GPU).
+//!
+//! Needs a C++20 compiler (`$CXX`, default `c++`) and POSIX `ucontext`. Without one the test
+//! prints why and passes, unless `MLCTL_REQUIRE_CXX=1` (set by `.ci/run`), which makes it fail.
+#![cfg(unix)]
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn cuda_kernels_match_references_in_the_cpu_emulator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let emu = root.join("tests/cuda_emu");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = dir.path().join("check");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let compiled = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-pthread"])
+        .arg(format!("-I{}", emu.join("include").display()))
+        .arg(emu.join("check.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .status();
+    let required = std::env::var("MLCTL_REQUIRE_CXX").is_ok_and(|v| v == "1");
+    match compiled {
+        Ok(s) if s.success() => {}
+        other => {
+            let why = format!("cannot build the CUDA emulator with `{cxx}`: {other:?}");
+            assert!(!required, "{why}");
+            eprintln!("skipped: {why} (set CXX to a C++20 compiler)");
+            return;
+        }
+    }
+    let out = Command::new(&exe)
+        .output()
+        .expect("run the emulated checks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "emulated CUDA kernels failed:\n{stdout}"
+    );
+    assert!(stdout.contains(" 0 failures"), "{stdout}");
+}
