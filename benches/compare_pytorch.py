@@ -120,6 +120,9 @@ def main():
     runs = {}  # (b, d, impl) -> list of per-round dicts
     threads = "?"
     for _ in range(args.rounds):
+        # PyTorch's OpenMP workers keep spinning for a while after its last parallel region;
+        # let them go idle so that they do not compete with the Rust process.
+        time.sleep(1.0)
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
         for line in res.stdout.splitlines():
             if line.startswith("{"):

@@ -162,7 +162,7 @@ fn row_pass(
     let mut args = f.builder();
     let (x0, x1, x2) = (x(0), x(1), x(2));
     args.arg(x0).arg(x1).arg(x2).arg(&nblk);
-    // g pointers: one distinct buffer per real block; the extra slots repeat the first.
+    // g pointers: one distinct buffer per real block; the unused slots get x0 (never touched).
     let (g_first, g_rest) = gs.split_first_mut().expect("at least one buffer");
     let mut g_rest = g_rest.iter_mut();
     args.arg(g_first);
