@@ -24,12 +24,17 @@ fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&n)
 }
 
-/// `[B, B]` matrix with `-inf` on the diagonal and 0 elsewhere.
+/// `[B, B]` matrix with `-inf` on the diagonal and 0 elsewhere (built in f32: Metal has no f64).
 fn diag_mask(b: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let mut v = vec![0f64; b * b];
-    for i in 0..b {
-        v[i * b + i] = f64::NEG_INFINITY;
-    }
+    let v: Vec<f32> = (0..b * b)
+        .map(|i| {
+            if i % (b + 1) == 0 {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
     Tensor::from_vec(v, (b, b), dev)?.to_dtype(dtype)
 }
 

@@ -343,7 +343,12 @@ impl CzNce {
                         "cz_nce: log_scale is on another device than q".into(),
                     ));
                 }
-                let v = ls.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+                // Read on the host: Metal has no f64.
+                let v = ls
+                    .to_device(&candle_core::Device::Cpu)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?[0];
                 if !(v.is_finite() && v.exp().is_finite() && v.exp() > 0.0) {
                     return Err(Error::InvalidArgument(format!(
                         "cz_nce: log_scale must give a finite, positive 1/t, got log_scale = {v}"
