@@ -5,6 +5,7 @@
 //! The forward returns the loss and, when asked for, the gradients packed in one f32 buffer
 //! `[∂L/∂q (B·D) | ∂L/∂k (B·D) | ∂L/∂log s (1)]` for an upstream gradient of 1.
 
+use super::blas_layout::row_major_gemm;
 use super::cpu::{Spec, NORM_EPS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{
@@ -44,12 +45,12 @@ fn elementwise_cfg(n: usize) -> LaunchConfig {
 
 /// Row-major `C (m × n, row stride ldc) = α·op(A)·op(B) + β·C` through column-major cuBLAS:
 /// `op(A)` is `m × k`, stored row-major as `m × k` (`a_t = false`) or `k × m` (`a_t = true`)
-/// with row stride `lda`; likewise `op(B)` (`k × n`). A row-major matrix is the column-major
-/// view of its transpose, so this computes `Cᵀ = op(B)ᵀ·op(A)ᵀ` in cuBLAS' terms.
+/// with row stride `lda`; likewise `op(B)` (`k × n`). The argument mapping is
+/// [`row_major_gemm`], tested against a reference column-major GEMM.
 #[allow(clippy::too_many_arguments)]
 fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
     blas: &CudaBlas,
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     (a, a_t, lda): (&A, bool, usize),
     (b, b_t, ldb): (&B, bool, usize),
     (c, ldc): (&mut C, usize),
@@ -63,21 +64,22 @@ fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
             cublasOperation_t::CUBLAS_OP_N
         }
     };
+    let g = row_major_gemm(mnk, (a_t, lda), (b_t, ldb), ldc);
     let cfg = GemmConfig {
-        transa: op(b_t),
-        transb: op(a_t),
-        m: n as i32,
-        n: m as i32,
-        k: k as i32,
+        transa: op(g.trans_a),
+        transb: op(g.trans_b),
+        m: g.m as i32,
+        n: g.n as i32,
+        k: g.k as i32,
         alpha,
-        lda: ldb as i32,
-        ldb: lda as i32,
+        lda: g.lda as i32,
+        ldb: g.ldb as i32,
         beta,
-        ldc: ldc as i32,
+        ldc: g.ldc as i32,
     };
     // SAFETY: the callers pass buffers holding `op(A)`: m·k, `op(B)`: k·n and `C`: m·ldc
     // elements with the given leading dimensions (all buffers are allocated in this file with
-    // exactly those sizes), on the stream cuBLAS was created with.
+    // exactly those sizes), on the stream cuBLAS was created with. BLAS' A is our B.
     unsafe { blas.gemm(cfg, b, a, c) }.w()
 }
 

@@ -86,6 +86,7 @@
 //! on inputs that track gradients pays for the gradient even if `backward` is never called:
 //! detach the inputs for evaluation-only losses.
 
+mod blas_layout;
 mod composite;
 mod cpu;
 #[cfg(feature = "cuda")]
