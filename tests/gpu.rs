@@ -1,6 +1,9 @@
 //! CUDA checks, ready for a machine with a GPU:
 //! `cargo test --release --features cuda --test gpu -- --ignored`.
-#![cfg(feature = "cuda")]
+//!
+//! `MLCTL_GPU_TESTS_ON_CPU=1 cargo test --release --test gpu -- --ignored` runs the same checks
+//! with the CPU standing in for the GPU (no `cuda` feature needed): a dry run of the test code
+//! itself, so that a rare GPU session is not spent on a broken test.
 
 mod common;
 
@@ -11,7 +14,10 @@ use mlctl::loss::cz_nce::BackwardMode;
 use mlctl::loss::CzNce;
 
 fn cuda() -> Device {
-    Device::new_cuda(0).expect("a CUDA device")
+    if std::env::var("MLCTL_GPU_TESTS_ON_CPU").is_ok_and(|v| v == "1") {
+        return Device::Cpu;
+    }
+    Device::new_cuda(0).expect("a CUDA device (build with --features cuda)")
 }
 
 #[test]
@@ -192,10 +198,12 @@ fn eval_on(
     }
 }
 
-/// `max|a − b| ≤ rtol · max(max|b|, floor)`.
+/// `max|a − b| ≤ rtol · max(max|b|, 0.01)`. The floor keeps gradients that are exactly zero in
+/// theory (D = 1: the normalization's Jacobian projects everything away) from demanding
+/// agreement in rounding noise.
 fn close(what: &str, a: &[f64], b: &[f64], rtol: f64) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
-    let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    let scale = b.iter().fold(1e-2f64, |m, v| m.max(v.abs()));
     let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
     assert!(
         err <= rtol * scale,
@@ -212,10 +220,14 @@ fn same(what: &str, a: &Eval, b: &Eval, rtol: f64) {
     }
 }
 
+/// A seeded standard-normal `[b, d]` f32 tensor on the CPU.
 fn randn(b: usize, d: usize, seed: u64) -> Tensor {
-    let dev = Device::Cpu;
-    dev.set_seed(seed).unwrap();
-    Tensor::randn(0f32, 1.0, (b, d), &dev).unwrap()
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..b * d)
+        .map(|_| rng.sample(rand_distr::StandardNormal))
+        .collect();
+    Tensor::from_vec(v, (b, d), &Device::Cpu).unwrap()
 }
 
 #[test]
@@ -282,7 +294,11 @@ fn cz_nce_cuda_dispatches_to_the_fused_op_and_recompute_matches() {
     let q = randn(256, 384, 1).to_device(&gpu).unwrap();
     let k = randn(256, 384, 2).to_device(&gpu).unwrap();
     assert!(CzNce::fused_supported(&q));
-    assert!(!CzNce::fused_supported(&q.to_dtype(DType::F64).unwrap()));
+    // f64 is fused on the CPU only (the CUDA kernels accumulate in f32).
+    assert_eq!(
+        CzNce::fused_supported(&q.to_dtype(DType::F64).unwrap()),
+        gpu.is_cpu()
+    );
     let base = CzNce::new()
         .with_symmetric(true)
         .with_target_negatives(true);
