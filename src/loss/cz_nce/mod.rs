@@ -81,8 +81,10 @@
 //! [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
 //! GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the CPU kernel holds the
 //! similarity blocks (two `B × B` f32 matrices for the default CZ-NCE), which the row pass
-//! overwrites with the softmax weights in place, all freed before it returns. The composite path keeps a
-//! dozen `B × 2B` intermediates alive for autograd. Note that with `GradInForward`, a forward
+//! overwrites with the softmax weights in place; the CUDA kernel keeps the weights in separate
+//! buffers (four `B × B` f32 matrices at its peak for the default loss). Both free them before
+//! returning. The composite path keeps a dozen `B × 2B` intermediates alive for autograd.
+//! Note that with `GradInForward`, a forward
 //! on inputs that track gradients pays for the gradient even if `backward` is never called:
 //! detach the inputs for evaluation-only losses.
 
