@@ -127,6 +127,12 @@ fn scalar_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<f64> {
 }
 
 impl CzNceOp {
+    /// `1 / t` of the fixed-temperature op (the `CustomOp2` form).
+    fn fixed_scale(&self) -> candle_core::Result<f64> {
+        self.fixed_scale
+            .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))
+    }
+
     fn run<T: Real>(
         &self,
         q: &[T],
@@ -350,9 +356,7 @@ impl CustomOp2 for CzNceOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let scale = self
-            .fixed_scale
-            .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))?;
+        let scale = self.fixed_scale()?;
         self.fwd(s1, l1, s2, l2, scale)
     }
 
@@ -364,9 +368,7 @@ impl CustomOp2 for CzNceOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let scale = self
-            .fixed_scale
-            .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))?;
+        let scale = self.fixed_scale()?;
         self.cuda_forward((s1, l1), (s2, l2), scale)
     }
 
@@ -377,9 +379,7 @@ impl CustomOp2 for CzNceOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let scale = self
-            .fixed_scale
-            .ok_or_else(|| candle_core::Error::Msg("cz_nce: no fixed scale".into()))?;
+        let scale = self.fixed_scale()?;
         let (dq, dk, _) = self.bwd_impl(q, k, scale, grad_res)?;
         Ok((Some(dq), Some(dk)))
     }
