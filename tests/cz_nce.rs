@@ -67,7 +67,8 @@ enum Path {
 }
 
 /// Evaluates `loss` with q, k given as views of Vars: `layout` 0 = contiguous, 1 = q transposed
-/// from a `[D, B]` var and k narrowed from a `[B, D + 3]` var.
+/// from a `[D, B]` var and k narrowed from a `[B, D + 3]` var, 2 = both rows `2..B + 2` of a
+/// `[B + 3, D]` var (contiguous, but starting past the storage's first element).
 fn eval(
     loss: &CzNce,
     path: Path,
@@ -77,11 +78,22 @@ fn eval(
     learnable_t: Option<f64>,
 ) -> R<Eval> {
     let (b, d) = q0.dims2()?;
+    // Rows 2..B + 2 of a var padded with one row above and two below (different values).
+    let offset_view = |x: &Tensor| -> R<(Var, Tensor)> {
+        let above = Tensor::ones((2, d), x.dtype(), x.device())?;
+        let below = (Tensor::ones((1, d), x.dtype(), x.device())? * 3.0)?;
+        let v = Var::from_tensor(&Tensor::cat(&[&above, x, &below], 0)?)?;
+        let t = v.as_tensor().narrow(0, 2, b)?;
+        assert!(t.is_contiguous() && t.layout().start_offset() == 2 * d);
+        Ok((v, t))
+    };
     let (qv, q) = if layout == 1 {
         let v = Var::from_tensor(&q0.t()?.contiguous()?)?;
         let q = v.as_tensor().t()?;
         assert!(b == 1 || d == 1 || !q.is_contiguous());
         (v, q)
+    } else if layout == 2 {
+        offset_view(q0)?
     } else {
         let v = Var::from_tensor(q0)?;
         let q = v.as_tensor().clone();
@@ -93,6 +105,8 @@ fn eval(
         let k = v.as_tensor().narrow(1, 3, d)?;
         assert!(b == 1 || !k.is_contiguous());
         (v, k)
+    } else if layout == 2 {
+        offset_view(k0)?
     } else {
         let v = Var::from_tensor(k0)?;
         let k = v.as_tensor().clone();
@@ -121,6 +135,8 @@ fn eval(
     assert_eq!(dq.dtype(), q0.dtype());
     let (dq, dk) = if layout == 1 {
         (dq.t()?, dk.narrow(1, 3, d)?)
+    } else if layout == 2 {
+        (dq.narrow(0, 2, b)?, dk.narrow(0, 2, b)?)
     } else {
         (dq.clone(), dk.clone())
     };
@@ -175,7 +191,7 @@ fn fused_matches_composite(dtype: DType, rtol: f64, grad_floor: f64) -> R<()> {
             let seed = (ci * 10 + si) as u64;
             let q = tensor(seed, b, d, dtype)?;
             let k = ((&q * 0.5)? + tensor(seed + 1000, b, d, dtype)?)?;
-            let layout = (ci + si) as u8 % 2;
+            let layout = (ci + si) as u8 % 3;
             let learnable = (ci % 3 == 0).then_some(0.2);
             let f = eval(&cfg, Path::Fused, &q, &k, layout, learnable)?;
             let c = eval(&cfg, Path::Composite, &q, &k, layout, learnable)?;
