@@ -18,7 +18,7 @@ fn cuda_kernels_match_references_in_the_cpu_emulator() {
     let exe = dir.path().join("check");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let compiled = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-pthread"])
+        .args(["-std=c++20", "-O1"])
         .arg(format!("-I{}", emu.join("include").display()))
         .arg(emu.join("check.cpp"))
         .arg("-o")

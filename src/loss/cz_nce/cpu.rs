@@ -350,8 +350,8 @@ fn transpose<T: Real>(x: &[T], b: usize) -> Vec<T> {
     out
 }
 
-/// `(max, Σ over 8 lanes)` helpers that the compiler can vectorize (float reductions are not
-/// reassociated on their own).
+/// `max(init, max(x))`, kept in 8 lanes so that the compiler vectorizes it (like [`dot`]:
+/// float reductions are not reassociated on their own).
 fn row_max<T: Real>(x: &[T], init: T) -> T {
     let mut acc = [init; 8];
     let chunks = x.chunks_exact(8);
@@ -416,7 +416,7 @@ fn scale_row<T: Real>(x: &mut [T], c: T) -> T {
 /// One direction's row-wise pass, **in place**: `blocks[0]` is the cross block (positive on its
 /// diagonal), the others are same-batch blocks whose diagonal is masked; all hold unscaled
 /// similarities. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)`. With `want_grad`, every block is overwritten
-/// with its part of `G`; without, the blocks hold garbage afterwards.
+/// with its part of `G`; without, with the unnormalized exponentials.
 fn direction_pass<T: Real>(
     blocks: &mut [Vec<T>],
     b: usize,

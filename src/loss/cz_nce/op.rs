@@ -195,18 +195,12 @@ impl CzNceOp {
             return self.cuda_bwd(q, k, scale, grad_res);
         }
         let g = grad_res.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let cached = {
-            let mut guard = self.saved.lock().expect("cz_nce: poisoned lock");
-            match guard.take() {
-                Some(Saved::Host { dq, dk, dlog_scale }) => Some((dq, dk, dlog_scale)),
-                _ => None,
-            }
-        };
-        let (dq, dk, dls) = match cached {
-            Some(c) => c,
+        let saved = self.saved.lock().expect("cz_nce: poisoned lock").take();
+        let saved = match saved {
+            Some(s) => Some(s),
             None => {
                 let (b, d) = q.dims2()?;
-                let s = if q.dtype() == DType::F64 {
+                if q.dtype() == DType::F64 {
                     let qv = q.flatten_all()?.to_vec1::<f64>()?;
                     let kv = k.flatten_all()?.to_vec1::<f64>()?;
                     self.run(&qv, &kv, b, d, scale, true)?.1
@@ -214,12 +208,16 @@ impl CzNceOp {
                     let qv = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     let kv = k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                     self.run(&qv, &kv, b, d, scale, true)?.1
-                };
-                match s {
-                    Some(Saved::Host { dq, dk, dlog_scale }) => (dq, dk, dlog_scale),
-                    _ => candle_core::bail!("cz_nce: the kernel returned no gradients"),
                 }
             }
+        };
+        let Some(Saved::Host {
+            dq,
+            dk,
+            dlog_scale: dls,
+        }) = saved
+        else {
+            candle_core::bail!("cz_nce: the kernel returned no gradients");
         };
         let dq = cast_grad((dq * g)?, q.dtype())?;
         let dk = cast_grad((dk * g)?, k.dtype())?;
