@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{synthetic_tsv, tiny_model, tsv_loader};
+use common::{assert_gradient_reaches, synthetic_tsv, tiny_model, tsv_loader};
 use mlctl::data::MlmMasking;
 use mlctl::loss::{masked_lm_loss, CzNce, MaskedPair, MultiLevelLoss};
 use rand::SeedableRng;
@@ -93,20 +93,7 @@ fn total_is_the_sum_of_terms_computed_separately_and_gradients_reach_every_part(
         "mlctl.projection.fc1.weight",
         "mlctl.projection.fc2.bias",
     ] {
-        let g = grads
-            .get(&vars[name])
-            .unwrap_or_else(|| panic!("no gradient reaches {name}"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm {norm}"
-        );
+        assert_gradient_reaches(&grads, vars[name].as_tensor(), name);
     }
 }
 

@@ -33,6 +33,24 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .unwrap()
 }
 
+/// Asserts that `var` got a gradient with a finite, non-zero norm.
+pub fn assert_gradient_reaches(grads: &candle_core::backprop::GradStore, var: &Tensor, name: &str) {
+    let g = grads
+        .get(var)
+        .unwrap_or_else(|| panic!("no gradient reaches {name}"));
+    let norm = g
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        norm > 0.0 && norm.is_finite(),
+        "{name}: gradient norm {norm}"
+    );
+}
+
 pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     let diff = max_abs_diff(actual, expected);
     eprintln!("{name}: max abs diff {diff:.3e}");
