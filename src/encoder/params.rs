@@ -78,13 +78,10 @@ impl ParamStore {
 
     /// Every variable with its canonical name, sorted by name.
     pub fn named_vars(&self) -> BTreeMap<String, Var> {
-        let data = self
-            .inner
-            .varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        data.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Names of checkpoint tensors that no module asked for.
@@ -97,6 +94,15 @@ impl ParamStore {
     fn checkpoint(&self) -> MutexGuard<'_, HashMap<String, Tensor>> {
         self.inner
             .checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The variables map, locked (a poisoned lock is still usable: it only guards a map).
+    fn vars(&self) -> MutexGuard<'_, HashMap<String, Var>> {
+        self.inner
+            .varmap
+            .data()
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -146,14 +152,7 @@ impl SimpleBackend for ParamStore {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        if let Some(var) = self
-            .inner
-            .varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        if let Some(var) = self.vars().get(name) {
             return Ok(var.as_tensor().clone());
         }
         let from_checkpoint = self.checkpoint().remove(name);
@@ -174,12 +173,7 @@ impl SimpleBackend for ParamStore {
             }
         };
         let tensor = var.as_tensor().clone();
-        self.inner
-            .varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string(), var);
+        self.vars().insert(name.to_string(), var);
         Ok(tensor)
     }
 
@@ -189,27 +183,13 @@ impl SimpleBackend for ParamStore {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        match self
-            .inner
-            .varmap
-            .data()
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        match self.vars().get(name) {
             Some(var) => var.as_tensor().to_dtype(dtype)?.to_device(device),
             None => candle_core::bail!("no parameter named {name}"),
         }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.checkpoint().contains_key(name)
-            || self
-                .inner
-                .varmap
-                .data()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(name)
+        self.checkpoint().contains_key(name) || self.vars().contains_key(name)
     }
 }
