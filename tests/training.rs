@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use common::{assert_gradient_reaches, fixture, golden, max_abs_diff};
+use common::{assert_gradient_reaches, fixture, forward_golden, golden, max_abs_diff};
 use mlctl::encoder::{Dropout, DropoutRng, PretrainedBert};
 
 /// MLM cross-entropy on every attended position of the golden inputs.
@@ -102,19 +102,7 @@ fn one_optimizer_step_changes_every_trainable_tensor() {
 #[test]
 fn dropout_is_stochastic_in_training_and_off_in_eval() {
     let bert = PretrainedBert::from_dir(&fixture("tiny_bert"), &Device::Cpu, DType::F32).unwrap();
-    let g = golden("tiny_bert/golden.safetensors");
-    let run = |train: bool| {
-        bert.model
-            .encoder
-            .forward_t(
-                &g["input_ids"],
-                Some(&g["token_type_ids"]),
-                Some(&g["attention_mask"]),
-                train,
-            )
-            .unwrap()
-            .last_hidden_state
-    };
+    let run = |train: bool| forward_golden(&bert, train).encoder.last_hidden_state;
     let (eval_a, eval_b) = (run(false), run(false));
     assert_eq!(
         max_abs_diff(&eval_a, &eval_b),
