@@ -19,6 +19,7 @@
 pub mod align;
 pub mod data;
 pub mod device;
+pub mod encode;
 pub mod encoder;
 mod error;
 pub mod eval;

@@ -140,3 +140,18 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let counts = mask.sum_keepdim(1)?.clamp(1f64, f64::INFINITY)?;
     Ok(summed.broadcast_div(&counts)?)
 }
+
+/// Rows scaled to unit L2 length, as `torch.nn.functional.normalize(x, dim=-1)` does:
+/// `x / max(‖x‖, 1e-12)`, so zero rows stay zero. Half-precision inputs are normalised in f32.
+///
+/// # Shapes
+/// - `x`: `[..., dim]`; output: the same shape
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(accumulation_dtype(x.dtype()))?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(candle_core::D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&norm)?)
+}

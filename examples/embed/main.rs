@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use mlctl::device::{select_device, DeviceChoice};
+use mlctl::encode::{encode, EncodeOptions};
 use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::Pooling;
 
@@ -35,6 +35,10 @@ struct Args {
         default_value = "1,-1"
     )]
     layers: Vec<isize>,
+    /// Text prepended to every line before tokenization, e.g. `"query: "` for e5 models (use
+    /// `--layers -1` for their own pooling, the mean of the last layer).
+    #[arg(long)]
+    prefix: Option<String>,
     /// Scale every embedding to unit length.
     #[arg(long)]
     normalize: bool,
@@ -65,7 +69,14 @@ fn main() -> Result<()> {
         .clone()
         .context("the model directory has no tokenizer.json")?
         .with_max_len(args.max_len)?;
-    let pooling = Pooling::mlctl().with_layers(args.layers.clone());
+    let mut options = EncodeOptions::default()
+        .with_pooling(Pooling::mlctl().with_layers(args.layers.clone()))
+        .with_batch_size(args.batch_size)
+        .with_normalize(args.normalize)
+        .with_progress(true);
+    if let Some(prefix) = &args.prefix {
+        options = options.with_prefix(prefix.clone());
+    }
 
     let lines: Vec<String> = match &args.input {
         Some(path) if path.as_os_str() != "-" => std::fs::read_to_string(path)
@@ -82,32 +93,7 @@ fn main() -> Result<()> {
         bail!("no input lines");
     }
 
-    let progress = ProgressBar::new(lines.len() as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} sentences, {per_sec}, eta {eta}")
-            .expect("valid template"),
-    );
-    let mut embeddings = Vec::with_capacity(lines.len().div_ceil(args.batch_size));
-    for chunk in lines.chunks(args.batch_size) {
-        let batch = tokenizer.encode_batch(chunk, &device)?;
-        let out = bert.model.encoder.forward(
-            &batch.input_ids,
-            Some(&batch.token_type_ids),
-            Some(&batch.attention_mask),
-        )?;
-        let mut pooled = pooling.sentence(&out, &batch.attention_mask)?;
-        if args.normalize {
-            let norm = pooled
-                .sqr()?
-                .sum_keepdim(1)?
-                .sqrt()?
-                .clamp(1e-12, f64::INFINITY)?;
-            pooled = pooled.broadcast_div(&norm)?;
-        }
-        embeddings.push(pooled.to_device(&candle_core::Device::Cpu)?);
-        progress.inc(chunk.len() as u64);
-    }
-    progress.finish_and_clear();
-    let embeddings = Tensor::cat(&embeddings, 0)?;
+    let embeddings = encode(&bert.model.encoder, &tokenizer, &lines, &options)?;
 
     match &args.output {
         Some(path) if path.extension().is_some_and(|e| e == "npy") => {

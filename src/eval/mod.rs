@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "plots")]
 pub mod plots;
 pub mod retrieval;
 pub mod xnli;

@@ -4,8 +4,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::encode::{encode, encode_spans, EncodeOptions};
 use crate::encoder::BertEncoder;
-use crate::pooling::{Pooling, TokenSpan};
+use crate::pooling::{l2_normalize, Pooling, TokenSpan};
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
@@ -25,17 +26,6 @@ impl RetrievalScores {
     pub fn mean(&self) -> f32 {
         (self.src_to_tgt + self.tgt_to_src) / 2.0
     }
-}
-
-/// Unit-length rows, computed in f32 (zero rows stay zero).
-fn normalize_rows(x: &Tensor) -> Result<Tensor> {
-    let x = x.to_dtype(DType::F32)?;
-    let norm = x
-        .sqr()?
-        .sum_keepdim(1)?
-        .sqrt()?
-        .clamp(1e-12, f64::INFINITY)?;
-    Ok(x.broadcast_div(&norm)?)
 }
 
 /// Retrieval accuracy between row-aligned embeddings (`src[i]` translates `tgt[i]`).
@@ -58,8 +48,8 @@ pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores>
             "retrieval needs at least one pair".into(),
         ));
     }
-    let sim = normalize_rows(src)?
-        .matmul(&normalize_rows(tgt)?.t()?)?
+    let sim = l2_normalize(&src.to_dtype(DType::F32)?)?
+        .matmul(&l2_normalize(&tgt.to_dtype(DType::F32)?)?.t()?)?
         .to_device(&Device::Cpu)?;
     let rows = sim.to_vec2::<f32>()?;
     let argmax = |values: &mut dyn Iterator<Item = f32>| {
@@ -84,7 +74,8 @@ pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores>
     })
 }
 
-/// Sentence embeddings `[texts, hidden]` (f32, on the CPU) in eval mode, `batch_size` at a time.
+/// Sentence embeddings `[texts, hidden]` (f32, on the CPU) in eval mode, `batch_size` at a time:
+/// [`encode`] with `pooling`.
 pub fn embed_sentences<S: AsRef<str>>(
     encoder: &BertEncoder,
     tokenizer: &Tokenizer,
@@ -92,11 +83,14 @@ pub fn embed_sentences<S: AsRef<str>>(
     texts: &[S],
     batch_size: usize,
 ) -> Result<Tensor> {
-    embed(encoder, tokenizer, pooling, texts, None, batch_size)
+    let options = EncodeOptions::default()
+        .with_pooling(pooling.clone())
+        .with_batch_size(batch_size);
+    encode(encoder, tokenizer, texts, &options)
 }
 
 /// Word embeddings `[texts, hidden]` over one inclusive token span per text (as produced by
-/// the same tokenizer), f32 on the CPU.
+/// the same tokenizer), f32 on the CPU: [`encode_spans`] with `pooling`.
 pub fn embed_spans<S: AsRef<str>>(
     encoder: &BertEncoder,
     tokenizer: &Tokenizer,
@@ -105,46 +99,8 @@ pub fn embed_spans<S: AsRef<str>>(
     spans: &[TokenSpan],
     batch_size: usize,
 ) -> Result<Tensor> {
-    if spans.len() != texts.len() {
-        return Err(Error::ShapeMismatch {
-            name: "spans".into(),
-            expected: vec![texts.len()],
-            actual: vec![spans.len()],
-        });
-    }
-    embed(encoder, tokenizer, pooling, texts, Some(spans), batch_size)
-}
-
-fn embed<S: AsRef<str>>(
-    encoder: &BertEncoder,
-    tokenizer: &Tokenizer,
-    pooling: &Pooling,
-    texts: &[S],
-    spans: Option<&[TokenSpan]>,
-    batch_size: usize,
-) -> Result<Tensor> {
-    if texts.is_empty() || batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "nothing to embed (no texts or batch size 0)".into(),
-        ));
-    }
-    let device = encoder.word_embeddings().device();
-    let mut parts = Vec::new();
-    for (chunk_index, chunk) in texts.chunks(batch_size).enumerate() {
-        let batch = tokenizer.encode_batch(chunk, device)?;
-        let out = encoder.forward(
-            &batch.input_ids,
-            Some(&batch.token_type_ids),
-            Some(&batch.attention_mask),
-        )?;
-        let pooled = match spans {
-            None => pooling.sentence(&out, &batch.attention_mask)?,
-            Some(spans) => {
-                let start = chunk_index * batch_size;
-                pooling.spans(&out, &spans[start..start + chunk.len()])?
-            }
-        };
-        parts.push(pooled.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
+    let options = EncodeOptions::default()
+        .with_pooling(pooling.clone())
+        .with_batch_size(batch_size);
+    encode_spans(encoder, tokenizer, texts, spans, &options)
 }
