@@ -1,6 +1,7 @@
 //! # mlctl
 //!
-//! Multi-level contrastive learning (ML-CTL, Chi et al., ICASSP 2022, arXiv 2202.13083) for
+//! Multi-level contrastive learning (ML-CTL: B. Chen, W. Guo, B. Gu, Q. Liu, Y. Wang, *Multi-Level
+//! Contrastive Learning for Cross-Lingual Alignment*, ICASSP 2022, arXiv 2202.13083) for
 //! cross-lingual sentence and word alignment, in pure Rust on [candle](https://github.com/huggingface/candle).
 //!
 //! The crate is a library first. Its building blocks:
