@@ -19,7 +19,7 @@
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Encoding;
 
-use crate::encoder::{BertEncoder, EncoderOutput};
+use crate::encoder::{BertEncoder, EncoderOutput, PretrainedBert};
 use crate::pooling::{l2_normalize, Pooling, TokenSpan};
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
@@ -247,6 +247,45 @@ where
         visit(indices, &batch, &out)?;
     }
     Ok(())
+}
+
+impl PretrainedBert {
+    /// [`encode`] with this model's encoder and tokenizer: one vector per text, `[texts, hidden]`,
+    /// f32 on the CPU.
+    ///
+    /// ```no_run
+    /// # fn main() -> mlctl::Result<()> {
+    /// use mlctl::encode::{cosine_similarity, EncodeOptions};
+    /// let bert = mlctl::encoder::PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    /// let v = bert.encode(&["The cat sleeps.", "Le chat dort."], &EncodeOptions::default())?;
+    /// let sim = cosine_similarity(&v, &v)?; // [2, 2]
+    /// # Ok(()) }
+    /// ```
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S], options: &EncodeOptions) -> Result<Tensor> {
+        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("the model has no tokenizer.json: encoding needs one".into())
+        })?;
+        encode(&self.model.encoder, tokenizer, texts, options)
+    }
+}
+
+/// Cosine similarity of every row of `a` with every row of `b`, computed in f32.
+///
+/// # Shapes
+/// - `a`: `[n, d]`, `b`: `[m, d]`; output: `[n, m]`
+pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, d) = a.dims2()?;
+    let (_, d_b) = b.dims2()?;
+    if d != d_b {
+        return Err(Error::ShapeMismatch {
+            name: "second embeddings".into(),
+            expected: vec![b.dims()[0], d],
+            actual: b.dims().to_vec(),
+        });
+    }
+    let a = l2_normalize(&a.to_dtype(DType::F32)?)?;
+    let b = l2_normalize(&b.to_dtype(DType::F32)?)?;
+    Ok(a.matmul(&b.t()?)?)
 }
 
 /// A progress bar that is only drawn when asked for (and when the `progress` feature is on).

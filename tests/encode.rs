@@ -174,3 +174,35 @@ fn encode_rejects_bad_arguments_with_typed_errors() {
         Err(mlctl::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn model_encode_and_cosine_similarity_agree_with_hand_computed_cosines() {
+    let bert = load();
+    let options = EncodeOptions::default();
+    let v = bert.encode(&SENTENCES, &options).unwrap();
+    let tok = bert.tokenizer.clone().unwrap();
+    let direct = encode(&bert.model.encoder, &tok, &SENTENCES, &options).unwrap();
+    assert_close("model.encode", &v, &direct, 0.0);
+    let sim = mlctl::encode::cosine_similarity(&v, &v).unwrap();
+    let rows: Vec<Vec<f32>> = v.to_vec2().unwrap();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for i in 0..2 {
+        for j in 0..2 {
+            let want = dot(&rows[i], &rows[j])
+                / (dot(&rows[i], &rows[i]).sqrt() * dot(&rows[j], &rows[j]).sqrt());
+            let got = sim
+                .get(i)
+                .unwrap()
+                .get(j)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!((got - want).abs() < 1e-6, "sim[{i}][{j}] {got} vs {want}");
+        }
+    }
+    let other = Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        mlctl::encode::cosine_similarity(&v, &other),
+        Err(mlctl::Error::ShapeMismatch { .. })
+    ));
+}

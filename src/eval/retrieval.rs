@@ -1,12 +1,12 @@
 //! Tatoeba-style retrieval: for each source sentence (or anchor word), is its translation the
 //! nearest target by cosine similarity, and vice versa.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::encode::{encode, encode_spans, EncodeOptions};
+use crate::encode::{cosine_similarity, encode, encode_spans, EncodeOptions};
 use crate::encoder::BertEncoder;
-use crate::pooling::{l2_normalize, Pooling, TokenSpan};
+use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
@@ -48,9 +48,7 @@ pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores>
             "retrieval needs at least one pair".into(),
         ));
     }
-    let sim = l2_normalize(&src.to_dtype(DType::F32)?)?
-        .matmul(&l2_normalize(&tgt.to_dtype(DType::F32)?)?.t()?)?
-        .to_device(&Device::Cpu)?;
+    let sim = cosine_similarity(src, tgt)?.to_device(&Device::Cpu)?;
     let rows = sim.to_vec2::<f32>()?;
     let argmax = |values: &mut dyn Iterator<Item = f32>| {
         let mut best = (0, f32::NEG_INFINITY);
