@@ -1,9 +1,11 @@
 //! Training objectives.
 
+mod cached;
 pub mod cz_nce;
 mod mlm;
 mod multi_level;
 
+pub use cached::{CachedLoss, CachedStep};
 pub use cz_nce::CzNce;
 pub use mlm::masked_lm_loss;
 pub use multi_level::{LossTerms, MaskedPair, MultiLevelLoss};

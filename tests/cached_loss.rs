@@ -1,0 +1,100 @@
+//! GradCache: the cached multi-level loss gives the uncached full batch's loss and gradients.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+use common::{max_abs_diff, synthetic_tsv, tiny_model, tsv_loader};
+use mlctl::data::{MlmMasking, PairBatch};
+use mlctl::loss::{CachedLoss, CzNce, MaskedPair, MultiLevelLoss};
+use mlctl::model::MlCtlModel;
+use rand::SeedableRng;
+
+fn batch_of(n: usize) -> (PairBatch, MaskedPair) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.tsv");
+    std::fs::write(&path, synthetic_tsv(n, 5)).unwrap();
+    let mut loader = tsv_loader(&path, n, 16, 0);
+    let batch = loader.next_batch(&Device::Cpu).unwrap();
+    assert_eq!(batch.len(), n);
+    let masking = MlmMasking::for_tokenizer(loader.tokenizer())
+        .unwrap()
+        .with_prob(0.3)
+        .unwrap();
+    let masked = MaskedPair::draw(
+        &masking,
+        &batch,
+        &mut rand_chacha::ChaCha8Rng::seed_from_u64(1),
+    )
+    .unwrap();
+    (batch, masked)
+}
+
+/// The reference: the whole batch in one graph.
+fn uncached(
+    objective: &MultiLevelLoss,
+    model: &MlCtlModel,
+    batch: &PairBatch,
+    masked: &MaskedPair,
+    vars: &[(String, Var)],
+    train: bool,
+) -> (f32, BTreeMap<String, Tensor>) {
+    let terms = objective
+        .forward(model, batch, Some(masked), train)
+        .unwrap();
+    let store = terms.total.backward().unwrap();
+    let grads = vars
+        .iter()
+        .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+        .collect();
+    (terms.total.to_scalar::<f32>().unwrap(), grads)
+}
+
+fn check(n: usize, mini_batch: usize, objective: MultiLevelLoss) {
+    let (batch, masked) = batch_of(n);
+    let model = tiny_model(7);
+    let vars: Vec<(String, Var)> = model.named_vars().into_iter().collect();
+    let (want_loss, want) = uncached(&objective, &model, &batch, &masked, &vars, false);
+    let cached = CachedLoss::new(objective, mini_batch).unwrap();
+    let got = cached
+        .forward_backward(&model, &batch, Some(&masked), &vars, false, |_| Ok(()))
+        .unwrap();
+    assert!(
+        (got.total - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
+        "loss {} vs {want_loss}",
+        got.total
+    );
+    assert_eq!(
+        got.grads.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "the same parameters get gradients"
+    );
+    let mut worst = 0f64;
+    for (name, g) in &want {
+        let diff = max_abs_diff(&got.grads[name], g);
+        worst = worst.max(diff);
+        assert!(diff < 1e-5, "{name}: max abs diff {diff:e}");
+    }
+    eprintln!("B={n}, chunks of {mini_batch}: worst gradient difference {worst:.2e}");
+}
+
+#[test]
+fn cached_loss_equals_the_uncached_batch_in_chunks_of_8() {
+    check(64, 8, MultiLevelLoss::mlctl());
+}
+
+#[test]
+fn cached_loss_handles_a_smaller_last_chunk_and_every_term() {
+    let objective = MultiLevelLoss::mlctl().with_word(Some(CzNce::new().with_temperature(0.1)));
+    check(20, 8, objective);
+    check(20, 1, MultiLevelLoss::mlctl().with_mlm_weight(None));
+}
+
+#[test]
+fn cached_loss_rejects_a_zero_mini_batch() {
+    assert!(matches!(
+        CachedLoss::new(MultiLevelLoss::mlctl(), 0),
+        Err(mlctl::Error::InvalidArgument(_))
+    ));
+}
