@@ -75,11 +75,7 @@ impl DeviceChoice {
     }
 }
 
-/// Opens the device for a `--device` flag value and a `--cpu` override (which wins).
-pub fn select_device(choice: DeviceChoice, force_cpu: bool) -> Result<Device> {
-    if force_cpu {
-        Ok(Device::Cpu)
-    } else {
-        choice.open()
-    }
+/// Opens the device for a `--device` flag value: [`DeviceChoice::open`].
+pub fn select_device(choice: DeviceChoice) -> Result<Device> {
+    choice.open()
 }

@@ -96,7 +96,11 @@ fn main() -> Result<()> {
         }),
     };
 
-    let device = select_device(args.device, args.cpu)?;
+    let device = select_device(if args.cpu {
+        DeviceChoice::Cpu
+    } else {
+        args.device
+    })?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
     let tokenizer = bert

@@ -51,9 +51,6 @@ struct Args {
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Run on the CPU whatever `--device` says.
-    #[arg(long)]
-    cpu: bool,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +58,7 @@ fn main() -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let device = select_device(args.device, args.cpu)?;
+    let device = select_device(args.device)?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
     let tokenizer = bert

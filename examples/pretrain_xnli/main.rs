@@ -205,7 +205,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let clock = std::time::Instant::now();
     let stage = |name: &str| eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64());
-    let device = select_device(args.device, args.cpu)?;
+    let device = select_device(if args.cpu {
+        DeviceChoice::Cpu
+    } else {
+        args.device
+    })?;
     let embedded = args.model.is_none();
     if args.train_pairs == 0
         || args.train_pairs > EMBEDDED_TRAIN_PAIRS
