@@ -125,8 +125,8 @@ pub enum BackwardMode {
 pub enum Temperature {
     /// A fixed temperature `t` (the logits are `cos / t`).
     Fixed(f64),
-    /// A learnable scalar log-scale `θ` with `1/t = exp(θ)` (shape `[]` or `[1]`), typically
-    /// a `Var` initialised to `-ln t`.
+    /// A learnable scalar log-scale `θ` with `1/t = min(exp(θ), max)` (shape `[]` or `[1]`;
+    /// `max` from [`CzNce::with_max_logit_scale`]), typically a `Var` initialised to `-ln t`.
     LearnableLogScale(Tensor),
 }
 
@@ -240,8 +240,9 @@ impl CzNce {
         self
     }
 
-    /// Makes the temperature learnable: `log_scale` is a scalar tensor `θ` with `1/t = exp(θ)`
-    /// (e.g. a `Var` created with `-t0.ln()`). Must be finite, on the inputs' device.
+    /// Makes the temperature learnable: `log_scale` is a scalar tensor `θ` with
+    /// `1/t = min(exp(θ), max)` (e.g. a `Var` created with `-t0.ln()`; `max` is
+    /// [`CzNce::with_max_logit_scale`], 100 by default). Must be finite, on the inputs' device.
     pub fn with_learnable_log_scale(mut self, log_scale: Tensor) -> Self {
         self.temperature = Temperature::LearnableLogScale(log_scale);
         self
@@ -394,7 +395,7 @@ impl CzNce {
             }
             Temperature::LearnableLogScale(ls) => {
                 let max = self.max_logit_scale;
-                if !(max > 0.0) {
+                if max.is_nan() || max <= 0.0 {
                     return Err(Error::InvalidArgument(format!(
                         "cz_nce: max_logit_scale must be > 0, got {max}"
                     )));
@@ -434,7 +435,9 @@ impl CzNce {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a rank other than 2, an empty batch (`B = 0` or `D = 0`),
-    /// CZ-NCE with `B = 1`, a non-finite or non-positive temperature, dtype or device mismatch;
+    /// CZ-NCE with `B = 1`, a non-finite or non-positive temperature (for a learnable one: a
+    /// non-finite `θ`, a `max_logit_scale` that is not `> 0`, or a scale `min(exp(θ), max)`
+    /// that is not finite and `> 0`), dtype or device mismatch;
     /// [`Error::ShapeMismatch`] when `k`'s shape differs from `q`'s.
     pub fn forward(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         if Self::fused_supported(q) {
