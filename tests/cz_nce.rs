@@ -544,8 +544,9 @@ fn large_batch_matches_composite_f64() -> R<()> {
 // ---------------------------------------------------------------- bounded learnable scale
 
 /// Trains `q`, `k` and the log-scale `θ` of CZ-NCE on pairs whose positives already beat
-/// every negative, with `opt`, for `steps` steps; returns `θ` after each step. Stops early if
-/// `θ` leaves `[-1e3, stop_above]` (the unbounded control run diverges).
+/// every negative, with the optimizer `make_opt` builds, for `steps` steps; returns `θ` after
+/// each step. Stops early if `θ` leaves `[-1e3, stop_above]` (the unbounded control run
+/// diverges).
 fn train_log_scale<O: candle_nn::optim::Optimizer>(
     make_opt: impl FnOnce(Vec<Var>) -> candle_core::Result<O>,
     path: Path,
@@ -609,12 +610,18 @@ fn learnable_scale_stays_bounded_when_positives_dominate() -> R<()> {
             ),
         ];
         for (name, trace) in runs {
-            let what = format!("{name} {:?}", path == Path::Fused);
+            let on = if path == Path::Fused {
+                "fused"
+            } else {
+                "composite"
+            };
+            let what = format!("{name} {on}");
             assert_eq!(trace.len(), steps, "{what}: stopped early: {trace:?}");
             let top = trace.iter().cloned().fold(f64::MIN, f64::max);
             assert!(top <= bound, "{what}: θ reached {top} > ln(max) + 0.5");
-            // The run does hit the clamp (otherwise it would test nothing) and ends near it.
+            // The run does cross the bound (otherwise it would test nothing) and ends near it.
             let last = *trace.last().unwrap();
+            assert!(top > max.ln(), "{what}: θ never reached ln(max): {top}");
             assert!(last >= max.ln() - 0.5, "{what}: θ ends at {last}");
             eprintln!(
                 "{what}: θ max {top:.4}, last {last:.4} (ln max = {:.4})",
