@@ -540,3 +540,200 @@ fn large_batch_matches_composite_f64() -> R<()> {
     assert_close("dls", &[f.dls.unwrap()], &[c.dls.unwrap()], 1e-9, 1e-6);
     Ok(())
 }
+
+// ---------------------------------------------------------------- bounded learnable scale
+
+/// Trains `q`, `k` and the log-scale `θ` of CZ-NCE on pairs whose positives already beat
+/// every negative, with the optimizer `make_opt` builds, for `steps` steps; returns `θ` after
+/// each step. Stops early if `θ` leaves `[-1e3, stop_above]` (the unbounded control run
+/// diverges).
+fn train_log_scale<O: candle_nn::optim::Optimizer>(
+    make_opt: impl FnOnce(Vec<Var>) -> candle_core::Result<O>,
+    path: Path,
+    max: f64,
+    steps: usize,
+    stop_above: f64,
+) -> R<Vec<f64>> {
+    let (b, d) = (8, 16);
+    let q = Var::from_tensor(&tensor(200, b, d, DType::F32)?)?;
+    let k = Var::from_tensor(&(q.as_tensor() + (tensor(201, b, d, DType::F32)? * 0.1)?)?)?;
+    let theta = Var::from_tensor(&Tensor::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu)?)?;
+    let cfg = CzNce::new()
+        .with_learnable_log_scale(theta.as_tensor().clone())
+        .with_max_logit_scale(max);
+    let mut opt = make_opt(vec![q.clone(), k.clone(), theta.clone()])?;
+    let mut trace = vec![];
+    for _ in 0..steps {
+        let loss = match path {
+            Path::Fused => cfg.forward_fused(q.as_tensor(), k.as_tensor())?,
+            Path::Composite => cfg.forward_composite(q.as_tensor(), k.as_tensor())?,
+        };
+        opt.step(&loss.backward()?)?;
+        let t = scalar(theta.as_tensor())?;
+        trace.push(t);
+        if !(t.is_finite() && t.abs() < 1e3 && t <= stop_above) {
+            break;
+        }
+    }
+    Ok(trace)
+}
+
+/// CZ-NCE keeps pulling a learnable scale up once positives win (the positive is not in the
+/// denominator). With the default bound (100) `θ` reaches `ln 100` and stays within a step or
+/// two of it for the whole run, under SGD and AdamW, on both paths; without the bound the same
+/// run leaves that range (the control, so this test can fail).
+#[test]
+fn learnable_scale_stays_bounded_when_positives_dominate() -> R<()> {
+    use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
+    let max = CzNce::DEFAULT_MAX_LOGIT_SCALE;
+    let bound = max.ln() + 0.5;
+    let steps = 300;
+    for path in [Path::Fused, Path::Composite] {
+        let sgd = |vars| SGD::new(vars, 0.005);
+        let adamw = |vars| {
+            AdamW::new(
+                vars,
+                ParamsAdamW {
+                    lr: 0.02,
+                    ..Default::default()
+                },
+            )
+        };
+        let runs = [
+            (
+                "sgd",
+                train_log_scale(sgd, path, max, steps, f64::INFINITY)?,
+            ),
+            (
+                "adamw",
+                train_log_scale(adamw, path, max, steps, f64::INFINITY)?,
+            ),
+        ];
+        for (name, trace) in runs {
+            let on = if path == Path::Fused {
+                "fused"
+            } else {
+                "composite"
+            };
+            let what = format!("{name} {on}");
+            assert_eq!(trace.len(), steps, "{what}: stopped early: {trace:?}");
+            let top = trace.iter().cloned().fold(f64::MIN, f64::max);
+            assert!(top <= bound, "{what}: θ reached {top} > ln(max) + 0.5");
+            // The run does cross the bound (otherwise it would test nothing) and ends near it.
+            let last = *trace.last().unwrap();
+            assert!(top > max.ln(), "{what}: θ never reached ln(max): {top}");
+            assert!(last >= max.ln() - 0.5, "{what}: θ ends at {last}");
+            eprintln!(
+                "{what}: θ max {top:.4}, last {last:.4} (ln max = {:.4})",
+                max.ln()
+            );
+        }
+        let control = [
+            train_log_scale(sgd, path, f64::INFINITY, steps, bound)?,
+            train_log_scale(adamw, path, f64::INFINITY, steps, bound)?,
+        ];
+        for trace in control {
+            let last = *trace.last().unwrap();
+            assert!(
+                last.is_nan() || last > bound,
+                "unbounded control stayed at θ = {last} after {} steps",
+                trace.len()
+            );
+            eprintln!("unbounded: θ = {last:.4} after {} steps", trace.len());
+        }
+    }
+    Ok(())
+}
+
+/// Fused and composite agree on the loss and every gradient below the bound, exactly at it
+/// (`exp(θ) = max`: the gradient still flows, as with `torch.clamp`) and above it (`∂L/∂θ = 0`
+/// and the loss is that of the fixed temperature `1/max`); f64 finite differences confirm the
+/// clamped gradients.
+#[test]
+fn clamped_scale_fused_matches_composite_at_and_away_from_the_bound() -> R<()> {
+    let t = 0.2; // exp(θ) = 5
+    let (b, d) = (5, 6);
+    let cfgs = [
+        CzNce::new(),
+        CzNce::info_nce().with_symmetric(true),
+        CzNce::new()
+            .with_target_negatives(true)
+            .with_symmetric(true),
+    ];
+    for dtype in [DType::F32, DType::F64] {
+        let (rtol, floor) = if dtype == DType::F64 {
+            (1e-10, 1e-3)
+        } else {
+            (1e-5, 1.0)
+        };
+        let q = tensor(300, b, d, dtype)?;
+        let k = ((&q * 0.5)? + tensor(301, b, d, dtype)?)?;
+        // exp(θ) for θ as stored in `dtype`, the value the clamp compares.
+        let at = scalar(&Tensor::new(&[-f64::ln(t)], &Device::Cpu)?.to_dtype(dtype)?)?.exp();
+        for cfg in &cfgs {
+            let unclamped = eval(
+                &cfg.clone().with_max_logit_scale(f64::INFINITY),
+                Path::Fused,
+                &q,
+                &k,
+                0,
+                Some(t),
+            )?;
+            for (case, max) in [("below", 100.0), ("at", at), ("above", 3.0)] {
+                let cfg = cfg.clone().with_max_logit_scale(max);
+                let what = format!("{cfg:?} {dtype:?} {case}");
+                let f = eval(&cfg, Path::Fused, &q, &k, 1, Some(t))?;
+                let c = eval(&cfg, Path::Composite, &q, &k, 2, Some(t))?;
+                assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], rtol, 1e-3);
+                assert_close(&format!("{what} dq"), &f.dq, &c.dq, rtol, floor * 1e-3);
+                assert_close(&format!("{what} dk"), &f.dk, &c.dk, rtol, floor * 1e-3);
+                let (fd, cd) = (f.dls.unwrap(), c.dls.unwrap());
+                assert_close(&format!("{what} dls"), &[fd], &[cd], rtol, floor * 1e-3);
+                if case == "above" {
+                    assert_eq!((fd, cd), (0.0, 0.0), "{what}: clamped θ gets no gradient");
+                    let fixed = cfg.clone().with_temperature(1.0 / max);
+                    let want = eval(&fixed, Path::Fused, &q, &k, 0, None)?;
+                    assert_close(&format!("{what} loss"), &[f.loss], &[want.loss], rtol, 1e-3);
+                    assert_close(&format!("{what} dq"), &f.dq, &want.dq, rtol, floor * 1e-3);
+                } else {
+                    let u = &unclamped;
+                    assert!(fd.abs() > 1e-3, "{what}: dls {fd}");
+                    assert_close(&format!("{what} loss"), &[f.loss], &[u.loss], rtol, 1e-3);
+                    assert_close(&format!("{what} dls"), &[fd], &[u.dls.unwrap()], rtol, 1e-6);
+                }
+            }
+        }
+    }
+    for cfg in &cfgs {
+        for path in [Path::Fused, Path::Composite] {
+            finite_differences(&cfg.clone().with_max_logit_scale(3.0), path, 4, 3, t)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_max_logit_scale_gives_typed_errors() -> R<()> {
+    let q = tensor(1, 4, 3, DType::F32)?;
+    let ls = |v: f32| Tensor::new(&[v], &Device::Cpu);
+    type Fwd = fn(&CzNce, &Tensor, &Tensor) -> mlctl::Result<Tensor>;
+    let paths: [Fwd; 3] = [
+        CzNce::forward,
+        CzNce::forward_fused,
+        CzNce::forward_composite,
+    ];
+    for f in paths {
+        for max in [0.0, -1.0, f64::NAN] {
+            let c = CzNce::new()
+                .with_learnable_log_scale(ls(1.0)?)
+                .with_max_logit_scale(max);
+            assert!(matches!(f(&c, &q, &q), Err(Error::InvalidArgument(_))));
+        }
+        // Unbounded, exp(θ) overflows; bounded, the same θ is clamped.
+        let c = CzNce::new().with_learnable_log_scale(ls(1e3)?);
+        assert!(f(&c, &q, &q)?.to_scalar::<f32>()?.is_finite());
+        let c = c.with_max_logit_scale(f64::INFINITY);
+        assert!(matches!(f(&c, &q, &q), Err(Error::InvalidArgument(_))));
+    }
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //!   backward in candle (no `softmax_last_dim` fast path).
 
 use super::cpu::{Spec, NORM_EPS};
+use super::LogitScale;
 use candle_core::{DType, Tensor, D};
 
 fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -61,12 +62,13 @@ fn direction(blocks: &[Tensor], include_positive: bool) -> candle_core::Result<T
     (lse - pos)?.mean_all()
 }
 
-/// The composite loss. `scale` is either a fixed `1 / t` or a scalar log-scale tensor.
+/// The composite loss. `log_scale` is the learnable `θ` (`None` for a fixed temperature), whose
+/// resolved and clamped value is `scale`.
 pub(crate) fn forward(
     q: &Tensor,
     k: &Tensor,
     spec: Spec,
-    fixed_scale: Option<f64>,
+    scale: LogitScale,
     log_scale: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
     let dtype = if q.dtype() == DType::F64 {
@@ -81,14 +83,25 @@ pub(crate) fn forward(
     } else {
         (q, k)
     };
+    let s = match log_scale {
+        None => None,
+        Some(ls) => {
+            let ls = ls.to_dtype(dtype)?.flatten_all()?;
+            let s = if scale.clamped {
+                // `θ·0 + max`: torch.clamp's value and zero gradient. θ must stay in the graph
+                // (the fused op returns a zero gradient, not none), and candle drops the
+                // argument of `affine(0, ·)` from it, hence the product with a zero tensor.
+                ((&ls * ls.zeros_like()?)? + scale.value)?
+            } else {
+                ls.exp()?
+            };
+            Some(s.reshape(())?)
+        }
+    };
     let apply_scale = |x: Tensor| -> candle_core::Result<Tensor> {
-        match (fixed_scale, log_scale) {
-            (_, Some(ls)) => {
-                let s = ls.to_dtype(dtype)?.flatten_all()?.exp()?.reshape(())?;
-                x.broadcast_mul(&s)
-            }
-            (Some(s), None) => x * s,
-            (None, None) => Err(candle_core::Error::Msg("cz_nce: no scale".into())),
+        match &s {
+            Some(s) => x.broadcast_mul(s),
+            None => x * scale.value,
         }
     };
     let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);

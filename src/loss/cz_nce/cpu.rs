@@ -61,7 +61,6 @@ pub(crate) trait Real:
     const MASKED: Self;
     fn from_f64(x: f64) -> Self;
     fn from_f32(x: f32) -> Self;
-    fn to_f64(self) -> f64;
     /// `eˣ` for `x ≤ 0` (the row pass only exponentiates max-subtracted logits); exactly 0 for
     /// `x` below the smallest normal result, including `-inf`.
     fn exp_nonpos(self) -> Self;
@@ -87,9 +86,6 @@ macro_rules! impl_real {
             }
             fn from_f32(x: f32) -> Self {
                 x as $t
-            }
-            fn to_f64(self) -> f64 {
-                self as f64
             }
             #[inline(always)]
             fn exp_nonpos(self) -> Self {

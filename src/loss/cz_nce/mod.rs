@@ -36,7 +36,16 @@
 //!   anchor's side"/"the other side").
 //! - Temperature: fixed ([`CzNce::with_temperature`], must be finite and `> 0`) or learnable
 //!   ([`CzNce::with_learnable_log_scale`]): a scalar tensor `θ` (typically a `Var`) with
-//!   `1/t = exp(θ)`; its gradient flows through both paths (the fused op returns it too).
+//!   `1/t = min(exp(θ), max)`; its gradient flows through both paths (the fused op returns it
+//!   too).
+//! - [`CzNce::with_max_logit_scale`]: the bound `max` on a learnable scale (default 100, as in
+//!   CLIP). Without it CZ-NCE drives `θ` up for ever: the positive is not in the denominator,
+//!   so once every positive beats its negatives `∂L/∂θ = exp(θ)·(E_softmax[negative] − p) < 0`
+//!   and grows with the scale (InfoNCE's loss saturates at 0 instead). The clamp acts like
+//!   `torch.clamp(θ.exp(), max=max)`: while `exp(θ) > max` the logits use `max` and `∂L/∂θ`
+//!   is 0 (at `exp(θ) = max` exactly the gradient still flows). An optimizer with weight decay
+//!   or an explicit clamp of the `Var` brings `θ` back below the bound; plain SGD leaves it
+//!   there.
 //! - [`CzNce::with_assume_normalized`]: skip the L2 normalization and use raw dot products
 //!   `q_i·k_j / t` (correct only for unit-norm inputs).
 //!
@@ -93,6 +102,7 @@ mod composite;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dispatch;
 mod op;
 
 use crate::{Error, Result};
@@ -115,8 +125,8 @@ pub enum BackwardMode {
 pub enum Temperature {
     /// A fixed temperature `t` (the logits are `cos / t`).
     Fixed(f64),
-    /// A learnable scalar log-scale `θ` with `1/t = exp(θ)` (shape `[]` or `[1]`), typically
-    /// a `Var` initialised to `-ln t`.
+    /// A learnable scalar log-scale `θ` with `1/t = min(exp(θ), max)` (shape `[]` or `[1]`;
+    /// `max` from [`CzNce::with_max_logit_scale`]), typically a `Var` initialised to `-ln t`.
     LearnableLogScale(Tensor),
 }
 
@@ -157,6 +167,35 @@ pub struct CzNce {
     symmetric: bool,
     assume_normalized: bool,
     backward_mode: BackwardMode,
+    max_logit_scale: f64,
+}
+
+/// The logit scale `1/t` a forward uses, resolved (and for a learnable temperature, clamped)
+/// once on the host so that the fused op and the composite twin make the same decision.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogitScale {
+    /// `1/t`: the fixed scale, or `min(exp(θ), max)`.
+    pub value: f64,
+    /// Whether the clamp is active (`exp(θ) > max`): then `∂L/∂θ = 0`.
+    pub clamped: bool,
+}
+
+impl LogitScale {
+    /// `min(exp(θ), max)`, computed in f64 from `θ` as stored.
+    fn learnable(log_scale: f64, max: f64) -> Self {
+        let s = log_scale.exp();
+        if s > max {
+            Self {
+                value: max,
+                clamped: true,
+            }
+        } else {
+            Self {
+                value: s,
+                clamped: false,
+            }
+        }
+    }
 }
 
 impl Default for CzNce {
@@ -170,6 +209,8 @@ impl CzNce {
     pub const DEFAULT_TEMPERATURE: f64 = 0.07;
     /// The epsilon of the row normalization `x / max(‖x‖, ε)`.
     pub const NORM_EPS: f64 = cpu::NORM_EPS;
+    /// The default bound on a learnable logit scale `1/t`, 100 (CLIP's).
+    pub const DEFAULT_MAX_LOGIT_SCALE: f64 = 100.0;
 
     /// CZ-NCE as in ML-CTL: `t = 0.07`, positive excluded from the denominator, `sim_in`
     /// negatives on, no key-side negatives, one direction (q→k), inputs normalized.
@@ -182,6 +223,7 @@ impl CzNce {
             symmetric: false,
             assume_normalized: false,
             backward_mode: BackwardMode::GradInForward,
+            max_logit_scale: Self::DEFAULT_MAX_LOGIT_SCALE,
         }
     }
 
@@ -198,10 +240,19 @@ impl CzNce {
         self
     }
 
-    /// Makes the temperature learnable: `log_scale` is a scalar tensor `θ` with `1/t = exp(θ)`
-    /// (e.g. a `Var` created with `-t0.ln()`). Must be finite, on the inputs' device.
+    /// Makes the temperature learnable: `log_scale` is a scalar tensor `θ` with
+    /// `1/t = min(exp(θ), max)` (e.g. a `Var` created with `-t0.ln()`; `max` is
+    /// [`CzNce::with_max_logit_scale`], 100 by default). Must be finite, on the inputs' device.
     pub fn with_learnable_log_scale(mut self, log_scale: Tensor) -> Self {
         self.temperature = Temperature::LearnableLogScale(log_scale);
+        self
+    }
+
+    /// Bounds a learnable logit scale: `1/t = min(exp(θ), max)`, with `∂L/∂θ = 0` while the
+    /// clamp is active (default [`CzNce::DEFAULT_MAX_LOGIT_SCALE`]; `f64::INFINITY` turns the
+    /// bound off). A fixed temperature is used as given. Validated in `forward`: `> 0`.
+    pub fn with_max_logit_scale(mut self, max: f64) -> Self {
+        self.max_logit_scale = max;
         self
     }
 
@@ -248,6 +299,11 @@ impl CzNce {
         &self.temperature
     }
 
+    /// The bound on a learnable logit scale (see [`CzNce::with_max_logit_scale`]).
+    pub fn max_logit_scale(&self) -> f64 {
+        self.max_logit_scale
+    }
+
     /// Whether the positive is in the denominator (InfoNCE) or not (CZ-NCE).
     pub fn positive_in_denominator(&self) -> bool {
         self.include_positive
@@ -278,8 +334,8 @@ impl CzNce {
             || (cfg!(feature = "cuda") && q.device().is_cuda() && half_or_single)
     }
 
-    /// Validates the inputs and the temperature; returns `B`.
-    fn validate(&self, q: &Tensor, k: &Tensor) -> Result<usize> {
+    /// Validates the inputs and the temperature; returns the logit scale to use.
+    fn validate(&self, q: &Tensor, k: &Tensor) -> Result<LogitScale> {
         for (name, x) in [("q", q), ("k", k)] {
             if x.rank() != 2 {
                 return Err(Error::InvalidArgument(format!(
@@ -332,8 +388,18 @@ impl CzNce {
                         "cz_nce: temperature must be finite and > 0, got {t}"
                     )));
                 }
+                Ok(LogitScale {
+                    value: 1.0 / t,
+                    clamped: false,
+                })
             }
             Temperature::LearnableLogScale(ls) => {
+                let max = self.max_logit_scale;
+                if max.is_nan() || max <= 0.0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "cz_nce: max_logit_scale must be > 0, got {max}"
+                    )));
+                }
                 if ls.elem_count() != 1 || ls.rank() > 1 || !ls.dtype().is_float() {
                     return Err(Error::InvalidArgument(format!(
                         "cz_nce: log_scale must be a float scalar, got {:?} {:?}",
@@ -352,14 +418,15 @@ impl CzNce {
                     .to_dtype(DType::F64)?
                     .flatten_all()?
                     .to_vec1::<f64>()?[0];
-                if !(v.is_finite() && v.exp().is_finite() && v.exp() > 0.0) {
+                let scale = LogitScale::learnable(v, max);
+                if !(v.is_finite() && scale.value.is_finite() && scale.value > 0.0) {
                     return Err(Error::InvalidArgument(format!(
                         "cz_nce: log_scale must give a finite, positive 1/t, got log_scale = {v}"
                     )));
                 }
+                Ok(scale)
             }
         }
-        Ok(b)
     }
 
     /// Computes the loss, with the fused op where supported (CPU, float dtypes) and the
@@ -368,7 +435,9 @@ impl CzNce {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] for a rank other than 2, an empty batch (`B = 0` or `D = 0`),
-    /// CZ-NCE with `B = 1`, a non-finite or non-positive temperature, dtype or device mismatch;
+    /// CZ-NCE with `B = 1`, a non-finite or non-positive temperature (for a learnable one: a
+    /// non-finite `θ`, a `max_logit_scale` that is not `> 0`, or a scale `min(exp(θ), max)`
+    /// that is not finite and `> 0`), dtype or device mismatch;
     /// [`Error::ShapeMismatch`] when `k`'s shape differs from `q`'s.
     pub fn forward(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         if Self::fused_supported(q) {
@@ -381,18 +450,18 @@ impl CzNce {
     /// The composite path: plain candle ops, on any device, differentiable through candle's
     /// autograd. Same errors as [`CzNce::forward`].
     pub fn forward_composite(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        self.validate(q, k)?;
-        let (fixed, ls) = match &self.temperature {
-            Temperature::Fixed(t) => (Some(1.0 / t), None),
-            Temperature::LearnableLogScale(ls) => (None, Some(ls)),
+        let scale = self.validate(q, k)?;
+        let log_scale = match &self.temperature {
+            Temperature::Fixed(_) => None,
+            Temperature::LearnableLogScale(ls) => Some(ls),
         };
-        Ok(composite::forward(q, k, self.spec(), fixed, ls)?)
+        Ok(composite::forward(q, k, self.spec(), scale, log_scale)?)
     }
 
     /// The fused op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
     /// [`Error::InvalidArgument`] when [`CzNce::fused_supported`] says no.
     pub fn forward_fused(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
-        self.validate(q, k)?;
+        let scale = self.validate(q, k)?;
         if !Self::fused_supported(q) {
             return Err(Error::InvalidArgument(format!(
                 "cz_nce: the fused op runs on the CPU (f32/f16/bf16/f64) and, with the `cuda` feature, on CUDA (f32/f16/bf16); got {:?} on {:?}",
@@ -402,18 +471,20 @@ impl CzNce {
         }
         let spec = self.spec();
         Ok(match &self.temperature {
-            Temperature::Fixed(t) => {
+            Temperature::Fixed(_) => {
                 let tracks = q.track_op() || k.track_op();
-                let op = op::CzNceOp::new(spec, Some(1.0 / t), tracks, self.backward_mode);
+                let op = op::CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
                     q.apply_op2(k, op)?
                 } else {
                     q.apply_op2_no_bwd(k, &op)?
                 }
             }
+            // `log_scale` is an argument so that autograd routes `∂L/∂θ` to it; its value is
+            // already in `scale`.
             Temperature::LearnableLogScale(ls) => {
                 let tracks = q.track_op() || k.track_op() || ls.track_op();
-                let op = op::CzNceOp::new(spec, None, tracks, self.backward_mode);
+                let op = op::CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
                     q.apply_op3(k, ls, op)?
                 } else {
