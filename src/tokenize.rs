@@ -26,6 +26,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     max_len: usize,
     special: SpecialTokens,
+    /// One past the largest id (see `Tokenizer::vocab_size`).
+    vocab_size: usize,
     /// The file that declares the special tokens (`tokenizer_config.json` when the model has one,
     /// else `tokenizer.json`), named in errors; `None` for a tokenizer built in memory.
     source: Option<PathBuf>,
@@ -161,10 +163,16 @@ impl Tokenizer {
         special: SpecialTokens,
         source: Option<PathBuf>,
     ) -> Result<Self> {
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1);
         Self {
             inner,
             max_len: DEFAULT_MAX_LEN,
             special,
+            vocab_size,
             source,
         }
         .with_max_len(DEFAULT_MAX_LEN)
@@ -236,9 +244,10 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// Size of the vocabulary, added tokens included.
+    /// Size of the id space: one past the largest id, added tokens included (the rows of
+    /// the word-embedding table it needs).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Id of a token, if it is in the vocabulary.

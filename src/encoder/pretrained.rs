@@ -118,15 +118,6 @@ impl PretrainedBert {
     /// fine: some rows are never used).
     pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = BertConfig::from_file(dir.join(CONFIG_FILE))?;
-        // The tokenizer first: a bad one fails before the weights are read.
-        let tokenizer_missing = !dir.join(TOKENIZER_FILE).is_file();
-        let tokenizer = if !tokenizer_missing {
-            let tokenizer = Tokenizer::from_dir(dir)?;
-            check_vocab(&tokenizer, &config, Some(&dir.join(TOKENIZER_FILE)))?;
-            Some(tokenizer)
-        } else {
-            None
-        };
         let checkpoint = read_checkpoint_dir(dir)?;
         let original_names = checkpoint.original_names;
         let params = ParamStore::with_checkpoint(checkpoint.tensors, 0);
@@ -148,6 +139,15 @@ impl PretrainedBert {
         if !missing.is_empty() {
             return Err(Error::MissingTensors { names: missing });
         }
+        // After the weights: a config that disagrees with them is reported as such first.
+        let tokenizer_missing = !dir.join(TOKENIZER_FILE).is_file();
+        let tokenizer = if !tokenizer_missing {
+            let tokenizer = Tokenizer::from_dir(dir)?;
+            check_vocab(&tokenizer, &config, Some(&dir.join(TOKENIZER_FILE)))?;
+            Some(tokenizer)
+        } else {
+            None
+        };
         let report = LoadReport {
             initialized: log.initialized,
             ignored: checkpoint.ignored,
