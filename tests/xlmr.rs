@@ -267,3 +267,24 @@ fn xlmr_masking_uses_mask_token_and_never_masks_specials() {
         }
     }
 }
+
+/// transformers' `AutoModelForMaskedLM` loads the saved directory as an XLM-R with no missing or
+/// unexpected keys and reproduces the golden outputs. Set `MLCTL_PYTHON` to a Python with torch
+/// and transformers.
+#[test]
+#[ignore = "needs MLCTL_PYTHON with torch and transformers"]
+fn xlmr_saved_checkpoint_loads_in_transformers() {
+    let python = std::env::var("MLCTL_PYTHON").expect("set MLCTL_PYTHON");
+    let dir = tempfile::tempdir().unwrap();
+    load().save(dir.path()).unwrap();
+    let status = std::process::Command::new(python)
+        .arg(fixture("check_transformers_load.py"))
+        .arg(dir.path())
+        .arg(fixture("tiny_xlmr/golden.safetensors"))
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "transformers could not load the saved XLM-R"
+    );
+}
