@@ -31,6 +31,8 @@ pub struct Tokenizer {
     /// The file that declares the special tokens (`tokenizer_config.json` when the model has one,
     /// else `tokenizer.json`), named in errors; `None` for a tokenizer built in memory.
     source: Option<PathBuf>,
+    /// The model's `tokenizer_config.json`, written back by [`Tokenizer::save_pretrained`].
+    config: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A special token: its text and its id in the vocabulary.
@@ -67,6 +69,9 @@ pub struct SpecialTokens {
     /// never selects them.
     pub ids: Vec<u32>,
 }
+
+/// The file of a model directory that declares its special tokens.
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
 
 /// Key of each special token in `tokenizer_config.json` / `special_tokens_map.json`, with the
 /// spellings accepted as a last resort.
@@ -127,7 +132,8 @@ impl Tokenizer {
         let inner = read_tokenizer_json(&json_path)?;
         let mut declared = Declared::default();
         let mut source = json_path.clone();
-        for file in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let mut tokenizer_config = serde_json::Map::new();
+        for file in ["special_tokens_map.json", TOKENIZER_CONFIG_FILE] {
             let path = dir.join(file);
             if let Some(map) = read_json_object(&path)? {
                 for (key, _) in SPECIAL_KEYS {
@@ -137,6 +143,7 @@ impl Tokenizer {
                     }
                 }
                 source = path;
+                tokenizer_config = map;
             }
         }
         let config = dir.join(crate::encoder::CONFIG_FILE);
@@ -148,7 +155,9 @@ impl Tokenizer {
                 .map(|id| (id, config.clone()));
         }
         let special = find_special_tokens(&inner, &declared, &json_path)?;
-        Self::with_special(inner, special, Some(source))
+        let mut tokenizer = Self::with_special(inner, special, Some(source))?;
+        tokenizer.config = tokenizer_config;
+        Ok(tokenizer)
     }
 
     /// Wraps a `tokenizers` tokenizer; its own padding and truncation settings are replaced.
@@ -174,6 +183,7 @@ impl Tokenizer {
             special,
             vocab_size,
             source,
+            config: serde_json::Map::new(),
         }
         .with_max_len(DEFAULT_MAX_LEN)
     }
@@ -356,6 +366,31 @@ impl Tokenizer {
         let path = path.as_ref();
         let json = self.inner.to_string(true).map_err(Error::Tokenizer)?;
         crate::encoder::write_atomic(path, json.as_bytes())
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: the model's own
+    /// `tokenizer_config.json` (when it was loaded with [`Tokenizer::from_dir`]) with the special
+    /// tokens set to the ones this tokenizer uses, so that [`Tokenizer::from_dir`] and
+    /// transformers' `AutoTokenizer` find the same ones again. Each file is written atomically.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        self.save(dir.join(crate::encoder::TOKENIZER_FILE))?;
+        let mut config = self.config.clone();
+        config
+            .entry("tokenizer_class")
+            .or_insert_with(|| "PreTrainedTokenizerFast".into());
+        let s = &self.special;
+        for ((key, _), token) in SPECIAL_KEYS
+            .iter()
+            .zip([&s.mask, &s.pad, &s.cls, &s.sep, &s.unk])
+        {
+            if let Some(token) = token {
+                config.insert((*key).to_string(), token.token.clone().into());
+            }
+        }
+        // Serialising a JSON map cannot fail.
+        let json = serde_json::to_string_pretty(&config).expect("JSON map serialises");
+        crate::encoder::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), json.as_bytes())
     }
 }
 

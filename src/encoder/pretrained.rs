@@ -223,7 +223,7 @@ impl PretrainedBert {
     }
 
     /// Writes `model.safetensors`, `config.json` and (when the model has one) `tokenizer.json`
-    /// to `dir`, creating it. Tensors keep transformers' names for the model type: the result
+    /// and `tokenizer_config.json` ([`Tokenizer::save_pretrained`]) to `dir`, creating it. Tensors keep transformers' names for the model type: the result
     /// loads with `transformers.BertForMaskedLM.from_pretrained(dir)`, or
     /// `XLMRobertaForMaskedLM` for an XLM-R. Each file is written atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -237,7 +237,7 @@ impl PretrainedBert {
             self.config.to_json_string().as_bytes(),
         )?;
         if let Some(tokenizer) = &self.tokenizer {
-            tokenizer.save(dir.join(TOKENIZER_FILE))?;
+            tokenizer.save_pretrained(dir)?;
         }
         Ok(())
     }
