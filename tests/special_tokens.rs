@@ -115,6 +115,18 @@ fn declared_tokens_win_over_spellings() {
         1,
         "padded with the declared pad token"
     );
+    // A saved model keeps them, and the rest of its tokenizer_config.json.
+    let bert = PretrainedBert::from_dir(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let saved = tempfile::tempdir().unwrap();
+    bert.save(saved.path()).unwrap();
+    let again = Tokenizer::from_dir(saved.path()).unwrap();
+    assert_eq!(again.special_tokens(), tok.special_tokens());
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(saved.path().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["mask_token"], "cat");
+    assert_eq!(config["tokenizer_class"], "BertTokenizer");
 }
 
 #[test]
