@@ -9,9 +9,9 @@
 //! # fn main() -> mlctl::Result<()> {
 //! use mlctl::encode::{encode, EncodeOptions};
 //! # let bert = mlctl::encoder::PretrainedBert::load("model", &candle_core::Device::Cpu, candle_core::DType::F32)?;
-//! # let tokenizer = bert.tokenizer.clone().unwrap();
+//! # let tokenizer = bert.tokenizer()?;
 //! let options = EncodeOptions::default().with_batch_size(64).with_normalize(true);
-//! let vectors = encode(&bert.model.encoder, &tokenizer, &["The cat sleeps.", "Le chat dort."], &options)?;
+//! let vectors = encode(&bert.model.encoder, tokenizer, &["The cat sleeps.", "Le chat dort."], &options)?;
 //! assert_eq!(vectors.dims()[0], 2);
 //! # Ok(()) }
 //! ```
@@ -262,10 +262,7 @@ impl PretrainedBert {
     /// # Ok(()) }
     /// ```
     pub fn encode<S: AsRef<str>>(&self, texts: &[S], options: &EncodeOptions) -> Result<Tensor> {
-        let tokenizer = self.tokenizer.as_ref().ok_or_else(|| {
-            Error::InvalidArgument("the model has no tokenizer.json: encoding needs one".into())
-        })?;
-        encode(&self.model.encoder, tokenizer, texts, options)
+        encode(&self.model.encoder, self.tokenizer()?, texts, options)
     }
 }
 

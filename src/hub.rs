@@ -62,7 +62,9 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
         }
     }
     // A model without tokenizer.json still loads; the caller then brings its own tokenizer.
+    // tokenizer_config.json names its special tokens (mask, pad) when it has one.
     let _ = remote.get(TOKENIZER_FILE);
+    let _ = remote.get("tokenizer_config.json");
     parent(model_id, config)
 }
 

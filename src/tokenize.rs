@@ -1,6 +1,7 @@
-//! Batch tokenization with padding, truncation and offsets, through the `tokenizers` crate.
+//! Batch tokenization with padding, truncation and offsets, through the `tokenizers` crate, and
+//! the model's special tokens as transformers finds them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use tokenizers::{EncodeInput, Encoding, PaddingParams, PaddingStrategy, TruncationParams};
@@ -24,7 +25,63 @@ pub const DEFAULT_MAX_LEN: usize = 128;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     max_len: usize,
+    special: SpecialTokens,
+    /// One past the largest id (see `Tokenizer::vocab_size`).
+    vocab_size: usize,
+    /// The file that declares the special tokens (`tokenizer_config.json` when the model has one,
+    /// else `tokenizer.json`), named in errors; `None` for a tokenizer built in memory.
+    source: Option<PathBuf>,
+    /// The model's `tokenizer_config.json`, written back by [`Tokenizer::save_pretrained`].
+    config: serde_json::Map<String, serde_json::Value>,
 }
+
+/// A special token: its text and its id in the vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecialToken {
+    /// The token's text, e.g. `[MASK]` or `<mask>`.
+    pub token: String,
+    /// Its id.
+    pub id: u32,
+}
+
+/// The special tokens of a model's tokenizer.
+///
+/// [`Tokenizer::from_dir`] looks for each the way transformers does: `tokenizer_config.json`
+/// (`mask_token`, `pad_token`, `cls_token`, `sep_token`, `unk_token`), then
+/// `special_tokens_map.json`, then `config.json` (`pad_token_id`), then the `tokenizer.json`
+/// itself: its padding section (pad) and its post-processor (the tokens it puts before and after
+/// a sentence: cls and sep). A bare `tokenizer.json` declares no mask token; there, and for
+/// tokens still not found, an added token flagged special and spelled as BERT (`[MASK]`,
+/// `[PAD]`, `[UNK]`) or SentencePiece models (`<mask>`, `<pad>`, `<unk>`) spell it is taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    /// The token masked positions are replaced with.
+    pub mask: Option<SpecialToken>,
+    /// The token batches are padded with.
+    pub pad: Option<SpecialToken>,
+    /// The token the post-processor puts first (`[CLS]`, `<s>`).
+    pub cls: Option<SpecialToken>,
+    /// The token the post-processor puts after each sentence (`[SEP]`, `</s>`).
+    pub sep: Option<SpecialToken>,
+    /// The unknown-word token.
+    pub unk: Option<SpecialToken>,
+    /// Every special id, sorted: the tokens above and every added token flagged special. Masking
+    /// never selects them.
+    pub ids: Vec<u32>,
+}
+
+/// The file of a model directory that declares its special tokens.
+const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
+
+/// Key of each special token in `tokenizer_config.json` / `special_tokens_map.json`, with the
+/// spellings accepted as a last resort.
+const SPECIAL_KEYS: [(&str, [&str; 2]); 5] = [
+    ("mask_token", ["[MASK]", "<mask>"]),
+    ("pad_token", ["[PAD]", "<pad>"]),
+    ("cls_token", ["[CLS]", "<s>"]),
+    ("sep_token", ["[SEP]", "</s>"]),
+    ("unk_token", ["[UNK]", "<unk>"]),
+];
 
 /// A tokenized batch, padded on the right to its longest member.
 ///
@@ -45,56 +102,146 @@ pub struct TokenBatch {
     pub offsets: Vec<Vec<(usize, usize)>>,
     /// Index of the input word each token comes from; `None` for special tokens and padding.
     pub word_ids: Vec<Vec<Option<u32>>>,
+    /// 1 where the token is a special token the post-processor added (`[CLS]`, `</s>`) or
+    /// padding, 0 on tokens of the text: transformers' `special_tokens_mask`.
+    pub special_tokens_mask: Vec<Vec<u32>>,
     /// Number of non-padding tokens of each row.
     pub lengths: Vec<usize>,
 }
 
 impl Tokenizer {
-    /// Loads a `tokenizer.json` with a maximum length of [`DEFAULT_MAX_LEN`].
+    /// Loads a `tokenizer.json` alone, with a maximum length of [`DEFAULT_MAX_LEN`]. Its special
+    /// tokens come from the file itself (see [`SpecialTokens`]); use [`Tokenizer::from_dir`] for
+    /// a model directory, whose other files may declare them.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
-            path: path.to_path_buf(),
-            reason: format!("not a readable tokenizer.json ({e})"),
-        })?;
-        Self::new(inner)
+        let inner = read_tokenizer_json(path)?;
+        let special = find_special_tokens(&inner, &Declared::default(), path)?;
+        Self::with_special(inner, special, Some(path.to_path_buf()))
+    }
+
+    /// Loads the tokenizer of a Hugging Face model directory: `tokenizer.json`, with the special
+    /// tokens declared by `tokenizer_config.json`, `special_tokens_map.json` and `config.json`
+    /// when present (see [`SpecialTokens`]).
+    ///
+    /// A token those files name that the vocabulary lacks is an [`Error::Checkpoint`] naming the
+    /// file.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let json_path = dir.join(crate::encoder::TOKENIZER_FILE);
+        let inner = read_tokenizer_json(&json_path)?;
+        let mut declared = Declared::default();
+        let mut source = json_path.clone();
+        let mut tokenizer_config = serde_json::Map::new();
+        for file in ["special_tokens_map.json", TOKENIZER_CONFIG_FILE] {
+            let path = dir.join(file);
+            if let Some(map) = read_json_object(&path)? {
+                for (key, _) in SPECIAL_KEYS {
+                    if let Some(token) = map.get(key).and_then(token_text) {
+                        // tokenizer_config.json, read last, wins (transformers reads it first).
+                        declared.tokens.insert(key, (token, path.clone()));
+                    }
+                }
+                source = path;
+                tokenizer_config = map;
+            }
+        }
+        let config = dir.join(crate::encoder::CONFIG_FILE);
+        if let Some(map) = read_json_object(&config)? {
+            declared.pad_id = map
+                .get("pad_token_id")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok())
+                .map(|id| (id, config.clone()));
+        }
+        let special = find_special_tokens(&inner, &declared, &json_path)?;
+        let mut tokenizer = Self::with_special(inner, special, Some(source))?;
+        tokenizer.config = tokenizer_config;
+        Ok(tokenizer)
     }
 
     /// Wraps a `tokenizers` tokenizer; its own padding and truncation settings are replaced.
+    /// Special tokens come from the tokenizer alone, as for [`Tokenizer::from_file`].
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
+        let special = find_special_tokens(&inner, &Declared::default(), Path::new("tokenizer"))?;
+        Self::with_special(inner, special, None)
+    }
+
+    fn with_special(
+        inner: tokenizers::Tokenizer,
+        special: SpecialTokens,
+        source: Option<PathBuf>,
+    ) -> Result<Self> {
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1);
         Self {
             inner,
             max_len: DEFAULT_MAX_LEN,
+            special,
+            vocab_size,
+            source,
+            config: serde_json::Map::new(),
         }
         .with_max_len(DEFAULT_MAX_LEN)
     }
 
     /// Sets the maximum length of an encoded sequence, special tokens included.
     pub fn with_max_len(mut self, max_len: usize) -> Result<Self> {
-        let pad_id = self
-            .inner
-            .get_padding()
-            .map(|p| p.pad_id)
-            .or_else(|| self.inner.token_to_id("[PAD]"))
-            .unwrap_or(0);
-        let pad_token = self
-            .inner
-            .id_to_token(pad_id)
-            .unwrap_or_else(|| "[PAD]".into());
+        // Without a pad token nothing is padded: a batch that needs padding is an error then
+        // (see `Tokenizer::pad_token`), never padding with whatever id 0 is.
+        let padding = self.special.pad.as_ref().map(|pad| PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id: pad.id,
+            pad_token: pad.token.clone(),
+            ..Default::default()
+        });
         self.inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
                 ..Default::default()
             }))
             .map_err(Error::Tokenizer)?
-            .with_padding(Some(PaddingParams {
-                strategy: PaddingStrategy::BatchLongest,
-                pad_id,
-                pad_token,
-                ..Default::default()
-            }));
+            .with_padding(padding);
         self.max_len = max_len;
         Ok(self)
+    }
+
+    /// The special tokens (see [`SpecialTokens`] for where they are looked for).
+    pub fn special_tokens(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// The mask token, or an [`Error::Checkpoint`] naming the file that should declare it.
+    pub fn mask_token(&self) -> Result<&SpecialToken> {
+        self.special
+            .mask
+            .as_ref()
+            .ok_or_else(|| self.missing("mask", "masking tokens for the MLM objective"))
+    }
+
+    /// The padding token, or an [`Error::Checkpoint`] naming the file that should declare it.
+    pub fn pad_token(&self) -> Result<&SpecialToken> {
+        self.special
+            .pad
+            .as_ref()
+            .ok_or_else(|| self.missing("pad", "padding a batch of sentences of unequal length"))
+    }
+
+    fn missing(&self, what: &str, purpose: &str) -> Error {
+        let reason = format!(
+            "the tokenizer has no {what} token ({purpose} needs one); declare `{what}_token` in \
+             tokenizer_config.json"
+        );
+        match &self.source {
+            Some(path) => Error::Checkpoint {
+                path: path.clone(),
+                reason,
+            },
+            None => Error::InvalidArgument(reason),
+        }
     }
 
     /// The maximum encoded length, special tokens included.
@@ -107,9 +254,10 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// Size of the vocabulary, added tokens included.
+    /// Size of the id space: one past the largest id, added tokens included (the rows of
+    /// the word-embedding table it needs).
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        self.vocab_size
     }
 
     /// Id of a token, if it is in the vocabulary.
@@ -188,7 +336,16 @@ impl Tokenizer {
         if let Some(params) = self.inner.get_padding() {
             tokenizers::pad_encodings(&mut encodings, params).map_err(Error::Tokenizer)?;
         }
-        TokenBatch::from_encodings(&encodings, device)
+        self.stack(&encodings, device)
+    }
+
+    /// Stacks encodings, with the missing-pad-token error when their lengths differ.
+    fn stack(&self, encodings: &[Encoding], device: &Device) -> Result<TokenBatch> {
+        let first = encodings.first().map_or(0, Encoding::len);
+        if encodings.iter().any(|e| e.len() != first) {
+            self.pad_token()?;
+        }
+        TokenBatch::from_encodings(encodings, device)
     }
 
     fn encode_inputs(&self, inputs: Vec<EncodeInput>, device: &Device) -> Result<TokenBatch> {
@@ -201,7 +358,7 @@ impl Tokenizer {
             .inner
             .encode_batch(inputs, true)
             .map_err(Error::Tokenizer)?;
-        TokenBatch::from_encodings(&encodings, device)
+        self.stack(&encodings, device)
     }
 
     /// Writes the tokenizer as `tokenizer.json`.
@@ -209,6 +366,31 @@ impl Tokenizer {
         let path = path.as_ref();
         let json = self.inner.to_string(true).map_err(Error::Tokenizer)?;
         crate::encoder::write_atomic(path, json.as_bytes())
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: the model's own
+    /// `tokenizer_config.json` (when it was loaded with [`Tokenizer::from_dir`]) with the special
+    /// tokens set to the ones this tokenizer uses, so that [`Tokenizer::from_dir`] and
+    /// transformers' `AutoTokenizer` find the same ones again. Each file is written atomically.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        self.save(dir.join(crate::encoder::TOKENIZER_FILE))?;
+        let mut config = self.config.clone();
+        config
+            .entry("tokenizer_class")
+            .or_insert_with(|| "PreTrainedTokenizerFast".into());
+        let s = &self.special;
+        for ((key, _), token) in SPECIAL_KEYS
+            .iter()
+            .zip([&s.mask, &s.pad, &s.cls, &s.sep, &s.unk])
+        {
+            if let Some(token) = token {
+                config.insert((*key).to_string(), token.token.clone().into());
+            }
+        }
+        // Serialising a JSON map cannot fail.
+        let json = serde_json::to_string_pretty(&config).expect("JSON map serialises");
+        crate::encoder::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), json.as_bytes())
     }
 }
 
@@ -300,6 +482,10 @@ impl TokenBatch {
                 .iter()
                 .map(|e| e.get_word_ids().to_vec())
                 .collect(),
+            special_tokens_mask: encodings
+                .iter()
+                .map(|e| e.get_special_tokens_mask().to_vec())
+                .collect(),
             lengths: encodings
                 .iter()
                 .map(|e| e.get_attention_mask().iter().filter(|&&m| m == 1).count())
@@ -311,4 +497,178 @@ impl TokenBatch {
     pub fn batch_size(&self) -> usize {
         self.lengths.len()
     }
+}
+
+fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    if !path.is_file() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "no such file: the model directory has no tokenizer".into(),
+        });
+    }
+    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("not a readable tokenizer.json ({e})"),
+    })
+}
+
+/// The JSON object in `path`, `None` when the file does not exist.
+fn read_json_object(path: &Path) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+    match serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })? {
+        serde_json::Value::Object(map) => Ok(Some(map)),
+        _ => Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "expected a JSON object".into(),
+        }),
+    }
+}
+
+/// A special token as transformers writes it: a string, or an `AddedToken` object with `content`.
+fn token_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Special tokens declared outside `tokenizer.json`, with the file that declared each.
+#[derive(Default)]
+struct Declared {
+    tokens: std::collections::HashMap<&'static str, (String, PathBuf)>,
+    pad_id: Option<(u32, PathBuf)>,
+}
+
+fn find_special_tokens(
+    inner: &tokenizers::Tokenizer,
+    declared: &Declared,
+    json_path: &Path,
+) -> Result<SpecialTokens> {
+    let added: Vec<(u32, tokenizers::AddedToken)> =
+        inner.get_added_tokens_decoder().into_iter().collect();
+    let lookup = |token: &str, path: &Path, key: &str| -> Result<SpecialToken> {
+        let id = inner.token_to_id(token).ok_or_else(|| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("{key} `{token}` is not in the tokenizer's vocabulary"),
+        })?;
+        Ok(SpecialToken {
+            token: token.to_owned(),
+            id,
+        })
+    };
+    let by_id = |id: u32, path: &Path, key: &str| -> Result<SpecialToken> {
+        let token = inner.id_to_token(id).ok_or_else(|| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("{key} {id} is not in the tokenizer's vocabulary"),
+        })?;
+        Ok(SpecialToken { token, id })
+    };
+    let spelled = |spellings: &[&str; 2]| {
+        let mut hits: Vec<&(u32, tokenizers::AddedToken)> = added
+            .iter()
+            .filter(|(_, t)| t.special && spellings.contains(&t.content.as_str()))
+            .collect();
+        hits.sort_by_key(|(id, _)| *id);
+        hits.first().map(|(id, t)| SpecialToken {
+            token: t.content.clone(),
+            id: *id,
+        })
+    };
+    let (template_cls, template_sep) = template_specials(inner)?;
+    let mut found: Vec<Option<SpecialToken>> = Vec::with_capacity(SPECIAL_KEYS.len());
+    for (key, spellings) in SPECIAL_KEYS {
+        let mut token = match declared.tokens.get(key) {
+            Some((text, path)) => Some(lookup(text, path, key)?),
+            None => None,
+        };
+        if token.is_none() && key == "pad_token" {
+            if let Some((id, path)) = &declared.pad_id {
+                token = Some(by_id(*id, path, "pad_token_id")?);
+            }
+            if token.is_none() {
+                if let Some(p) = inner.get_padding() {
+                    token = Some(by_id(p.pad_id, json_path, "padding.pad_id")?);
+                }
+            }
+        }
+        if token.is_none() && key == "cls_token" {
+            token = template_cls.clone();
+        }
+        if token.is_none() && key == "sep_token" {
+            token = template_sep.clone();
+        }
+        found.push(token.or_else(|| spelled(&spellings)));
+    }
+    let mut ids: Vec<u32> = added
+        .iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, _)| *id)
+        .chain(found.iter().flatten().map(|t| t.id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut found = found.into_iter();
+    let mut next = || found.next().flatten();
+    Ok(SpecialTokens {
+        mask: next(),
+        pad: next(),
+        cls: next(),
+        sep: next(),
+        unk: next(),
+        ids,
+    })
+}
+
+/// The tokens the post-processor puts before a single sentence (cls) and right after it (sep),
+/// read from its serialised form (`TemplateProcessing`, `BertProcessing`, `RobertaProcessing`, or
+/// a `Sequence` holding one of them).
+fn template_specials(
+    inner: &tokenizers::Tokenizer,
+) -> Result<(Option<SpecialToken>, Option<SpecialToken>)> {
+    use serde_json::Value;
+    let Some(pp) = inner.get_post_processor() else {
+        return Ok((None, None));
+    };
+    let value = serde_json::to_value(pp).map_err(|e| {
+        Error::InvalidArgument(format!("cannot read the tokenizer's post-processor: {e}"))
+    })?;
+    let token = |text: Option<&str>| -> Option<SpecialToken> {
+        let text = text?;
+        Some(SpecialToken {
+            token: text.to_owned(),
+            id: inner.token_to_id(text)?,
+        })
+    };
+    fn walk(v: &Value) -> Option<(Option<String>, Option<String>)> {
+        match v.get("type")?.as_str()? {
+            "BertProcessing" | "RobertaProcessing" => {
+                let name = |k: &str| v.get(k)?.get(0)?.as_str().map(str::to_owned);
+                Some((name("cls"), name("sep")))
+            }
+            "TemplateProcessing" => {
+                let single = v.get("single")?.as_array()?;
+                let special = |p: &Value| {
+                    p.get("SpecialToken")?
+                        .get("id")?
+                        .as_str()
+                        .map(str::to_owned)
+                };
+                let seq = single.iter().position(|p| p.get("Sequence").is_some())?;
+                let cls = single[..seq].first().and_then(special);
+                let sep = single.get(seq + 1).and_then(special);
+                Some((cls, sep))
+            }
+            "Sequence" => v.get("processors")?.as_array()?.iter().find_map(walk),
+            _ => None,
+        }
+    }
+    let (cls, sep) = walk(&value).unwrap_or((None, None));
+    Ok((token(cls.as_deref()), token(sep.as_deref())))
 }

@@ -23,7 +23,7 @@ fn tiny() -> PretrainedBert {
 #[test]
 fn roen_lines_give_one_valid_alignment_each() {
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let pairs: Vec<SentencePair> =
         read_parallel(common::fixture("align/roen.src-tgt")).unwrap()[..6].to_vec();
     let gold = read_gold(common::fixture("align/roen.gold"), true).unwrap()[..6].to_vec();
@@ -51,7 +51,7 @@ fn roen_lines_give_one_valid_alignment_each() {
 fn word_vectors_are_subword_means() {
     // Reference: the crate's span pooling over each word's token span, one word at a time.
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let words = vec!["the", "playing", "dogs", "ran", "!"];
     let batch = tok
         .encode_pretokenized_batch(std::slice::from_ref(&words), &Device::Cpu)
@@ -95,7 +95,7 @@ fn word_vectors_are_subword_means() {
 #[test]
 fn a_sentence_aligns_with_itself_on_the_diagonal() {
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(-1);
     let s = [
         "the", "quick", "brown", "fox", "jumped", "over", "a", "lazy", "dog",
@@ -124,7 +124,7 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
         .flatten()
         .collect();
     let default =
-        WordAligner::new(&bert.model.encoder, bert.tokenizer.clone().unwrap()).with_layer(-1);
+        WordAligner::new(&bert.model.encoder, bert.tokenizer().unwrap().clone()).with_layer(-1);
     let v = default.embed_words(std::slice::from_ref(&long)).unwrap();
     assert_eq!(v[0].iter().filter(|w| w.is_some()).count(), 62);
     let a = default.align_words(&long, &long[..5], &ArgMax).unwrap();
@@ -134,7 +134,7 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
 #[test]
 fn empty_sides_missing_layers_and_raw_text() {
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(2);
     let pairs = vec![
         SentencePair::from_text("", "the cat"),

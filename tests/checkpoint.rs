@@ -52,8 +52,8 @@ fn save_then_load_gives_identical_outputs() {
     for (a, b) in outputs(&bert).iter().zip(outputs(&reloaded).iter()) {
         assert_eq!(max_abs_diff(a, b), 0.0);
     }
-    assert!(reloaded.tokenizer.is_some());
-    // Nothing but the three files: no temporary left behind.
+    assert!(reloaded.tokenizer().is_ok());
+    // Nothing but the four files: no temporary left behind.
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -61,7 +61,12 @@ fn save_then_load_gives_identical_outputs() {
     names.sort();
     assert_eq!(
         names,
-        ["config.json", "model.safetensors", "tokenizer.json"]
+        [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json"
+        ]
     );
 }
 

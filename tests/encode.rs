@@ -54,7 +54,7 @@ fn row(t: &Tensor, i: usize) -> Tensor {
 #[test]
 fn encode_equals_mlctl_pooling_of_transformers_hidden_states_in_input_order() {
     let bert = load();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let layers = bert.config.num_hidden_layers;
     // Shortest first, so sorting by length reorders the batch and must restore the order.
     let texts = [SENTENCES[1], SENTENCES[0], SENTENCES[1]];
@@ -78,7 +78,7 @@ fn encode_equals_mlctl_pooling_of_transformers_hidden_states_in_input_order() {
 #[test]
 fn encode_normalizes_pools_the_chosen_layer_and_prefixes() {
     let bert = load();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let last = bert.config.num_hidden_layers;
     let options = EncodeOptions::default()
         .with_pooling(Pooling::layer(-1))
@@ -116,7 +116,7 @@ fn encode_normalizes_pools_the_chosen_layer_and_prefixes() {
 #[test]
 fn encode_spans_pools_the_anchor_tokens() {
     let bert = load();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let layers = bert.config.num_hidden_layers;
     // "dogs" is token 2 of row 0 ([CLS] the dogs ...); "bird sings" tokens 2..=3 of row 1.
     let spans = [
@@ -145,7 +145,7 @@ fn encode_spans_pools_the_anchor_tokens() {
 #[test]
 fn encode_rejects_bad_arguments_with_typed_errors() {
     let bert = load();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let enc = &bert.model.encoder;
     let zero = EncodeOptions::default().with_batch_size(0);
     assert!(matches!(
@@ -180,7 +180,7 @@ fn model_encode_and_cosine_similarity_agree_with_hand_computed_cosines() {
     let bert = load();
     let options = EncodeOptions::default();
     let v = bert.encode(&SENTENCES, &options).unwrap();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let direct = encode(&bert.model.encoder, &tok, &SENTENCES, &options).unwrap();
     assert_close("model.encode", &v, &direct, 0.0);
     let sim = mlctl::encode::cosine_similarity(&v, &v).unwrap();

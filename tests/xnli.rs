@@ -681,8 +681,7 @@ fn classifier_logits_match_a_manual_head_over_cls_or_mean_pooling() {
         NliClassifier::new(tiny_bert(3), NliPooling::Cls, 65, 0),
         Err(Error::InvalidArgument(_))
     ));
-    let mut no_tok = tiny_bert(3);
-    no_tok.tokenizer = None;
+    let no_tok = tiny_bert(3).with_tokenizer(None).unwrap();
     assert!(matches!(
         finetune_nli(&no_tok, &[ex("a", "b", E, "en")], &cfg),
         Err(Error::InvalidArgument(_))

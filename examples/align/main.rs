@@ -103,11 +103,7 @@ fn main() -> Result<()> {
     })?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
-    let tokenizer = bert
-        .tokenizer
-        .clone()
-        .context("the model directory has no tokenizer.json")?
-        .with_max_len(args.max_len)?;
+    let tokenizer = bert.tokenizer()?.clone().with_max_len(args.max_len)?;
     let num_layers = bert.model.encoder.config().num_hidden_layers as isize;
     let pooling = if args.mlctl_pooling {
         Pooling::mlctl()

@@ -61,11 +61,7 @@ fn main() -> Result<()> {
     let device = select_device(args.device)?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
-    let tokenizer = bert
-        .tokenizer
-        .clone()
-        .context("the model directory has no tokenizer.json")?
-        .with_max_len(args.max_len)?;
+    let tokenizer = bert.tokenizer()?.clone().with_max_len(args.max_len)?;
     let mut options = EncodeOptions::default()
         .with_pooling(Pooling::mlctl().with_layers(args.layers.clone()))
         .with_batch_size(args.batch_size)

@@ -293,11 +293,7 @@ fn main() -> Result<()> {
             PretrainedBert::from_config(config, Some(tokenizer), &device, DType::F32, args.seed)?
         }
     };
-    let tokenizer = bert
-        .tokenizer
-        .clone()
-        .context("the model has no tokenizer.json")?
-        .with_max_len(mode.max_len)?;
+    let tokenizer = bert.tokenizer()?.clone().with_max_len(mode.max_len)?;
     let head = HeadConfig {
         concat_word: args.objective == Objective::MlCtl,
         ..HeadConfig::default()

@@ -22,7 +22,7 @@
 //! use mlctl::encoder::PretrainedBert;
 //!
 //! let bert = PretrainedBert::load("bert-base-multilingual-cased", &Device::Cpu, DType::F32)?;
-//! let tok = bert.tokenizer.clone().expect("tokenizer.json");
+//! let tok = bert.tokenizer()?.clone();
 //! let aligner = WordAligner::new(&bert.model.encoder, tok).with_layer(8);
 //! let links = aligner.align_words(&["the", "cat", "sleeps"], &["le", "chat", "dort"], &IterMax::default())?;
 //! println!("{links}"); // e.g. 0-0 1-1 2-2

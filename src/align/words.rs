@@ -45,7 +45,7 @@ impl HiddenStates for BertEncoder {
     }
 
     fn max_positions(&self) -> Option<usize> {
-        Some(self.config().max_position_embeddings)
+        Some(self.config().max_sequence_length())
     }
 }
 

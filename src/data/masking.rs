@@ -8,7 +8,7 @@ use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
 /// BERT's masking recipe: each real (non-special, non-padding) token is selected with
-/// probability `prob`; a selected token becomes `[MASK]` with probability 0.8, a uniformly
+/// probability `prob`; a selected token becomes the mask token with probability 0.8, a uniformly
 /// random vocabulary id with probability 0.1, and stays itself otherwise. Padding is never
 /// selected.
 #[derive(Debug, Clone)]
@@ -49,7 +49,7 @@ impl MaskedTokens {
 
 impl MlmMasking {
     /// Masking with BERT's defaults (15%); `special_ids` (e.g. `[CLS]`, `[SEP]`, `[PAD]`) are
-    /// never selected.
+    /// never selected. [`MlmMasking::for_tokenizer`] finds them all in a tokenizer.
     pub fn new(mask_token_id: u32, vocab_size: usize, special_ids: Vec<u32>) -> Result<Self> {
         if mask_token_id as usize >= vocab_size {
             return Err(Error::InvalidArgument(format!(
@@ -64,15 +64,15 @@ impl MlmMasking {
         })
     }
 
-    /// Masking set up from a tokenizer's `[MASK]`, `[CLS]`, `[SEP]`, `[PAD]`, `[UNK]` tokens.
+    /// Masking with the tokenizer's own mask token, never selecting any of its special tokens
+    /// ([`SpecialTokens::ids`](crate::tokenize::SpecialTokens::ids)); random replacements are
+    /// drawn from its whole vocabulary.
+    ///
+    /// A tokenizer without a mask token is an [`Error::Checkpoint`] naming the file that should
+    /// declare one ([`Tokenizer::mask_token`](crate::tokenize::Tokenizer::mask_token)).
     pub fn for_tokenizer(tokenizer: &crate::tokenize::Tokenizer) -> Result<Self> {
-        let mask = tokenizer
-            .token_to_id("[MASK]")
-            .ok_or_else(|| Error::InvalidArgument("the tokenizer has no [MASK] token".into()))?;
-        let special = ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"]
-            .iter()
-            .filter_map(|t| tokenizer.token_to_id(t))
-            .collect();
+        let mask = tokenizer.mask_token()?.id;
+        let special = tokenizer.special_tokens().ids.clone();
         Self::new(mask, tokenizer.vocab_size(), special)
     }
 

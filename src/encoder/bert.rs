@@ -7,6 +7,7 @@ use super::config::BertConfig;
 use super::layers::{
     accumulation_dtype, activate, embedding, linear, Dropout, DropoutRng, LayerNorm,
 };
+use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
 /// Every hidden state of a forward pass.
@@ -31,6 +32,8 @@ struct Embeddings {
     token_type: candle_nn::Embedding,
     layer_norm: LayerNorm,
     dropout: Dropout,
+    /// RoBERTa-family position ids (see `BertConfig::position_padding_idx`).
+    padding_idx: Option<u32>,
 }
 
 impl Embeddings {
@@ -57,7 +60,21 @@ impl Embeddings {
             )?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            padding_idx: cfg.position_padding_idx(),
         })
+    }
+
+    /// `[1, seq_len]` for BERT; `[batch, seq_len]` for RoBERTa, where non-padding tokens count
+    /// from `padding_idx + 1` and padding tokens sit at `padding_idx`.
+    fn position_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        let Some(pad) = self.padding_idx else {
+            return Ok(Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?);
+        };
+        // Counted in f32, exact far beyond any position table.
+        let real = input_ids.ne(pad)?.to_dtype(DType::F32)?;
+        let count = real.cumsum(1)?;
+        Ok(((count * &real)? + f64::from(pad))?.to_dtype(DType::U32)?)
     }
 
     fn forward_t(
@@ -66,8 +83,7 @@ impl Embeddings {
         token_type_ids: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
-        let (_, seq_len) = input_ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?.unsqueeze(0)?;
+        let positions = self.position_ids(input_ids)?;
         let xs = self
             .word
             .forward(input_ids)?
@@ -244,6 +260,28 @@ impl BertEncoder {
         self.embeddings.word.embeddings()
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.word_embeddings().device()
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.word_embeddings().dtype()
+    }
+
+    /// Forward pass over a tokenized batch (moved to the encoder's device if it is elsewhere);
+    /// dropout is applied when `train` is true. See [`BertEncoder::forward_t`].
+    pub fn forward_batch(&self, batch: &TokenBatch, train: bool) -> Result<EncoderOutput> {
+        let device = self.device();
+        self.forward_t(
+            &batch.input_ids.to_device(device)?,
+            Some(&batch.token_type_ids.to_device(device)?),
+            Some(&batch.attention_mask.to_device(device)?),
+            train,
+        )
+    }
+
     /// Inference forward pass (no dropout). See [`BertEncoder::forward_t`].
     pub fn forward(
         &self,
@@ -267,10 +305,10 @@ impl BertEncoder {
         train: bool,
     ) -> Result<EncoderOutput> {
         let (batch, seq_len) = input_ids.dims2()?;
-        if seq_len > self.config.max_position_embeddings {
+        if seq_len > self.config.max_sequence_length() {
             return Err(Error::InvalidArgument(format!(
-                "sequence length {seq_len} exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
+                "sequence length {seq_len} exceeds the model's maximum {} (max_position_embeddings)",
+                self.config.max_sequence_length()
             )));
         }
         for (name, t) in [

@@ -33,12 +33,21 @@ pub enum KeyMapping {
 ///
 /// Accepted variants: with or without the `bert.` prefix (`BertModel` checkpoints such as
 /// sentence-transformers models have none), TF-era `LayerNorm.gamma`/`LayerNorm.beta` for
-/// `weight`/`bias`, and `cls.predictions.decoder.bias` for `cls.predictions.bias`.
+/// `weight`/`bias`, `cls.predictions.decoder.bias` for `cls.predictions.bias`, and the
+/// RoBERTa family's names (`roberta.*` for `bert.*`; `lm_head.dense`, `lm_head.layer_norm`,
+/// `lm_head.bias` and `lm_head.decoder.bias` for the `cls.predictions` head).
 pub fn map_key(key: &str) -> KeyMapping {
     let key = key
         .replace("LayerNorm.gamma", "LayerNorm.weight")
         .replace("LayerNorm.beta", "LayerNorm.bias");
-    let key = if key.starts_with("bert.") || key.starts_with("cls.") {
+    let key = if let Some(rest) = key.strip_prefix("roberta.") {
+        format!("bert.{rest}")
+    } else if let Some(rest) = key.strip_prefix("lm_head.") {
+        let rest = rest
+            .replace("dense.", "transform.dense.")
+            .replace("layer_norm.", "transform.LayerNorm.");
+        format!("cls.predictions.{rest}")
+    } else if key.starts_with("bert.") || key.starts_with("cls.") {
         key
     } else {
         format!("bert.{key}")
@@ -46,6 +55,7 @@ pub fn map_key(key: &str) -> KeyMapping {
     let ignored = key.starts_with("bert.pooler.")
         || key.starts_with("cls.seq_relationship.")
         || key == "bert.embeddings.position_ids"
+        || key == "bert.embeddings.token_type_ids"
         || key == "cls.predictions.decoder.weight";
     if ignored {
         KeyMapping::Ignored
@@ -54,6 +64,30 @@ pub fn map_key(key: &str) -> KeyMapping {
     } else {
         KeyMapping::Param(key)
     }
+}
+
+/// The name a canonical parameter has in a checkpoint of `model_type`: itself for BERT; for the
+/// RoBERTa family (`xlm-roberta`, `roberta`) the names transformers' `XLMRobertaForMaskedLM` uses
+/// (`roberta.*`, `lm_head.dense.*`, `lm_head.layer_norm.*`, `lm_head.bias`).
+pub(crate) fn checkpoint_name(canonical: &str, roberta: bool) -> String {
+    if !roberta {
+        return canonical.to_string();
+    }
+    if let Some(rest) = canonical.strip_prefix("bert.") {
+        return format!("roberta.{rest}");
+    }
+    if let Some(rest) = canonical.strip_prefix("cls.predictions.") {
+        let rest = rest
+            .replace("transform.dense.", "dense.")
+            .replace("transform.LayerNorm.", "layer_norm.");
+        return format!("lm_head.{rest}");
+    }
+    canonical.to_string()
+}
+
+/// True for the names of the MLM decoder's bias, an alias of the head's `bias`.
+fn is_decoder_bias(key: &str) -> bool {
+    matches!(key, "cls.predictions.decoder.bias" | "lm_head.decoder.bias")
 }
 
 /// Tensors read from a checkpoint, by canonical name, with the names that were set aside.
@@ -85,9 +119,7 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
             match map_key(&key) {
                 KeyMapping::Ignored => out.ignored.push(key),
                 // `decoder.bias` is an alias: used only where `cls.predictions.bias` is absent.
-                KeyMapping::Param(_) if key == "cls.predictions.decoder.bias" => {
-                    decoder_bias = Some((key, tensor))
-                }
+                KeyMapping::Param(_) if is_decoder_bias(&key) => decoder_bias = Some((key, tensor)),
                 KeyMapping::Param(name) => {
                     out.original_names.insert(name.clone(), key);
                     out.tensors.insert(name, tensor);
@@ -156,10 +188,19 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The file is written under a temporary name, synced and renamed into place, so an
 /// interrupted save never leaves a truncated `path` behind.
 pub fn save_params(params: &ParamStore, path: &Path) -> Result<()> {
+    save_params_as(params, path, str::to_string)
+}
+
+/// [`save_params`] with each canonical name replaced by `rename(name)`.
+pub(crate) fn save_params_as(
+    params: &ParamStore,
+    path: &Path,
+    rename: impl Fn(&str) -> String,
+) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = params
         .named_vars()
         .into_iter()
-        .map(|(name, var)| Ok((name, var.as_tensor().contiguous()?)))
+        .map(|(name, var)| Ok((rename(&name), var.as_tensor().contiguous()?)))
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = temp_path(path);

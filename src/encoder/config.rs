@@ -1,4 +1,4 @@
-//! `BertConfig`: the fields of a Hugging Face BERT `config.json`.
+//! `BertConfig`: the fields of a Hugging Face BERT or XLM-RoBERTa `config.json`.
 
 use std::path::Path;
 
@@ -21,6 +21,11 @@ pub enum HiddenAct {
 }
 
 /// Configuration of a BERT encoder, read from and written to Hugging Face's `config.json`.
+///
+/// XLM-RoBERTa and RoBERTa configs (`model_type` `xlm-roberta` or `roberta`) describe the same
+/// encoder with two differences this crate follows: position ids start at `pad_token_id + 1` and
+/// skip padding ([`BertConfig::position_padding_idx`]), and checkpoint names use `roberta.` and
+/// `lm_head.` instead of `bert.` and `cls.predictions.`.
 ///
 /// [`BertConfig::default`] is multilingual BERT (`bert-base-multilingual-cased`): 12 layers,
 /// hidden size 768, 12 heads, vocabulary 119 547. Fields this crate does not use are kept in
@@ -110,18 +115,52 @@ impl BertConfig {
         Ok(cfg)
     }
 
-    /// Writes the config as pretty JSON that transformers' `BertConfig` reads.
+    /// Writes the config as pretty JSON that transformers reads back as the same model type
+    /// (`BertForMaskedLM`, or `XLMRobertaForMaskedLM` / `RobertaForMaskedLM`).
     pub fn to_json_string(&self) -> String {
         let mut cfg = self.clone();
+        let architecture = match self.model_type() {
+            "xlm-roberta" => "XLMRobertaForMaskedLM",
+            "roberta" => "RobertaForMaskedLM",
+            _ => "BertForMaskedLM",
+        };
         cfg.extra
             .entry("model_type")
             .or_insert_with(|| "bert".into());
-        cfg.extra.insert(
-            "architectures".into(),
-            serde_json::json!(["BertForMaskedLM"]),
-        );
+        cfg.extra
+            .insert("architectures".into(), serde_json::json!([architecture]));
         // Serialising a struct of plain fields and a JSON map cannot fail.
         serde_json::to_string_pretty(&cfg).expect("config serialises")
+    }
+
+    /// The `model_type` of `config.json` (`"bert"` when it has none).
+    pub fn model_type(&self) -> &str {
+        self.extra
+            .get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("bert")
+    }
+
+    /// True for the RoBERTa family (`xlm-roberta`, `roberta`): checkpoints name the encoder
+    /// `roberta.*` and the MLM head `lm_head.*`.
+    pub fn is_roberta(&self) -> bool {
+        matches!(self.model_type(), "xlm-roberta" | "roberta")
+    }
+
+    /// For the RoBERTa family, the padding index its position ids are counted from: a token at
+    /// (non-padding) position `i` gets position id `padding_idx + 1 + i` and padding gets
+    /// `padding_idx`, as transformers' `create_position_ids_from_input_ids`. `None` for BERT,
+    /// whose position ids are `0..seq_len`.
+    pub fn position_padding_idx(&self) -> Option<u32> {
+        self.is_roberta().then(|| self.pad_token_id.unwrap_or(1))
+    }
+
+    /// The longest sequence the position table allows, special tokens included:
+    /// `max_position_embeddings`, less `padding_idx + 1` for the RoBERTa family (514 - 2 = 512
+    /// for XLM-R).
+    pub fn max_sequence_length(&self) -> usize {
+        let offset = self.position_padding_idx().map_or(0, |p| p as usize + 1);
+        self.max_position_embeddings.saturating_sub(offset)
     }
 
     /// Checks that the sizes are consistent and the options supported.
@@ -162,6 +201,13 @@ impl BertConfig {
             return bad(
                 "an untied MLM decoder (tie_word_embeddings = false) is not supported".into(),
             );
+        }
+        if self.max_sequence_length() == 0 {
+            return bad(format!(
+                "max_position_embeddings {} leaves no position after the padding offset {}",
+                self.max_position_embeddings,
+                self.position_padding_idx().map_or(0, |p| p + 1)
+            ));
         }
         Ok(())
     }

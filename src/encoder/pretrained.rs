@@ -2,13 +2,14 @@
 //! to a Hugging Face model directory.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
 use super::bert::BertForMaskedLm;
 use super::checkpoint::{
-    read_checkpoint_dir, save_params, write_atomic, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE,
+    checkpoint_name, read_checkpoint_dir, save_params_as, write_atomic, CONFIG_FILE,
+    TOKENIZER_FILE, WEIGHTS_FILE,
 };
 use super::config::BertConfig;
 use super::params::ParamStore;
@@ -48,16 +49,15 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// A BERT with its MLM head, its trainable parameters and (when the directory has one) its
-/// tokenizer: what a Hugging Face model directory holds.
+/// A BERT (or XLM-RoBERTa) with its MLM head, its trainable parameters and (when the directory
+/// has one) its tokenizer: what a Hugging Face model directory holds.
 ///
 /// ```no_run
 /// # fn main() -> mlctl::Result<()> {
 /// use mlctl::encoder::PretrainedBert;
 /// let bert = PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
-/// let tok = bert.tokenizer.as_ref().expect("the model ships tokenizer.json");
-/// let batch = tok.encode_batch(&["Hello world"], &candle_core::Device::Cpu)?;
-/// let out = bert.model.encoder.forward(&batch.input_ids, Some(&batch.token_type_ids), Some(&batch.attention_mask))?;
+/// let batch = bert.tokenizer()?.encode_batch(&["Hello world"], bert.model.encoder.device())?;
+/// let out = bert.model.encoder.forward_batch(&batch, false)?;
 /// assert_eq!(out.hidden_states.len(), 13);
 /// # Ok(()) }
 /// ```
@@ -70,10 +70,12 @@ pub struct PretrainedBert {
     /// Every trainable parameter by transformers name: give `params.varmap().all_vars()` to an
     /// optimizer.
     pub params: ParamStore,
-    /// The tokenizer, when the directory has a `tokenizer.json`.
-    pub tokenizer: Option<Tokenizer>,
+    /// The tokenizer, when the directory has a `tokenizer.json`: see [`PretrainedBert::tokenizer`].
+    tokenizer: Option<Tokenizer>,
     /// How the checkpoint's tensors were mapped.
     pub report: LoadReport,
+    /// The `tokenizer.json` the model directory lacked, named by [`PretrainedBert::tokenizer`].
+    missing_tokenizer: Option<PathBuf>,
 }
 
 impl PretrainedBert {
@@ -106,11 +108,14 @@ impl PretrainedBert {
     }
 
     /// Loads `config.json`, the safetensors weights (single file or sharded) and, if present,
-    /// `tokenizer.json` from `dir`, converting weights to `dtype` on `device`.
+    /// the tokenizer ([`Tokenizer::from_dir`]: `tokenizer.json` with the special tokens of
+    /// `tokenizer_config.json`) from `dir`, converting weights to `dtype` on `device`.
     ///
     /// Every encoder tensor must be present ([`Error::MissingTensors`] names all that are not)
     /// with the right shape ([`Error::ShapeMismatch`]); a missing MLM head is initialised and
-    /// listed in [`LoadReport::initialized`].
+    /// listed in [`LoadReport::initialized`]. A tokenizer whose vocabulary is larger than the
+    /// word-embedding table is an [`Error::Checkpoint`] naming `tokenizer.json` (a smaller one is
+    /// fine: some rows are never used).
     pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = BertConfig::from_file(dir.join(CONFIG_FILE))?;
         let checkpoint = read_checkpoint_dir(dir)?;
@@ -134,9 +139,12 @@ impl PretrainedBert {
         if !missing.is_empty() {
             return Err(Error::MissingTensors { names: missing });
         }
-        let tokenizer_path = dir.join(TOKENIZER_FILE);
-        let tokenizer = if tokenizer_path.is_file() {
-            Some(Tokenizer::from_file(&tokenizer_path)?)
+        // After the weights: a config that disagrees with them is reported as such first.
+        let tokenizer_missing = !dir.join(TOKENIZER_FILE).is_file();
+        let tokenizer = if !tokenizer_missing {
+            let tokenizer = Tokenizer::from_dir(dir)?;
+            check_vocab(&tokenizer, &config, Some(&dir.join(TOKENIZER_FILE)))?;
+            Some(tokenizer)
         } else {
             None
         };
@@ -155,11 +163,13 @@ impl PretrainedBert {
             params,
             tokenizer,
             report,
+            missing_tokenizer: tokenizer_missing.then(|| dir.join(TOKENIZER_FILE)),
         })
     }
 
     /// A model with freshly initialised weights (normal with `initializer_range`, LayerNorm at
-    /// one and zero, biases zero, as transformers does), reproducible from `seed`.
+    /// one and zero, biases zero, as transformers does), reproducible from `seed`. A tokenizer
+    /// larger than `config.vocab_size` is an [`Error::InvalidArgument`].
     pub fn from_config(
         config: BertConfig,
         tokenizer: Option<Tokenizer>,
@@ -168,6 +178,9 @@ impl PretrainedBert {
         seed: u64,
     ) -> Result<Self> {
         config.validate()?;
+        if let Some(tokenizer) = &tokenizer {
+            check_vocab(tokenizer, &config, None)?;
+        }
         let params = ParamStore::new(seed);
         let model = BertForMaskedLm::load(params.var_builder(dtype, device), &config)?;
         let report = LoadReport {
@@ -180,22 +193,73 @@ impl PretrainedBert {
             params,
             tokenizer,
             report,
+            missing_tokenizer: None,
         })
     }
 
-    /// Writes `model.safetensors` (transformers names), `config.json` and `tokenizer.json` to
-    /// `dir`, creating it. The result loads with
-    /// `transformers.BertForMaskedLM.from_pretrained(dir)`. Each file is written atomically.
+    /// The tokenizer, or an [`Error::Checkpoint`] naming the `tokenizer.json` the model
+    /// directory lacks (a model built or set without one gives [`Error::InvalidArgument`]).
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .ok_or_else(|| match &self.missing_tokenizer {
+                Some(path) => Error::Checkpoint {
+                    path: path.clone(),
+                    reason: "no such file: this model has no tokenizer to encode text with".into(),
+                },
+                None => Error::InvalidArgument("this model has no tokenizer".into()),
+            })
+    }
+
+    /// Replaces the tokenizer (`None` removes it). A tokenizer whose vocabulary is larger than
+    /// the word-embedding table is an [`Error::InvalidArgument`].
+    pub fn with_tokenizer(mut self, tokenizer: Option<Tokenizer>) -> Result<Self> {
+        if let Some(tokenizer) = &tokenizer {
+            check_vocab(tokenizer, &self.config, None)?;
+        }
+        self.tokenizer = tokenizer;
+        self.missing_tokenizer = None;
+        Ok(self)
+    }
+
+    /// Writes `model.safetensors`, `config.json` and (when the model has one) `tokenizer.json`
+    /// and `tokenizer_config.json` ([`Tokenizer::save_pretrained`]) to `dir`, creating it. Tensors keep transformers' names for the model type: the result
+    /// loads with `transformers.BertForMaskedLM.from_pretrained(dir)`, or
+    /// `XLMRobertaForMaskedLM` for an XLM-R. Each file is written atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        save_params(&self.params, &dir.join(WEIGHTS_FILE))?;
+        let roberta = self.config.is_roberta();
+        save_params_as(&self.params, &dir.join(WEIGHTS_FILE), |name| {
+            checkpoint_name(name, roberta)
+        })?;
         write_atomic(
             &dir.join(CONFIG_FILE),
             self.config.to_json_string().as_bytes(),
         )?;
         if let Some(tokenizer) = &self.tokenizer {
-            tokenizer.save(dir.join(TOKENIZER_FILE))?;
+            tokenizer.save_pretrained(dir)?;
         }
         Ok(())
     }
+}
+
+/// A tokenizer may have fewer entries than the embedding table (unused rows), never more: an id
+/// past the table would fail at the first forward pass instead of at load.
+fn check_vocab(tokenizer: &Tokenizer, config: &BertConfig, path: Option<&Path>) -> Result<()> {
+    let size = tokenizer.vocab_size();
+    if size <= config.vocab_size {
+        return Ok(());
+    }
+    let reason = format!(
+        "the tokenizer has {size} entries but the model's word-embedding table only {} rows \
+         (config.json vocab_size): ids past it have no embedding",
+        config.vocab_size
+    );
+    Err(match path {
+        Some(path) => Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        },
+        None => Error::InvalidArgument(reason),
+    })
 }

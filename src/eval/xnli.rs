@@ -156,13 +156,10 @@ pub fn copy_pretrained(bert: &PretrainedBert) -> Result<PretrainedBert> {
         .encoder
         .dropout_rng()
         .set_state(bert.model.encoder.dropout_rng().state());
-    Ok(PretrainedBert {
-        config: bert.config.clone(),
-        model,
-        params,
-        tokenizer: bert.tokenizer.clone(),
-        report: bert.report.clone(),
-    })
+    let mut copy = bert.clone();
+    copy.model = model;
+    copy.params = params;
+    Ok(copy)
 }
 
 fn model_dtype_device(bert: &PretrainedBert) -> (DType, Device) {
@@ -182,11 +179,7 @@ impl NliClassifier {
         max_len: usize,
         seed: u64,
     ) -> Result<Self> {
-        let tokenizer = bert.tokenizer.clone().ok_or_else(|| {
-            Error::InvalidArgument(
-                "the model has no tokenizer (tokenizer.json) to encode NLI pairs with".into(),
-            )
-        })?;
+        let tokenizer = bert.tokenizer()?.clone();
         if max_len < 4 || max_len > bert.config.max_position_embeddings {
             return Err(Error::InvalidArgument(format!(
                 "max_len {max_len} must be in 4..={} (the model's max_position_embeddings)",

@@ -311,6 +311,7 @@ fn token_rows(tokens: &TokenBatch, start: usize, len: usize) -> Result<TokenBatc
         offsets: tokens.offsets[start..start + len].to_vec(),
         word_ids: tokens.word_ids[start..start + len].to_vec(),
         lengths: tokens.lengths[start..start + len].to_vec(),
+        special_tokens_mask: tokens.special_tokens_mask[start..start + len].to_vec(),
     })
 }
 
