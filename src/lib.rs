@@ -15,6 +15,8 @@
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
 //! - [`eval`]: evaluation: sentence and anchor-word retrieval, XNLI zero-shot transfer, plots.
+//! - [`pretrain`]: the steps of a pre-training run around the trainer: anchored training data,
+//!   one evaluation suite before and after, the results tables.
 #![warn(missing_docs)]
 
 pub mod align;
@@ -29,6 +31,7 @@ pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod pooling;
+pub mod pretrain;
 pub mod projection;
 pub mod tokenize;
 pub mod train;

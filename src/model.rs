@@ -1,7 +1,7 @@
 //! `MlCtlModel`: the encoder with its MLM head plus ML-CTL's projection, saved as one directory.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -67,9 +67,11 @@ pub struct MlCtlModel {
     pub projection: Projection,
     /// The projection's parameters.
     pub head_params: ParamStore,
-    /// How sentence and word embeddings are pooled.
+    /// How sentence and word embeddings are pooled; [`MlCtlModel::save`] writes its layers to
+    /// `mlctl.json`.
     pub pooling: Pooling,
-    config: HeadConfig,
+    /// Whether the projection reads `concat(sentence, word)`: fixed by the projection's shape.
+    concat_word: bool,
 }
 
 impl MlCtlModel {
@@ -107,21 +109,52 @@ impl MlCtlModel {
             projection,
             head_params,
             pooling,
-            config,
+            concat_word: config.concat_word,
         })
     }
 
-    /// Loads a model directory. Without `mlctl_head.safetensors` (a plain transformers
-    /// checkpoint such as mBERT) the head is initialised from `seed` with `config`'s
-    /// defaults; with it, `mlctl.json` decides the head's shape.
+    /// Loads a model directory or, with the `hub` feature, a Hugging Face model id (see
+    /// [`PretrainedBert::load`]). With `mlctl.json` the model has an ML-CTL head, which is read
+    /// from `mlctl_head.safetensors`; without it (a plain transformers checkpoint such as mBERT)
+    /// a head is initialised from `seed` with [`HeadConfig::default`].
+    ///
+    /// A checkpoint with one of the two head files but not the other is an
+    /// [`Error::Checkpoint`] naming the missing file, never a silently random head.
     pub fn load(model: &str, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        Self::load_or_new(model, device, dtype, HeadConfig::default(), seed)
+    }
+
+    /// [`MlCtlModel::load`], with `new_head` deciding the shape of the head initialised when
+    /// the checkpoint has none. A head on disk keeps its own configuration.
+    pub fn load_or_new(
+        model: &str,
+        device: &Device,
+        dtype: DType,
+        new_head: HeadConfig,
+        seed: u64,
+    ) -> Result<Self> {
         let bert = PretrainedBert::load(model, device, dtype)?;
         let dir = Path::new(model);
-        let head_file = dir.join(HEAD_WEIGHTS_FILE);
-        if !head_file.is_file() {
-            return Self::new(bert, HeadConfig::default(), seed);
-        }
-        let config_path = dir.join(HEAD_CONFIG_FILE);
+        // `PretrainedBert::load` took anything that is not a directory to the hub, and found it.
+        let (config_path, weights_path) = if dir.is_dir() {
+            let local = |file: &str| Some(dir.join(file)).filter(|p| p.is_file());
+            (local(HEAD_CONFIG_FILE), local(HEAD_WEIGHTS_FILE))
+        } else {
+            hub_head_files(model)?
+        };
+        let missing = |present: &Path, absent: &str| Error::Checkpoint {
+            path: present.with_file_name(absent),
+            reason: format!(
+                "missing, but {} is there: the ML-CTL head needs both files",
+                present.display()
+            ),
+        };
+        let (config_path, head_file) = match (config_path, weights_path) {
+            (None, None) => return Self::new(bert, new_head, seed),
+            (Some(config), Some(weights)) => (config, weights),
+            (Some(config), None) => return Err(missing(&config, HEAD_WEIGHTS_FILE)),
+            (None, Some(weights)) => return Err(missing(&weights, HEAD_CONFIG_FILE)),
+        };
         let text = std::fs::read_to_string(&config_path).map_err(Error::io(&config_path))?;
         let config: HeadConfig = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: config_path.clone(),
@@ -146,13 +179,18 @@ impl MlCtlModel {
     pub fn save(&self, dir: &Path) -> Result<()> {
         self.bert.save(dir)?;
         save_params(&self.head_params, &dir.join(HEAD_WEIGHTS_FILE))?;
-        let json = serde_json::to_string_pretty(&self.config).expect("head config serialises");
+        let json =
+            serde_json::to_string_pretty(&self.head_config()).expect("head config serialises");
         write_atomic(&dir.join(HEAD_CONFIG_FILE), json.as_bytes())
     }
 
-    /// The head's configuration.
-    pub fn head_config(&self) -> &HeadConfig {
-        &self.config
+    /// The head's configuration, as [`MlCtlModel::save`] writes it: the layers of the current
+    /// [`MlCtlModel::pooling`].
+    pub fn head_config(&self) -> HeadConfig {
+        HeadConfig {
+            pooling_layers: self.pooling.layers().to_vec(),
+            concat_word: self.concat_word,
+        }
     }
 
     /// Every trainable variable: the encoder's and MLM head's under transformers names, the
@@ -203,7 +241,7 @@ impl MlCtlModel {
         )?;
         let sentence = self.pooling.sentence(&out, &tokens.attention_mask)?;
         let word = spans.map(|s| self.pooling.spans(&out, s)).transpose()?;
-        let input = match (&word, self.config.concat_word) {
+        let input = match (&word, self.concat_word) {
             (Some(word), true) => Tensor::cat(&[&sentence, word], 1)?,
             (None, true) => {
                 return Err(Error::InvalidArgument(
@@ -225,4 +263,21 @@ impl MlCtlModel {
     fn head_dtype(&self) -> DType {
         self.bert.model.encoder.word_embeddings().dtype()
     }
+}
+
+/// The head files of a hub model, `(mlctl.json, mlctl_head.safetensors)`, each `None` when the
+/// repository (or, offline, the local cache) does not have it.
+#[cfg(feature = "hub")]
+fn hub_head_files(model: &str) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let mut found = crate::hub::resolve_optional(model, &[HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE])?;
+    let weights = found.pop().flatten();
+    Ok((found.pop().flatten(), weights))
+}
+
+#[cfg(not(feature = "hub"))]
+fn hub_head_files(model: &str) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    Err(Error::Hub {
+        model: model.to_string(),
+        reason: "not a directory, and this build has no `hub` feature to look it up".into(),
+    })
 }

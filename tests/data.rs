@@ -224,6 +224,70 @@ fn truncated_anchors_are_dropped_and_counted_bad_lines_skipped_on_request() {
 }
 
 #[test]
+fn anchor_spans_made_with_another_tokenizer_are_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = "the cat sat\tcat\t2\t2\tthe dog ran\tdog\t2\t2";
+    // Each bad line, with what the reason must say: spans from a tokenizer that keeps `cats`
+    // whole (here `cat ##s`), spans off by one, a word the sentence does not hold.
+    let bad = [
+        (
+            "the cats sat\tcats\t2\t2\tthe dog ran\tdog\t2\t2",
+            "source",
+            "2..=3",
+        ),
+        (
+            "the happy cat sat\tcat\t4\t4\tthe dog ran\tdog\t2\t2",
+            "source",
+            "3..=3",
+        ),
+        (
+            "the cat sat\tcat\t2\t2\tthe dog ran\tdog\t3\t3",
+            "target",
+            "2..=2",
+        ),
+        (
+            "the cat sat\tcow\t2\t2\tthe dog ran\tdog\t2\t2",
+            "source",
+            "does not occur",
+        ),
+    ];
+    let config = LoaderConfig {
+        batch_size: 2,
+        shuffle: false,
+        ..Default::default()
+    };
+    let loader = |path: &Path, config: &LoaderConfig| {
+        let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(path.to_path_buf())).unwrap();
+        PairLoader::new(corpus, tokenizer(16), config.clone()).unwrap()
+    };
+    for (k, (line, side, needle)) in bad.iter().enumerate() {
+        let path = write(
+            dir.path(),
+            &format!("{k}.tsv"),
+            &format!("{good}\n{line}\n"),
+        );
+        let (p, l, reason) = data_error(loader(&path, &config).next_batch(&Device::Cpu));
+        assert_eq!((p, l), (path, 2));
+        assert!(
+            reason.starts_with(side) && reason.contains(needle) && reason.contains("tokenizer"),
+            "{line}: {reason}"
+        );
+    }
+    // Counted and skipped on request; the word's case does not matter.
+    let mut lines = vec![good];
+    lines.extend(bad.iter().map(|b| b.0));
+    lines.push("the cat sat\tCat\t2\t2\tthe dog ran\tDOG\t2\t2");
+    let path = write(dir.path(), "all.tsv", &lines.join("\n"));
+    let lenient = LoaderConfig {
+        skip_bad_lines: true,
+        ..config
+    };
+    let mut loader = loader(&path, &lenient);
+    assert_eq!(loader.next_batch(&Device::Cpu).unwrap().len(), 2);
+    assert_eq!((loader.stats().used, loader.stats().bad_lines), (2, 4));
+}
+
+#[test]
 fn a_corpus_without_usable_pairs_fails_instead_of_looping() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "a.txt", "the cat ||| the dog\n");

@@ -1,32 +1,29 @@
 //! ML-CTL end to end: pre-train with the multi-level contrastive objective, evaluate retrieval
 //! (and alignment, XNLI when given the data) before and after, write a run directory.
 //!
-//! See `examples/pretrain_xnli/README.md`.
+//! A command line over the steps of `mlctl::pretrain`. See `examples/pretrain_xnli/README.md`.
 
-use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
-use mlctl::align::{io as align_io, AlignmentCounts, IterMax, Lexicon, WordAligner};
+use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
-use mlctl::data::{NliExample, NliReadOptions, XnliDir};
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::{write_atomic, BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
-use mlctl::eval::{
-    embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy,
-    NliFinetuneConfig, NliReport, RetrievalScores,
-};
+use mlctl::eval::NliFinetuneConfig;
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
-use mlctl::pooling::TokenSpan;
-use mlctl::tokenize::{train_wordpiece, Tokenizer};
-use mlctl::train::{
-    latest_checkpoint, Decay, LrSchedule, StepRecord, TrainConfig, Trainer, METRICS_FILE,
+use mlctl::pretrain::{
+    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, AlignmentTask,
+    EvalSuite, Evaluation, ParallelSet, XnliTask,
 };
+use mlctl::tokenize::{train_wordpiece, Tokenizer};
+use mlctl::train::{Decay, LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
 
 /// The Tatoeba sets shipped in `data/tatoeba/`: (LASER code, lexicon code, text, English text).
 const TATOEBA: [(&str, &str, &str, &str); 5] = [
@@ -175,21 +172,30 @@ struct Args {
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Run on the CPU whatever --device says.
-    #[arg(long)]
-    cpu: bool,
 }
 
-/// Evaluation pairs of one language with English, never trained on.
-struct EvalSet {
-    lang: String,
-    lexicon_lang: String,
-    src: Vec<String>,
-    eng: Vec<String>,
-}
+impl Objective {
+    /// The loss of this objective.
+    fn loss(self, temperature: f64, mlm_weight: f64) -> MultiLevelLoss {
+        let sentence = match self {
+            Objective::MlCtl | Objective::SentenceCzNce => {
+                Some(CzNce::new().with_temperature(temperature))
+            }
+            Objective::SentenceInfonce => Some(CzNce::info_nce().with_temperature(temperature)),
+            Objective::Mlm => None,
+        };
+        MultiLevelLoss::mlctl()
+            .with_sentence(sentence)
+            .with_mlm_weight(Some(mlm_weight))
+    }
 
-fn lines(text: &str) -> Vec<String> {
-    text.lines().map(|l| l.trim().to_string()).collect()
+    /// The head a model without one starts with: words concatenated only for ML-CTL.
+    fn head(self) -> HeadConfig {
+        HeadConfig {
+            concat_word: self == Objective::MlCtl,
+            ..HeadConfig::default()
+        }
+    }
 }
 
 /// Settings that differ between the embedded default and a real checkpoint.
@@ -201,16 +207,24 @@ struct Mode {
     lr: f64,
 }
 
+impl Mode {
+    fn new(args: &Args) -> Self {
+        let embedded = args.model.is_none();
+        Self {
+            steps: args.steps.unwrap_or(if embedded { 600 } else { 10_000 }),
+            batch_size: args.batch_size.unwrap_or(if embedded { 32 } else { 64 }),
+            max_len: args.max_len.unwrap_or(if embedded { 32 } else { 128 }),
+            lr: args.lr.unwrap_or(if embedded { 1e-3 } else { 2e-6 }),
+            warmup: args.warmup.unwrap_or(if embedded { 50 } else { 0 }),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let clock = std::time::Instant::now();
     let stage = |name: &str| eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64());
-    let device = select_device(if args.cpu {
-        DeviceChoice::Cpu
-    } else {
-        args.device
-    })?;
-    let embedded = args.model.is_none();
+    let device = select_device(args.device)?;
     if args.train_pairs == 0
         || args.train_pairs > EMBEDDED_TRAIN_PAIRS
         || args.eval_pairs < 2
@@ -221,158 +235,145 @@ fn main() -> Result<()> {
             1000 - EMBEDDED_TRAIN_PAIRS
         );
     }
-    let mode = Mode {
-        steps: args.steps.unwrap_or(if embedded { 600 } else { 10_000 }),
-        batch_size: args.batch_size.unwrap_or(if embedded { 32 } else { 64 }),
-        max_len: args.max_len.unwrap_or(if embedded { 32 } else { 128 }),
-        lr: args.lr.unwrap_or(if embedded { 1e-3 } else { 2e-6 }),
-        warmup: args.warmup.unwrap_or(if embedded { 50 } else { 0 }),
-    };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    // Never overwrite or mix with an earlier run's checkpoints and log.
-    if !args.resume {
-        if let Some((step, _)) = latest_checkpoint(&args.out.join("checkpoints"))? {
-            bail!(
-                "{} already holds a run (checkpoint at step {step}): pass --resume to continue it, \
-                 --out DIR for a new run, or delete the directory",
-                args.out.display()
-            );
-        }
-    }
+    let mode = Mode::new(&args);
+    prepare_run_dir(&args.out, args.resume).context(
+        "pass --resume to continue it, --out DIR for a new run, or delete the directory",
+    )?;
     let lexicon = Arc::new(Lexicon::embedded());
 
-    // Evaluation sets: the held-apart embedded Tatoeba pairs.
-    let eval_sets: Vec<EvalSet> = TATOEBA
-        .iter()
-        .map(|(lang, lex, text, eng)| EvalSet {
-            lang: lang.to_string(),
-            lexicon_lang: lex.to_string(),
-            src: lines(text)[EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs].to_vec(),
-            eng: lines(eng)[EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs].to_vec(),
-        })
-        .collect();
-
-    // Training data: a TSV the loader reads. The embedded pairs get their anchors now, from
-    // the dictionary, with the tokenizer they will be trained with.
     stage("1/5 model and data");
-    let embedded_train: Vec<(&str, Vec<String>, Vec<String>)> = TATOEBA
-        .iter()
-        .map(|(_, lex, text, eng)| {
-            (
-                *lex,
-                lines(text)[..args.train_pairs].to_vec(),
-                lines(eng)[..args.train_pairs].to_vec(),
-            )
-        })
-        .collect();
-    let bert = match &args.model {
-        Some(model) => PretrainedBert::load(model, &device, DType::F32)
-            .with_context(|| format!("loading {model}"))?,
-        None => {
-            let tokenizer = if args.train_tokenizer {
-                let texts = embedded_train
-                    .iter()
-                    .flat_map(|(_, s, e)| s.iter().chain(e));
-                train_wordpiece(texts, 8_000)?
-            } else {
-                let parsed = EMBEDDED_TOKENIZER
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("embedded tokenizer: {e}"))?;
-                Tokenizer::new(parsed)?
-            };
-            let config = BertConfig {
-                vocab_size: tokenizer.vocab_size(),
-                hidden_size: 128,
-                num_hidden_layers: 4,
-                num_attention_heads: 4,
-                intermediate_size: 512,
-                max_position_embeddings: 128,
-                ..BertConfig::default()
-            };
-            PretrainedBert::from_config(config, Some(tokenizer), &device, DType::F32, args.seed)?
-        }
-    };
-    let tokenizer = bert.tokenizer()?.clone().with_max_len(mode.max_len)?;
-    let head = HeadConfig {
-        concat_word: args.objective == Objective::MlCtl,
-        ..HeadConfig::default()
-    };
-    let model = match &args.model {
-        Some(model)
-            if Path::new(model)
-                .join(mlctl::model::HEAD_WEIGHTS_FILE)
-                .is_file() =>
-        {
-            MlCtlModel::load(model, &device, DType::F32, args.seed)?
-        }
-        _ => MlCtlModel::new(bert, head, args.seed)?,
-    };
+    let (model, tokenizer) = load_model(&args, &mode, &device)?;
+    let loader = training_loader(&args, &mode, &tokenizer, &lexicon)?;
+    let suite = eval_suite(&args, &mode, lexicon)?;
 
-    let loader_config = LoaderConfig {
+    stage("2/5 evaluating the starting model");
+    let before = suite.evaluate(&model, &tokenizer)?;
+
+    stage(&format!(
+        "3/5 training ({} steps, batch {}, lr {:e}, {:?})",
+        mode.steps, mode.batch_size, mode.lr, args.objective
+    ));
+    let (model, summary) = train(&args, &mode, model, loader)?;
+
+    stage("4/5 evaluating the trained model");
+    let after = suite.evaluate(&model, &tokenizer)?;
+
+    stage(&format!("5/5 writing {}", args.out.display()));
+    let mut report = run_description(&args, &mode, summary.checkpoint.as_deref());
+    report += &comparison_markdown(&before, &after);
+    write_atomic(&args.out.join("results.md"), report.as_bytes())?;
+    plot(&args.out, &before, &after)?;
+    println!("{report}");
+    Ok(())
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines().map(|l| l.trim().to_string()).collect()
+}
+
+/// Lines `range` (0-based) of every embedded Tatoeba language with English.
+fn tatoeba(range: Range<usize>) -> Result<Vec<ParallelSet>> {
+    let set = |(lang, lexicon_lang, text, eng): &(&str, &str, &str, &str)| {
+        let (src, eng) = (lines(text), lines(eng));
+        ParallelSet::new(
+            format!("{lang}-eng"),
+            *lexicon_lang,
+            "en",
+            src[range.clone()].to_vec(),
+            eng[range.clone()].to_vec(),
+        )
+    };
+    Ok(TATOEBA.iter().map(set).collect::<mlctl::Result<_>>()?)
+}
+
+/// The starting model, loaded once, and its tokenizer truncating at the run's `max_len`.
+fn load_model(args: &Args, mode: &Mode, device: &Device) -> Result<(MlCtlModel, Tokenizer)> {
+    let model = match &args.model {
+        Some(model) => {
+            MlCtlModel::load_or_new(model, device, DType::F32, args.objective.head(), args.seed)
+                .with_context(|| format!("loading {model}"))?
+        }
+        None => MlCtlModel::new(
+            embedded_bert(args, device)?,
+            args.objective.head(),
+            args.seed,
+        )?,
+    };
+    let tokenizer = model.bert.tokenizer()?.clone().with_max_len(mode.max_len)?;
+    Ok((model, tokenizer))
+}
+
+/// The embedded default's encoder: a small BERT from scratch with the shipped WordPiece
+/// vocabulary, or one trained on the training pairs with `--train-tokenizer`.
+fn embedded_bert(args: &Args, device: &Device) -> Result<PretrainedBert> {
+    let tokenizer = if args.train_tokenizer {
+        let sets = tatoeba(0..args.train_pairs)?;
+        let texts = sets.iter().flat_map(|s| s.src.iter().chain(&s.tgt));
+        train_wordpiece(texts, 8_000)?
+    } else {
+        let parsed = EMBEDDED_TOKENIZER
+            .parse()
+            .map_err(|e| anyhow::anyhow!("embedded tokenizer: {e}"))?;
+        Tokenizer::new(parsed)?
+    };
+    let config = BertConfig {
+        vocab_size: tokenizer.vocab_size(),
+        hidden_size: 128,
+        num_hidden_layers: 4,
+        num_attention_heads: 4,
+        intermediate_size: 512,
+        max_position_embeddings: 128,
+        ..BertConfig::default()
+    };
+    Ok(PretrainedBert::from_config(
+        config,
+        Some(tokenizer),
+        device,
+        DType::F32,
+        args.seed,
+    )?)
+}
+
+/// `--train` with dictionary anchors for text without them or, by default, the embedded
+/// training pairs with a dictionary anchor, written to the run directory's `train.tsv`.
+fn training_loader(
+    args: &Args,
+    mode: &Mode,
+    tokenizer: &Tokenizer,
+    lexicon: &Arc<Lexicon>,
+) -> Result<PairLoader> {
+    let config = LoaderConfig {
         batch_size: mode.batch_size,
         seed: args.seed,
         shuffle: true,
         skip_bad_lines: args.skip_bad_lines,
         require_anchors: args.objective == Objective::MlCtl,
     };
-    let loader = match (&args.train, &args.train_tgt) {
-        (None, _) => {
-            let tsv = args.out.join("train.tsv");
-            let written = write_anchored_tsv(&tsv, &embedded_train, &lexicon, &tokenizer)?;
-            eprintln!(
-                "      {written} of {} embedded training pairs have a dictionary anchor",
-                5 * args.train_pairs
-            );
-            let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv))?;
-            PairLoader::new(corpus, tokenizer.clone(), loader_config)?
-        }
-        (Some(src), Some(tgt)) => {
-            let corpus = ParallelCorpus::open(CorpusFormat::LineAligned {
-                src: src.clone(),
-                tgt: tgt.clone(),
-            })?;
-            PairLoader::new(corpus, tokenizer.clone(), loader_config)?.with_anchor_finder(Arc::new(
-                LexiconAnchors::new(lexicon.clone(), &args.langs[0], &args.langs[1])?,
-            ))
-        }
-        (Some(path), None) => {
-            let format = if path.extension().is_some_and(|e| e == "tsv") {
-                CorpusFormat::ReferenceTsv(path.clone())
-            } else {
-                CorpusFormat::Bitext(path.clone())
-            };
-            PairLoader::new(
-                ParallelCorpus::open(format)?,
-                tokenizer.clone(),
-                loader_config,
-            )?
-            .with_anchor_finder(Arc::new(LexiconAnchors::new(
-                lexicon.clone(),
-                &args.langs[0],
-                &args.langs[1],
-            )?))
-        }
+    let Some(train) = &args.train else {
+        let tsv = args.out.join("train.tsv");
+        let written = write_anchored_tsv(&tsv, &tatoeba(0..args.train_pairs)?, lexicon, tokenizer)?;
+        eprintln!(
+            "      {written} of {} embedded training pairs have a dictionary anchor",
+            5 * args.train_pairs
+        );
+        let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv))?;
+        return Ok(PairLoader::new(corpus, tokenizer.clone(), config)?);
     };
+    let corpus = ParallelCorpus::open(CorpusFormat::from_paths(train, args.train_tgt.as_deref()))?;
+    let anchors = LexiconAnchors::new(lexicon.clone(), &args.langs[0], &args.langs[1])?;
+    Ok(PairLoader::new(corpus, tokenizer.clone(), config)?.with_anchor_finder(Arc::new(anchors)))
+}
 
-    let xnli = match &args.xnli_dir {
-        Some(dir) => {
-            let xnli = XnliDir::discover(dir)?;
-            let train = xnli.read_train(&NliReadOptions::default())?.examples;
-            let eval = match xnli.read_test(&NliReadOptions::default()) {
-                Ok(test) => test.examples,
-                Err(_) => xnli.read_dev(&NliReadOptions::default())?.examples,
-            };
-            eprintln!(
-                "      XNLI: {} English training examples, {} evaluation examples",
-                train.len(),
-                eval.len()
-            );
-            Some(XnliData { train, eval })
+/// The held-apart Tatoeba pairs, and alignment and XNLI when their data is given.
+fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSuite> {
+    let held_apart = tatoeba(EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs)?;
+    let alignment = match (&args.gold, &args.gold_input) {
+        (Some(gold), Some(input)) => {
+            Some(AlignmentTask::read(input, gold)?.with_layer(args.align_layer))
         }
-        None => None,
+        _ => None,
     };
-    let nli_config = NliFinetuneConfig {
+    let finetune = NliFinetuneConfig {
         epochs: args.xnli_epochs,
         max_len: mode.max_len,
         seed: args.seed,
@@ -380,26 +381,30 @@ fn main() -> Result<()> {
         progress: true,
         ..NliFinetuneConfig::default()
     };
+    let xnli = match &args.xnli_dir {
+        Some(dir) => {
+            let xnli = XnliTask::read(dir, finetune)?;
+            eprintln!(
+                "      XNLI: {} English training examples, {} evaluation examples",
+                xnli.train.len(),
+                xnli.eval.len()
+            );
+            Some(xnli)
+        }
+        None => None,
+    };
+    Ok(EvalSuite::new(held_apart, lexicon)
+        .with_alignment(alignment)
+        .with_xnli(xnli))
+}
 
-    stage("2/5 evaluating the starting model");
-    let before = evaluate(&model, &tokenizer, &eval_sets, &lexicon, &args)?;
-    let xnli_before = xnli
-        .as_ref()
-        .map(|d| xnli_accuracy(&model, d, &nli_config))
-        .transpose()?;
-
-    stage(&format!(
-        "3/5 training ({} steps, batch {}, lr {:e}, {:?})",
-        mode.steps, mode.batch_size, mode.lr, args.objective
-    ));
-    let objective = match args.objective {
-        Objective::MlCtl | Objective::SentenceCzNce => MultiLevelLoss::mlctl()
-            .with_sentence(Some(CzNce::new().with_temperature(args.temperature))),
-        Objective::SentenceInfonce => MultiLevelLoss::mlctl()
-            .with_sentence(Some(CzNce::info_nce().with_temperature(args.temperature))),
-        Objective::Mlm => MultiLevelLoss::mlctl().with_sentence(None),
-    }
-    .with_mlm_weight(Some(args.mlm_weight));
+/// Trains (or resumes) in the run directory; returns the trained model.
+fn train(
+    args: &Args,
+    mode: &Mode,
+    model: MlCtlModel,
+    loader: PairLoader,
+) -> Result<(MlCtlModel, TrainSummary)> {
     let config = TrainConfig {
         schedule: LrSchedule {
             peak_lr: mode.lr,
@@ -412,6 +417,7 @@ fn main() -> Result<()> {
         seed: args.seed,
         ..TrainConfig::mlctl(mode.steps)
     };
+    let objective = args.objective.loss(args.temperature, args.mlm_weight);
     let mut trainer = Trainer::new(model, objective, loader, config, &args.out)?;
     if args.resume {
         match trainer.resume()? {
@@ -433,184 +439,11 @@ fn main() -> Result<()> {
         summary.loader.bad_lines,
         summary.skipped_steps
     );
-
-    stage("4/5 evaluating the trained model");
-    let after = evaluate(&trainer.model, &tokenizer, &eval_sets, &lexicon, &args)?;
-    let xnli_after = xnli
-        .as_ref()
-        .map(|d| xnli_accuracy(&trainer.model, d, &nli_config))
-        .transpose()?;
-
-    stage(&format!("5/5 writing {}", args.out.display()));
-    let mut report = results_markdown(
-        &args,
-        &mode,
-        embedded,
-        &before,
-        &after,
-        summary.checkpoint.as_deref(),
-    );
-    if let (Some(b), Some(a)) = (&xnli_before, &xnli_after) {
-        report += &xnli_markdown(b, a);
-    }
-    write_atomic(&args.out.join("results.md"), report.as_bytes())?;
-    let records: Vec<StepRecord> = std::fs::read_to_string(args.out.join(METRICS_FILE))?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    plot_training(&records, &args.out.join("loss.svg"))?;
-    let rows: Vec<BeforeAfter> = before
-        .sentence
-        .iter()
-        .map(|(lang, b)| BeforeAfter {
-            label: format!("{lang}-eng"),
-            before: b.mean(),
-            after: after.sentence[lang].mean(),
-        })
-        .collect();
-    plot_before_after(
-        "Tatoeba retrieval acc@1 (held-apart pairs, both directions)",
-        &rows,
-        &args.out.join("retrieval.svg"),
-    )?;
-    println!("{report}");
-    Ok(())
+    Ok((trainer.model, summary))
 }
 
-/// English NLI training examples and the multilingual evaluation examples.
-struct XnliData {
-    train: Vec<NliExample>,
-    eval: Vec<NliExample>,
-}
-
-/// Zero-shot XNLI: fine-tune a copy of the encoder on English, evaluate every language.
-fn xnli_accuracy(
-    model: &MlCtlModel,
-    data: &XnliData,
-    config: &NliFinetuneConfig,
-) -> Result<NliReport> {
-    let classifier = finetune_nli(&model.bert, &data.train, config)?;
-    Ok(evaluate_nli(&classifier, &data.eval)?)
-}
-
-fn xnli_markdown(before: &NliReport, after: &NliReport) -> String {
-    let mut s = String::from("\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n| language | before | after |\n|---|---|---|\n");
-    for (lang, b) in &before.accuracy_by_language {
-        let a = after
-            .accuracy_by_language
-            .get(lang)
-            .copied()
-            .unwrap_or(f32::NAN);
-        s += &format!("| {lang} | {} | {} |\n", pct(*b), pct(a));
-    }
-    s += &format!(
-        "| average | {} | {} |\n",
-        pct(before.average),
-        pct(after.average)
-    );
-    s
-}
-
-/// Scores of one model.
-struct Evaluation {
-    sentence: BTreeMap<String, RetrievalScores>,
-    anchor: BTreeMap<String, RetrievalScores>,
-    aer: Option<f64>,
-}
-
-fn evaluate(
-    model: &MlCtlModel,
-    tokenizer: &Tokenizer,
-    sets: &[EvalSet],
-    lexicon: &Lexicon,
-    args: &Args,
-) -> Result<Evaluation> {
-    let encoder = &model.bert.model.encoder;
-    let (mut sentence, mut anchor) = (BTreeMap::new(), BTreeMap::new());
-    for set in sets {
-        let src = embed_sentences(encoder, tokenizer, &model.pooling, &set.src, 64)?;
-        let eng = embed_sentences(encoder, tokenizer, &model.pooling, &set.eng, 64)?;
-        sentence.insert(set.lang.clone(), retrieval_accuracy(&src, &eng)?);
-        // Anchor words of the held-apart pairs: does each word retrieve its translation?
-        let (mut texts, mut spans) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-        for (s, e) in set.src.iter().zip(&set.eng) {
-            let found =
-                mlctl::align::find_anchor_spans(lexicon, tokenizer, &set.lexicon_lang, s, "en", e)?;
-            if let Some(a) = found.first() {
-                texts.0.push(s.as_str());
-                texts.1.push(e.as_str());
-                spans.0.push(a.src_span);
-                spans.1.push(a.tgt_span);
-            }
-        }
-        if texts.0.len() >= 2 {
-            let words = |t: &[&str], s: &[TokenSpan]| {
-                embed_spans(encoder, tokenizer, &model.pooling, t, s, 64)
-            };
-            anchor.insert(
-                set.lang.clone(),
-                retrieval_accuracy(&words(&texts.0, &spans.0)?, &words(&texts.1, &spans.1)?)?,
-            );
-        }
-    }
-    let aer = match (&args.gold, &args.gold_input) {
-        (Some(gold), Some(input)) => {
-            let pairs = align_io::read_parallel(input)?;
-            let gold = align_io::read_gold(gold, true)?;
-            let layers = model.bert.config.num_hidden_layers as isize;
-            let layer = args.align_layer.unwrap_or(8.min(layers));
-            let aligner = WordAligner::new(encoder, tokenizer.clone()).with_layer(layer);
-            let predicted = aligner.align_pairs(&pairs, &IterMax::default())?;
-            Some(AlignmentCounts::corpus(&predicted, &gold)?.aer())
-        }
-        _ => None,
-    };
-    Ok(Evaluation {
-        sentence,
-        anchor,
-        aer,
-    })
-}
-
-/// Writes the ML-CTL TSV of the embedded pairs that have a dictionary anchor; returns how many.
-fn write_anchored_tsv(
-    path: &Path,
-    pairs: &[(&str, Vec<String>, Vec<String>)],
-    lexicon: &Lexicon,
-    tokenizer: &Tokenizer,
-) -> Result<usize> {
-    let mut out = String::new();
-    let mut written = 0;
-    for (lang, src, eng) in pairs {
-        for (s, e) in src.iter().zip(eng) {
-            if let Some(anchor) =
-                mlctl::align::find_anchor_spans(lexicon, tokenizer, lang, s, "en", e)?.first()
-            {
-                out += &anchor.to_tsv(s, e)?;
-                out.push('\n');
-                written += 1;
-            }
-        }
-    }
-    if written == 0 {
-        bail!("no embedded training pair has a dictionary anchor");
-    }
-    write_atomic(path, out.as_bytes())?;
-    Ok(written)
-}
-
-fn pct(x: f32) -> String {
-    format!("{:.1}", 100.0 * x)
-}
-
-fn results_markdown(
-    args: &Args,
-    mode: &Mode,
-    embedded: bool,
-    before: &Evaluation,
-    after: &Evaluation,
-    checkpoint: Option<&Path>,
-) -> String {
+/// The head of `results.md`: the starting model, the objective and every hyper-parameter.
+fn run_description(args: &Args, mode: &Mode, checkpoint: Option<&Path>) -> String {
     let mut s = String::from("# ML-CTL run\n\n");
     let start = match &args.model {
         Some(m) => m.clone(),
@@ -624,9 +457,9 @@ fn results_markdown(
         "- objective: `{:?}`; steps {}, batch {}, max_len {}, lr {:e} (linear decay, {} warm-up), temperature {}, MLM weight {}, seed {}\n",
         args.objective, mode.steps, mode.batch_size, mode.max_len, mode.lr, mode.warmup, args.temperature, args.mlm_weight, args.seed
     );
-    let data = match (&args.train, embedded) {
-        (Some(p), _) => p.display().to_string(),
-        (None, _) => format!(
+    let data = match &args.train {
+        Some(p) => p.display().to_string(),
+        None => format!(
             "embedded Tatoeba, first {} pairs of each language (those with a dictionary anchor)",
             args.train_pairs
         ),
@@ -642,31 +475,25 @@ fn results_markdown(
     if let Some(c) = checkpoint {
         s += &format!("- checkpoint: `{}`\n", c.display());
     }
-    s += "\n## Sentence retrieval acc@1 (%), xx→en / en→xx\n\n| language | before | after |\n|---|---|---|\n";
-    for (lang, b) in &before.sentence {
-        let a = &after.sentence[lang];
-        s += &format!(
-            "| {lang}-eng | {} / {} | {} / {} |\n",
-            pct(b.src_to_tgt),
-            pct(b.tgt_to_src),
-            pct(a.src_to_tgt),
-            pct(a.tgt_to_src)
-        );
-    }
-    s += "\n## Anchor-word retrieval acc@1 (%), xx→en / en→xx\n\n| language | pairs | before | after |\n|---|---|---|---|\n";
-    for (lang, b) in &before.anchor {
-        let a = &after.anchor[lang];
-        s += &format!(
-            "| {lang}-eng | {} | {} / {} | {} / {} |\n",
-            b.n,
-            pct(b.src_to_tgt),
-            pct(b.tgt_to_src),
-            pct(a.src_to_tgt),
-            pct(a.tgt_to_src)
-        );
-    }
-    if let (Some(b), Some(a)) = (before.aer, after.aer) {
-        s += &format!("\n## Word alignment\n\nAER (itermax): before {b:.3}, after {a:.3}\n");
-    }
     s
+}
+
+/// `loss.svg` (the loss terms over steps) and `retrieval.svg` (acc@1 before and after).
+fn plot(out: &Path, before: &Evaluation, after: &Evaluation) -> Result<()> {
+    plot_training(&read_metrics(out)?, &out.join("loss.svg"))?;
+    let rows: Vec<BeforeAfter> = before
+        .sentence
+        .iter()
+        .map(|(name, b)| BeforeAfter {
+            label: name.clone(),
+            before: b.mean(),
+            after: after.sentence.get(name).map_or(f32::NAN, |a| a.mean()),
+        })
+        .collect();
+    plot_before_after(
+        "Tatoeba retrieval acc@1 (held-apart pairs, both directions)",
+        &rows,
+        &out.join("retrieval.svg"),
+    )?;
+    Ok(())
 }

@@ -9,7 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokenizers::Encoding;
 
-use super::parallel::{ParallelCorpus, RawPair};
+use super::parallel::{AnchorWord, ParallelCorpus, RawPair};
+use crate::align::anchors::span_of;
 use crate::pooling::TokenSpan;
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
@@ -337,6 +338,56 @@ impl PairLoader {
                 )));
             }
         }
+        // Spans read from a file are only right for the tokenizer that made them.
+        if let Some((src_word, tgt_word)) = &pair.anchors {
+            for (anchor, text, enc, side) in [
+                (src_word, &pair.src, &src_enc, "source"),
+                (tgt_word, &pair.tgt, &tgt_enc, "target"),
+            ] {
+                check_span(anchor, text, enc).map_err(|reason| bad(format!("{side} {reason}")))?;
+            }
+        }
         Ok(Verdict::Use(Box::new((src_enc, tgt_enc)), Some((s, t))))
     }
+}
+
+/// Checks that `anchor.span` holds exactly the tokens this tokenization gives an occurrence of
+/// `anchor.word` in `text` (case-insensitively); otherwise says where the word is.
+fn check_span(anchor: &AnchorWord, text: &str, enc: &Encoding) -> std::result::Result<(), String> {
+    let word = anchor.word.trim().to_lowercase();
+    let span = anchor.span;
+    let found: Vec<TokenSpan> = occurrences(text, &word)
+        .filter_map(|bytes| span_of(enc.get_offsets(), enc.get_word_ids(), bytes))
+        .collect();
+    if found.contains(&span) {
+        return Ok(());
+    }
+    let at = match found.as_slice() {
+        [] => "does not occur in the sentence".to_string(),
+        spans => format!(
+            "is at tokens {} under this tokenizer",
+            spans
+                .iter()
+                .map(|s| format!("{}..={}", s.start, s.end))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    Err(format!(
+        "anchor `{}` is given at tokens {}..={} but {at}: were the spans made with another \
+         tokenizer?",
+        anchor.word, span.start, span.end
+    ))
+}
+
+/// Byte ranges of the case-insensitive occurrences of `lowercase_word` in `text`.
+fn occurrences<'a>(
+    text: &'a str,
+    lowercase_word: &'a str,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let len = lowercase_word.len();
+    text.char_indices().filter_map(move |(start, _)| {
+        let candidate = text.get(start..start + len)?;
+        (len > 0 && candidate.to_lowercase() == lowercase_word).then_some((start, start + len))
+    })
 }

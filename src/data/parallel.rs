@@ -47,6 +47,23 @@ pub enum CorpusFormat {
     },
 }
 
+impl CorpusFormat {
+    /// The format of training files named on a command line: with `tgt`, two line-aligned
+    /// files; otherwise ML-CTL's TSV when `path` ends in `.tsv`, else `src ||| tgt` lines.
+    pub fn from_paths(path: &Path, tgt: Option<&Path>) -> Self {
+        match tgt {
+            Some(tgt) => Self::LineAligned {
+                src: path.to_path_buf(),
+                tgt: tgt.to_path_buf(),
+            },
+            None if path.extension().is_some_and(|e| e == "tsv") => {
+                Self::ReferenceTsv(path.to_path_buf())
+            }
+            None => Self::Bitext(path.to_path_buf()),
+        }
+    }
+}
+
 /// Byte offsets of the starts of a file's lines.
 #[derive(Debug, Clone)]
 struct LineIndex {
