@@ -15,6 +15,7 @@
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
 //! - [`eval`]: evaluation: sentence and anchor-word retrieval, XNLI zero-shot transfer, plots.
+//! - [`nli`]: NLI data, classifier, fine-tuning and the XNLI zero-shot evaluation.
 //! - [`pretrain`]: the steps of a pre-training run around the trainer: anchored training data,
 //!   one evaluation suite before and after, the results tables.
 #![warn(missing_docs)]
@@ -30,6 +31,7 @@ pub mod eval;
 pub mod hub;
 pub mod loss;
 pub mod model;
+pub mod nli;
 pub mod pooling;
 pub mod pretrain;
 pub mod projection;

@@ -9,14 +9,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, WORDS};
-use mlctl::data::{
-    read_nli_jsonl, read_nli_tsv, NliData, NliExample, NliFormat, NliLabel, NliReadOptions,
-    NliReadStats, XnliDir,
-};
 use mlctl::encoder::{BertConfig, PretrainedBert};
-use mlctl::eval::{
-    evaluate_nli, finetune_nli, LanguageCounts, NliClassifier, NliFinetuneConfig, NliPooling,
-    NliPredictor, NliReport,
+use mlctl::nli::{
+    evaluate_nli, finetune_nli, read_nli_jsonl, read_nli_tsv, LanguageCounts, NliClassifier,
+    NliData, NliExample, NliFinetuneConfig, NliFormat, NliLabel, NliPooling, NliPredictor,
+    NliReadOptions, NliReadStats, NliReport, XnliDir, XnliSplit,
 };
 use mlctl::tokenize::Tokenizer;
 use mlctl::Error;
@@ -425,6 +422,74 @@ fn discover_accepts_flat_and_mnli_layouts_and_lists_what_it_searched() {
     assert_eq!(train.examples, [ex("A cat.", "An animal.", E, "en")]);
 }
 
+/// Only an absent test file falls back to the dev split, and the result says so; a test file
+/// that is there but unreadable is an error, not a silent switch to another split.
+#[test]
+fn the_eval_split_is_test_and_falls_back_to_dev_only_when_the_test_file_is_absent() {
+    let official = XnliDir::discover(fixture("xnli")).unwrap();
+    let eval = official.read_eval(&Default::default()).unwrap();
+    assert_eq!(eval.split, XnliSplit::Test);
+    assert_eq!(eval.fallback, None);
+    assert_eq!(eval.path, xnli("XNLI-1.0/xnli.test.tsv"));
+    assert_eq!(eval.data, official.read_test(&Default::default()).unwrap());
+    let note = eval.split_note();
+    assert!(
+        note.contains("test split") && !note.contains("dev"),
+        "{note}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy(
+        &xnli("XNLI-MT-1.0/multinli/multinli.train.en.tsv"),
+        &root.join("multinli.train.en.tsv"),
+    );
+    copy(&xnli("XNLI-1.0/xnli.dev.tsv"), &root.join("xnli.dev.tsv"));
+
+    // No test file: the dev split, and why.
+    let eval = XnliDir::discover(root)
+        .unwrap()
+        .read_eval(&Default::default())
+        .unwrap();
+    assert_eq!(eval.split, XnliSplit::Dev);
+    assert_eq!(eval.path, root.join("xnli.dev.tsv"));
+    assert_eq!(eval.data.examples.len(), 9);
+    let why = eval.fallback.as_deref().expect("the fallback is explained");
+    for searched in XnliDir::TEST_CANDIDATES {
+        assert!(why.contains(searched), "{why} lacks {searched}");
+    }
+    let note = eval.split_note();
+    assert!(
+        note.contains("dev split") && note.contains("not test") && note.contains(why),
+        "{note}"
+    );
+
+    // A malformed test file: an error naming the test file's line, not the dev split.
+    copy(&xnli("bad/xnli.bad.tsv"), &root.join("xnli.test.tsv"));
+    let found = XnliDir::discover(root).unwrap();
+    let (path, line, _) = data_error(found.read_eval(&Default::default()));
+    assert_eq!((path, line), (root.join("xnli.test.tsv"), 3));
+    // Skipping bad lines reads the test file as it can, still the test split.
+    let eval = found
+        .read_eval(&NliReadOptions::default().skipping_bad_lines())
+        .unwrap();
+    assert_eq!(
+        (eval.split, eval.fallback.as_deref()),
+        (XnliSplit::Test, None)
+    );
+    assert!(eval.data.stats.bad_lines > 0);
+
+    // A test file that cannot be read at all: an I/O error, not the dev split.
+    std::fs::remove_file(root.join("xnli.test.tsv")).unwrap();
+    std::fs::create_dir(root.join("xnli.test.tsv")).unwrap();
+    let mut unreadable = found.clone();
+    unreadable.test = Some(mlctl::nli::NliFile::new(root.join("xnli.test.tsv")));
+    assert!(matches!(
+        unreadable.read_eval(&Default::default()),
+        Err(Error::Io { .. })
+    ));
+}
+
 // ---------------------------------------------------------------- pair tokenization
 
 fn tiny_tokenizer(max_len: usize) -> Tokenizer {
@@ -806,4 +871,27 @@ fn finetuning_is_seeded_and_reproducible() {
     assert_eq!(la, lb);
     assert_ne!(la, lc);
     assert_eq!(a.predict(&probe).unwrap().len(), 6);
+}
+
+/// Fine-tuning takes the pre-training update step; an evaluation must not silently skip an
+/// update, so the first non-finite one stops it.
+#[test]
+fn finetuning_stops_at_the_first_non_finite_update() {
+    let bert = tiny_bert(9);
+    let var = bert.params.named_vars()["bert.embeddings.word_embeddings.weight"].clone();
+    var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
+    let config = NliFinetuneConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 1e-3,
+        max_len: 16,
+        pooling: NliPooling::Cls,
+        seed: 1,
+        max_examples: None,
+        progress: false,
+    };
+    match finetune_nli(&bert, &synthetic_nli(24, 4, "en"), &config) {
+        Err(Error::Diverged { step, consecutive }) => assert_eq!((step, consecutive), (1, 1)),
+        other => panic!("expected divergence at the first update, got {other:?}"),
+    }
 }

@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{
     checkpoint_name, latest_checkpoint, prune_checkpoints, write_checkpoint_dir,
 };
-use super::optimizer::{clip_grad_norm, AdamW, AdamWConfig, Gradients};
+use super::optimizer::{AdamW, AdamWConfig, Gradients};
 use super::schedule::{Decay, LrSchedule};
+use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairLoader};
 use crate::encoder::read_checkpoint_dir;
 use crate::loss::{LossTerms, MaskedPair, MultiLevelLoss};
@@ -294,35 +295,25 @@ impl Trainer {
                 }
             }
             let store = (terms.total / accum as f64)?.backward()?;
-            for (name, var) in &self.trainable {
-                if let Some(g) = store.get(var) {
-                    let g = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.clone(), g);
-                }
-            }
+            accumulate_gradients(&mut grads, &store, &self.trainable)?;
         }
-        let grad_norm = clip_grad_norm(
+        let mut bad = BadSteps {
+            skipped: self.skipped_steps,
+            consecutive: self.consecutive_bad,
+        };
+        let update = UpdateRule::from(&self.config).apply(
+            &mut self.optimizer,
             &mut grads,
-            self.config.max_grad_norm.unwrap_or(f64::INFINITY),
-        )?;
-        let lr = self.config.schedule.lr(self.step);
-        let skipped = !sums[0].is_finite() || !grad_norm.is_finite();
-        if skipped {
-            self.skipped_steps += 1;
-            self.consecutive_bad += 1;
-            if self.consecutive_bad >= self.config.max_consecutive_bad_steps.max(1) {
-                return Err(Error::Diverged {
-                    step: self.step + 1,
-                    consecutive: self.consecutive_bad,
-                });
-            }
-        } else {
-            self.consecutive_bad = 0;
-            self.optimizer.step(&grads, lr)?;
-        }
+            sums[0],
+            self.step,
+            &mut bad,
+        );
+        (self.skipped_steps, self.consecutive_bad) = (bad.skipped, bad.consecutive);
+        let UpdateRecord {
+            lr,
+            grad_norm,
+            skipped,
+        } = update?;
         self.step += 1;
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
         let pick = |i: usize| present[i].then_some(sums[i]);

@@ -598,4 +598,88 @@ impl XnliDir {
             })?
             .read(options)
     }
+
+    /// Reads the set to report results on: the test set, or the dev set when the directory
+    /// has no test file, saying so in [`XnliEval::fallback`].
+    ///
+    /// Only an absent test file falls back: a test file that cannot be read (malformed lines
+    /// without [`NliReadOptions::skip_bad_lines`], bad encoding, no permission) is an error,
+    /// since results on the dev set are not comparable with published test-set results.
+    pub fn read_eval(&self, options: &NliReadOptions) -> Result<XnliEval> {
+        let (split, file, fallback) = match (&self.test, &self.dev) {
+            (Some(test), _) => (XnliSplit::Test, test, None),
+            (None, Some(dev)) => (
+                XnliSplit::Dev,
+                dev,
+                Some(format!(
+                    "no test file under {} (searched {})",
+                    self.root.display(),
+                    Self::TEST_CANDIDATES.join(", ")
+                )),
+            ),
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} has neither xnli.test.tsv nor xnli.dev.tsv",
+                    self.root.display()
+                )))
+            }
+        };
+        Ok(XnliEval {
+            split,
+            path: file.path.clone(),
+            fallback,
+            data: file.read(options)?,
+        })
+    }
+}
+
+/// An XNLI evaluation split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XnliSplit {
+    /// `xnli.dev.tsv` (2,490 pairs per language in XNLI-1.0).
+    Dev,
+    /// `xnli.test.tsv` (5,010 pairs per language): the split results are published on.
+    Test,
+}
+
+impl XnliSplit {
+    /// `dev` or `test`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dev => "dev",
+            Self::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for XnliSplit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The evaluation set [`XnliDir::read_eval`] read: which split, from which file, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XnliEval {
+    /// The split read.
+    pub split: XnliSplit,
+    /// The file read.
+    pub path: PathBuf,
+    /// Why the dev split was read in place of the test split; `None` when the test split was
+    /// read.
+    pub fallback: Option<String>,
+    /// Its examples.
+    pub data: NliData,
+}
+
+impl XnliEval {
+    /// One line for a results file: `XNLI test split (<path>)`, or for the dev split
+    /// `XNLI dev split (<path>), not test: <why>`.
+    pub fn split_note(&self) -> String {
+        let mut note = format!("XNLI {} split ({})", self.split, self.path.display());
+        if let Some(why) = &self.fallback {
+            note += &format!(", not test: {why}");
+        }
+        note
+    }
 }
