@@ -2,7 +2,6 @@
 //! pre-training ([`UpdateRule`]: clipping, the non-finite guard, the scheduled AdamW step).
 
 use candle_core::{Tensor, Var};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -33,7 +32,7 @@ pub struct NliFinetuneConfig {
     pub seed: u64,
     /// Train on at most this many examples, a seeded random sample of `train`.
     pub max_examples: Option<usize>,
-    /// Show a progress bar on stderr.
+    /// Show a progress bar on stderr (with the `progress` feature).
     pub progress: bool,
 }
 
@@ -138,17 +137,7 @@ pub fn finetune_nli(
         max_consecutive_bad_steps: 1,
     };
     let mut bad = BadSteps::default();
-    let bar = if config.progress {
-        ProgressBar::new(total_steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "NLI fine-tuning {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = Progress::new(config.progress, total_steps);
     let mut step = 0u64;
     let (mut first_epoch_loss, mut last_epoch_loss) = (0f32, 0f32);
     for epoch in 0..config.epochs {
@@ -180,8 +169,7 @@ pub fn finetune_nli(
             };
             step += 1;
             loss_sum += value as f64 * chunk.len() as f64;
-            bar.set_message(format!("epoch {}  loss {value:.4}  lr {lr:.2e}", epoch + 1));
-            bar.inc(1);
+            bar.step(|| format!("epoch {}  loss {value:.4}  lr {lr:.2e}", epoch + 1));
         }
         let mean = (loss_sum / order.len() as f64) as f32;
         if epoch == 0 {
@@ -197,4 +185,54 @@ pub fn finetune_nli(
         last_epoch_loss,
     });
     Ok(classifier)
+}
+
+/// The fine-tuning progress bar: drawn only when asked for and with the `progress` feature.
+struct Progress {
+    #[cfg(feature = "progress")]
+    bar: indicatif::ProgressBar,
+}
+
+impl Progress {
+    #[allow(unused_variables)]
+    fn new(show: bool, total_steps: u64) -> Self {
+        #[cfg(feature = "progress")]
+        {
+            let bar = if show {
+                indicatif::ProgressBar::new(total_steps)
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "NLI fine-tuning {bar:30} {pos}/{len} steps  {msg}  \
+                     [{elapsed_precise} < {eta_precise}]",
+                )
+                .expect("valid template"),
+            );
+            Self { bar }
+        }
+        #[cfg(not(feature = "progress"))]
+        Self {}
+    }
+
+    /// One update done; `message` is only formatted with the `progress` feature.
+    #[allow(unused_variables)]
+    fn step(&self, message: impl FnOnce() -> String) {
+        #[cfg(feature = "progress")]
+        {
+            self.bar.set_message(message());
+            self.bar.inc(1);
+        }
+    }
+
+    fn abandon(&self) {
+        #[cfg(feature = "progress")]
+        self.bar.abandon();
+    }
+
+    fn finish(&self) {
+        #[cfg(feature = "progress")]
+        self.bar.finish();
+    }
 }
