@@ -181,6 +181,73 @@ fn a_stopped_and_resumed_run_ends_with_the_same_weights() {
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
 }
 
+/// One update of `trainer` whose loss is made non-finite (a NaN projection bias for the step,
+/// restored afterwards), so the non-finite guard skips it.
+fn skipped_step(trainer: &mut Trainer) {
+    let bias = trainer.model.named_vars()["mlctl.projection.fc2.bias"].clone();
+    let saved = bias.as_tensor().copy().unwrap();
+    bias.set(&(&saved * f64::NAN).unwrap()).unwrap();
+    assert!(trainer.train_step().unwrap().skipped);
+    bias.set(&saved).unwrap();
+}
+
+#[test]
+fn a_run_with_a_skipped_step_resumes_with_the_same_weights() {
+    // Step 2 is skipped, so at the checkpoint (step 4) AdamW has made 3 updates: its bias
+    // correction must continue from 3, not from the trainer's step count.
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 10);
+    let drive = |trainer: &mut Trainer, steps: std::ops::Range<u64>| {
+        for step in steps {
+            if step == 2 {
+                skipped_step(trainer);
+            } else {
+                trainer.train_step().unwrap();
+            }
+        }
+    };
+    let mut straight = trainer_in(&dir.path().join("straight"), &data, 8, 0);
+    drive(&mut straight, 1..9);
+
+    let run = dir.path().join("interrupted");
+    let mut first = trainer_in(&run, &data, 8, 0);
+    drive(&mut first, 1..5);
+    first.save_checkpoint().unwrap();
+    drop(first);
+    // A checkpoint written before the optimizer's own step was saved resumes the same way.
+    let legacy = dir.path().join("legacy");
+    let checkpoint = legacy.join("checkpoints/step-00000004");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(run.join("checkpoints/step-00000004")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, checkpoint.join(path.file_name().unwrap())).unwrap();
+    }
+    let state_path = checkpoint.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert!(state
+        .as_object_mut()
+        .unwrap()
+        .remove("optimizer_step")
+        .is_some());
+    std::fs::write(&state_path, state.to_string()).unwrap();
+
+    for run in [run, legacy] {
+        let mut resumed = trainer_in(&run, &data, 8, 0);
+        assert_eq!(resumed.resume().unwrap(), Some(4));
+        drive(&mut resumed, 5..9);
+        let (a, b) = (straight.model.named_vars(), resumed.model.named_vars());
+        for (name, var) in &a {
+            assert_eq!(
+                max_abs_diff(var.as_tensor(), b[name].as_tensor()),
+                0.0,
+                "{name} differs after resuming {}",
+                run.display()
+            );
+        }
+    }
+}
+
 #[test]
 fn an_interrupted_checkpoint_write_leaves_the_previous_one_loadable() {
     let dir = tempfile::tempdir().unwrap();

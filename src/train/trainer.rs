@@ -139,6 +139,10 @@ struct TrainerState {
     dropout_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
+    /// AdamW's own update count (skipped steps do not advance it). Absent in checkpoints written
+    /// before it was saved; there it equals `step - skipped_steps`.
+    #[serde(default)]
+    optimizer_step: Option<u64>,
 }
 
 /// Trains an [`MlCtlModel`] with a [`MultiLevelLoss`] on batches from a [`PairLoader`], writing
@@ -406,6 +410,7 @@ impl Trainer {
             dropout_rng: self.model.bert.model.encoder.dropout_rng().state(),
             skipped_steps: self.skipped_steps,
             consecutive_bad: self.consecutive_bad,
+            optimizer_step: Some(self.optimizer.step_count()),
         };
         let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
             self.model.save(dir)?;
@@ -453,7 +458,11 @@ impl Trainer {
                     reason: e.to_string(),
                 }
             })?;
-        self.optimizer.load_state(&moments, state.step)?;
+        // Bias correction counts AdamW's updates, which skipped steps did not make.
+        let optimizer_step = state
+            .optimizer_step
+            .unwrap_or(state.step.saturating_sub(state.skipped_steps));
+        self.optimizer.load_state(&moments, optimizer_step)?;
 
         self.loader.set_cursor(state.cursor)?;
         self.loader.set_stats(state.loader_stats);
