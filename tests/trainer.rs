@@ -21,7 +21,7 @@ fn config(steps: u64, lr: f64) -> TrainConfig {
             decay: Decay::Linear,
         },
         progress: false,
-        ..TrainConfig::mlctl(steps)
+        ..TrainConfig::adam_linear_clipped(steps)
     }
 }
 
@@ -72,12 +72,34 @@ fn retrieval_accuracy(model: &MlCtlModel, data: &Path, n: usize) -> f32 {
         / n as f32
 }
 
+/// `n` pairs drawn like the training corpus but sharing no source sentence with it.
+fn held_apart(dir: &Path, train: &Path, n: usize) -> std::path::PathBuf {
+    let seen: std::collections::HashSet<String> = std::fs::read_to_string(train)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect();
+    let lines: String = synthetic_tsv(4 * n, 12)
+        .lines()
+        .filter(|l| !seen.contains(l.split('\t').next().unwrap()))
+        .take(n)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(lines.lines().count(), n);
+    let path = dir.join("held_apart.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 #[test]
-fn training_lowers_the_contrastive_loss_and_raises_retrieval() {
+fn training_lowers_the_contrastive_loss_and_raises_retrieval_on_held_apart_pairs() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 32);
+    // Retrieval is measured on pairs the model never saw: it must have learnt the mapping
+    // between the two "languages", not memorised the training pairs.
+    let test = held_apart(dir.path(), &data, 32);
     let model = tiny_model(1);
-    let before = retrieval_accuracy(&model, &data, 32);
+    let before = retrieval_accuracy(&model, &test, 32);
     let objective = MultiLevelLoss::mlctl();
     let mut trainer = Trainer::new(
         model,
@@ -101,8 +123,9 @@ fn training_lowers_the_contrastive_loss_and_raises_retrieval() {
     assert!(records
         .iter()
         .all(|r| r.mlm.is_some() && r.lr > 0.0 && r.grad_norm > 0.0 && !r.skipped));
-    let after = retrieval_accuracy(&trainer.model, &data, 32);
-    eprintln!("retrieval acc@1 {before} -> {after}");
+    let after = retrieval_accuracy(&trainer.model, &test, 32);
+    let seen = retrieval_accuracy(&trainer.model, &data, 32);
+    eprintln!("held-apart retrieval acc@1 {before} -> {after} (training pairs: {seen})");
     assert!(
         after >= before + 0.25 && after >= 0.4,
         "retrieval acc@1 {before} -> {after} (chance 1/32)"
@@ -348,4 +371,92 @@ fn frozen_layers_do_not_move() {
             name.starts_with("bert.embeddings.") || name.starts_with("bert.encoder.layer.0.");
         assert_eq!(moved, !frozen, "{name}: moved = {moved}");
     }
+}
+
+#[test]
+fn the_reference_recipe_is_adam_at_2e_6_with_tenfold_drops_and_no_clipping() {
+    let cfg = TrainConfig::reference(600);
+    assert_eq!(cfg.adamw.weight_decay, 0.0);
+    assert_eq!(
+        (cfg.adamw.beta1, cfg.adamw.beta2, cfg.adamw.eps),
+        (0.9, 0.999, 1e-8)
+    );
+    assert_eq!(cfg.max_grad_norm, None);
+    assert_eq!(cfg.head_lr, None);
+    let lr = |step| cfg.schedule.lr(step);
+    for (step, want) in [
+        (0, 2e-6),
+        (199, 2e-6),
+        (200, 2e-7),
+        (400, 2e-8),
+        (500, 2e-9),
+        (599, 2e-9),
+    ] {
+        assert!(
+            (lr(step) - want).abs() < 1e-12 * want,
+            "step {step}: {}",
+            lr(step)
+        );
+    }
+    let other = TrainConfig::adam_linear_clipped(600);
+    assert_eq!(other.max_grad_norm, Some(1.0));
+    assert_eq!(other.schedule.decay, Decay::Linear);
+}
+
+#[test]
+fn the_head_gets_its_own_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let cfg = |head_lr, peak_lr| TrainConfig {
+        head_lr,
+        schedule: LrSchedule {
+            peak_lr,
+            warmup_steps: 0,
+            total_steps: 4,
+            decay: Decay::Constant,
+        },
+        progress: false,
+        ..TrainConfig::reference(4)
+    };
+    let mut trainer = Trainer::new(
+        tiny_model(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        cfg(Some(1e-2), 1e-4),
+        &dir.path().join("run"),
+    )
+    .unwrap();
+    let before: Vec<(String, Tensor)> = trainer
+        .model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+        .collect();
+    trainer.train_step().unwrap();
+    // Adam's first update moves a weight by its learning rate times g / (|g| + eps): the
+    // largest move of each tensor is its learning rate.
+    let after = trainer.model.named_vars();
+    let mut heads = 0;
+    for (name, old) in &before {
+        let moved = max_abs_diff(old, after[name].as_tensor());
+        let lr = if name.starts_with("mlctl.") {
+            1e-2
+        } else {
+            1e-4
+        };
+        heads += name.starts_with("mlctl.") as usize;
+        assert!(
+            (moved - lr).abs() < 0.01 * lr,
+            "{name} moved by {moved}, lr {lr}"
+        );
+    }
+    assert_eq!(heads, 4, "the projection's four tensors");
+    let bad = Trainer::new(
+        tiny_model(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        cfg(Some(1e-2), 0.0),
+        &dir.path().join("bad"),
+    );
+    assert!(matches!(bad, Err(mlctl::Error::InvalidArgument(_))));
 }
