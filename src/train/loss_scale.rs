@@ -65,7 +65,9 @@ impl LossScaler {
     }
 
     /// `loss * scale` in f32 (the default scale is above f16's largest value), the tensor to
-    /// differentiate: the gradients reaching f16 tensors are scaled there.
+    /// differentiate: the gradients reaching f16 tensors are scaled there. The loss's own
+    /// reduction should be in f32 too, as mlctl's losses are: the gradient entering the first
+    /// f16 tensor is the scale times its weight in the loss.
     pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
         Ok((loss.to_dtype(DType::F32)? * self.scale)?)
     }
