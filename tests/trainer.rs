@@ -21,7 +21,7 @@ fn config(steps: u64, lr: f64) -> TrainConfig {
             decay: Decay::Linear,
         },
         progress: false,
-        ..TrainConfig::mlctl(steps)
+        ..TrainConfig::adam_linear_clipped(steps)
     }
 }
 
@@ -72,12 +72,34 @@ fn retrieval_accuracy(model: &MlCtlModel, data: &Path, n: usize) -> f32 {
         / n as f32
 }
 
+/// `n` pairs drawn like the training corpus but sharing no source sentence with it.
+fn held_apart(dir: &Path, train: &Path, n: usize) -> std::path::PathBuf {
+    let seen: std::collections::HashSet<String> = std::fs::read_to_string(train)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect();
+    let lines: String = synthetic_tsv(4 * n, 12)
+        .lines()
+        .filter(|l| !seen.contains(l.split('\t').next().unwrap()))
+        .take(n)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(lines.lines().count(), n);
+    let path = dir.join("held_apart.tsv");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
 #[test]
-fn training_lowers_the_contrastive_loss_and_raises_retrieval() {
+fn training_lowers_the_contrastive_loss_and_raises_retrieval_on_held_apart_pairs() {
     let dir = tempfile::tempdir().unwrap();
     let data = corpus(dir.path(), 32);
+    // Retrieval is measured on pairs the model never saw: it must have learnt the mapping
+    // between the two "languages", not memorised the training pairs.
+    let test = held_apart(dir.path(), &data, 32);
     let model = tiny_model(1);
-    let before = retrieval_accuracy(&model, &data, 32);
+    let before = retrieval_accuracy(&model, &test, 32);
     let objective = MultiLevelLoss::mlctl();
     let mut trainer = Trainer::new(
         model,
@@ -101,8 +123,9 @@ fn training_lowers_the_contrastive_loss_and_raises_retrieval() {
     assert!(records
         .iter()
         .all(|r| r.mlm.is_some() && r.lr > 0.0 && r.grad_norm > 0.0 && !r.skipped));
-    let after = retrieval_accuracy(&trainer.model, &data, 32);
-    eprintln!("retrieval acc@1 {before} -> {after}");
+    let after = retrieval_accuracy(&trainer.model, &test, 32);
+    let seen = retrieval_accuracy(&trainer.model, &data, 32);
+    eprintln!("held-apart retrieval acc@1 {before} -> {after} (training pairs: {seen})");
     assert!(
         after >= before + 0.25 && after >= 0.4,
         "retrieval acc@1 {before} -> {after} (chance 1/32)"
@@ -179,6 +202,73 @@ fn a_stopped_and_resumed_run_ends_with_the_same_weights() {
         .map(|l| serde_json::from_str::<StepRecord>(l).unwrap().step)
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+}
+
+/// One update of `trainer` whose loss is made non-finite (a NaN projection bias for the step,
+/// restored afterwards), so the non-finite guard skips it.
+fn skipped_step(trainer: &mut Trainer) {
+    let bias = trainer.model.named_vars()["mlctl.projection.fc2.bias"].clone();
+    let saved = bias.as_tensor().copy().unwrap();
+    bias.set(&(&saved * f64::NAN).unwrap()).unwrap();
+    assert!(trainer.train_step().unwrap().skipped);
+    bias.set(&saved).unwrap();
+}
+
+#[test]
+fn a_run_with_a_skipped_step_resumes_with_the_same_weights() {
+    // Step 2 is skipped, so at the checkpoint (step 4) AdamW has made 3 updates: its bias
+    // correction must continue from 3, not from the trainer's step count.
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 10);
+    let drive = |trainer: &mut Trainer, steps: std::ops::Range<u64>| {
+        for step in steps {
+            if step == 2 {
+                skipped_step(trainer);
+            } else {
+                trainer.train_step().unwrap();
+            }
+        }
+    };
+    let mut straight = trainer_in(&dir.path().join("straight"), &data, 8, 0);
+    drive(&mut straight, 1..9);
+
+    let run = dir.path().join("interrupted");
+    let mut first = trainer_in(&run, &data, 8, 0);
+    drive(&mut first, 1..5);
+    first.save_checkpoint().unwrap();
+    drop(first);
+    // A checkpoint written before the optimizer's own step was saved resumes the same way.
+    let legacy = dir.path().join("legacy");
+    let checkpoint = legacy.join("checkpoints/step-00000004");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(run.join("checkpoints/step-00000004")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, checkpoint.join(path.file_name().unwrap())).unwrap();
+    }
+    let state_path = checkpoint.join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert!(state
+        .as_object_mut()
+        .unwrap()
+        .remove("optimizer_step")
+        .is_some());
+    std::fs::write(&state_path, state.to_string()).unwrap();
+
+    for run in [run, legacy] {
+        let mut resumed = trainer_in(&run, &data, 8, 0);
+        assert_eq!(resumed.resume().unwrap(), Some(4));
+        drive(&mut resumed, 5..9);
+        let (a, b) = (straight.model.named_vars(), resumed.model.named_vars());
+        for (name, var) in &a {
+            assert_eq!(
+                max_abs_diff(var.as_tensor(), b[name].as_tensor()),
+                0.0,
+                "{name} differs after resuming {}",
+                run.display()
+            );
+        }
+    }
 }
 
 #[test]
@@ -281,4 +371,92 @@ fn frozen_layers_do_not_move() {
             name.starts_with("bert.embeddings.") || name.starts_with("bert.encoder.layer.0.");
         assert_eq!(moved, !frozen, "{name}: moved = {moved}");
     }
+}
+
+#[test]
+fn the_reference_recipe_is_adam_at_2e_6_with_tenfold_drops_and_no_clipping() {
+    let cfg = TrainConfig::reference(600);
+    assert_eq!(cfg.adamw.weight_decay, 0.0);
+    assert_eq!(
+        (cfg.adamw.beta1, cfg.adamw.beta2, cfg.adamw.eps),
+        (0.9, 0.999, 1e-8)
+    );
+    assert_eq!(cfg.max_grad_norm, None);
+    assert_eq!(cfg.head_lr, None);
+    let lr = |step| cfg.schedule.lr(step);
+    for (step, want) in [
+        (0, 2e-6),
+        (199, 2e-6),
+        (200, 2e-7),
+        (400, 2e-8),
+        (500, 2e-9),
+        (599, 2e-9),
+    ] {
+        assert!(
+            (lr(step) - want).abs() < 1e-12 * want,
+            "step {step}: {}",
+            lr(step)
+        );
+    }
+    let other = TrainConfig::adam_linear_clipped(600);
+    assert_eq!(other.max_grad_norm, Some(1.0));
+    assert_eq!(other.schedule.decay, Decay::Linear);
+}
+
+#[test]
+fn the_head_gets_its_own_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let cfg = |head_lr, peak_lr| TrainConfig {
+        head_lr,
+        schedule: LrSchedule {
+            peak_lr,
+            warmup_steps: 0,
+            total_steps: 4,
+            decay: Decay::Constant,
+        },
+        progress: false,
+        ..TrainConfig::reference(4)
+    };
+    let mut trainer = Trainer::new(
+        tiny_model(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        cfg(Some(1e-2), 1e-4),
+        &dir.path().join("run"),
+    )
+    .unwrap();
+    let before: Vec<(String, Tensor)> = trainer
+        .model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+        .collect();
+    trainer.train_step().unwrap();
+    // Adam's first update moves a weight by its learning rate times g / (|g| + eps): the
+    // largest move of each tensor is its learning rate.
+    let after = trainer.model.named_vars();
+    let mut heads = 0;
+    for (name, old) in &before {
+        let moved = max_abs_diff(old, after[name].as_tensor());
+        let lr = if name.starts_with("mlctl.") {
+            1e-2
+        } else {
+            1e-4
+        };
+        heads += name.starts_with("mlctl.") as usize;
+        assert!(
+            (moved - lr).abs() < 0.01 * lr,
+            "{name} moved by {moved}, lr {lr}"
+        );
+    }
+    assert_eq!(heads, 4, "the projection's four tensors");
+    let bad = Trainer::new(
+        tiny_model(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        cfg(Some(1e-2), 0.0),
+        &dir.path().join("bad"),
+    );
+    assert!(matches!(bad, Err(mlctl::Error::InvalidArgument(_))));
 }

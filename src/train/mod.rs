@@ -1,7 +1,9 @@
-//! Training: AdamW with parameter groups, learning-rate schedules, gradient clipping and
-//! accumulation, atomic checkpoints and a trainer that resumes bit-exactly.
+//! Training: AdamW with parameter groups and f32 master weights, learning-rate schedules,
+//! gradient clipping and accumulation, dynamic loss scaling for f16, atomic checkpoints and a
+//! trainer that resumes bit-exactly.
 
 mod checkpoint;
+mod loss_scale;
 mod optimizer;
 mod schedule;
 mod trainer;
@@ -10,7 +12,8 @@ mod update;
 pub use checkpoint::{
     checkpoint_name, latest_checkpoint, list_checkpoints, prune_checkpoints, write_checkpoint_dir,
 };
-pub use optimizer::{clip_grad_norm, is_no_decay, AdamW, AdamWConfig, Gradients};
+pub use loss_scale::LossScaler;
+pub use optimizer::{clip_grad_norm, global_grad_norm, is_no_decay, AdamW, AdamWConfig, Gradients};
 pub use schedule::{Decay, LrSchedule};
 pub use trainer::{StepRecord, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
 pub use update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};

@@ -1,8 +1,17 @@
-//! AdamW with decoupled weight decay and two parameter groups.
+//! AdamW with decoupled weight decay, two parameter groups, per-prefix learning-rate scales and
+//! f32 master weights for bf16/f16 parameters; global-norm gradient clipping.
+//!
+//! On the CPU the update is one fused pass per parameter over contiguous memory (rayon); on other
+//! devices, and on request, it is the composite of tensor ops below, which the fused pass
+//! reproduces bit for bit.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var};
+use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -40,15 +49,367 @@ pub fn is_no_decay(name: &str) -> bool {
     name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm")
 }
 
+/// Whether a parameter of this dtype gets an f32 master copy: below f32, an update smaller than
+/// half a unit in the last place is rounded away, and at BERT learning rates most are.
+fn needs_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// Moments (and master weights) of one parameter, all f32 and of the parameter's size.
+enum State {
+    /// Host buffers that the fused CPU pass updates in place.
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+        master: Option<Vec<f32>>,
+    },
+    /// Tensors on the parameter's device, updated by the composite.
+    Tensors {
+        m: Tensor,
+        v: Tensor,
+        master: Option<Tensor>,
+    },
+}
+
 struct Slot {
     var: Var,
-    m: Tensor,
-    v: Tensor,
     decay: bool,
+    lr_scale: f64,
+    state: State,
+}
+
+fn f32_values(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+impl Slot {
+    fn new(var: Var, decay: bool, fused: bool) -> Result<Self> {
+        let master = needs_master(var.dtype());
+        // The fused pass writes the parameter's storage in place, so it needs it contiguous.
+        let state = if fused && var.device().is_cpu() && var.is_contiguous() {
+            let n = var.elem_count();
+            State::Host {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                master: master.then(|| f32_values(var.as_tensor())).transpose()?,
+            }
+        } else {
+            let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            State::Tensors {
+                v: m.clone(),
+                m,
+                master: master.then(|| var.to_dtype(DType::F32)).transpose()?,
+            }
+        };
+        Ok(Self {
+            var,
+            decay,
+            lr_scale: 1.0,
+            state,
+        })
+    }
+
+    fn tensor(&self, values: &[f32]) -> Result<Tensor> {
+        Ok(Tensor::from_slice(values, self.var.shape(), &Device::Cpu)?)
+    }
+
+    /// `(m, v, master)` as tensors.
+    fn tensors(&self) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        Ok(match &self.state {
+            State::Host { m, v, master } => (
+                self.tensor(m)?,
+                self.tensor(v)?,
+                master.as_deref().map(|w| self.tensor(w)).transpose()?,
+            ),
+            State::Tensors { m, v, master } => (m.clone(), v.clone(), master.clone()),
+        })
+    }
+
+    fn set_tensors(&mut self, m: Tensor, v: Tensor, master: Option<Tensor>) -> Result<()> {
+        self.state = match self.state {
+            State::Host { .. } => State::Host {
+                m: f32_values(&m)?,
+                v: f32_values(&v)?,
+                master: master.as_ref().map(f32_values).transpose()?,
+            },
+            State::Tensors { .. } => {
+                let device = self.var.device();
+                let on = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.to_dtype(DType::F32)?.to_device(device)?)
+                };
+                State::Tensors {
+                    m: on(&m)?,
+                    v: on(&v)?,
+                    master: master.as_ref().map(on).transpose()?,
+                }
+            }
+        };
+        Ok(())
+    }
+
+    fn update(&mut self, grad: &Tensor, h: &Hyper) -> Result<()> {
+        if grad.dims() != self.var.dims() {
+            return Err(Error::ShapeMismatch {
+                name: "gradient".into(),
+                expected: self.var.dims().to_vec(),
+                actual: grad.dims().to_vec(),
+            });
+        }
+        match &mut self.state {
+            State::Host { m, v, master } => {
+                let grad = grad.to_device(&Device::Cpu)?.contiguous()?;
+                let op = FusedAdamW {
+                    buffers: RefCell::new((m, v, master.as_deref_mut())),
+                    k: Coefficients::from(h),
+                };
+                self.var.as_tensor().inplace_op2(&grad, &op)?;
+            }
+            State::Tensors { m, v, master } => composite_update(&self.var, m, v, master, grad, h)?,
+        }
+        Ok(())
+    }
+}
+
+/// The numbers of one update of one parameter, in f64 as the composite passes them to candle's
+/// scalar ops (which round them to f32).
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    inv_correction1: f64,
+    inv_correction2: f64,
+    lr: f64,
+    /// `1 - lr * weight_decay` for the decay group.
+    decay: Option<f64>,
+}
+
+/// The composite update: about a dozen tensor ops, each a pass over memory. It is the reference
+/// the fused pass is held to, and the update on devices without a fused kernel.
+fn composite_update(
+    var: &Var,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    master: &mut Option<Tensor>,
+    grad: &Tensor,
+    h: &Hyper,
+) -> Result<()> {
+    let grad = grad.to_dtype(DType::F32)?;
+    *m = ((&*m * h.beta1)? + (&grad * (1.0 - h.beta1))?)?;
+    *v = ((&*v * h.beta2)? + (grad.sqr()? * (1.0 - h.beta2))?)?;
+    let mut param = match master {
+        Some(w) => w.clone(),
+        None => var.as_tensor().to_dtype(DType::F32)?,
+    };
+    if let Some(d) = h.decay {
+        param = (&param * d)?;
+    }
+    let denom = ((&*v * h.inv_correction2)?.sqrt()? + h.eps)?;
+    let update = ((&*m * h.inv_correction1)? / denom)?;
+    let param = (param - (update * h.lr)?)?;
+    var.set(&param.to_dtype(var.dtype())?)?;
+    if let Some(w) = master {
+        *w = param;
+    }
+    Ok(())
+}
+
+/// [`Hyper`] rounded to f32, as candle's CPU scalar ops round them.
+#[derive(Debug, Clone, Copy)]
+struct Coefficients {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    inv_correction1: f32,
+    inv_correction2: f32,
+    lr: f32,
+    decay: Option<f32>,
+}
+
+impl From<&Hyper> for Coefficients {
+    fn from(h: &Hyper) -> Self {
+        Self {
+            beta1: h.beta1 as f32,
+            one_minus_beta1: (1.0 - h.beta1) as f32,
+            beta2: h.beta2 as f32,
+            one_minus_beta2: (1.0 - h.beta2) as f32,
+            eps: h.eps as f32,
+            inv_correction1: h.inv_correction1 as f32,
+            inv_correction2: h.inv_correction2 as f32,
+            lr: h.lr as f32,
+            decay: h.decay.map(|d| d as f32),
+        }
+    }
+}
+
+impl Coefficients {
+    /// One element: returns the new `(param, m, v)`. Each line is one op of
+    /// [`composite_update`], in its order; the `+ 0.0` of candle's `affine` is kept because it
+    /// turns `-0.0` into `0.0`, so the two agree to the bit.
+    #[inline(always)]
+    fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
+        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
+        let p = match self.decay {
+            Some(d) => p * d + 0.0,
+            None => p,
+        };
+        let denom = (v * self.inv_correction2 + 0.0).sqrt() + self.eps;
+        let update = (m * self.inv_correction1 + 0.0) / denom;
+        (p - (update * self.lr + 0.0), m, v)
+    }
+}
+
+/// A float element a parameter or gradient can be stored as, with candle's conversions.
+trait Elem: Copy + Send + Sync {
+    fn get(self) -> f32;
+    fn put(x: f32) -> Self;
+}
+
+impl Elem for f32 {
+    fn get(self) -> f32 {
+        self
+    }
+    fn put(x: f32) -> Self {
+        x
+    }
+}
+
+impl Elem for f64 {
+    fn get(self) -> f32 {
+        self as f32
+    }
+    fn put(x: f32) -> Self {
+        x as f64
+    }
+}
+
+impl Elem for bf16 {
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    fn put(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Elem for f16 {
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    fn put(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// Elements per rayon task: large enough to amortise the scheduling, small enough to balance.
+const CHUNK: usize = 1 << 14;
+
+fn fused_pass<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    m: &mut [f32],
+    v: &mut [f32],
+    master: Option<&mut [f32]>,
+    k: &Coefficients,
+) {
+    let moments = p
+        .par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)));
+    match master {
+        None => moments.for_each(|((p, g), (m, v))| {
+            for i in 0..p.len() {
+                let (np, nm, nv) = k.apply(p[i].get(), g[i].get(), m[i], v[i]);
+                (p[i], m[i], v[i]) = (P::put(np), nm, nv);
+            }
+        }),
+        Some(w) => moments
+            .zip(w.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), (m, v)), w)| {
+                for i in 0..p.len() {
+                    let (nw, nm, nv) = k.apply(w[i], g[i].get(), m[i], v[i]);
+                    (p[i], w[i], m[i], v[i]) = (P::put(nw), nw, nm, nv);
+                }
+            }),
+    }
+}
+
+type HostBuffers<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>, Option<&'a mut [f32]>);
+
+/// The fused update as an in-place op on the parameter, reading the gradient.
+struct FusedAdamW<'a> {
+    buffers: RefCell<HostBuffers<'a>>,
+    k: Coefficients,
+}
+
+fn slice<'s, T>(data: &'s [T], layout: &Layout) -> candle_core::Result<&'s [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("fused adamw: a non-contiguous gradient"),
+    }
+}
+
+fn with_grad<P: Elem>(
+    p: &mut [P],
+    g: &CpuStorage,
+    gl: &Layout,
+    (m, v, master): &mut HostBuffers<'_>,
+    k: &Coefficients,
+) -> candle_core::Result<()> {
+    let master = master.as_deref_mut();
+    match g {
+        CpuStorage::F32(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
+        CpuStorage::F64(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
+        CpuStorage::BF16(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
+        CpuStorage::F16(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
+        other => candle_core::bail!("fused adamw: a {:?} gradient", other.dtype()),
+    }
+    Ok(())
+}
+
+impl InplaceOp2 for FusedAdamW<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((start, end)) = pl.contiguous_offsets() else {
+            candle_core::bail!("fused adamw: a non-contiguous parameter")
+        };
+        let buffers = &mut *self.buffers.borrow_mut();
+        let k = &self.k;
+        match p {
+            CpuStorage::F32(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
+            CpuStorage::F64(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
+            CpuStorage::BF16(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
+            CpuStorage::F16(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
+            other => candle_core::bail!("fused adamw: a {:?} parameter", other.dtype()),
+        }
+    }
 }
 
 /// AdamW (Loshchilov & Hutter) as PyTorch implements it: `p -= lr * wd * p` for the decay group,
-/// then the bias-corrected Adam update. Moments are kept in f32 whatever the parameter dtype.
+/// then the bias-corrected Adam update.
+///
+/// Moments are kept in f32 whatever the parameter dtype, and bf16/f16 parameters get an f32
+/// master copy that the update is applied to (the parameter is its rounding), so updates below
+/// the parameter's precision accumulate instead of being lost; the master copies are taken when
+/// the optimizer is built or its state loaded.
+///
+/// On the CPU each step is one fused pass per parameter (rayon); elsewhere, or after
+/// [`AdamW::with_fused`]`(false)`, it is a composite of tensor ops. Both give the same bits.
 pub struct AdamW {
     slots: BTreeMap<String, Slot>,
     config: AdamWConfig,
@@ -70,10 +431,8 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                let v = m.clone();
                 let decay = !is_no_decay(&name);
-                Ok((name, Slot { var, m, v, decay }))
+                Ok((name, Slot::new(var, decay, true)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -81,6 +440,30 @@ impl AdamW {
             config,
             step: 0,
         })
+    }
+
+    /// Uses the fused CPU pass (`true`, the default) or the composite of tensor ops (`false`)
+    /// for the parameters on the CPU; other devices always use the composite. The state moves
+    /// with the choice.
+    pub fn with_fused(mut self, fused: bool) -> Result<Self> {
+        for slot in self.slots.values_mut() {
+            let (m, v, master) = slot.tensors()?;
+            let mut fresh = Slot::new(slot.var.clone(), slot.decay, fused)?;
+            fresh.set_tensors(m, v, master)?;
+            fresh.lr_scale = slot.lr_scale;
+            *slot = fresh;
+        }
+        Ok(self)
+    }
+
+    /// Multiplies the learning rate of every parameter whose name starts with `prefix` by
+    /// `scale` (for example a larger rate for a randomly initialised head); the schedule
+    /// still scales both rates alike.
+    pub fn with_lr_scale(mut self, prefix: &str, scale: f64) -> Self {
+        for (_, slot) in self.slots.iter_mut().filter(|(n, _)| n.starts_with(prefix)) {
+            slot.lr_scale = scale;
+        }
+        self
     }
 
     /// Number of updates applied so far.
@@ -97,8 +480,8 @@ impl AdamW {
         )
     }
 
-    /// Applies one update with learning rate `lr`. Parameters without a gradient are left alone
-    /// (their moments do not advance).
+    /// Applies one update with learning rate `lr` (times each parameter's scale). Parameters
+    /// without a gradient are left alone (their moments do not advance).
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig {
@@ -107,75 +490,173 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.config;
-        let correction1 = 1.0 - beta1.powi(self.step as i32);
-        let correction2 = 1.0 - beta2.powi(self.step as i32);
+        let inv_correction1 = 1.0 / (1.0 - beta1.powi(self.step as i32));
+        let inv_correction2 = 1.0 / (1.0 - beta2.powi(self.step as i32));
         for (name, slot) in self.slots.iter_mut() {
             let Some(grad) = grads.get(name) else {
                 continue;
             };
-            let grad = grad.to_dtype(DType::F32)?;
-            slot.m = ((&slot.m * beta1)? + (&grad * (1.0 - beta1))?)?;
-            slot.v = ((&slot.v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-            let mut param = slot.var.as_tensor().to_dtype(DType::F32)?;
-            if slot.decay && weight_decay != 0.0 {
-                param = (&param * (1.0 - lr * weight_decay))?;
-            }
-            let denom = ((&slot.v / correction2)?.sqrt()? + eps)?;
-            let update = ((&slot.m / correction1)? / denom)?;
-            let param = (param - (update * lr)?)?;
-            slot.var.set(&param.to_dtype(slot.var.dtype())?)?;
+            let lr = lr * slot.lr_scale;
+            let h = Hyper {
+                beta1,
+                beta2,
+                eps,
+                inv_correction1,
+                inv_correction2,
+                lr,
+                decay: (slot.decay && weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+            };
+            slot.update(grad, &h).map_err(|e| match e {
+                Error::ShapeMismatch {
+                    expected, actual, ..
+                } => Error::ShapeMismatch {
+                    name: format!("gradient of {name}"),
+                    expected,
+                    actual,
+                },
+                e => e,
+            })?;
         }
         Ok(())
     }
 
-    /// The moments as tensors named `m.<param>` and `v.<param>`, for a checkpoint.
+    /// The state as tensors named `m.<param>` and `v.<param>`, plus `master.<param>` for the
+    /// f32 master copies of bf16/f16 parameters, for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
-        self.slots
-            .iter()
-            .flat_map(|(name, s)| {
-                [
-                    (format!("m.{name}"), s.m.clone()),
-                    (format!("v.{name}"), s.v.clone()),
-                ]
-            })
-            .collect()
+        let mut out = HashMap::new();
+        for (name, slot) in &self.slots {
+            // Built from buffers of the parameter's own size: cannot fail.
+            let (m, v, master) = slot
+                .tensors()
+                .expect("optimizer state has its parameter's size");
+            out.insert(format!("m.{name}"), m);
+            out.insert(format!("v.{name}"), v);
+            if let Some(w) = master {
+                out.insert(format!("master.{name}"), w);
+            }
+        }
+        out
     }
 
-    /// Restores the moments and the step count saved by [`AdamW::state_tensors`].
+    /// Restores the state saved by [`AdamW::state_tensors`] and the step count. Master copies
+    /// absent from `tensors` (older checkpoints) are taken from the variables' current values.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, slot) in self.slots.iter_mut() {
-            for (kind, target) in [("m", &mut slot.m), ("v", &mut slot.v)] {
+            let get = |kind: &str, required: bool| -> Result<Option<Tensor>> {
                 let key = format!("{kind}.{name}");
-                let t = tensors.get(&key).ok_or_else(|| Error::MissingTensors {
-                    names: vec![key.clone()],
-                })?;
-                if t.dims() != target.dims() {
+                let Some(t) = tensors.get(&key) else {
+                    return match required {
+                        true => Err(Error::MissingTensors { names: vec![key] }),
+                        false => Ok(None),
+                    };
+                };
+                if t.dims() != slot.var.dims() {
                     return Err(Error::ShapeMismatch {
                         name: key,
-                        expected: target.dims().to_vec(),
+                        expected: slot.var.dims().to_vec(),
                         actual: t.dims().to_vec(),
                     });
                 }
-                *target = t.to_dtype(DType::F32)?.to_device(target.device())?;
-            }
+                Ok(Some(t.clone()))
+            };
+            let (m, v) = (get("m", true)?, get("v", true)?);
+            let master = match needs_master(slot.var.dtype()) {
+                true => Some(match get("master", false)? {
+                    Some(w) => w,
+                    None => slot.var.to_dtype(DType::F32)?,
+                }),
+                false => None,
+            };
+            slot.set_tensors(m.expect("required"), v.expect("required"), master)?;
         }
         self.step = step;
         Ok(())
     }
 }
 
-/// Scales `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm
-/// before clipping (computed in f32), as `torch.nn.utils.clip_grad_norm_` does.
-pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
-    let mut total = 0f64;
-    for g in grads.values() {
-        total += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+/// Sum of the squares of every element of the CPU gradients, accumulated in f64: one rayon
+/// reduction over fixed chunks of all of them, summed in a fixed order, so the result does not
+/// depend on the thread count.
+fn host_sum_squares(grads: &[&Tensor]) -> Result<f64> {
+    let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+    let mut chunks = Vec::new();
+    for (i, (storage, layout)) in guards.iter().enumerate() {
+        let Storage::Cpu(_) = &**storage else {
+            return Err(Error::InvalidArgument("a non-CPU gradient".into()));
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Err(Error::InvalidArgument("a non-contiguous gradient".into()));
+        };
+        chunks.extend(
+            (start..end)
+                .step_by(CHUNK)
+                .map(|s| (i, s, (s + CHUNK).min(end))),
+        );
     }
-    let norm = total.sqrt();
+    fn squares<T: Elem>(data: &[T]) -> f64 {
+        data.iter().map(|x| (x.get() as f64).powi(2)).sum()
+    }
+    let partial: Vec<f64> = chunks
+        .par_iter()
+        .map(|&(i, s, e)| match &*guards[i].0 {
+            Storage::Cpu(CpuStorage::F32(d)) => Ok(squares(&d[s..e])),
+            Storage::Cpu(CpuStorage::F64(d)) => Ok(d[s..e].iter().map(|x| x * x).sum::<f64>()),
+            Storage::Cpu(CpuStorage::BF16(d)) => Ok(squares(&d[s..e])),
+            Storage::Cpu(CpuStorage::F16(d)) => Ok(squares(&d[s..e])),
+            other => Err(Error::InvalidArgument(format!(
+                "a {:?} gradient",
+                other.dtype()
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    Ok(partial.iter().sum())
+}
+
+/// Sum of squares of gradients on one device, in f32 there, with a single read to the host.
+fn device_sum_squares(grads: &[&Tensor]) -> Result<f64> {
+    let per_tensor = grads
+        .iter()
+        .map(|g| Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&per_tensor, 0)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64)
+}
+
+/// The global L2 norm of `grads`: one reduction over all of them and one read to the host
+/// per device (accumulated in f64 on the CPU, in f32 on other devices). Non-finite when any
+/// gradient element is.
+pub fn global_grad_norm(grads: &Gradients) -> Result<f64> {
+    let mut by_device: Vec<(Device, Vec<&Tensor>)> = Vec::new();
+    for g in grads.values() {
+        match by_device
+            .iter_mut()
+            .find(|(d, _)| d.same_device(g.device()))
+        {
+            Some((_, list)) => list.push(g),
+            None => by_device.push((g.device().clone(), vec![g])),
+        }
+    }
+    let mut total = 0.0;
+    for (device, list) in by_device {
+        let contiguous: Vec<Tensor> = list
+            .iter()
+            .map(|g| g.contiguous())
+            .collect::<candle_core::Result<_>>()?;
+        let refs: Vec<&Tensor> = contiguous.iter().collect();
+        total += match device.is_cpu() {
+            true => host_sum_squares(&refs)?,
+            false => device_sum_squares(&refs)?,
+        };
+    }
+    Ok(total.sqrt())
+}
+
+/// Scales `grads` in place so that their global L2 norm is at most `max_norm`; returns the norm
+/// before clipping ([`global_grad_norm`]), as `torch.nn.utils.clip_grad_norm_` does. Non-finite
+/// gradients are left as they are (the caller skips the step).
+pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
+    let norm = global_grad_norm(grads)?;
     if norm.is_finite() && norm > max_norm {
         let scale = max_norm / (norm + 1e-6);
         for g in grads.values_mut() {
@@ -183,4 +664,23 @@ pub fn clip_grad_norm(grads: &mut Gradients, max_norm: f64) -> Result<f64> {
         }
     }
     Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_and_device_sums_of_squares_agree() {
+        let a = Tensor::randn(0f32, 1.0, (300, 70), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 3.0, 40_000, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let (host, device) = (
+            host_sum_squares(&[&a, &b]).unwrap(),
+            device_sum_squares(&[&a, &b]).unwrap(),
+        );
+        assert!((host - device).abs() < 1e-5 * host, "{host} vs {device}");
+    }
 }

@@ -1,4 +1,4 @@
-//! Learning-rate schedules: linear warm-up, then constant, linear or cosine decay.
+//! Learning-rate schedules: linear warm-up, then constant, linear, cosine or step decay.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,11 @@ pub enum Decay {
     Linear,
     /// Follows half a cosine to zero at the last step.
     Cosine,
+    /// Multiplied by 0.1 at 2/6, 4/6 and 5/6 of the steps after warm-up: ML-CTL's reference
+    /// recipe, PyTorch's `MultiStepLR(milestones=[2 * per, 4 * per, 5 * per], gamma=0.1)` with
+    /// `per = span / 6` rounded down as the reference computes it (so a span under 6 steps
+    /// starts at a thousandth of the peak).
+    MultiStep,
 }
 
 /// Linear warm-up to `peak_lr` over `warmup_steps`, then [`Decay`] until `total_steps`.
@@ -42,6 +47,14 @@ impl LrSchedule {
             Decay::Constant => self.peak_lr,
             Decay::Linear => self.peak_lr * (1.0 - progress),
             Decay::Cosine => self.peak_lr * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            Decay::MultiStep => {
+                let per = self.total_steps.saturating_sub(self.warmup_steps) / 6;
+                let passed = [2 * per, 4 * per, 5 * per]
+                    .iter()
+                    .filter(|&&m| step - self.warmup_steps >= m)
+                    .count();
+                self.peak_lr * 0.1f64.powi(passed as i32)
+            }
         }
     }
 }

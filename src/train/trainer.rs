@@ -40,6 +40,11 @@ pub struct TrainConfig {
     pub adamw: AdamWConfig,
     /// Clip the global gradient norm to this value (`None`: no clipping).
     pub max_grad_norm: Option<f64>,
+    /// Peak learning rate of the ML-CTL head (the projection, parameters under
+    /// [`HEAD_PREFIX`]), which starts from random weights; the schedule scales it as it scales
+    /// `schedule.peak_lr`. `None`: the head uses `schedule.peak_lr` too.
+    #[serde(default)]
+    pub head_lr: Option<f64>,
     /// Micro-batches whose gradients are summed (each scaled by `1 / grad_accum`) per update.
     pub grad_accum: usize,
     /// Keep the embeddings fixed.
@@ -59,22 +64,24 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// ML-CTL's reference optimisation (Adam, lr 2e-6) for `steps` updates, with a linear decay
-    /// and no warm-up.
-    pub fn mlctl(steps: u64) -> Self {
+    /// ML-CTL's reference recipe for `steps` updates: Adam (no weight decay) at lr 2e-6,
+    /// multiplied by 0.1 at 2/6, 4/6 and 5/6 of the run ([`Decay::MultiStep`]), no warm-up, no
+    /// clipping, one learning rate for every parameter.
+    pub fn reference(steps: u64) -> Self {
         Self {
             steps,
             schedule: LrSchedule {
                 peak_lr: 2e-6,
                 warmup_steps: 0,
                 total_steps: steps,
-                decay: Decay::Linear,
+                decay: Decay::MultiStep,
             },
             adamw: AdamWConfig {
                 weight_decay: 0.0,
                 ..Default::default()
             },
-            max_grad_norm: Some(1.0),
+            max_grad_norm: None,
+            head_lr: None,
             grad_accum: 1,
             freeze_embeddings: false,
             freeze_layers: 0,
@@ -83,6 +90,20 @@ impl TrainConfig {
             keep_checkpoints: 2,
             seed: 0,
             progress: true,
+        }
+    }
+
+    /// Adam (no weight decay) at lr 2e-6 for `steps` updates with a linear decay to zero, no
+    /// warm-up, and the global gradient norm clipped at 1.0: the reference's optimiser with a
+    /// smoother schedule and a guard against gradient spikes.
+    pub fn adam_linear_clipped(steps: u64) -> Self {
+        Self {
+            schedule: LrSchedule {
+                decay: Decay::Linear,
+                ..Self::reference(steps).schedule
+            },
+            max_grad_norm: Some(1.0),
+            ..Self::reference(steps)
         }
     }
 }
@@ -140,6 +161,10 @@ struct TrainerState {
     dropout_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
+    /// AdamW's own update count (skipped steps do not advance it). Absent in checkpoints written
+    /// before it was saved; there it equals `step - skipped_steps`.
+    #[serde(default)]
+    optimizer_step: Option<u64>,
 }
 
 /// Trains an [`MlCtlModel`] with a [`MultiLevelLoss`] on batches from a [`PairLoader`], writing
@@ -211,7 +236,17 @@ impl Trainer {
             .into_iter()
             .filter(|(n, _)| !frozen(n))
             .collect();
-        let optimizer = AdamW::new(trainable.clone(), config.adamw)?;
+        let mut optimizer = AdamW::new(trainable.clone(), config.adamw)?;
+        if let Some(head_lr) = config.head_lr {
+            let peak = config.schedule.peak_lr;
+            if !(peak > 0.0 && head_lr.is_finite() && head_lr >= 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "head_lr {head_lr} needs a finite, non-negative value and a positive peak lr \
+                     (got {peak})"
+                )));
+            }
+            optimizer = optimizer.with_lr_scale(HEAD_PREFIX, head_lr / peak);
+        }
         let device = model.bert.model.encoder.word_embeddings().device().clone();
         let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
         model
@@ -397,6 +432,7 @@ impl Trainer {
             dropout_rng: self.model.bert.model.encoder.dropout_rng().state(),
             skipped_steps: self.skipped_steps,
             consecutive_bad: self.consecutive_bad,
+            optimizer_step: Some(self.optimizer.step_count()),
         };
         let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
             self.model.save(dir)?;
@@ -444,7 +480,11 @@ impl Trainer {
                     reason: e.to_string(),
                 }
             })?;
-        self.optimizer.load_state(&moments, state.step)?;
+        // Bias correction counts AdamW's updates, which skipped steps did not make.
+        let optimizer_step = state
+            .optimizer_step
+            .unwrap_or(state.step.saturating_sub(state.skipped_steps));
+        self.optimizer.load_state(&moments, optimizer_step)?;
 
         self.loader.set_cursor(state.cursor)?;
         self.loader.set_stats(state.loader_stats);
