@@ -235,6 +235,7 @@ fn data_parallel_gradients_equal_single_process() {
         (reduced_per_step, params)
     });
 
+    let mut worst = 0f64;
     for (rank, (reduced_per_step, params)) in per_rank.iter().enumerate() {
         for (step, (reduced, expected)) in reduced_per_step.iter().zip(&single_grads).enumerate() {
             let names: Vec<_> = reduced.keys().collect();
@@ -245,6 +246,7 @@ fn data_parallel_gradients_equal_single_process() {
             );
             for (name, g) in expected {
                 let diff = max_abs_diff(&reduced[name], g);
+                worst = worst.max(diff);
                 assert!(
                     diff < 1e-5,
                     "rank {rank} step {step} {name}: |Δgrad| = {diff:e}"
@@ -256,6 +258,7 @@ fn data_parallel_gradients_equal_single_process() {
             assert!(diff < 1e-5, "rank {rank} {name}: |Δparam| = {diff:e}");
         }
     }
+    eprintln!("largest |Δgrad| over ranks, steps and parameters: {worst:e}");
 }
 
 fn grads_of(pairs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
