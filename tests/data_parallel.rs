@@ -542,25 +542,32 @@ fn data_parallel_rendezvous_worker() {
     println!("RANK {} BLOB {}", env.rank, hex(&blob));
 }
 
-#[test]
-fn data_parallel_rendezvous_processes() {
-    const WORLD: usize = 3;
-    let seed = 4242u64;
+/// Runs `world` processes of this test binary, each running only the test `worker` with the
+/// torchrun variables of its rank and `MLCTL_TEST_DIST_WORKER=worker_arg`; returns each rank's
+/// standard output once all have succeeded. Fails the test if one fails or they take longer
+/// than `limit` (then kills them all).
+fn run_rank_processes(
+    worker: &str,
+    world: usize,
+    worker_arg: &str,
+    limit: Duration,
+) -> Vec<String> {
     let port = free_port();
     let exe = std::env::current_exe().unwrap();
     // Started in reverse order, so that other ranks wait for rank 0 to listen.
-    let mut children: Vec<(usize, std::process::Child)> = (0..WORLD)
+    let mut children: Vec<(usize, std::process::Child)> = (0..world)
         .rev()
         .map(|rank| {
             let child = std::process::Command::new(&exe)
                 .args([
-                    "data_parallel_rendezvous_worker",
+                    worker,
                     "--exact",
                     "--nocapture",
                     "--test-threads=1",
+                    "--include-ignored",
                 ])
-                .envs(local_env(rank, WORLD, port).to_vars())
-                .env("MLCTL_TEST_DIST_WORKER", seed.to_string())
+                .envs(local_env(rank, world, port).to_vars())
+                .env("MLCTL_TEST_DIST_WORKER", worker_arg)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -568,7 +575,7 @@ fn data_parallel_rendezvous_processes() {
             (rank, child)
         })
         .collect();
-    let deadline = Instant::now() + HANG;
+    let deadline = Instant::now() + limit;
     while children
         .iter_mut()
         .any(|(_, c)| c.try_wait().unwrap().is_none())
@@ -577,19 +584,37 @@ fn data_parallel_rendezvous_processes() {
             for (_, c) in &mut children {
                 let _ = c.kill();
             }
-            panic!("rank processes still running after {HANG:?}");
+            panic!("rank processes still running after {limit:?}");
         }
         thread::sleep(Duration::from_millis(50));
     }
+    children.sort_by_key(|(rank, _)| *rank);
+    children
+        .into_iter()
+        .map(|(rank, child)| {
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "rank {rank} failed: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        })
+        .collect()
+}
+
+#[test]
+fn data_parallel_rendezvous_processes() {
+    let seed = 4242u64;
+    let outputs = run_rank_processes(
+        "data_parallel_rendezvous_worker",
+        3,
+        &seed.to_string(),
+        HANG,
+    );
     let expected = hex(&test_blob(seed));
-    for (rank, child) in children {
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "rank {rank} failed: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    for (rank, stdout) in outputs.iter().enumerate() {
         let line = format!("RANK {rank} BLOB {expected}");
         assert!(stdout.contains(&line), "rank {rank} printed: {stdout}");
     }
@@ -708,5 +733,88 @@ fn data_parallel_nccl_one_rank_round_trip() {
     for (name, g) in &cpu {
         let diff = max_abs_diff(&gpu[name].to_device(&Device::Cpu).unwrap(), g);
         assert!(diff < 1e-5, "{name}: {diff:e}");
+    }
+}
+
+/// Not a test on its own: the body of each rank process of
+/// `data_parallel_nccl_all_gpus`.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "a rank process of data_parallel_nccl_all_gpus"]
+fn data_parallel_nccl_worker() {
+    use mlctl::dist::NcclCollective;
+    if std::env::var("MLCTL_TEST_DIST_WORKER").is_err() {
+        return;
+    }
+    let env = DistEnv::from_env().unwrap().expect("launch variables set");
+    let (rank, world) = (env.rank, env.world_size);
+    let dev = Device::new_cuda(env.local_rank).unwrap();
+    let c = NcclCollective::new(&dev, &env, Duration::from_secs(60)).unwrap();
+
+    let x = Tensor::from_vec(rank_values(rank), (3, 4), &dev).unwrap();
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected_sum: Vec<f32> = (0..12)
+        .map(|e| (0..world).map(|r| rank_values(r)[e]).sum())
+        .collect();
+    assert_eq!(flat(c.all_reduce_sum(&x).unwrap()), expected_sum);
+    let expected_gather: Vec<f32> = (0..world).flat_map(rank_values).collect();
+    assert_eq!(flat(c.all_gather(&x).unwrap()), expected_gather);
+    assert_eq!(
+        flat(c.broadcast(&x, world - 1).unwrap()),
+        rank_values(world - 1)
+    );
+
+    // One update of the gathered-negatives model: the summed gradients equal those of one
+    // process on the CPU over the whole batch.
+    let b = 4 * world;
+    let (src, tgt) = batch(0, b);
+    let single = Model::new(11);
+    let one = LocalCollective::group(1).unwrap().remove(0);
+    let expected = single.grads(&single.loss(&one, &src, &tgt, b));
+    let vars: BTreeMap<String, Var> = Model::new(11 + rank as u64)
+        .vars
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().to_device(&dev).unwrap();
+            (n.clone(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let model = Model { vars };
+    broadcast_vars(&c, &model.vars, 0).unwrap();
+    let shard = |t: &Tensor| t.narrow(0, rank * 4, 4).unwrap().to_device(&dev).unwrap();
+    let loss = model.loss(&c, &shard(&src), &shard(&tgt), b);
+    let local = model.grads(&loss);
+    let layout = GradLayout::new(&model.vars).unwrap();
+    let reduced = layout.all_reduce(&c, &local, true).unwrap();
+    assert_eq!(
+        reduced.grads.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, g) in &expected {
+        let diff = max_abs_diff(&reduced.grads[name].to_device(&Device::Cpu).unwrap(), g);
+        assert!(diff < 1e-5, "rank {rank} {name}: {diff:e}");
+    }
+    println!("RANK {rank} OK");
+}
+
+/// One process per visible GPU (at least two), as torchrun would launch them.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs at least two CUDA GPUs and NCCL"]
+fn data_parallel_nccl_all_gpus() {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    let gpus = CudaContext::device_count().unwrap() as usize;
+    assert!(gpus >= 2, "this test needs at least two GPUs, found {gpus}");
+    let outputs = run_rank_processes(
+        "data_parallel_nccl_worker",
+        gpus,
+        "nccl",
+        Duration::from_secs(300),
+    );
+    for (rank, stdout) in outputs.iter().enumerate() {
+        assert!(
+            stdout.contains(&format!("RANK {rank} OK")),
+            "rank {rank}: {stdout}"
+        );
     }
 }
