@@ -421,6 +421,8 @@ fn data_parallel_env_parsing() {
         }
     };
     assert_eq!(DistEnv::from_lookup(vars(&[])).unwrap(), None);
+    let leftover = vars(&[("MASTER_ADDR", "login-node"), ("MASTER_PORT", "1234")]);
+    assert_eq!(DistEnv::from_lookup(leftover).unwrap(), None);
     let env = DistEnv::from_lookup(vars(&[
         ("RANK", "3"),
         ("WORLD_SIZE", "16"),

@@ -40,8 +40,9 @@ const VARS: [&str; 5] = [
 ];
 
 impl DistEnv {
-    /// Reads the launch variables from the process environment: `None` when none is set (not
-    /// a distributed launch), the configuration when all are set and consistent.
+    /// Reads the launch variables from the process environment: `None` when neither `RANK` nor
+    /// `WORLD_SIZE` is set (not a distributed launch; a `MASTER_ADDR` left in a cluster's
+    /// environment does not make one), the configuration when all are set and consistent.
     ///
     /// # Errors
     ///
@@ -54,7 +55,7 @@ impl DistEnv {
     /// [`DistEnv::from_env`] with another source of variables (a map in tests, a config file).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let values: Vec<Option<String>> = VARS.iter().map(|v| get(v)).collect();
-        if values.iter().all(Option::is_none) {
+        if values[0].is_none() && values[1].is_none() {
             return Ok(None);
         }
         let missing: Vec<&str> = VARS
