@@ -103,6 +103,12 @@ pub enum Error {
     /// A function argument is out of its valid range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// Distributed training failed: a bad launch environment (`RANK`, `WORLD_SIZE`, ...), a
+    /// rendezvous that timed out or was refused, ranks that called different collectives, or a
+    /// rank that failed or left while the others waited for it.
+    #[error("distributed: {0}")]
+    Distributed(String),
 }
 
 impl Error {

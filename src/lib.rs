@@ -11,6 +11,8 @@
 //! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
 //! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
 //! - [`device`]: choosing CPU, CUDA or Metal.
+//! - [`dist`]: data-parallel building blocks: collectives (NCCL or in-process), gradient
+//!   buckets, the torchrun-style rendezvous.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
@@ -23,6 +25,7 @@
 pub mod align;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod encode;
 pub mod encoder;
 mod error;

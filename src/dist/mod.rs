@@ -1,0 +1,131 @@
+//! Data-parallel building blocks: one process (or thread) per device, gradients summed across
+//! ranks, contrastive negatives gathered from every rank.
+//!
+//! # The gradient rule
+//!
+//! Every rank holds an equal shard of the global batch. For a contrastive loss over the global
+//! batch (CZ-NCE with cross-rank negatives), every rank
+//!
+//! 1. embeds its shard and gathers everyone's embeddings with [`gather_with_local_grad`]: the
+//!    other ranks' rows are constants, only its own rows are in its autograd graph;
+//! 2. computes the **global** loss on the gathered embeddings (plus purely local terms weighted
+//!    by their local share, e.g. `λ · MLM` scaled by local / global masked-token count);
+//! 3. back-propagates, and sums the gradients of all ranks with one all-reduce
+//!    ([`GradLayout::all_reduce`]).
+//!
+//! Rank `r`'s backward gives the part of the global loss's gradient that flows through its own
+//! rows; the sum over ranks is the exact gradient of the global-batch loss, the one a single
+//! process would compute for the whole batch. That is why the reduction is a **sum**, not a mean.
+//!
+//! # Pieces
+//!
+//! - [`Collective`]: sum all-reduce, all-gather, broadcast. Implementations:
+//!   [`LocalCollective`] (ranks are threads of one process; what the CPU tests use) and, with
+//!   the `nccl` feature, `NcclCollective` (one process per CUDA device).
+//! - [`GradLayout`]: flattens named gradients into one (or a few) dense f32 buffers in a fixed
+//!   order, all-reduces them and unflattens them; a parameter without a gradient contributes
+//!   zeros, and the ranks agree on skipping a step whose loss is non-finite on any rank.
+//! - [`broadcast_vars`]: start every rank from rank 0's parameters.
+//! - [`DistEnv`] and [`rendezvous`]: the torchrun launch protocol (`RANK`, `WORLD_SIZE`,
+//!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); rank 0 hands every other rank a byte blob (the
+//!   NCCL unique id) over TCP, so several nodes work the same way as one.
+
+mod buckets;
+mod local;
+#[cfg(feature = "nccl")]
+mod nccl;
+mod rendezvous;
+
+pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
+pub use local::LocalCollective;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCollective;
+pub use rendezvous::{rendezvous, DistEnv};
+
+use crate::{Error, Result};
+use candle_core::Tensor;
+
+/// Collective operations over a group of `world_size` ranks.
+///
+/// Every rank must call the same collectives in the same order with tensors of the same shape
+/// and dtype (shards of equal length). Results are new tensors on the input's device, outside
+/// any autograd graph; [`gather_with_local_grad`] puts the local rows back into the graph.
+///
+/// A failure on one rank (an error, a panic, a rank that leaves) must make the other ranks'
+/// pending and later collectives return [`Error::Distributed`] rather than wait forever.
+pub trait Collective {
+    /// This rank's index, `0..world_size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// The elementwise sum of `x` over all ranks.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: any shape, the same on every rank.
+    /// - output: the shape of `x`.
+    fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Every rank's `x`, concatenated along dimension 0 in rank order.
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: `[n, ...]`, the same on every rank.
+    /// - output: `[world_size · n, ...]`; rows `r·n .. (r+1)·n` are rank `r`'s.
+    fn all_gather(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// Rank `root`'s `x`, on every rank (the other ranks' `x` only give the shape and dtype).
+    ///
+    /// # Shapes
+    ///
+    /// - `x`: any shape, the same on every rank.
+    /// - output: the shape of `x`.
+    fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
+}
+
+/// All-gathers `local` and keeps this rank's rows in the autograd graph (OpenCLIP's
+/// `gather_with_grad` restricted to the local slice): the result is
+/// `cat(rows of ranks < r (constants), local, rows of ranks > r (constants))`.
+///
+/// A loss computed on the result and back-propagated gives `local` (and what it was computed
+/// from) this rank's share of the gradient; summing the parameter gradients over ranks gives
+/// the gradient of the loss over the whole global batch (see the [module docs](self)).
+///
+/// # Shapes
+///
+/// - `local`: `[n, ...]`, the same shape on every rank.
+/// - output: `[world_size · n, ...]`, in rank order.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for a rank-0 tensor; the collective's errors.
+pub fn gather_with_local_grad(c: &dyn Collective, local: &Tensor) -> Result<Tensor> {
+    if local.rank() == 0 {
+        return Err(Error::InvalidArgument(
+            "gather_with_local_grad: the tensor needs a batch dimension".into(),
+        ));
+    }
+    let (world, rank) = (c.world_size(), c.rank());
+    if world == 1 {
+        return Ok(local.clone());
+    }
+    let n = local.dim(0)?;
+    let gathered = c.all_gather(&local.detach())?;
+    if gathered.dim(0)? != world * n {
+        return Err(Error::Distributed(format!(
+            "all_gather returned {} rows for {world} ranks of {n}",
+            gathered.dim(0)?
+        )));
+    }
+    let mut parts = Vec::with_capacity(3);
+    if rank > 0 {
+        parts.push(gathered.narrow(0, 0, rank * n)?);
+    }
+    parts.push(local.clone());
+    if rank + 1 < world {
+        parts.push(gathered.narrow(0, (rank + 1) * n, (world - rank - 1) * n)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}

@@ -1,0 +1,420 @@
+//! The torchrun launch protocol: ranks from the environment, a byte blob from rank 0 over TCP.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// Where this process sits in a data-parallel job, as torchrun (and `torch.distributed`'s
+/// `env://`) describe it with environment variables.
+///
+/// | variable | field |
+/// |---|---|
+/// | `RANK` | [`DistEnv::rank`]: this process's rank, `0..WORLD_SIZE` |
+/// | `WORLD_SIZE` | [`DistEnv::world_size`]: processes in the job, over all nodes |
+/// | `LOCAL_RANK` | [`DistEnv::local_rank`]: rank on this node, i.e. the CUDA device ordinal |
+/// | `MASTER_ADDR` | [`DistEnv::master_addr`]: host name or address of rank 0's node |
+/// | `MASTER_PORT` | [`DistEnv::master_port`]: a free TCP port there |
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    /// This process's global rank.
+    pub rank: usize,
+    /// The number of processes over all nodes.
+    pub world_size: usize,
+    /// The rank on this node: the CUDA device ordinal to use.
+    pub local_rank: usize,
+    /// Host name or address of the node of rank 0, reachable from every node.
+    pub master_addr: String,
+    /// The TCP port rank 0 listens on for the rendezvous.
+    pub master_port: u16,
+}
+
+/// The variables [`DistEnv::from_env`] reads.
+const VARS: [&str; 5] = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+];
+
+impl DistEnv {
+    /// Reads the launch variables from the process environment: `None` when neither `RANK` nor
+    /// `WORLD_SIZE` is set (not a distributed launch; a `MASTER_ADDR` left in a cluster's
+    /// environment does not make one), the configuration when all are set and consistent.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Distributed`] naming the variable that is missing (when some but not all are
+    /// set), not a number, or out of range (`RANK >= WORLD_SIZE`, `WORLD_SIZE = 0`, port 0).
+    pub fn from_env() -> Result<Option<Self>> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// [`DistEnv::from_env`] with another source of variables (a map in tests, a config file).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let values: Vec<Option<String>> = VARS.iter().map(|v| get(v)).collect();
+        if values[0].is_none() && values[1].is_none() {
+            return Ok(None);
+        }
+        let missing: Vec<&str> = VARS
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Distributed(format!(
+                "a distributed launch sets all of {}; missing: {}",
+                VARS.join(", "),
+                missing.join(", ")
+            )));
+        }
+        let value = |i: usize| values[i].as_deref().unwrap_or_default().trim();
+        let number = |i: usize| -> Result<usize> {
+            value(i).parse().map_err(|_| {
+                Error::Distributed(format!(
+                    "{}={:?} is not a non-negative integer",
+                    VARS[i],
+                    value(i)
+                ))
+            })
+        };
+        let (rank, world_size, local_rank) = (number(0)?, number(1)?, number(2)?);
+        let master_addr = value(3).to_string();
+        let master_port: u16 = value(4).parse().map_err(|_| {
+            Error::Distributed(format!(
+                "MASTER_PORT={:?} is not a TCP port (1..65535)",
+                value(4)
+            ))
+        })?;
+        let env = Self {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+        };
+        env.validate()?;
+        Ok(Some(env))
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.world_size == 0 {
+            return Err(Error::Distributed("WORLD_SIZE must be at least 1".into()));
+        }
+        if self.rank >= self.world_size {
+            return Err(Error::Distributed(format!(
+                "RANK={} is not below WORLD_SIZE={}",
+                self.rank, self.world_size
+            )));
+        }
+        if self.master_addr.is_empty() {
+            return Err(Error::Distributed("MASTER_ADDR is empty".into()));
+        }
+        if self.master_port == 0 {
+            return Err(Error::Distributed(
+                "MASTER_PORT=0 is not a TCP port (1..65535)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The variables that describe this process, to launch it (`Command::envs`).
+    pub fn to_vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (VARS[0], self.rank.to_string()),
+            (VARS[1], self.world_size.to_string()),
+            (VARS[2], self.local_rank.to_string()),
+            (VARS[3], self.master_addr.clone()),
+            (VARS[4], self.master_port.to_string()),
+        ]
+    }
+
+    fn master_socket_addrs(&self) -> Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = (self.master_addr.as_str(), self.master_port)
+            .to_socket_addrs()
+            .map_err(|e| {
+                Error::Distributed(format!(
+                    "cannot resolve MASTER_ADDR={}: {e}",
+                    self.master_addr
+                ))
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(Error::Distributed(format!(
+                "MASTER_ADDR={} resolves to no address",
+                self.master_addr
+            )));
+        }
+        Ok(addrs)
+    }
+}
+
+/// Marks the hello of an mlctl rank (and the protocol version).
+const MAGIC: &[u8; 8] = b"MLCTLRV1";
+/// Bounds what a reply may announce, so a stray peer cannot make a rank allocate gigabytes.
+const MAX_BLOB: usize = 1 << 20;
+const POLL: Duration = Duration::from_millis(20);
+
+/// Rendezvous of all ranks: rank 0 calls `make_blob` (for NCCL: a fresh unique id) and hands
+/// its result to every other rank; every rank returns the same bytes. A barrier too: nobody
+/// returns before all `world_size` ranks have arrived.
+///
+/// Rank 0 listens on `MASTER_PORT` (all interfaces); the others connect to
+/// `MASTER_ADDR:MASTER_PORT`, retrying until rank 0 is up, and say who they are. When all
+/// have arrived, rank 0 sends each of them the blob. Ranks may be on any node that reaches
+/// `MASTER_ADDR`.
+///
+/// # Errors
+///
+/// [`Error::Distributed`] on every rank that can still be told when the rendezvous fails:
+/// `timeout` passes before all ranks have arrived (rank 0 names the missing ranks), two
+/// processes claim the same rank, ranks disagree on `WORLD_SIZE`, the port is taken, or the
+/// connection breaks. `make_blob`'s error on rank 0 (the others then time out or are told).
+pub fn rendezvous(
+    env: &DistEnv,
+    timeout: Duration,
+    make_blob: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    env.validate()?;
+    let deadline = Instant::now() + timeout;
+    if env.rank == 0 {
+        serve(env, deadline, make_blob)
+    } else {
+        join(env, deadline)
+    }
+}
+
+fn serve(
+    env: &DistEnv,
+    deadline: Instant,
+    make_blob: impl FnOnce() -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
+    let blob = make_blob()?;
+    if blob.len() > MAX_BLOB {
+        return Err(Error::InvalidArgument(format!(
+            "rendezvous: blob of {} bytes (at most {MAX_BLOB})",
+            blob.len()
+        )));
+    }
+    if env.world_size == 1 {
+        return Ok(blob);
+    }
+    // Listen on every interface of the address family of MASTER_ADDR: the name other nodes
+    // use may not be an address of a local interface (NAT, DNS aliases).
+    let ip = match env
+        .master_socket_addrs()
+        .ok()
+        .and_then(|a| a.first().copied())
+    {
+        Some(SocketAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
+    let listener = TcpListener::bind((ip, env.master_port)).map_err(|e| {
+        Error::Distributed(format!(
+            "rank 0 cannot listen on port {}: {e}",
+            env.master_port
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Distributed(format!("rendezvous listener: {e}")))?;
+    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
+    let mut arrived = 1;
+    let mut failure: Option<String> = None;
+    while arrived < env.world_size && failure.is_none() {
+        if Instant::now() >= deadline {
+            let missing: Vec<String> = (1..env.world_size)
+                .filter(|&r| peers[r].is_none())
+                .map(|r| r.to_string())
+                .collect();
+            failure = Some(format!(
+                "rank 0 timed out waiting for rank(s) {} to join on port {}",
+                missing.join(", "),
+                env.master_port
+            ));
+            break;
+        }
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                std::thread::sleep(POLL);
+                continue;
+            }
+            Err(e) => return Err(Error::Distributed(format!("rendezvous accept: {e}"))),
+        };
+        // Something that does not speak the protocol (a port scanner, a health check) is
+        // dropped; the rendezvous goes on.
+        let Ok((mut stream, rank, world)) = read_hello(stream, deadline) else {
+            continue;
+        };
+        if world != env.world_size {
+            failure = Some(format!(
+                "rank {rank} has WORLD_SIZE={world}, rank 0 has WORLD_SIZE={}",
+                env.world_size
+            ));
+            let _ = write_reply(
+                &mut stream,
+                false,
+                failure.as_deref().unwrap_or("").as_bytes(),
+            );
+        } else if rank == 0 || rank >= env.world_size {
+            failure = Some(format!(
+                "a process joined as rank {rank}, not in 1..{}",
+                env.world_size
+            ));
+            let _ = write_reply(
+                &mut stream,
+                false,
+                failure.as_deref().unwrap_or("").as_bytes(),
+            );
+        } else if peers[rank].is_some() {
+            failure = Some(format!("two processes joined as rank {rank}"));
+            let _ = write_reply(
+                &mut stream,
+                false,
+                failure.as_deref().unwrap_or("").as_bytes(),
+            );
+        } else {
+            peers[rank] = Some(stream);
+            arrived += 1;
+        }
+    }
+    let (ok, payload) = match &failure {
+        None => (true, blob.as_slice()),
+        Some(why) => (false, why.as_bytes()),
+    };
+    let mut send_error = None;
+    for (rank, stream) in peers.iter_mut().enumerate() {
+        if let Some(stream) = stream {
+            if let Err(e) = write_reply(stream, ok, payload) {
+                send_error.get_or_insert(format!("rank 0 could not send to rank {rank}: {e}"));
+            }
+        }
+    }
+    match (failure, send_error) {
+        (Some(why), _) | (None, Some(why)) => Err(Error::Distributed(why)),
+        (None, None) => Ok(blob),
+    }
+}
+
+fn join(env: &DistEnv, deadline: Instant) -> Result<Vec<u8>> {
+    let addrs = env.master_socket_addrs()?;
+    let who = format!(
+        "rank {} joining {}:{}",
+        env.rank, env.master_addr, env.master_port
+    );
+    // Rank 0 may start later than this rank: retry until the deadline.
+    let mut stream = 'connect: loop {
+        let mut last_error = String::new();
+        for addr in &addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(addr, left.clamp(POLL, Duration::from_secs(2))) {
+                Ok(s) => break 'connect s,
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Distributed(format!(
+                "{who}: timed out connecting to rank 0 ({last_error})"
+            )));
+        }
+        std::thread::sleep(POLL.max(Duration::from_millis(100)));
+    };
+    let io = |e: std::io::Error| Error::Distributed(format!("{who}: {e}"));
+    let mut hello = Vec::with_capacity(24);
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&(env.rank as u64).to_le_bytes());
+    hello.extend_from_slice(&(env.world_size as u64).to_le_bytes());
+    stream.write_all(&hello).map_err(io)?;
+    // The reply comes when every rank has arrived, so this waits as long as the deadline.
+    set_read_deadline(&stream, deadline).map_err(io)?;
+    let mut head = [0u8; 9];
+    read_exact_by(&mut stream, &mut head, deadline).map_err(|e| {
+        Error::Distributed(format!(
+            "{who}: no answer from rank 0 ({e}); did every rank start, with the same WORLD_SIZE?"
+        ))
+    })?;
+    let len = u64::from_le_bytes(head[1..9].try_into().unwrap_or([0; 8])) as usize;
+    if len > MAX_BLOB {
+        return Err(Error::Distributed(format!(
+            "{who}: rank 0 announced {len} bytes, more than {MAX_BLOB}"
+        )));
+    }
+    let mut payload = vec![0u8; len];
+    read_exact_by(&mut stream, &mut payload, deadline).map_err(io)?;
+    if head[0] == 0 {
+        Ok(payload)
+    } else {
+        Err(Error::Distributed(format!(
+            "{who}: rank 0 refused: {}",
+            String::from_utf8_lossy(&payload)
+        )))
+    }
+}
+
+/// Reads a rank's hello: `MAGIC`, its rank and its world size (u64 little-endian each).
+fn read_hello(stream: TcpStream, deadline: Instant) -> std::io::Result<(TcpStream, usize, usize)> {
+    let mut stream = stream;
+    stream.set_nonblocking(false)?;
+    // A peer gets a few seconds to say who it is, so that a silent one cannot stall the rest.
+    let hello_deadline = deadline.min(Instant::now() + Duration::from_secs(5));
+    set_read_deadline(&stream, hello_deadline)?;
+    let mut hello = [0u8; 24];
+    read_exact_by(&mut stream, &mut hello, hello_deadline)?;
+    if &hello[..8] != MAGIC {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            "not an mlctl rank",
+        ));
+    }
+    let num = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize;
+    Ok((stream, num(&hello[8..16]), num(&hello[16..24])))
+}
+
+/// The reply: a status byte (0 ok, 1 refused), a u64 little-endian length, the payload (the
+/// blob, or why the rendezvous failed).
+fn write_reply(stream: &mut TcpStream, ok: bool, payload: &[u8]) -> std::io::Result<()> {
+    let mut msg = Vec::with_capacity(9 + payload.len());
+    msg.push(if ok { 0 } else { 1 });
+    msg.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    msg.extend_from_slice(payload);
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(&msg)?;
+    stream.flush()
+}
+
+fn set_read_deadline(stream: &TcpStream, deadline: Instant) -> std::io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // A zero timeout means "block forever" to the OS: use a tiny one instead.
+    stream.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+}
+
+/// `read_exact` that gives up at `deadline` (a read timeout alone restarts with every byte).
+fn read_exact_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        if Instant::now() >= deadline {
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "timed out"));
+        }
+        set_read_deadline(stream, deadline)?;
+        match stream.read(&mut buf[filled..]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ))
+            }
+            Ok(n) => filled += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

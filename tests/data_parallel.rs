@@ -1,0 +1,822 @@
+//! Data-parallel building blocks: collectives, gathered negatives, gradient buckets, the
+//! rendezvous. `cargo test data_parallel` runs them all.
+//!
+//! The CPU tests run `W` ranks as threads over `LocalCollective` and compare with quantities
+//! computed independently: sums and concatenations in plain Rust, gradients of one process over
+//! the whole batch. Every test that waits on other ranks is bounded in time.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor, Var};
+use mlctl::dist::{
+    any_rank_non_finite, broadcast_vars, gather_with_local_grad, rendezvous, Collective, DistEnv,
+    GradLayout, LocalCollective,
+};
+use mlctl::loss::CzNce;
+use mlctl::Error;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How long a test waits for its ranks before declaring a hang.
+const HANG: Duration = Duration::from_secs(60);
+
+/// Runs `f(rank's collective)` on `world` threads; returns the results in rank order. Panics
+/// (fails the test) if they have not all returned within [`HANG`].
+fn run_ranks<T: Send + 'static>(
+    world: usize,
+    f: impl Fn(LocalCollective) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    let (tx, rx) = mpsc::channel();
+    for c in LocalCollective::group(world).unwrap() {
+        let (f, tx) = (f.clone(), tx.clone());
+        thread::spawn(move || {
+            let rank = c.rank();
+            let out = f(c);
+            let _ = tx.send((rank, out));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + HANG;
+    let mut out: Vec<Option<T>> = (0..world).map(|_| None).collect();
+    for _ in 0..world {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((rank, v)) => out[rank] = Some(v),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("ranks still running after {HANG:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("a rank panicked"),
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let (a, b) = (a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Rank `r`'s test values: `[3, 4]` with entry `(i, j)` = `r·100 + i·4 + j + 0.25`.
+fn rank_values(r: usize) -> Vec<f32> {
+    (0..12).map(|e| (r * 100 + e) as f32 + 0.25).collect()
+}
+
+#[test]
+fn data_parallel_collectives_match_independent_sums() {
+    let world = 3;
+    let results = run_ranks(world, |c| {
+        let x = Tensor::from_vec(rank_values(c.rank()), (3, 4), &Device::Cpu).unwrap();
+        let sum = c.all_reduce_sum(&x).unwrap();
+        let gathered = c.all_gather(&x).unwrap();
+        let from_1 = c.broadcast(&x, 1).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (
+            sum.dims().to_vec(),
+            flat(&sum),
+            gathered.dims().to_vec(),
+            flat(&gathered),
+            flat(&from_1),
+        )
+    });
+    let expected_sum: Vec<f32> = (0..12)
+        .map(|e| (0..world).map(|r| rank_values(r)[e]).sum())
+        .collect();
+    let expected_gather: Vec<f32> = (0..world).flat_map(rank_values).collect();
+    for (rank, (sum_dims, sum, gather_dims, gathered, from_1)) in results.iter().enumerate() {
+        assert_eq!(sum_dims, &[3, 4], "rank {rank}");
+        assert_eq!(sum, &expected_sum, "rank {rank}: all_reduce_sum");
+        assert_eq!(gather_dims, &[9, 4], "rank {rank}");
+        assert_eq!(gathered, &expected_gather, "rank {rank}: all_gather");
+        assert_eq!(from_1, &rank_values(1), "rank {rank}: broadcast from 1");
+    }
+}
+
+/// A linear embedding `x Wᵀ + b` trained with CZ-NCE over the global batch plus a local term
+/// (λ·Σq² / B, standing in for the MLM term weighted by its local share).
+struct Model {
+    vars: BTreeMap<String, Var>,
+}
+
+const D_IN: usize = 8;
+const D: usize = 6;
+const LAMBDA: f64 = 0.3;
+
+impl Model {
+    fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut var = |dims: &[usize]| {
+            let n: usize = dims.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.5f32..0.5)).collect();
+            Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
+        };
+        let vars = BTreeMap::from([
+            ("proj.weight".to_string(), var(&[D, D_IN])),
+            ("proj.bias".to_string(), var(&[D])),
+            // In no graph: no gradient on any rank, as in one process.
+            ("unused".to_string(), var(&[3])),
+        ]);
+        Self { vars }
+    }
+
+    fn embed(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.vars["proj.weight"].t().unwrap())
+            .unwrap()
+            .broadcast_add(&self.vars["proj.bias"])
+            .unwrap()
+    }
+
+    /// The loss on this rank: global CZ-NCE over gathered embeddings, plus the local term
+    /// normalised by the global batch size.
+    fn loss(&self, c: &dyn Collective, src: &Tensor, tgt: &Tensor, global_b: usize) -> Tensor {
+        let (q, k) = (self.embed(src), self.embed(tgt));
+        let q_all = gather_with_local_grad(c, &q).unwrap();
+        let k_all = gather_with_local_grad(c, &k).unwrap();
+        let contrastive = CzNce::new().forward(&q_all, &k_all).unwrap();
+        let local = (q.sqr().unwrap().sum_all().unwrap() * (LAMBDA / global_b as f64)).unwrap();
+        (contrastive + local).unwrap()
+    }
+
+    fn grads(&self, loss: &Tensor) -> BTreeMap<String, Tensor> {
+        let store = loss.backward().unwrap();
+        self.vars
+            .iter()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect()
+    }
+
+    fn sgd(&self, grads: &BTreeMap<String, Tensor>, lr: f64) {
+        for (name, g) in grads {
+            let v = &self.vars[name];
+            v.set(&(v.as_tensor() - (g * lr).unwrap()).unwrap())
+                .unwrap();
+        }
+    }
+}
+
+/// The global batch of step `step`: `[B, D_IN]` sources and targets (targets are noisy
+/// copies, so that positives are closer than negatives).
+fn batch(step: usize, b: usize) -> (Tensor, Tensor) {
+    let mut rng = ChaCha8Rng::seed_from_u64(1000 + step as u64);
+    let src: Vec<f32> = (0..b * D_IN)
+        .map(|_| rng.random_range(-1f32..1.0))
+        .collect();
+    let tgt: Vec<f32> = src
+        .iter()
+        .map(|x| x + rng.random_range(-0.3f32..0.3))
+        .collect();
+    (
+        Tensor::from_vec(src, (b, D_IN), &Device::Cpu).unwrap(),
+        Tensor::from_vec(tgt, (b, D_IN), &Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn data_parallel_gradients_equal_single_process() {
+    const WORLD: usize = 3;
+    const B: usize = 12;
+    const STEPS: usize = 3;
+    const LR: f64 = 0.5;
+    let init_seed = 7;
+
+    // One process, whole batch.
+    let single = Model::new(init_seed);
+    let mut single_grads = Vec::new();
+    for step in 0..STEPS {
+        let (src, tgt) = batch(step, B);
+        let one = LocalCollective::group(1).unwrap().remove(0);
+        let grads = single.grads(&single.loss(&one, &src, &tgt, B));
+        assert!(!grads.contains_key("unused"));
+        single.sgd(&grads, LR);
+        single_grads.push(grads);
+    }
+
+    // W ranks, each with its shard; ranks other than 0 start from other weights, which the
+    // broadcast must overwrite.
+    let per_rank = run_ranks(WORLD, move |c| {
+        let rank = c.rank();
+        let model = Model::new(if rank == 0 {
+            init_seed
+        } else {
+            99 + rank as u64
+        });
+        broadcast_vars(&c, &model.vars, 0).unwrap();
+        // Several buckets, to cover the split.
+        let layout = GradLayout::new(&model.vars)
+            .unwrap()
+            .with_max_bucket_len(20);
+        assert!(layout.bucket_lens().len() > 1);
+        let shard = B / WORLD;
+        let mut reduced_per_step = Vec::new();
+        for step in 0..STEPS {
+            let (src, tgt) = batch(step, B);
+            let src = src.narrow(0, rank * shard, shard).unwrap();
+            let tgt = tgt.narrow(0, rank * shard, shard).unwrap();
+            let loss = model.loss(&c, &src, &tgt, B);
+            let finite = loss.to_scalar::<f32>().unwrap().is_finite();
+            let local = model.grads(&loss);
+            let reduced = layout.all_reduce(&c, &local, finite).unwrap();
+            assert!(!reduced.skip);
+            model.sgd(&reduced.grads, LR);
+            reduced_per_step.push(reduced.grads);
+        }
+        let params: BTreeMap<String, Tensor> = model
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+            .collect();
+        (reduced_per_step, params)
+    });
+
+    let mut worst = 0f64;
+    for (rank, (reduced_per_step, params)) in per_rank.iter().enumerate() {
+        for (step, (reduced, expected)) in reduced_per_step.iter().zip(&single_grads).enumerate() {
+            let names: Vec<_> = reduced.keys().collect();
+            let expected_names: Vec<_> = expected.keys().collect();
+            assert_eq!(
+                names, expected_names,
+                "rank {rank} step {step}: parameter set"
+            );
+            for (name, g) in expected {
+                let diff = max_abs_diff(&reduced[name], g);
+                worst = worst.max(diff);
+                assert!(
+                    diff < 1e-5,
+                    "rank {rank} step {step} {name}: |Δgrad| = {diff:e}"
+                );
+            }
+        }
+        for (name, v) in &single.vars {
+            let diff = max_abs_diff(&params[name], v.as_tensor());
+            assert!(diff < 1e-5, "rank {rank} {name}: |Δparam| = {diff:e}");
+        }
+    }
+    eprintln!("largest |Δgrad| over ranks, steps and parameters: {worst:e}");
+}
+
+fn grads_of(pairs: &[(&str, Tensor)]) -> BTreeMap<String, Tensor> {
+    pairs
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.clone()))
+        .collect()
+}
+
+fn layout_abc() -> GradLayout {
+    let dev = Device::Cpu;
+    let vars = BTreeMap::from([
+        (
+            "a".to_string(),
+            Var::zeros((2, 2), DType::F32, &dev).unwrap(),
+        ),
+        ("b".to_string(), Var::zeros(3, DType::F32, &dev).unwrap()),
+        ("c".to_string(), Var::zeros(1, DType::F32, &dev).unwrap()),
+    ]);
+    GradLayout::new(&vars).unwrap()
+}
+
+#[test]
+fn data_parallel_buckets_missing_gradients_and_non_finite_agreement() {
+    let dev = Device::Cpu;
+    // One rank: the buffer is [a (4) | b (3) | c (1) | presence a, b, c | non-finite flag].
+    let layout = layout_abc();
+    let a = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev).unwrap();
+    let c = Tensor::new(&[5f32], &dev).unwrap();
+    let buf = layout
+        .flatten(&grads_of(&[("a", a.clone()), ("c", c.clone())]), false)
+        .unwrap();
+    assert_eq!(buf.len(), 1);
+    assert_eq!(
+        buf[0].to_vec1::<f32>().unwrap(),
+        vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 5.0, 1.0, 0.0, 1.0, 1.0]
+    );
+    let back = layout.unflatten(&buf).unwrap();
+    assert_eq!(back.grads.keys().collect::<Vec<_>>(), ["a", "c"]);
+    assert_eq!(max_abs_diff(&back.grads["a"], &a), 0.0);
+    assert!(back.skip);
+
+    // Unknown parameter, wrong shape: typed errors, not silent loss.
+    let err = layout
+        .flatten(&grads_of(&[("z", c.clone())]), true)
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let err = layout
+        .flatten(&grads_of(&[("a", c.clone())]), true)
+        .unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+
+    // Two ranks: `b` only on rank 1 (rank 0 sends zeros for it and does not wait forever),
+    // `c` on neither (absent from the result), a non-finite loss on rank 1 only.
+    let results = run_ranks(2, |coll| {
+        let dev = Device::Cpu;
+        let layout = layout_abc();
+        let r = coll.rank() as f32;
+        let mut grads = grads_of(&[("a", Tensor::full(r + 1.0, (2, 2), &dev).unwrap())]);
+        if coll.rank() == 1 {
+            grads.insert("b".into(), Tensor::new(&[7f32, 8.0, 9.0], &dev).unwrap());
+        }
+        let finite = coll.rank() == 0;
+        let reduced = layout.all_reduce(&coll, &grads, finite).unwrap();
+        let skip_before_backward = any_rank_non_finite(&coll, finite, &dev).unwrap();
+        (reduced, skip_before_backward)
+    });
+    for (rank, (reduced, skip_before_backward)) in results.iter().enumerate() {
+        assert_eq!(
+            reduced.grads.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "rank {rank}"
+        );
+        assert_eq!(
+            reduced.grads["a"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![3.0; 4]
+        );
+        assert_eq!(
+            reduced.grads["b"].to_vec1::<f32>().unwrap(),
+            vec![7.0, 8.0, 9.0]
+        );
+        assert!(reduced.skip, "rank {rank} must skip with the others");
+        assert_eq!(reduced.non_finite_ranks, 1);
+        assert!(skip_before_backward);
+    }
+}
+
+#[test]
+fn data_parallel_failed_rank_stops_the_others() {
+    // Rank 2 fails before its first collective; 0 and 1 must get an error, not hang.
+    let results = run_ranks(3, |c| {
+        if c.rank() == 2 {
+            return Err(Error::InvalidArgument(
+                "rank 2 failed to load its shard".into(),
+            ));
+        }
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu)?;
+        c.all_reduce_sum(&x)?;
+        Ok(())
+    });
+    for (rank, r) in results.iter().enumerate().take(2) {
+        let err = r.as_ref().unwrap_err();
+        assert!(matches!(err, Error::Distributed(_)), "rank {rank}: {err}");
+        assert!(err.to_string().contains("rank 2"), "rank {rank}: {err}");
+    }
+
+    // A rank that panics in the middle of a run (after one collective succeeded).
+    let results = run_ranks(3, |c| {
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        c.all_reduce_sum(&x).unwrap();
+        if c.rank() == 1 {
+            let _keep_alive = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                let _c = c;
+                panic!("rank 1 crashed");
+            }));
+            return None;
+        }
+        Some(c.all_gather(&x).map(|_| ()))
+    });
+    for rank in [0, 2] {
+        let err = results[rank].as_ref().unwrap().as_ref().unwrap_err();
+        assert!(err.to_string().contains("rank 1"), "rank {rank}: {err}");
+    }
+
+    // Ranks that disagree on the collective or the shard shape all get the same error.
+    let results = run_ranks(2, |c| {
+        let x = Tensor::ones(2 + c.rank(), DType::F32, &Device::Cpu).unwrap();
+        c.all_reduce_sum(&x).map(|_| ()).map_err(|e| e.to_string())
+    });
+    assert!(results[0]
+        .as_ref()
+        .unwrap_err()
+        .contains("shards must be equal"));
+    assert_eq!(results[0], results[1]);
+    let results = run_ranks(2, |c| {
+        let x = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+        let r = if c.rank() == 0 {
+            c.all_reduce_sum(&x)
+        } else {
+            c.all_gather(&x)
+        };
+        r.map(|_| ()).map_err(|e| e.to_string())
+    });
+    assert!(results[0].as_ref().unwrap_err().contains("disagree"));
+    assert_eq!(results[0], results[1]);
+}
+
+#[test]
+fn data_parallel_env_parsing() {
+    let vars = |pairs: &'static [(&'static str, &'static str)]| {
+        move |name: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    assert_eq!(DistEnv::from_lookup(vars(&[])).unwrap(), None);
+    let leftover = vars(&[("MASTER_ADDR", "login-node"), ("MASTER_PORT", "1234")]);
+    assert_eq!(DistEnv::from_lookup(leftover).unwrap(), None);
+    let env = DistEnv::from_lookup(vars(&[
+        ("RANK", "3"),
+        ("WORLD_SIZE", "16"),
+        ("LOCAL_RANK", "3"),
+        ("MASTER_ADDR", "node-a.cluster"),
+        ("MASTER_PORT", "29500"),
+    ]))
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        env,
+        DistEnv {
+            rank: 3,
+            world_size: 16,
+            local_rank: 3,
+            master_addr: "node-a.cluster".into(),
+            master_port: 29500,
+        }
+    );
+    let back = DistEnv::from_lookup(|name| {
+        env.to_vars()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
+    })
+    .unwrap();
+    assert_eq!(back.as_ref(), Some(&env));
+
+    let bad: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("RANK", "0")],
+            "missing: WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT",
+        ),
+        (
+            &[
+                ("RANK", "2"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "1"),
+            ],
+            "RANK=2 is not below WORLD_SIZE=2",
+        ),
+        (
+            &[
+                ("RANK", "x"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "1"),
+            ],
+            "RANK=\"x\"",
+        ),
+        (
+            &[
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "h"),
+                ("MASTER_PORT", "70000"),
+            ],
+            "MASTER_PORT=\"70000\"",
+        ),
+    ];
+    for (pairs, needle) in bad {
+        let err = DistEnv::from_lookup(|name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Distributed(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err} lacks {needle}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn local_env(rank: usize, world: usize, port: u16) -> DistEnv {
+    DistEnv {
+        rank,
+        world_size: world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    }
+}
+
+/// The blob rank 0 hands out in the process test: 128 bytes, as an NCCL unique id.
+fn test_blob(seed: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..128).map(|_| rng.random()).collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Not a test on its own: the body of each rank process of
+/// `data_parallel_rendezvous_processes`, which runs this test binary with
+/// `MLCTL_TEST_DIST_WORKER` and the torchrun variables set.
+#[test]
+fn data_parallel_rendezvous_worker() {
+    let Ok(seed) = std::env::var("MLCTL_TEST_DIST_WORKER") else {
+        return;
+    };
+    let env = DistEnv::from_env().unwrap().expect("launch variables set");
+    let blob = rendezvous(&env, Duration::from_secs(30), || {
+        Ok(test_blob(seed.parse().unwrap()))
+    })
+    .unwrap();
+    println!("RANK {} BLOB {}", env.rank, hex(&blob));
+}
+
+/// Runs `world` processes of this test binary, each running only the test `worker` with the
+/// torchrun variables of its rank and `MLCTL_TEST_DIST_WORKER=worker_arg`; returns each rank's
+/// standard output once all have succeeded. Fails the test if one fails or they take longer
+/// than `limit` (then kills them all).
+fn run_rank_processes(
+    worker: &str,
+    world: usize,
+    worker_arg: &str,
+    limit: Duration,
+) -> Vec<String> {
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap();
+    // Started in reverse order, so that other ranks wait for rank 0 to listen.
+    let mut children: Vec<(usize, std::process::Child)> = (0..world)
+        .rev()
+        .map(|rank| {
+            let child = std::process::Command::new(&exe)
+                .args([
+                    worker,
+                    "--exact",
+                    "--nocapture",
+                    "--test-threads=1",
+                    "--include-ignored",
+                ])
+                .envs(local_env(rank, world, port).to_vars())
+                .env("MLCTL_TEST_DIST_WORKER", worker_arg)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (rank, child)
+        })
+        .collect();
+    let deadline = Instant::now() + limit;
+    while children
+        .iter_mut()
+        .any(|(_, c)| c.try_wait().unwrap().is_none())
+    {
+        if Instant::now() > deadline {
+            for (_, c) in &mut children {
+                let _ = c.kill();
+            }
+            panic!("rank processes still running after {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    children.sort_by_key(|(rank, _)| *rank);
+    children
+        .into_iter()
+        .map(|(rank, child)| {
+            let out = child.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "rank {rank} failed: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        })
+        .collect()
+}
+
+#[test]
+fn data_parallel_rendezvous_processes() {
+    let seed = 4242u64;
+    let outputs = run_rank_processes(
+        "data_parallel_rendezvous_worker",
+        3,
+        &seed.to_string(),
+        HANG,
+    );
+    let expected = hex(&test_blob(seed));
+    for (rank, stdout) in outputs.iter().enumerate() {
+        let line = format!("RANK {rank} BLOB {expected}");
+        assert!(stdout.contains(&line), "rank {rank} printed: {stdout}");
+    }
+}
+
+#[test]
+fn data_parallel_rendezvous_failures_are_reported_in_time() {
+    // Rank 2 never comes: rank 0 names it; rank 1 is told instead of waiting forever.
+    let port = free_port();
+    let start = Instant::now();
+    let ranks: Vec<_> = [0, 1]
+        .into_iter()
+        .map(|rank| {
+            thread::spawn(move || {
+                // Rank 1 waits longer than rank 0, to hear why rank 0 gave up.
+                let timeout = Duration::from_secs(if rank == 0 { 2 } else { 15 });
+                rendezvous(&local_env(rank, 3, port), timeout, || Ok(vec![1, 2, 3]))
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        start.elapsed() < Duration::from_secs(14),
+        "rank 1 was not told"
+    );
+    let err0 = results[0].as_ref().unwrap_err().to_string();
+    assert!(err0.contains("rank(s) 2"), "{err0}");
+    let err1 = results[1].as_ref().unwrap_err().to_string();
+    assert!(err1.contains("rank(s) 2"), "rank 1 is told why: {err1}");
+
+    // Ranks disagree on WORLD_SIZE: both fail.
+    let port = free_port();
+    let r0 = thread::spawn(move || {
+        rendezvous(&local_env(0, 2, port), Duration::from_secs(10), || {
+            Ok(vec![9])
+        })
+    });
+    let r1 = rendezvous(&local_env(1, 3, port), Duration::from_secs(10), || {
+        unreachable!("only rank 0 makes the blob")
+    });
+    let r0 = r0.join().unwrap();
+    assert!(r0.unwrap_err().to_string().contains("WORLD_SIZE=3"));
+    assert!(r1.unwrap_err().to_string().contains("WORLD_SIZE=3"));
+
+    // One rank alone needs no network.
+    let blob = rendezvous(&local_env(0, 1, 1), Duration::from_secs(1), || Ok(vec![5])).unwrap();
+    assert_eq!(blob, vec![5]);
+}
+
+/// One NCCL rank on GPU 0: every collective is the identity, and the data-parallel helpers
+/// give what they give over `LocalCollective` of one rank.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL"]
+fn data_parallel_nccl_one_rank_round_trip() {
+    use mlctl::dist::NcclCollective;
+    let dev = Device::new_cuda(0).unwrap();
+    let env = local_env(0, 1, free_port());
+    let c = NcclCollective::new(&dev, &env, Duration::from_secs(30)).unwrap();
+    assert_eq!((c.rank(), c.world_size()), (0, 1));
+    let x = Tensor::from_vec(rank_values(0), (3, 4), &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        let xd = x.to_dtype(dtype).unwrap().to_device(&dev).unwrap();
+        for (what, y) in [
+            ("all_reduce_sum", c.all_reduce_sum(&xd).unwrap()),
+            ("all_gather", c.all_gather(&xd).unwrap()),
+            ("broadcast", c.broadcast(&xd, 0).unwrap()),
+        ] {
+            assert_eq!(y.dims(), &[3, 4], "{what} {dtype:?}");
+            let y = y.to_device(&Device::Cpu).unwrap();
+            assert_eq!(
+                max_abs_diff(&y, &x.to_dtype(dtype).unwrap()),
+                0.0,
+                "{what} {dtype:?}"
+            );
+        }
+    }
+    // A strided input (a transpose) is made contiguous first.
+    let xt = x.to_device(&dev).unwrap().t().unwrap();
+    let y = c
+        .all_reduce_sum(&xt)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
+    assert_eq!(max_abs_diff(&y, &x.t().unwrap()), 0.0);
+
+    // Gradients through the NCCL path equal those of one process on the CPU.
+    let (src, tgt) = batch(0, 6);
+    let on = |device: &Device, c: &dyn Collective| {
+        let model = Model::new(3);
+        let vars: BTreeMap<String, Var> = model
+            .vars
+            .iter()
+            .map(|(n, v)| {
+                let t = v.as_tensor().to_device(device).unwrap();
+                (n.clone(), Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        let model = Model { vars };
+        let loss = model.loss(
+            c,
+            &src.to_device(device).unwrap(),
+            &tgt.to_device(device).unwrap(),
+            6,
+        );
+        let grads = model.grads(&loss);
+        let layout = GradLayout::new(&model.vars).unwrap();
+        layout.all_reduce(c, &grads, true).unwrap().grads
+    };
+    let gpu = on(&dev, &c);
+    let cpu = on(&Device::Cpu, &LocalCollective::group(1).unwrap()[0]);
+    assert_eq!(
+        gpu.keys().collect::<Vec<_>>(),
+        cpu.keys().collect::<Vec<_>>()
+    );
+    for (name, g) in &cpu {
+        let diff = max_abs_diff(&gpu[name].to_device(&Device::Cpu).unwrap(), g);
+        assert!(diff < 1e-5, "{name}: {diff:e}");
+    }
+}
+
+/// Not a test on its own: the body of each rank process of
+/// `data_parallel_nccl_all_gpus`.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "a rank process of data_parallel_nccl_all_gpus"]
+fn data_parallel_nccl_worker() {
+    use mlctl::dist::NcclCollective;
+    if std::env::var("MLCTL_TEST_DIST_WORKER").is_err() {
+        return;
+    }
+    let env = DistEnv::from_env().unwrap().expect("launch variables set");
+    let (rank, world) = (env.rank, env.world_size);
+    let dev = Device::new_cuda(env.local_rank).unwrap();
+    let c = NcclCollective::new(&dev, &env, Duration::from_secs(60)).unwrap();
+
+    let x = Tensor::from_vec(rank_values(rank), (3, 4), &dev).unwrap();
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let expected_sum: Vec<f32> = (0..12)
+        .map(|e| (0..world).map(|r| rank_values(r)[e]).sum())
+        .collect();
+    assert_eq!(flat(c.all_reduce_sum(&x).unwrap()), expected_sum);
+    let expected_gather: Vec<f32> = (0..world).flat_map(rank_values).collect();
+    assert_eq!(flat(c.all_gather(&x).unwrap()), expected_gather);
+    assert_eq!(
+        flat(c.broadcast(&x, world - 1).unwrap()),
+        rank_values(world - 1)
+    );
+
+    // One update of the gathered-negatives model: the summed gradients equal those of one
+    // process on the CPU over the whole batch.
+    let b = 4 * world;
+    let (src, tgt) = batch(0, b);
+    let single = Model::new(11);
+    let one = LocalCollective::group(1).unwrap().remove(0);
+    let expected = single.grads(&single.loss(&one, &src, &tgt, b));
+    let vars: BTreeMap<String, Var> = Model::new(11 + rank as u64)
+        .vars
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().to_device(&dev).unwrap();
+            (n.clone(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let model = Model { vars };
+    broadcast_vars(&c, &model.vars, 0).unwrap();
+    let shard = |t: &Tensor| t.narrow(0, rank * 4, 4).unwrap().to_device(&dev).unwrap();
+    let loss = model.loss(&c, &shard(&src), &shard(&tgt), b);
+    let local = model.grads(&loss);
+    let layout = GradLayout::new(&model.vars).unwrap();
+    let reduced = layout.all_reduce(&c, &local, true).unwrap();
+    assert_eq!(
+        reduced.grads.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, g) in &expected {
+        let diff = max_abs_diff(&reduced.grads[name].to_device(&Device::Cpu).unwrap(), g);
+        assert!(diff < 1e-5, "rank {rank} {name}: {diff:e}");
+    }
+    println!("RANK {rank} OK");
+}
+
+/// One process per visible GPU (at least two), as torchrun would launch them.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs at least two CUDA GPUs and NCCL"]
+fn data_parallel_nccl_all_gpus() {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    let gpus = CudaContext::device_count().unwrap() as usize;
+    assert!(gpus >= 2, "this test needs at least two GPUs, found {gpus}");
+    let outputs = run_rank_processes(
+        "data_parallel_nccl_worker",
+        gpus,
+        "nccl",
+        Duration::from_secs(300),
+    );
+    for (rank, stdout) in outputs.iter().enumerate() {
+        assert!(
+            stdout.contains(&format!("RANK {rank} OK")),
+            "rank {rank}: {stdout}"
+        );
+    }
+}
