@@ -10,6 +10,8 @@
 //! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
 //! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
 //! - [`device`]: choosing CPU, CUDA or Metal.
+//! - [`ops`]: fused CPU kernels with exact backward (LayerNorm, attention softmax, GELU,
+//!   counter-based dropout), each beside its composite twin.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
@@ -26,6 +28,7 @@ pub mod eval;
 pub mod hub;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod pooling;
 pub mod projection;
 pub mod tokenize;
