@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use mlctl::encoder::{BertConfig, BertEncoder, ParamStore};
+use mlctl::ops::Kernels;
 use mlctl::train::{AdamW, AdamWConfig, Gradients};
 
 /// `(median, min)` of the timings.
@@ -28,9 +29,34 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
     (v[v.len() / 2], v[0])
 }
 
+/// CPU time of this process (all threads) in ms, from `/proc/self/stat` (10 ms ticks); 0 where
+/// unavailable.
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() * 10.0
+}
+
 fn time<F: FnMut() -> mlctl::Result<()>>(reps: usize, mut f: F) -> mlctl::Result<(f64, f64)> {
     for _ in 0..2 {
         f()?; // warm-up
+    }
+    if std::env::var_os("MLCTL_BENCH_CPU_TIME").is_some() {
+        // On a loaded machine wall time measures the scheduler; CPU time (meaningful with one
+        // rayon thread) measures the work. Both fields then hold the mean CPU ms per run.
+        let t0 = cpu_ms();
+        for _ in 0..reps {
+            f()?;
+        }
+        let ms = (cpu_ms() - t0) / reps as f64;
+        return Ok((ms, ms));
     }
     let mut ts = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -68,6 +94,93 @@ fn loss(enc: &BertEncoder, ids: &Tensor, mask: &Tensor, train: bool) -> mlctl::R
     Ok((h[1].mean_all()? + h[h.len() - 1].mean_all()?)?)
 }
 
+/// Forward and forward + backward of each elementwise op at the encoder's shapes.
+fn time_ops(
+    cfg: &BertConfig,
+    b: usize,
+    l: usize,
+    kernels: Kernels,
+    reps: usize,
+    print: &dyn Fn(&str, (f64, f64)),
+) -> mlctl::Result<()> {
+    use mlctl::ops;
+    let dev = Device::Cpu;
+    let fused = kernels == Kernels::Auto;
+    let (h, heads, inter) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+    );
+    let x = candle_core::Var::randn(0f32, 1.0, (b, l, h), &dev)?;
+    let w = candle_core::Var::ones(h, DType::F32, &dev)?;
+    let bias = candle_core::Var::zeros(h, DType::F32, &dev)?;
+    let s = candle_core::Var::randn(0f32, 1.0, (b, heads, l, l), &dev)?;
+    let mask = Tensor::zeros((b, 1, 1, l), DType::F32, &dev)?;
+    let g = candle_core::Var::randn(0f32, 1.0, (b, l, inter), &dev)?;
+    let key = ops::DropoutKey::new(0, 0);
+    type Op<'a> = Box<dyn Fn() -> mlctl::Result<Tensor> + 'a>;
+    let cases: Vec<(&str, Op)> = vec![
+        (
+            "layer_norm",
+            Box::new(|| {
+                if fused {
+                    ops::layer_norm_fused(&x, &w, &bias, 1e-12)
+                } else {
+                    ops::layer_norm_composite(&x, &w, &bias, 1e-12)
+                }
+            }),
+        ),
+        (
+            "softmax",
+            Box::new(|| {
+                if fused {
+                    ops::softmax_scaled_masked_fused(&s, 0.125, Some(&mask))
+                } else {
+                    ops::softmax_scaled_masked_composite(&s, 0.125, Some(&mask))
+                }
+            }),
+        ),
+        (
+            "gelu",
+            Box::new(|| {
+                if fused {
+                    ops::gelu_fused(&g, ops::GeluForm::Erf)
+                } else {
+                    ops::gelu_composite(&g, ops::GeluForm::Erf)
+                }
+            }),
+        ),
+        (
+            "dropout",
+            Box::new(|| {
+                if fused {
+                    ops::dropout_fused(&x, 0.1, key, 0)
+                } else {
+                    ops::dropout_composite(&x, 0.1, key, 0)
+                }
+            }),
+        ),
+        ("matmul_qk", Box::new(|| Ok(s.matmul(&s.t()?)?))),
+    ];
+    for (name, f) in &cases {
+        print(
+            &format!("{name}_fwd"),
+            time(reps, || {
+                std::hint::black_box(f()?);
+                Ok(())
+            })?,
+        );
+        print(
+            &format!("{name}_fwd_bwd"),
+            time(reps, || {
+                std::hint::black_box(f()?.sum_all()?.backward()?);
+                Ok(())
+            })?,
+        );
+    }
+    Ok(())
+}
+
 fn main() -> mlctl::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -99,7 +212,12 @@ fn main() -> mlctl::Result<()> {
             .collect();
         let mask = Tensor::from_vec(lens, (b, l), &dev)?;
         for path in paths.split(',') {
-            // enc.set_fused(path == "fused");
+            let kernels = match path {
+                "fused" => Kernels::Auto,
+                "composite" => Kernels::Composite,
+                other => panic!("unknown path {other} (fused, composite)"),
+            };
+            let enc = enc.clone().with_kernels(kernels);
             let print = |mode: &str, (ms, min_ms): (f64, f64)| {
                 println!(
                     "{{\"shape\": \"{name}\", \"mode\": \"{mode}\", \"path\": \"{path}\", \"b\": {b}, \
@@ -158,7 +276,8 @@ fn main() -> mlctl::Result<()> {
                             print("adamw", time(reps, || opt.step(&grads, 1e-5))?);
                         }
                     }
-                    other => panic!("unknown mode {other} (fwd, train)"),
+                    "ops" => time_ops(&cfg, b, l, kernels, reps, &print)?,
+                    other => panic!("unknown mode {other} (fwd, train, ops)"),
                 }
             }
         }

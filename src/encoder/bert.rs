@@ -8,6 +8,23 @@ use super::layers::{activate, embedding, linear, Dropout, DropoutRng, LayerNorm}
 use crate::ops::{self, DropoutKey, Kernels};
 use crate::{Error, Result};
 
+/// `xs @ weight^T + bias` with `xs` flattened to rows: one GEMM forward and one per gradient
+/// backward. (candle-nn's `Linear` broadcasts the weight over the batch instead, so its weight
+/// gradient is one GEMM per sequence followed by a sum.)
+fn dense(lin: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    let in_dim = xs.dim(candle_core::D::Minus1)?;
+    let rows = xs.elem_count() / in_dim.max(1);
+    let mut ys = xs.reshape((rows, in_dim))?.matmul(&lin.weight().t()?)?;
+    if let Some(bias) = lin.bias() {
+        ys = ys.broadcast_add(bias)?;
+    }
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = ys.dim(1)?;
+    }
+    Ok(ys.reshape(dims)?)
+}
+
 /// Dropout site ids: the embeddings' is 0, layer `i`'s are `1 + 3 i` (attention probabilities),
 /// `2 + 3 i` (attention output) and `3 + 3 i` (feed-forward output).
 fn site(layer: usize, which: u32) -> u32 {
@@ -136,12 +153,24 @@ impl SelfAttention {
         }
     }
 
-    /// `[b, l, h]` -> `[b, heads, l, head_size]`
-    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, _) = xs.dims3()?;
-        xs.reshape((b, l, self.num_heads, self.head_size))?
-            .transpose(1, 2)?
-            .contiguous()
+    /// Queries, keys and values, each `[b, heads, l, head_size]`, from one GEMM against the
+    /// three weights stacked at forward time (the variables keep transformers' three names).
+    fn qkv(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, l, h) = xs.dims3()?;
+        let weight = Tensor::cat(
+            &[self.query.weight(), self.key.weight(), self.value.weight()],
+            0,
+        )?;
+        let bias = match (self.query.bias(), self.key.bias(), self.value.bias()) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        let qkv = dense(&candle_nn::Linear::new(weight, bias), xs)?
+            .reshape((b, l, 3, self.num_heads, self.head_size))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        debug_assert_eq!(h, self.num_heads * self.head_size);
+        Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
     }
 
     fn forward_t(
@@ -151,9 +180,7 @@ impl SelfAttention {
         key: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let (b, l, h) = xs.dims3()?;
-        let q = self.split_heads(&self.query.forward(xs)?)?;
-        let k = self.split_heads(&self.key.forward(xs)?)?;
-        let v = self.split_heads(&self.value.forward(xs)?)?;
+        let (q, k, v) = self.qkv(xs)?;
         let scores = q.matmul(&k.t()?)?;
         // softmax(scores / sqrt(d) + mask), in f32 for half precision.
         let scale = 1.0 / (self.head_size as f64).sqrt();
@@ -166,7 +193,7 @@ impl SelfAttention {
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let out = self
             .output_dropout
-            .forward_keyed(&self.output.forward(&context)?, key)?;
+            .forward_keyed(&dense(&self.output, &context)?, key)?;
         self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
@@ -208,10 +235,10 @@ impl FeedForward {
     }
 
     fn forward_t(&self, xs: &Tensor, key: Option<DropoutKey>) -> Result<Tensor> {
-        let inner = activate(self.act, &self.intermediate.forward(xs)?, self.kernels)?;
+        let inner = activate(self.act, &dense(&self.intermediate, xs)?, self.kernels)?;
         let out = self
             .dropout
-            .forward_keyed(&self.output.forward(&inner)?, key)?;
+            .forward_keyed(&dense(&self.output, &inner)?, key)?;
         self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
