@@ -245,8 +245,15 @@ fn fused_softmax_matches_finite_differences() {
     let (x, m) = softmax_inputs(6);
     // A mask that broadcasts over queries only: its gradient is summed over them.
     let m = (m + randn(&[2, 1, 1, 6], 5)).unwrap();
-    check_finite_differences("softmax", &[x, m], &|t| {
+    check_finite_differences("softmax", &[x.clone(), m.clone()], &|t| {
         ops::softmax_scaled_masked_fused(&t[0], 0.7, Some(&t[1]))
+    });
+    // A constant mask (the encoder's) and no mask take the other backward paths.
+    check_finite_differences("softmax, constant mask", &[x.clone()], &|t| {
+        ops::softmax_scaled_masked_fused(&t[0], 0.7, Some(&m))
+    });
+    check_finite_differences("softmax without mask", &[x], &|t| {
+        ops::softmax_scaled_masked_fused(&t[0], 0.7, None)
     });
 }
 
