@@ -249,7 +249,7 @@ fn fused_softmax_matches_finite_differences() {
         ops::softmax_scaled_masked_fused(&t[0], 0.7, Some(&t[1]))
     });
     // A constant mask (the encoder's) and no mask take the other backward paths.
-    check_finite_differences("softmax, constant mask", &[x.clone()], &|t| {
+    check_finite_differences("softmax, constant mask", std::slice::from_ref(&x), &|t| {
         ops::softmax_scaled_masked_fused(&t[0], 0.7, Some(&m))
     });
     check_finite_differences("softmax without mask", &[x], &|t| {
@@ -263,7 +263,7 @@ fn fused_gelu_equals_its_composite_twin() {
     for form in [GeluForm::Erf, GeluForm::Tanh] {
         check_twins(
             &format!("gelu {form:?}"),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             &|t| ops::gelu_fused(&t[0], form),
             &|t| ops::gelu_composite(&t[0], form),
         );
@@ -274,7 +274,7 @@ fn fused_gelu_equals_its_composite_twin() {
 fn fused_gelu_matches_finite_differences() {
     let x = (randn(&[2, 20], 8) * 3.0).unwrap();
     for form in [GeluForm::Erf, GeluForm::Tanh] {
-        check_finite_differences(&format!("gelu {form:?}"), &[x.clone()], &|t| {
+        check_finite_differences(&format!("gelu {form:?}"), std::slice::from_ref(&x), &|t| {
             ops::gelu_fused(&t[0], form)
         });
     }
@@ -286,7 +286,7 @@ fn fused_dropout_equals_its_composite_twin() {
     let key = DropoutKey::new(5, 12).with_sample_offset(40);
     check_twins(
         "dropout",
-        &[x.clone()],
+        std::slice::from_ref(&x),
         &|t| ops::dropout_fused(&t[0], 0.3, key, 4),
         &|t| ops::dropout_composite(&t[0], 0.3, key, 4),
     );
