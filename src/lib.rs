@@ -13,6 +13,8 @@
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`dist`]: data-parallel building blocks: collectives (NCCL or in-process), gradient
 //!   buckets, the torchrun-style rendezvous.
+//! - [`ops`]: fused CPU kernels with exact backward (LayerNorm, attention softmax, GELU,
+//!   counter-based dropout), each beside its composite twin.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
@@ -35,6 +37,7 @@ pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod nli;
+pub mod ops;
 pub mod pooling;
 pub mod pretrain;
 pub mod projection;

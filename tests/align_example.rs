@@ -18,7 +18,7 @@ fn example() -> Option<PathBuf> {
 fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
     let model = common::fixture("tiny_bert");
     let out = Command::new(bin)
-        .args(["--model", model.to_str().unwrap(), "--cpu"])
+        .args(["--model", model.to_str().unwrap(), "--device", "cpu"])
         .args(args)
         .env("RUST_BACKTRACE", "0")
         .output()

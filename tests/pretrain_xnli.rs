@@ -29,7 +29,14 @@ fn a_small_run_writes_a_complete_run_directory() {
             "--eval-pairs",
             "8",
         ])
-        .args(["--xnli-train-examples", "12", "--xnli-epochs", "1", "--device", "cpu"])
+        .args([
+            "--xnli-train-examples",
+            "12",
+            "--xnli-epochs",
+            "1",
+            "--device",
+            "cpu",
+        ])
         .arg("--xnli-dir")
         .arg(fixture("xnli"))
         .arg("--gold")

@@ -23,7 +23,7 @@ use mlctl::pretrain::{
     EvalSuite, Evaluation, ParallelSet, XnliTask,
 };
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
-use mlctl::train::{Decay, LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
+use mlctl::train::{LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
 
 /// The Tatoeba sets shipped in `data/tatoeba/`: (LASER code, lexicon code, text, English text).
 const TATOEBA: [(&str, &str, &str, &str); 5] = [
@@ -64,6 +64,14 @@ const TATOEBA: [(&str, &str, &str, &str); 5] = [
 const EMBEDDED_TOKENIZER: &str = include_str!("../../data/tokenizer/wordpiece-8000.json");
 /// Pairs of each embedded language used for training; the rest are held apart for evaluation.
 const EMBEDDED_TRAIN_PAIRS: usize = 800;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Recipe {
+    /// Adam, linear decay after the warm-up, global gradient norm clipped at 1.
+    AdamLinearClipped,
+    /// The ML-CTL release's: Adam, MultiStepLR x0.1 at 2/6, 4/6 and 5/6 of training, no clipping.
+    Reference,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Objective {
@@ -116,6 +124,15 @@ struct Args {
     /// Warm-up updates (default: 50 embedded, 0 with --model).
     #[arg(long)]
     warmup: Option<u64>,
+    /// Optimisation recipe: `adam-linear-clipped` (linear decay, gradient norm clipped at 1) or
+    /// `reference` (the ML-CTL release's: learning rate x0.1 at 2/6, 4/6 and 5/6 of the run, no
+    /// clipping). Both use Adam without weight decay.
+    #[arg(long, value_enum, default_value = "adam-linear-clipped")]
+    recipe: Recipe,
+    /// Peak learning rate of the randomly initialised projection head (default: --lr). A head
+    /// trained at 2e-6 barely moves from its initialisation.
+    #[arg(long)]
+    head_lr: Option<f64>,
     /// CZ-NCE temperature.
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
@@ -405,17 +422,21 @@ fn train(
     model: MlCtlModel,
     loader: PairLoader,
 ) -> Result<(MlCtlModel, TrainSummary)> {
+    let recipe = match args.recipe {
+        Recipe::AdamLinearClipped => TrainConfig::adam_linear_clipped(mode.steps),
+        Recipe::Reference => TrainConfig::reference(mode.steps),
+    };
     let config = TrainConfig {
         schedule: LrSchedule {
             peak_lr: mode.lr,
             warmup_steps: mode.warmup,
-            total_steps: mode.steps,
-            decay: Decay::Linear,
+            ..recipe.schedule
         },
+        head_lr: args.head_lr,
         grad_accum: args.grad_accum,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
-        ..TrainConfig::mlctl(mode.steps)
+        ..recipe
     };
     let objective = args.objective.loss(args.temperature, args.mlm_weight);
     let mut trainer = Trainer::new(model, objective, loader, config, &args.out)?;

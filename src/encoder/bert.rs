@@ -1,14 +1,36 @@
 //! The BERT encoder and its masked-language-model head.
 
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::BertConfig;
-use super::layers::{
-    accumulation_dtype, activate, embedding, linear, Dropout, DropoutRng, LayerNorm,
-};
+use super::layers::{activate, embedding, linear, Dropout, DropoutRng, LayerNorm};
+use crate::ops::{self, DropoutKey, Kernels};
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
+
+/// `xs @ weight^T + bias` with `xs` flattened to rows: one GEMM forward and one per gradient
+/// backward. (candle-nn's `Linear` broadcasts the weight over the batch instead, so its weight
+/// gradient is one GEMM per sequence followed by a sum.)
+fn dense(lin: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    let in_dim = xs.dim(candle_core::D::Minus1)?;
+    let rows = xs.elem_count() / in_dim.max(1);
+    let mut ys = xs.reshape((rows, in_dim))?.matmul(&lin.weight().t()?)?;
+    if let Some(bias) = lin.bias() {
+        ys = ys.broadcast_add(bias)?;
+    }
+    let mut dims = xs.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = ys.dim(1)?;
+    }
+    Ok(ys.reshape(dims)?)
+}
+
+/// Dropout site ids: the embeddings' is 0, layer `i`'s are `1 + 3 i` (attention probabilities),
+/// `2 + 3 i` (attention output) and `3 + 3 i` (feed-forward output).
+fn site(layer: usize, which: u32) -> u32 {
+    1 + 3 * layer as u32 + which
+}
 
 /// Every hidden state of a forward pass.
 ///
@@ -81,7 +103,7 @@ impl Embeddings {
         &self,
         input_ids: &Tensor,
         token_type_ids: &Tensor,
-        train: bool,
+        key: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let positions = self.position_ids(input_ids)?;
         let xs = self
@@ -89,8 +111,16 @@ impl Embeddings {
             .forward(input_ids)?
             .broadcast_add(&self.position.forward(&positions)?)?
             .add(&self.token_type.forward(token_type_ids)?)?;
-        let xs = self.layer_norm.forward(&xs)?;
-        Ok(self.dropout.forward_t(&xs, train)?)
+        let xs = self.layer_norm.forward_ln(&xs)?;
+        self.dropout.forward_keyed(&xs, key)
+    }
+
+    fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            layer_norm: self.layer_norm.with_kernels(kernels),
+            dropout: self.dropout.with_kernels(kernels),
+            ..self
+        }
     }
 }
 
@@ -105,10 +135,11 @@ struct SelfAttention {
     output_dropout: Dropout,
     num_heads: usize,
     head_size: usize,
+    kernels: Kernels,
 }
 
 impl SelfAttention {
-    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng, index: usize) -> Result<Self> {
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
         let attn = vb.pp("self");
         let out = vb.pp("output");
@@ -118,40 +149,68 @@ impl SelfAttention {
             value: linear(attn.pp("value"), h, h, std)?,
             output: linear(out.pp("dense"), h, h, std)?,
             layer_norm: LayerNorm::load(out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-            probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob, rng.clone()),
-            output_dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob, rng.clone())
+                .with_site(site(index, 0)),
+            output_dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone())
+                .with_site(site(index, 1)),
             num_heads: cfg.num_attention_heads,
             head_size: cfg.head_size(),
+            kernels: Kernels::default(),
         })
     }
 
-    /// `[b, l, h]` -> `[b, heads, l, head_size]`
-    fn split_heads(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, l, _) = xs.dims3()?;
-        xs.reshape((b, l, self.num_heads, self.head_size))?
-            .transpose(1, 2)?
-            .contiguous()
+    fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            layer_norm: self.layer_norm.with_kernels(kernels),
+            probs_dropout: self.probs_dropout.with_kernels(kernels),
+            output_dropout: self.output_dropout.with_kernels(kernels),
+            kernels,
+            ..self
+        }
     }
 
-    fn forward_t(&self, xs: &Tensor, additive_mask: &Tensor, train: bool) -> Result<Tensor> {
+    /// Queries, keys and values, each `[b, heads, l, head_size]`, from one GEMM against the
+    /// three weights stacked at forward time (the variables keep transformers' three names).
+    fn qkv(&self, xs: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, l, h) = xs.dims3()?;
-        let q = self.split_heads(&self.query.forward(xs)?)?;
-        let k = self.split_heads(&self.key.forward(xs)?)?;
-        let v = self.split_heads(&self.value.forward(xs)?)?;
-        let scores = (q.matmul(&k.t()?)? / (self.head_size as f64).sqrt())?;
-        let scores = scores.broadcast_add(additive_mask)?;
-        // Softmax in f32 for half precision; candle-nn's composite softmax has a backward pass.
-        let probs = candle_nn::ops::softmax(
-            &scores.to_dtype(accumulation_dtype(scores.dtype()))?,
-            D::Minus1,
-        )?
-        .to_dtype(xs.dtype())?;
-        let probs = self.probs_dropout.forward_t(&probs, train)?;
+        let weight = Tensor::cat(
+            &[self.query.weight(), self.key.weight(), self.value.weight()],
+            0,
+        )?;
+        let bias = match (self.query.bias(), self.key.bias(), self.value.bias()) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            _ => None,
+        };
+        let qkv = dense(&candle_nn::Linear::new(weight, bias), xs)?
+            .reshape((b, l, 3, self.num_heads, self.head_size))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        debug_assert_eq!(h, self.num_heads * self.head_size);
+        Ok((qkv.get(0)?, qkv.get(1)?, qkv.get(2)?))
+    }
+
+    fn forward_t(
+        &self,
+        xs: &Tensor,
+        additive_mask: &Tensor,
+        key: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let (b, l, h) = xs.dims3()?;
+        let (q, k, v) = self.qkv(xs)?;
+        let scores = q.matmul(&k.t()?)?;
+        // softmax(scores / sqrt(d) + mask), in f32 for half precision.
+        let scale = 1.0 / (self.head_size as f64).sqrt();
+        let probs = if self.kernels.fused_on(xs.device()) {
+            ops::softmax_scaled_masked_fused(&scores, scale, Some(additive_mask))?
+        } else {
+            ops::softmax_scaled_masked_composite(&scores, scale, Some(additive_mask))?
+        };
+        let probs = self.probs_dropout.forward_keyed(&probs, key)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let out = self
             .output_dropout
-            .forward_t(&self.output.forward(&context)?, train)?;
-        Ok(self.layer_norm.forward(&(out + xs)?)?)
+            .forward_keyed(&dense(&self.output, &context)?, key)?;
+        self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
 
@@ -162,10 +221,11 @@ struct FeedForward {
     layer_norm: LayerNorm,
     dropout: Dropout,
     act: super::HiddenAct,
+    kernels: Kernels,
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &BertConfig, rng: &DropoutRng, index: usize) -> Result<Self> {
         let (h, i, std) = (
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -175,17 +235,27 @@ impl FeedForward {
             intermediate: linear(vb.pp("intermediate").pp("dense"), h, i, std)?,
             output: linear(vb.pp("output").pp("dense"), i, h, std)?,
             layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-            dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()),
+            dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()).with_site(site(index, 2)),
             act: cfg.hidden_act,
+            kernels: Kernels::default(),
         })
     }
 
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let inner = activate(self.act, &self.intermediate.forward(xs)?)?;
+    fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            layer_norm: self.layer_norm.with_kernels(kernels),
+            dropout: self.dropout.with_kernels(kernels),
+            kernels,
+            ..self
+        }
+    }
+
+    fn forward_t(&self, xs: &Tensor, key: Option<DropoutKey>) -> Result<Tensor> {
+        let inner = activate(self.act, &dense(&self.intermediate, xs)?, self.kernels)?;
         let out = self
             .dropout
-            .forward_t(&self.output.forward(&inner)?, train)?;
-        Ok(self.layer_norm.forward(&(out + xs)?)?)
+            .forward_keyed(&dense(&self.output, &inner)?, key)?;
+        self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
 
@@ -226,8 +296,8 @@ impl BertEncoder {
             .map(|i| {
                 let vb = vb.pp("encoder").pp("layer").pp(i);
                 Ok(Layer {
-                    attention: SelfAttention::load(vb.pp("attention"), cfg, &rng)?,
-                    feed_forward: FeedForward::load(vb.clone(), cfg, &rng)?,
+                    attention: SelfAttention::load(vb.pp("attention"), cfg, &rng, i)?,
+                    feed_forward: FeedForward::load(vb.clone(), cfg, &rng, i)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -243,6 +313,23 @@ impl BertEncoder {
     pub fn with_dropout_seed(self, seed: u64) -> Self {
         self.dropout_rng.reseed(seed);
         self
+    }
+
+    /// Chooses the fused CPU kernels ([`Kernels::Auto`], the default) or their composite twins
+    /// for every LayerNorm, softmax, GELU and dropout of the encoder.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self {
+            embeddings: self.embeddings.with_kernels(kernels),
+            layers: self
+                .layers
+                .into_iter()
+                .map(|layer| Layer {
+                    attention: layer.attention.with_kernels(kernels),
+                    feed_forward: layer.feed_forward.with_kernels(kernels),
+                })
+                .collect(),
+            ..self
+        }
     }
 
     /// The generator every dropout layer of this encoder draws from.
@@ -292,7 +379,8 @@ impl BertEncoder {
         self.forward_t(input_ids, token_type_ids, attention_mask, false)
     }
 
-    /// Forward pass; dropout is applied when `train` is true.
+    /// Forward pass; dropout is applied when `train` is true, keyed by
+    /// [`DropoutRng::next_key`] of [`BertEncoder::dropout_rng`].
     ///
     /// Missing `token_type_ids` mean all zeros and a missing `attention_mask` means every token
     /// is attended to. Masked keys get the most negative value of the compute dtype added to
@@ -303,6 +391,23 @@ impl BertEncoder {
         token_type_ids: Option<&Tensor>,
         attention_mask: Option<&Tensor>,
         train: bool,
+    ) -> Result<EncoderOutput> {
+        let key = train.then(|| self.dropout_rng.next_key());
+        self.forward_keyed(input_ids, token_type_ids, attention_mask, key)
+    }
+
+    /// Forward pass with dropout keyed by `key` (`None`: no dropout, as in inference).
+    ///
+    /// Row `r` of the batch is global sample `key.sample_offset + r`: its masks depend only on
+    /// the key's seed and step, that index, the layer and the position, so a batch run in chunks
+    /// (each with its own offset) gets the masks of the whole batch. Arguments otherwise as
+    /// [`BertEncoder::forward_t`].
+    pub fn forward_keyed(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        key: Option<DropoutKey>,
     ) -> Result<EncoderOutput> {
         let (batch, seq_len) = input_ids.dims2()?;
         if seq_len > self.config.max_sequence_length() {
@@ -333,15 +438,13 @@ impl BertEncoder {
                 &zeros
             }
         };
-        let mut xs = self
-            .embeddings
-            .forward_t(input_ids, token_type_ids, train)?;
+        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, key)?;
         let additive_mask = self.additive_mask(attention_mask, batch, seq_len, xs.dtype())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(xs.clone());
         for layer in &self.layers {
-            xs = layer.attention.forward_t(&xs, &additive_mask, train)?;
-            xs = layer.feed_forward.forward_t(&xs, train)?;
+            xs = layer.attention.forward_t(&xs, &additive_mask, key)?;
+            xs = layer.feed_forward.forward_t(&xs, key)?;
             hidden_states.push(xs.clone());
         }
         Ok(EncoderOutput {
@@ -410,7 +513,8 @@ impl MlmHead {
 
 impl Module for MlmHead {
     fn forward(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = activate(self.act, &self.dense.forward(hidden)?)?;
+        let xs = activate(self.act, &self.dense.forward(hidden)?, Kernels::Auto)
+            .map_err(ops::to_candle)?;
         let xs = self.layer_norm.forward(&xs)?;
         xs.broadcast_matmul(&self.decoder_weight.t()?)?
             .broadcast_add(&self.bias)

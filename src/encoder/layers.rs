@@ -1,16 +1,18 @@
 //! Building blocks with gradients that flow: LayerNorm, dropout, activations.
 //!
 //! candle-nn's fused `LayerNorm` and `softmax_last_dim` have no backward pass, so training
-//! through them silently leaves weights unchanged; these are composed of differentiable ops.
+//! through them silently leaves weights unchanged; these use [`crate::ops`], whose fused CPU
+//! kernels carry their own backward and whose composite twins serve the other devices.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::HiddenAct;
+use crate::ops::{self, DropoutKey, GeluForm, Kernels};
 use crate::Result;
 
 /// The dtype reductions run in: f16 and bf16 are widened to f32.
@@ -22,12 +24,13 @@ pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
 }
 
 /// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * weight + bias`,
-/// computed in f32 for half-precision inputs.
+/// computed in f32 for half-precision inputs ([`ops::layer_norm`]).
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl LayerNorm {
@@ -35,93 +38,117 @@ impl LayerNorm {
     pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
         let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(size, "bias", Init::Const(0.0))?;
-        Ok(Self { weight, bias, eps })
+        Ok(Self {
+            weight,
+            bias,
+            eps,
+            kernels: Kernels::default(),
+        })
+    }
+
+    /// Chooses the fused kernel or the composite twin.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+
+    /// Normalises `xs` (`[..., size]`).
+    pub fn forward_ln(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.kernels.fused_on(xs.device()) {
+            ops::layer_norm_fused(xs, &self.weight, &self.bias, self.eps)
+        } else {
+            ops::layer_norm_composite(xs, &self.weight, &self.bias, self.eps)
+        }
     }
 }
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = xs.dtype();
-        let xs = xs.to_dtype(accumulation_dtype(dtype))?;
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let centered = xs.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        self.forward_ln(xs).map_err(ops::to_candle)
     }
 }
 
 /// Applies an activation function.
-pub(crate) fn activate(act: HiddenAct, xs: &Tensor) -> candle_core::Result<Tensor> {
-    match act {
-        HiddenAct::Gelu => xs.gelu_erf(),
-        HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => xs.gelu(),
-        HiddenAct::Relu => xs.relu(),
+pub(crate) fn activate(act: HiddenAct, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    let form = match act {
+        HiddenAct::Gelu => GeluForm::Erf,
+        HiddenAct::GeluNew | HiddenAct::GeluPytorchTanh => GeluForm::Tanh,
+        HiddenAct::Relu => return Ok(xs.relu()?),
+    };
+    if kernels.fused_on(xs.device()) {
+        ops::gelu_fused(xs, form)
+    } else {
+        ops::gelu_composite(xs, form)
     }
 }
 
-/// A seeded random source shared by every dropout layer of a model.
+#[derive(Debug)]
+struct RngState {
+    chacha: ChaCha8Rng,
+    key: Option<DropoutKey>,
+}
+
+/// The source of dropout keys shared by every dropout layer of a model.
 ///
-/// On the CPU the masks come from this ChaCha8 generator, so a training run is reproducible
-/// from its seed. On CUDA and Metal they come from the device's own generator (seed it with
-/// `Device::set_seed`), which avoids copying masks from the host.
+/// Masks come from Philox ([`ops::dropout`]), a pure function of a [`DropoutKey`], the layer and
+/// the position. The key of a training pass is the one set with [`DropoutRng::set_key`], or else
+/// a fresh seed drawn from a ChaCha8 generator at each pass, so a run is reproducible from its
+/// seed and a checkpoint of [`DropoutRng::state`] resumes it bit for bit. Masks are the same on
+/// every device and whatever the thread count.
 #[derive(Debug, Clone)]
-pub struct DropoutRng(Arc<Mutex<ChaCha8Rng>>);
+pub struct DropoutRng(Arc<Mutex<RngState>>);
 
 impl DropoutRng {
     /// A generator started from `seed`.
     pub fn new(seed: u64) -> Self {
-        Self(Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))))
+        Self(Arc::new(Mutex::new(RngState {
+            chacha: ChaCha8Rng::seed_from_u64(seed),
+            key: None,
+        })))
     }
 
     /// Restarts the generator from `seed`; every layer sharing it sees the new stream.
     pub fn reseed(&self, seed: u64) {
-        *self.lock() = ChaCha8Rng::seed_from_u64(seed);
+        self.lock().chacha = ChaCha8Rng::seed_from_u64(seed);
     }
 
     /// A copy of the generator's state, for a checkpoint.
     pub fn state(&self) -> ChaCha8Rng {
-        self.lock().clone()
+        self.lock().chacha.clone()
     }
 
     /// Restores a state saved with [`DropoutRng::state`].
     pub fn set_state(&self, state: ChaCha8Rng) {
-        *self.lock() = state;
+        self.lock().chacha = state;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ChaCha8Rng> {
-        // A panic elsewhere cannot leave a ChaCha state half-written: recover the guard.
+    /// Fixes the key of every following training pass (`None`: draw one per pass again).
+    ///
+    /// With a key, masks depend only on (seed, step, global sample index, layer, position):
+    /// set `step` (and the chunk's `sample_offset`) before each pass. Passes that must differ,
+    /// such as two views of one batch, need different keys.
+    pub fn set_key(&self, key: Option<DropoutKey>) {
+        self.lock().key = key;
+    }
+
+    /// The key set with [`DropoutRng::set_key`], if any.
+    pub fn key(&self) -> Option<DropoutKey> {
+        self.lock().key
+    }
+
+    /// The key of the next training pass: the one set, or a fresh seed from the generator.
+    pub fn next_key(&self) -> DropoutKey {
+        let mut state = self.lock();
+        match state.key {
+            Some(key) => key,
+            None => DropoutKey::new(state.chacha.random(), 0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RngState> {
+        // A panic elsewhere cannot leave the state half-written: recover the guard.
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// A mask of `0` and `1 / (1 - p)` entries, each zero with probability `p`.
-    fn mask(&self, p: f32, like: &Tensor) -> candle_core::Result<Tensor> {
-        let scale = 1.0 / (1.0 - p as f64);
-        match like.device() {
-            Device::Cpu => {
-                let n = like.elem_count();
-                let mut rng = self.lock();
-                let keep: Vec<f32> = (0..n)
-                    .map(|_| {
-                        if rng.random::<f32>() >= p {
-                            scale as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Tensor::from_vec(keep, like.shape(), &Device::Cpu)?.to_dtype(like.dtype())
-            }
-            device => {
-                let uniform = Tensor::rand(0f32, 1f32, like.shape(), device)?;
-                uniform.ge(p as f64)?.to_dtype(like.dtype())? * scale
-            }
-        }
     }
 }
 
@@ -131,20 +158,54 @@ impl DropoutRng {
 pub struct Dropout {
     p: f32,
     rng: DropoutRng,
+    site: u32,
+    kernels: Kernels,
 }
 
 impl Dropout {
-    /// Dropout with probability `p` (in `[0, 1)`, checked by [`super::BertConfig::validate`]).
+    /// Dropout with probability `p` (in `[0, 1)`, checked by [`super::BertConfig::validate`]),
+    /// at site 0.
     pub fn new(p: f32, rng: DropoutRng) -> Self {
-        Self { p, rng }
+        Self {
+            p,
+            rng,
+            site: 0,
+            kernels: Kernels::default(),
+        }
     }
 
-    /// Applies dropout when `train` is true.
+    /// Names this dropout layer: layers drawing with one key need distinct sites.
+    pub fn with_site(self, site: u32) -> Self {
+        Self { site, ..self }
+    }
+
+    /// Chooses the fused kernel or the composite twin.
+    pub fn with_kernels(self, kernels: Kernels) -> Self {
+        Self { kernels, ..self }
+    }
+
+    /// Applies dropout when `train` is true, with the generator's next key.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         if !train || self.p == 0.0 {
             return Ok(xs.clone());
         }
-        xs * self.rng.mask(self.p, xs)?
+        self.forward_keyed(xs, Some(self.rng.next_key()))
+            .map_err(ops::to_candle)
+    }
+
+    /// Applies dropout keyed by `key` (`None`: the identity, as outside training). Rows of `xs`
+    /// (its first dimension) are samples `key.sample_offset`, `key.sample_offset + 1`, ...
+    pub fn forward_keyed(&self, xs: &Tensor, key: Option<DropoutKey>) -> Result<Tensor> {
+        match key {
+            Some(key) if self.p > 0.0 => {
+                if self.kernels.fused_on(xs.device()) {
+                    ops::dropout_fused(xs, self.p, key, self.site)
+                } else {
+                    ops::dropout_composite(xs, self.p, key, self.site)
+                }
+            }
+            _ => Ok(xs.clone()),
+        }
     }
 }
 

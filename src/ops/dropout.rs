@@ -1,0 +1,219 @@
+//! Inverted dropout with masks from Philox4x32-10, keyed by position instead of by a stream.
+
+use std::sync::Arc;
+
+use candle_core::WithDType;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::kernel::{check_cpu, check_float, dispatch, slice, Elem, Real};
+use super::philox::philox4x32_10;
+use crate::{Error, Result};
+
+/// What a dropout mask is a function of, besides the dropout layer (its site id) and the entry's
+/// position within its sample.
+///
+/// Row `r` of a batch (its first dimension) is global sample `sample_offset + r`. A batch cut in
+/// chunks gets the masks of the whole batch when each chunk passes the offset of its first row;
+/// the masks do not depend on the thread count either.
+///
+/// `step` and the sample index enter Philox's counter by their low 32 bits and its key by their
+/// high 32 bits: distinct values give independent masks up to 2^32 steps and samples, and beyond
+/// only an unlucky collision of `seed` with the high bits could repeat one.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub struct DropoutKey {
+    /// The run's seed.
+    pub seed: u64,
+    /// The optimizer step (or any counter that changes between forward passes).
+    pub step: u64,
+    /// Global index of the first row of the batch.
+    pub sample_offset: u64,
+}
+
+impl DropoutKey {
+    /// The key of `step` in a run seeded by `seed`, for a batch starting at global sample 0.
+    pub fn new(seed: u64, step: u64) -> Self {
+        Self {
+            seed,
+            step,
+            sample_offset: 0,
+        }
+    }
+
+    /// The same key for a batch (or chunk) whose first row is global sample `offset`.
+    pub fn with_sample_offset(self, offset: u64) -> Self {
+        Self {
+            sample_offset: offset,
+            ..self
+        }
+    }
+
+    /// The key of the chunk starting `rows` rows further into the batch.
+    pub fn advanced(self, rows: u64) -> Self {
+        self.with_sample_offset(self.sample_offset.wrapping_add(rows))
+    }
+}
+
+/// Entries per task: a multiple of 4 (one Philox call serves four entries).
+const CHUNK: usize = 8192;
+
+/// Calls `f(flat_index, keep, out_entry)` for every entry of `out`, viewed as rows of
+/// `row_len` (one row per sample), in parallel.
+fn for_each_keep<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    p: f32,
+    key: DropoutKey,
+    site: u32,
+    f: impl Fn(usize, bool, &mut T) + Sync,
+) {
+    if out.is_empty() || row_len == 0 {
+        return;
+    }
+    // keep <=> u >= p * 2^32, so P(keep) = 1 - p up to 2^-32.
+    let threshold = (f64::from(p) * 4_294_967_296.0)
+        .round()
+        .min(u32::MAX as f64) as u32;
+    let key_words = |sample: u64| {
+        [
+            key.seed as u32 ^ (sample >> 32) as u32,
+            (key.seed >> 32) as u32 ^ (key.step >> 32) as u32,
+        ]
+    };
+    out.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let sample = key.sample_offset.wrapping_add(r as u64);
+            let k = key_words(sample);
+            row.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let base = c * CHUNK;
+                    for (q, quad) in chunk.chunks_mut(4).enumerate() {
+                        let j = base + 4 * q;
+                        let words = philox4x32_10(
+                            [(j / 4) as u32, site, sample as u32, key.step as u32],
+                            k,
+                        );
+                        for (i, v) in quad.iter_mut().enumerate() {
+                            f(r * row_len + j + i, words[i] >= threshold, v);
+                        }
+                    }
+                });
+        });
+}
+
+fn check(x: &Tensor, p: f32) -> Result<usize> {
+    check_float(x, "dropout")?;
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument(format!(
+            "dropout probability {p} is outside [0, 1)"
+        )));
+    }
+    match x.dims().first() {
+        Some(&rows) => Ok(rows),
+        None => Err(Error::InvalidArgument(
+            "dropout needs a batch dimension: got a scalar".into(),
+        )),
+    }
+}
+
+/// The mask of [`dropout`]: `0` or `1 / (1 - p)` per entry, for a tensor of `shape` whose first
+/// dimension is the batch. Computed on the host and moved to `device`.
+pub fn dropout_mask(
+    shape: &[usize],
+    p: f32,
+    key: DropoutKey,
+    site: u32,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let like = Tensor::zeros(shape, dtype, &Device::Cpu)?;
+    check(&like, p)?;
+    let n: usize = shape.iter().product();
+    let row_len = n.checked_div(shape[0]).unwrap_or(0);
+    let scale = (1.0 / (1.0 - f64::from(p))) as f32;
+    let mut mask = vec![0f32; n];
+    for_each_keep(&mut mask, row_len, p, key, site, |_, keep, m| {
+        *m = if keep { scale } else { 0.0 };
+    });
+    Ok(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?)
+}
+
+/// Inverted dropout: each entry zeroed with probability `p`, the others scaled by
+/// `1 / (1 - p)`; the fused kernel on the CPU, the composite elsewhere. `site` names the dropout
+/// layer (each layer of a model needs its own).
+///
+/// # Shapes
+/// - `x`: `[batch, ...]`; output: the shape of `x`
+pub fn dropout(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        dropout_fused(x, p, key, site)
+    } else {
+        dropout_composite(x, p, key, site)
+    }
+}
+
+/// `x * dropout_mask(..)` as candle ops (the product in f32 for half precision); works on every
+/// device.
+pub fn dropout_composite(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
+    check(x, p)?;
+    let dtype = x.dtype();
+    let acc = crate::encoder::accumulation_dtype(dtype);
+    let mask = dropout_mask(x.dims(), p, key, site, acc, x.device())?;
+    Ok((x.to_dtype(acc)? * mask)?.to_dtype(dtype)?)
+}
+
+/// Dropout as one CPU pass that draws the mask as it goes; its backward applies the same mask
+/// to the gradient (regenerated from the key, never stored).
+pub fn dropout_fused(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
+    check(x, p)?;
+    check_cpu(x, "dropout")?;
+    Ok(x.contiguous()?
+        .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, key, site })))?)
+}
+
+#[derive(Clone)]
+struct DropoutOp {
+    p: f32,
+    key: DropoutKey,
+    site: u32,
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let rows = l.dims().first().copied().unwrap_or(1);
+        dispatch!(s, "fused-dropout", |T| {
+            let x = slice::<T>(s, l)?;
+            let row_len = x.len().checked_div(rows).unwrap_or(0);
+            let scale = <T as Elem>::A::lit(1.0 / (1.0 - f64::from(self.p)));
+            let mut out = vec![T::elem_zero(); x.len()];
+            for_each_keep(
+                &mut out,
+                row_len,
+                self.p,
+                self.key,
+                self.site,
+                |i, keep, y| {
+                    *y = if keep {
+                        T::store(Elem::load(x[i]) * scale)
+                    } else {
+                        T::elem_zero()
+                    };
+                },
+            );
+            Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // Dropout is linear: its backward is the same masked scaling of the gradient.
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(self)?))
+    }
+}

@@ -1,0 +1,59 @@
+//! Fused, differentiable CPU kernels for the encoder, each beside its composite twin.
+//!
+//! Every op here comes in three forms:
+//! - `*_fused`: one candle custom op with an exact backward (itself a fused op), one pass over
+//!   contiguous memory, rows spread over rayon's pool. CPU only.
+//! - `*_composite`: the same function as a chain of candle ops, differentiable on every device.
+//! - the plain name (`layer_norm`, `softmax_scaled_masked`, `gelu`, `dropout`): the fused op on
+//!   the CPU and the composite one elsewhere.
+//!
+//! Half-precision inputs (`bf16`, `f16`) are read into f32 and every reduction accumulates in
+//! f32; `f64` runs in f64 (it serves the finite-difference tests). The fused and composite forms
+//! agree to rounding: tests hold them equal on values and gradients in every dtype.
+//!
+//! Dropout draws from Philox4x32-10, a counter-based generator: each mask entry is a pure
+//! function of a [`DropoutKey`] (seed, step, the global index of the sample), a site id naming
+//! the dropout layer and the entry's position in its sample. Masks are therefore the same
+//! whatever the thread count, and a batch split in chunks (data-parallel ranks, cached-loss
+//! chunks) gets exactly the masks of the whole batch when each chunk passes its sample offset.
+
+mod dropout;
+mod gelu;
+mod kernel;
+mod layer_norm;
+mod philox;
+mod softmax;
+
+pub use dropout::{dropout, dropout_composite, dropout_fused, dropout_mask, DropoutKey};
+pub use gelu::{gelu, gelu_composite, gelu_fused, GeluForm};
+pub use layer_norm::{layer_norm, layer_norm_composite, layer_norm_fused};
+pub use philox::philox4x32_10;
+pub use softmax::{
+    softmax_scaled_masked, softmax_scaled_masked_composite, softmax_scaled_masked_fused,
+};
+
+/// Which implementation a module runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The fused kernels on the CPU, the composite twins on other devices.
+    #[default]
+    Auto,
+    /// The composite twins everywhere (the reference the fused kernels are tested against).
+    Composite,
+}
+
+impl Kernels {
+    /// Whether the fused kernels run on `device`.
+    pub fn fused_on(self, device: &candle_core::Device) -> bool {
+        self == Kernels::Auto && device.is_cpu()
+    }
+}
+
+/// A crate error as a candle error, for `candle_nn::Module` implementations: candle's own
+/// errors pass through unchanged.
+pub(crate) fn to_candle(e: crate::Error) -> candle_core::Error {
+    match e {
+        crate::Error::Candle(e) => e,
+        other => candle_core::Error::wrap(other),
+    }
+}
