@@ -9,6 +9,7 @@ use common::{max_abs_diff, synthetic_tsv, tiny_model, tsv_loader};
 use mlctl::data::{MlmMasking, PairBatch};
 use mlctl::loss::{CachedLoss, CzNce, MaskedPair, MultiLevelLoss};
 use mlctl::model::MlCtlModel;
+use mlctl::ops::DropoutKey;
 use rand::SeedableRng;
 
 fn batch_of(n: usize) -> (PairBatch, MaskedPair) {
@@ -38,11 +39,13 @@ fn uncached(
     batch: &PairBatch,
     masked: &MaskedPair,
     vars: &[(String, Var)],
-    train: bool,
+    key: Option<DropoutKey>,
 ) -> (f32, BTreeMap<String, Tensor>) {
-    let terms = objective
-        .forward(model, batch, Some(masked), train)
-        .unwrap();
+    let terms = match key {
+        Some(key) => objective.forward_keyed(model, batch, Some(masked), key),
+        None => objective.forward(model, batch, Some(masked), false),
+    }
+    .unwrap();
     let store = terms.total.backward().unwrap();
     let grads = vars
         .iter()
@@ -51,14 +54,22 @@ fn uncached(
     (terms.total.to_scalar::<f32>().unwrap(), grads)
 }
 
-fn check(n: usize, mini_batch: usize, objective: MultiLevelLoss) {
+fn check(n: usize, mini_batch: usize, objective: MultiLevelLoss, key: Option<DropoutKey>) {
     let (batch, masked) = batch_of(n);
     let model = tiny_model(7);
     let vars: Vec<(String, Var)> = model.named_vars().into_iter().collect();
-    let (want_loss, want) = uncached(&objective, &model, &batch, &masked, &vars, false);
+    let (want_loss, want) = uncached(&objective, &model, &batch, &masked, &vars, key);
+    if key.is_some() {
+        // Dropout must be on: the keyed loss differs from the deterministic one.
+        let (eval_loss, _) = uncached(&objective, &model, &batch, &masked, &vars, None);
+        assert!(
+            (eval_loss - want_loss).abs() > 1e-4,
+            "dropout changed nothing"
+        );
+    }
     let cached = CachedLoss::new(objective, mini_batch).unwrap();
     let got = cached
-        .forward_backward(&model, &batch, Some(&masked), &vars, false, |_| Ok(()))
+        .forward_backward(&model, &batch, Some(&masked), &vars, key)
         .unwrap();
     assert!(
         (got.total - want_loss).abs() < 1e-5 * want_loss.abs().max(1.0),
@@ -81,14 +92,22 @@ fn check(n: usize, mini_batch: usize, objective: MultiLevelLoss) {
 
 #[test]
 fn cached_loss_equals_the_uncached_batch_in_chunks_of_8() {
-    check(64, 8, MultiLevelLoss::mlctl());
+    check(64, 8, MultiLevelLoss::mlctl(), None);
+}
+
+#[test]
+fn cached_loss_with_dropout_equals_the_uncached_batch_with_the_same_masks() {
+    let key = DropoutKey::new(11, 3);
+    check(64, 8, MultiLevelLoss::mlctl(), Some(key));
+    let objective = MultiLevelLoss::mlctl().with_word(Some(CzNce::new().with_temperature(0.1)));
+    check(20, 8, objective, Some(key));
 }
 
 #[test]
 fn cached_loss_handles_a_smaller_last_chunk_and_every_term() {
     let objective = MultiLevelLoss::mlctl().with_word(Some(CzNce::new().with_temperature(0.1)));
-    check(20, 8, objective);
-    check(20, 1, MultiLevelLoss::mlctl().with_mlm_weight(None));
+    check(20, 8, objective, None);
+    check(20, 1, MultiLevelLoss::mlctl().with_mlm_weight(None), None);
 }
 
 #[test]
@@ -97,4 +116,62 @@ fn cached_loss_rejects_a_zero_mini_batch() {
         CachedLoss::new(MultiLevelLoss::mlctl(), 0),
         Err(mlctl::Error::InvalidArgument(_))
     ));
+}
+
+fn cached_trainer(
+    run: &std::path::Path,
+    data: &std::path::Path,
+    model_seed: u64,
+) -> mlctl::train::Trainer {
+    use mlctl::train::{TrainConfig, Trainer};
+    let config = TrainConfig {
+        mini_batch: Some(3),
+        checkpoint_every: 2,
+        progress: false,
+        ..TrainConfig::adam_linear_clipped(4)
+    };
+    let config = TrainConfig {
+        schedule: mlctl::train::LrSchedule {
+            peak_lr: 1e-3,
+            ..config.schedule
+        },
+        ..config
+    };
+    Trainer::new(
+        tiny_model(model_seed),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(data, 8, 16, 9),
+        config,
+        run,
+    )
+    .unwrap()
+}
+
+#[test]
+fn cached_loss_training_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.tsv");
+    std::fs::write(&data, synthetic_tsv(20, 11)).unwrap();
+    let mut straight = cached_trainer(&dir.path().join("straight"), &data, 4);
+    straight.run().unwrap();
+
+    let run = dir.path().join("interrupted");
+    let mut first = cached_trainer(&run, &data, 4);
+    for _ in 0..2 {
+        first.train_step().unwrap();
+    }
+    first.save_checkpoint().unwrap();
+    first.train_step().unwrap(); // lost with the process
+    drop(first);
+    let mut resumed = cached_trainer(&run, &data, 99);
+    assert_eq!(resumed.resume().unwrap(), Some(2));
+    resumed.run().unwrap();
+    let (a, b) = (straight.model.named_vars(), resumed.model.named_vars());
+    for (name, var) in &a {
+        assert_eq!(
+            max_abs_diff(var.as_tensor(), b[name].as_tensor()),
+            0.0,
+            "{name} differs after resume"
+        );
+    }
 }

@@ -142,6 +142,10 @@ struct Args {
     /// Micro-batches per update.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
+    /// Pairs per encoder pass with the cached loss (GradCache): a --batch-size of any size in the
+    /// memory of this many pairs, with the same gradients. Default: the whole batch at once.
+    #[arg(long)]
+    mini_batch: Option<usize>,
     /// Seed of initialisation, data order, masking and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -434,6 +438,7 @@ fn train(
         },
         head_lr: args.head_lr,
         grad_accum: args.grad_accum,
+        mini_batch: args.mini_batch,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         ..recipe

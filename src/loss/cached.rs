@@ -19,9 +19,11 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 
 use super::masked_lm_loss;
-use super::multi_level::{MaskedPair, MultiLevelLoss};
+use super::multi_level::{pass_key, MaskedPair, MultiLevelLoss, Pass};
 use crate::data::{MaskedTokens, PairBatch};
+use crate::encoder::DropoutRng;
 use crate::model::{MlCtlModel, SideEmbeddings};
+use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
@@ -74,18 +76,39 @@ impl CachedLoss {
     /// Evaluates the objective on `batch` and returns its value and the gradients of `vars`.
     ///
     /// `masked` (required when the MLM term is on) holds masked copies of the whole batch, drawn
-    /// once; each chunk uses its rows. `before_chunk(first_row)` is called before every encoder
-    /// pass over the chunk starting at `first_row` (in both passes), so a caller can key its
-    /// dropout by sample index and get the same masks twice.
+    /// once; each chunk uses its rows. With a dropout `key` (training), every pass over a chunk
+    /// starting at row `r` uses [`pass_key`]`(key, pass)` advanced by `r`: both passes over a
+    /// chunk draw the same masks, and they are the masks [`MultiLevelLoss::forward_keyed`] draws
+    /// for the whole batch. `None` evaluates without dropout.
     pub fn forward_backward(
         &self,
         model: &MlCtlModel,
         batch: &PairBatch,
         masked: Option<&MaskedPair>,
         vars: &[(String, Var)],
-        train: bool,
-        mut before_chunk: impl FnMut(usize) -> Result<()>,
+        key: Option<DropoutKey>,
     ) -> Result<CachedStep> {
+        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let result = self.run(model, batch, masked, vars, key, &rng);
+        rng.set_key(None);
+        result
+    }
+
+    fn run(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        vars: &[(String, Var)],
+        key: Option<DropoutKey>,
+        rng: &DropoutRng,
+    ) -> Result<CachedStep> {
+        let train = key.is_some();
+        let before_pass = |pass: Pass, start: usize| {
+            if let Some(key) = key {
+                rng.set_key(Some(pass_key(key, pass).advanced(start as u64)));
+            }
+        };
         let n = batch.len();
         if n == 0 {
             return Err(Error::InvalidArgument("an empty batch has no loss".into()));
@@ -117,12 +140,13 @@ impl CachedLoss {
             let (mut src, mut tgt) = (Vec::new(), Vec::new());
             for &(start, len) in &chunks {
                 let chunk = pair_rows(batch, start, len)?;
-                before_chunk(start)?;
+                before_pass(Pass::Source, start);
                 src.push(detached(model.embed(
                     &chunk.src,
                     chunk.src_spans().as_deref(),
                     train,
                 )?)?);
+                before_pass(Pass::Target, start);
                 tgt.push(detached(model.embed(
                     &chunk.tgt,
                     chunk.tgt_spans().as_deref(),
@@ -207,8 +231,9 @@ impl CachedLoss {
                 Ok(())
             };
             if let Some((dq, dk, dw)) = &cached_grads {
-                before_chunk(start)?;
+                before_pass(Pass::Source, start);
                 let src = model.embed(&chunk.src, chunk.src_spans().as_deref(), train)?;
+                before_pass(Pass::Target, start);
                 let tgt = model.embed(&chunk.tgt, chunk.tgt_spans().as_deref(), train)?;
                 add(dot(&src.projected, &dq.narrow(0, start, len)?)?)?;
                 add(dot(&tgt.projected, &dk.narrow(0, start, len)?)?)?;
@@ -220,16 +245,16 @@ impl CachedLoss {
             if let (Some(weight), Some(masked), Some((n_src, n_tgt))) =
                 (self.objective.mlm_weight, masked, mlm_counts)
             {
-                before_chunk(start)?;
                 let mut term: Option<Tensor> = None;
-                for (tokens, side, n_side) in [
-                    (&chunk.src, &masked.src, n_src),
-                    (&chunk.tgt, &masked.tgt, n_tgt),
+                for (tokens, side, n_side, pass) in [
+                    (&chunk.src, &masked.src, n_src, Pass::MaskedSource),
+                    (&chunk.tgt, &masked.tgt, n_tgt, Pass::MaskedTarget),
                 ] {
                     let part = masked_rows(side, &tokens.input_ids, start, len)?;
                     if part.is_empty() || n_side == 0 {
                         continue;
                     }
+                    before_pass(pass, start);
                     // mean over the chunk's tokens × their share = sum / whole-batch count.
                     let share = part.len() as f64 / n_side as f64 / 2.0;
                     let out = model.bert.model.encoder.forward_t(

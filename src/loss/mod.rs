@@ -8,4 +8,4 @@ mod multi_level;
 pub use cached::{CachedLoss, CachedStep};
 pub use cz_nce::CzNce;
 pub use mlm::masked_lm_loss;
-pub use multi_level::{LossTerms, MaskedPair, MultiLevelLoss};
+pub use multi_level::{pass_key, LossTerms, MaskedPair, MultiLevelLoss, Pass};

@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use super::{masked_lm_loss, CzNce};
 use crate::data::{MaskedTokens, MlmMasking, PairBatch};
 use crate::model::MlCtlModel;
+use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
@@ -21,15 +22,6 @@ pub struct LossTerms {
     pub word: Option<Tensor>,
     /// MLM loss, the mean over the source and target masked copies (unweighted).
     pub mlm: Option<Tensor>,
-}
-
-impl LossTerms {
-    /// A term's value as `f32`, `None` when the term is off.
-    pub fn value(term: &Option<Tensor>) -> Result<Option<f32>> {
-        term.as_ref()
-            .map(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?))
-            .transpose()
-    }
 }
 
 /// Masked copies of both sides of a batch.
@@ -108,12 +100,44 @@ impl MultiLevelLoss {
     }
 
     /// Evaluates every active term on a batch. `masked` is required when the MLM term is on.
+    /// With `train`, each encoder pass draws its own dropout key from the encoder's generator.
     pub fn forward(
         &self,
         model: &MlCtlModel,
         batch: &PairBatch,
         masked: Option<&MaskedPair>,
         train: bool,
+    ) -> Result<LossTerms> {
+        self.forward_passes(model, batch, masked, train, &mut |_| Ok(()))
+    }
+
+    /// [`MultiLevelLoss::forward`] in training mode with dropout keyed by `key`: the pass over
+    /// each side (and each masked copy) gets [`pass_key`]`(key, pass)`, so its masks depend only
+    /// on the key, the pass and each row's global sample index. [`CachedLoss`](super::CachedLoss)
+    /// given the same key draws the same masks chunk by chunk.
+    pub fn forward_keyed(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        key: DropoutKey,
+    ) -> Result<LossTerms> {
+        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let result = self.forward_passes(model, batch, masked, true, &mut |pass| {
+            rng.set_key(Some(pass_key(key, pass)));
+            Ok(())
+        });
+        rng.set_key(None);
+        result
+    }
+
+    fn forward_passes(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        train: bool,
+        before_pass: &mut dyn FnMut(Pass) -> Result<()>,
     ) -> Result<LossTerms> {
         let mut total: Option<Tensor> = None;
         let mut add = |t: &Tensor| -> Result<()> {
@@ -126,7 +150,9 @@ impl MultiLevelLoss {
         let (mut sentence, mut word) = (None, None);
         if self.sentence.is_some() || self.word.is_some() {
             let (src_spans, tgt_spans) = (batch.src_spans(), batch.tgt_spans());
+            before_pass(Pass::Source)?;
             let src = model.embed(&batch.src, src_spans.as_deref(), train)?;
+            before_pass(Pass::Target)?;
             let tgt = model.embed(&batch.tgt, tgt_spans.as_deref(), train)?;
             if let Some(loss) = &self.sentence {
                 let value = loss.forward(&src.projected, &tgt.projected)?;
@@ -149,9 +175,11 @@ impl MultiLevelLoss {
             let masked = masked.ok_or_else(|| {
                 Error::InvalidArgument("the MLM term needs masked copies of the batch".into())
             })?;
-            let value = ((mlm_side(model, &batch.src, &masked.src, train)?
-                + mlm_side(model, &batch.tgt, &masked.tgt, train)?)?
-                / 2.0)?;
+            before_pass(Pass::MaskedSource)?;
+            let src = mlm_side(model, &batch.src, &masked.src, train)?;
+            before_pass(Pass::MaskedTarget)?;
+            let tgt = mlm_side(model, &batch.tgt, &masked.tgt, train)?;
+            let value = ((src + tgt)? / 2.0)?;
             add(&(&value * weight)?)?;
             mlm = Some(value);
         }
@@ -163,6 +191,28 @@ impl MultiLevelLoss {
             word,
             mlm,
         })
+    }
+}
+
+/// The four encoder passes of one evaluation, each with its own dropout masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The source sentences.
+    Source = 0,
+    /// The target sentences.
+    Target = 1,
+    /// The masked copy of the source side (MLM).
+    MaskedSource = 2,
+    /// The masked copy of the target side (MLM).
+    MaskedTarget = 3,
+}
+
+/// The dropout key of `pass` in an evaluation keyed by `key`: distinct passes get distinct
+/// steps (`4 * step + pass`), so the two sides of a pair never share a mask.
+pub fn pass_key(key: DropoutKey, pass: Pass) -> DropoutKey {
+    DropoutKey {
+        step: key.step.wrapping_mul(4).wrapping_add(pass as u64),
+        ..key
     }
 }
 

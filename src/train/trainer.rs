@@ -20,7 +20,7 @@ use super::schedule::{Decay, LrSchedule};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairLoader};
 use crate::encoder::read_checkpoint_dir;
-use crate::loss::{LossTerms, MaskedPair, MultiLevelLoss};
+use crate::loss::{CachedLoss, MaskedPair, MultiLevelLoss};
 use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
 use crate::{Error, Result};
 
@@ -47,6 +47,10 @@ pub struct TrainConfig {
     pub head_lr: Option<f64>,
     /// Micro-batches whose gradients are summed (each scaled by `1 / grad_accum`) per update.
     pub grad_accum: usize,
+    /// Pairs per encoder pass with the cached loss ([`CachedLoss`], GradCache): the gradients of
+    /// the whole batch in the memory of this many pairs. `None`: the whole batch in one graph.
+    #[serde(default)]
+    pub mini_batch: Option<usize>,
     /// Keep the embeddings fixed.
     pub freeze_embeddings: bool,
     /// Keep the first this-many transformer layers fixed.
@@ -83,6 +87,7 @@ impl TrainConfig {
             max_grad_norm: None,
             head_lr: None,
             grad_accum: 1,
+            mini_batch: None,
             freeze_embeddings: false,
             freeze_layers: 0,
             max_consecutive_bad_steps: 5,
@@ -314,23 +319,49 @@ impl Trainer {
                 Some(m) => Some(MaskedPair::draw(m, &batch, &mut self.mask_rng)?),
                 None => None,
             };
-            let terms = self
-                .objective
-                .forward(&self.model, &batch, masked.as_ref(), true)?;
-            let values = [
-                Some(terms.total.to_dtype(DType::F32)?.to_scalar::<f32>()?),
-                LossTerms::value(&terms.sentence)?,
-                LossTerms::value(&terms.word)?,
-                LossTerms::value(&terms.mlm)?,
-            ];
+            let values = match self.config.mini_batch {
+                Some(mini_batch) => {
+                    // One key per batch, drawn from the encoder's (checkpointed) generator:
+                    // both passes over every chunk then draw the same dropout masks.
+                    let key = self.model.bert.model.encoder.dropout_rng().next_key();
+                    let step = CachedLoss::new(self.objective.clone(), mini_batch)?
+                        .forward_backward(
+                            &self.model,
+                            &batch,
+                            masked.as_ref(),
+                            &self.trainable,
+                            Some(key),
+                        )?;
+                    for (name, g) in step.grads {
+                        let g = (g / accum as f64)?;
+                        let g = match grads.remove(&name) {
+                            Some(acc) => (acc + g)?,
+                            None => g,
+                        };
+                        grads.insert(name, g);
+                    }
+                    [Some(step.total), step.sentence, step.word, step.mlm]
+                }
+                None => {
+                    let terms =
+                        self.objective
+                            .forward(&self.model, &batch, masked.as_ref(), true)?;
+                    let store = (&terms.total / accum as f64)?.backward()?;
+                    accumulate_gradients(&mut grads, &store, &self.trainable)?;
+                    [
+                        Some(scalar(&terms.total)?),
+                        terms.sentence.as_ref().map(scalar).transpose()?,
+                        terms.word.as_ref().map(scalar).transpose()?,
+                        terms.mlm.as_ref().map(scalar).transpose()?,
+                    ]
+                }
+            };
             for (i, v) in values.into_iter().enumerate() {
                 if let Some(v) = v {
                     sums[i] += v / accum as f32;
                     present[i] = true;
                 }
             }
-            let store = (terms.total / accum as f64)?.backward()?;
-            accumulate_gradients(&mut grads, &store, &self.trainable)?;
         }
         let mut bad = BadSteps {
             skipped: self.skipped_steps,
@@ -514,4 +545,9 @@ impl Trainer {
             .collect();
         crate::encoder::write_atomic(&path, kept.as_bytes())
     }
+}
+
+/// The value of a scalar loss as f32.
+fn scalar(t: &candle_core::Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }
