@@ -165,23 +165,23 @@ pub struct XnliTask {
     pub train: Vec<NliExample>,
     /// Evaluation examples of every language.
     pub eval: Vec<NliExample>,
+    /// Which split `eval` is, and why ([`XnliEval::split_note`](crate::nli::XnliEval::split_note)).
+    pub split: String,
     /// How the copy is fine-tuned.
     pub finetune: NliFinetuneConfig,
 }
 
 impl XnliTask {
     /// Reads an XNLI directory (see [`XnliDir::discover`]): its English training file and its
-    /// test split, or its dev split when the test split cannot be read.
+    /// test split, or its dev split when there is no test file ([`XnliDir::read_eval`]).
     pub fn read(dir: &Path, finetune: NliFinetuneConfig) -> Result<Self> {
         let xnli = XnliDir::discover(dir)?;
         let train = xnli.read_train(&NliReadOptions::default())?.examples;
-        let eval = match xnli.read_test(&NliReadOptions::default()) {
-            Ok(test) => test.examples,
-            Err(_) => xnli.read_dev(&NliReadOptions::default())?.examples,
-        };
+        let eval = xnli.read_eval(&NliReadOptions::default())?;
         Ok(Self {
             train,
-            eval,
+            split: eval.split_note(),
+            eval: eval.data.examples,
             finetune,
         })
     }
@@ -204,6 +204,8 @@ pub struct Evaluation {
     pub aer: Option<f64>,
     /// XNLI accuracy, with an [`XnliTask`].
     pub xnli: Option<NliReport>,
+    /// Which XNLI split was evaluated, and why ([`XnliTask::split`]).
+    pub xnli_split: Option<String>,
 }
 
 /// What a model is measured on, before and after training.
@@ -269,6 +271,7 @@ impl EvalSuite {
             anchor,
             aer,
             xnli,
+            xnli_split: self.xnli.as_ref().map(|x| x.split.clone()),
         })
     }
 
@@ -354,8 +357,11 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> String {
         s += &format!("\n## Word alignment\n\nAER (itermax): before {b:.3}, after {a:.3}\n");
     }
     if let (Some(b), Some(a)) = (&before.xnli, &after.xnli) {
-        s += "\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n\
-              | language | before | after |\n|---|---|---|\n";
+        s += "\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n";
+        if let Some(split) = &after.xnli_split {
+            s += &format!("Evaluated on the {split}.\n\n");
+        }
+        s += "| language | before | after |\n|---|---|---|\n";
         for (lang, acc) in &b.accuracy_by_language {
             let after = a.accuracy_by_language.get(lang).copied();
             let after = after.map_or_else(|| "-".into(), pct);

@@ -406,9 +406,10 @@ fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSui
         Some(dir) => {
             let xnli = XnliTask::read(dir, finetune)?;
             eprintln!(
-                "      XNLI: {} English training examples, {} evaluation examples",
+                "      XNLI: {} English training examples, {} evaluation examples: {}",
                 xnli.train.len(),
-                xnli.eval.len()
+                xnli.eval.len(),
+                xnli.split
             );
             Some(xnli)
         }
