@@ -53,6 +53,13 @@ pub struct CachedLoss {
     pub mini_batch: usize,
 }
 
+/// The whole batch's loss gradients with respect to the embeddings (step 2's result).
+struct EmbeddingGrads {
+    q: Tensor,
+    k: Tensor,
+    words: Option<(Tensor, Tensor)>,
+}
+
 /// Embeddings of one side of one chunk that step 2 differentiates.
 struct Cached {
     projected: Var,
@@ -135,7 +142,7 @@ impl CachedLoss {
         // Steps 1 and 2: embeddings without graph, the contrastive terms on the whole batch.
         let (mut sentence, mut word) = (None, None);
         let mut total = 0f32;
-        let mut cached_grads: Option<(Tensor, Tensor, Option<(Tensor, Tensor)>)> = None;
+        let mut cached_grads: Option<EmbeddingGrads> = None;
         if contrastive {
             let (mut src, mut tgt) = (Vec::new(), Vec::new());
             for &(start, len) in &chunks {
@@ -199,14 +206,14 @@ impl CachedLoss {
                     None => v.as_tensor().zeros_like()?,
                 })
             };
-            cached_grads = Some((
-                grad_of(&q)?,
-                grad_of(&k)?,
-                match &words {
+            cached_grads = Some(EmbeddingGrads {
+                q: grad_of(&q)?,
+                k: grad_of(&k)?,
+                words: match &words {
                     Some((wq, wk)) => Some((grad_of(wq)?, grad_of(wk)?)),
                     None => None,
                 },
-            ));
+            });
         }
 
         // Step 3: each chunk again with its graph; its share of the MLM term rides along.
@@ -230,7 +237,12 @@ impl CachedLoss {
                 });
                 Ok(())
             };
-            if let Some((dq, dk, dw)) = &cached_grads {
+            if let Some(EmbeddingGrads {
+                q: dq,
+                k: dk,
+                words: dw,
+            }) = &cached_grads
+            {
                 before_pass(Pass::Source, start);
                 let src = model.embed(&chunk.src, chunk.src_spans().as_deref(), train)?;
                 before_pass(Pass::Target, start);
