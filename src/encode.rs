@@ -21,6 +21,7 @@ use tokenizers::Encoding;
 
 use crate::encoder::{BertEncoder, EncoderOutput, PretrainedBert};
 use crate::pooling::{l2_normalize, Pooling, TokenSpan};
+use crate::progress::Progress;
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
 
@@ -170,7 +171,11 @@ fn pooled(
         return Err(Error::InvalidArgument("nothing to encode".into()));
     }
     let mut rows: Vec<Option<Tensor>> = vec![None; n];
-    let progress = Progress::new(options.progress, n);
+    let progress = Progress::new(
+        options.progress,
+        n as u64,
+        "{bar:40} {pos}/{len} texts, {per_sec}, eta {eta}",
+    );
     encode_batches(
         encoder,
         tokenizer,
@@ -192,11 +197,11 @@ fn pooled(
             for (row, &i) in indices.iter().enumerate() {
                 rows[i] = Some(vectors.get(row)?);
             }
-            progress.inc(indices.len());
+            progress.inc(indices.len() as u64, || None);
             Ok(())
         },
     )?;
-    progress.finish();
+    progress.finish_and_clear();
     let rows: Vec<Tensor> = rows
         .into_iter()
         .map(|r| r.expect("encode_batches visits every row once"))
@@ -283,45 +288,4 @@ pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let a = l2_normalize(&a.to_dtype(DType::F32)?)?;
     let b = l2_normalize(&b.to_dtype(DType::F32)?)?;
     Ok(a.matmul(&b.t()?)?)
-}
-
-/// A progress bar that is only drawn when asked for (and when the `progress` feature is on).
-struct Progress {
-    #[cfg(feature = "progress")]
-    bar: Option<indicatif::ProgressBar>,
-}
-
-impl Progress {
-    #[allow(unused_variables)]
-    fn new(show: bool, total: usize) -> Self {
-        #[cfg(feature = "progress")]
-        {
-            let bar = show.then(|| {
-                indicatif::ProgressBar::new(total as u64).with_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {pos}/{len} texts, {per_sec}, eta {eta}",
-                    )
-                    .expect("valid template"),
-                )
-            });
-            Self { bar }
-        }
-        #[cfg(not(feature = "progress"))]
-        Self {}
-    }
-
-    #[allow(unused_variables)]
-    fn inc(&self, n: usize) {
-        #[cfg(feature = "progress")]
-        if let Some(bar) = &self.bar {
-            bar.inc(n as u64);
-        }
-    }
-
-    fn finish(&self) {
-        #[cfg(feature = "progress")]
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

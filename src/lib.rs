@@ -40,6 +40,7 @@ pub mod nli;
 pub mod ops;
 pub mod pooling;
 pub mod pretrain;
+mod progress;
 pub mod projection;
 pub mod tokenize;
 pub mod train;

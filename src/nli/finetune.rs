@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use super::classifier::{copy_pretrained, model_dtype_device, NliClassifier, NliPooling};
 use super::data::NliExample;
 use crate::encoder::PretrainedBert;
+use crate::progress::Progress;
 use crate::train::{
     accumulate_gradients, AdamW, AdamWConfig, BadSteps, Decay, Gradients, LrSchedule, UpdateRule,
 };
@@ -137,7 +138,11 @@ pub fn finetune_nli(
         max_consecutive_bad_steps: 1,
     };
     let mut bad = BadSteps::default();
-    let bar = Progress::new(config.progress, total_steps);
+    let bar = Progress::new(
+        config.progress,
+        total_steps,
+        "NLI fine-tuning {bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+    );
     let mut step = 0u64;
     let (mut first_epoch_loss, mut last_epoch_loss) = (0f32, 0f32);
     for epoch in 0..config.epochs {
@@ -169,7 +174,9 @@ pub fn finetune_nli(
             };
             step += 1;
             loss_sum += value as f64 * chunk.len() as f64;
-            bar.step(|| format!("epoch {}  loss {value:.4}  lr {lr:.2e}", epoch + 1));
+            bar.inc(1, || {
+                Some(format!("epoch {}  loss {value:.4}  lr {lr:.2e}", epoch + 1))
+            });
         }
         let mean = (loss_sum / order.len() as f64) as f32;
         if epoch == 0 {
@@ -185,54 +192,4 @@ pub fn finetune_nli(
         last_epoch_loss,
     });
     Ok(classifier)
-}
-
-/// The fine-tuning progress bar: drawn only when asked for and with the `progress` feature.
-struct Progress {
-    #[cfg(feature = "progress")]
-    bar: indicatif::ProgressBar,
-}
-
-impl Progress {
-    #[allow(unused_variables)]
-    fn new(show: bool, total_steps: u64) -> Self {
-        #[cfg(feature = "progress")]
-        {
-            let bar = if show {
-                indicatif::ProgressBar::new(total_steps)
-            } else {
-                indicatif::ProgressBar::hidden()
-            };
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "NLI fine-tuning {bar:30} {pos}/{len} steps  {msg}  \
-                     [{elapsed_precise} < {eta_precise}]",
-                )
-                .expect("valid template"),
-            );
-            Self { bar }
-        }
-        #[cfg(not(feature = "progress"))]
-        Self {}
-    }
-
-    /// One update done; `message` is only formatted with the `progress` feature.
-    #[allow(unused_variables)]
-    fn step(&self, message: impl FnOnce() -> String) {
-        #[cfg(feature = "progress")]
-        {
-            self.bar.set_message(message());
-            self.bar.inc(1);
-        }
-    }
-
-    fn abandon(&self) {
-        #[cfg(feature = "progress")]
-        self.bar.abandon();
-    }
-
-    fn finish(&self) {
-        #[cfg(feature = "progress")]
-        self.bar.finish();
-    }
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -22,6 +21,7 @@ use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairLoader};
 use crate::encoder::read_checkpoint_dir;
 use crate::loss::{CachedLoss, MaskedPair, MultiLevelLoss};
 use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
+use crate::progress::Progress;
 use crate::{Error, Result};
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -415,16 +415,10 @@ impl Trainer {
     /// updates and at the end.
     pub fn run(&mut self) -> Result<TrainSummary> {
         let started = Instant::now();
-        let bar = if self.config.progress {
-            ProgressBar::new(self.config.steps)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template"),
+        let bar = Progress::new(
+            self.config.progress,
+            self.config.steps,
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
         );
         bar.set_position(self.step);
         let (mut first_loss, mut last_loss) = (None, None);
@@ -432,8 +426,9 @@ impl Trainer {
             let record = self.train_step()?;
             first_loss.get_or_insert(record.loss);
             last_loss = Some(record.loss);
-            bar.set_message(format!("loss {:.4}  lr {:.2e}", record.loss, record.lr));
-            bar.inc(1);
+            bar.inc(1, || {
+                Some(format!("loss {:.4}  lr {:.2e}", record.loss, record.lr))
+            });
             let every = self.config.checkpoint_every;
             if every > 0 && self.step % every == 0 && self.step < self.config.steps {
                 self.save_checkpoint()?;
