@@ -504,7 +504,7 @@ impl AdamW {
                 inv_correction1,
                 inv_correction2,
                 lr,
-                decay: (slot.decay && weight_decay != 0.0).then(|| 1.0 - lr * weight_decay),
+                decay: (slot.decay && weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
             };
             slot.update(grad, &h).map_err(|e| match e {
                 Error::ShapeMismatch {

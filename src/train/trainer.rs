@@ -41,8 +41,8 @@ pub struct TrainConfig {
     /// Clip the global gradient norm to this value (`None`: no clipping).
     pub max_grad_norm: Option<f64>,
     /// Peak learning rate of the ML-CTL head (the projection, parameters under
-    /// [`HEAD_PREFIX`]), which starts from random weights; the schedule scales it as it scales
-    /// `schedule.peak_lr`. `None`: the head uses `schedule.peak_lr` too.
+    /// [`crate::model::HEAD_PREFIX`]), which starts from random weights; the schedule scales
+    /// it as it scales `schedule.peak_lr`. `None`: the head uses `schedule.peak_lr` too.
     #[serde(default)]
     pub head_lr: Option<f64>,
     /// Micro-batches whose gradients are summed (each scaled by `1 / grad_accum`) per update.
