@@ -13,6 +13,7 @@ mod params;
 mod pretrained;
 
 pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
+#[cfg(feature = "hub")]
 pub(crate) use checkpoint::shard_names;
 pub use checkpoint::write_atomic;
 pub use checkpoint::{
