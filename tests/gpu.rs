@@ -50,7 +50,7 @@ fn encoder_on_cuda_matches_transformers() {
         &g["mlm_logits"],
         1e-4,
     );
-    // Dropout draws from the device generator in training.
+    // Dropout is active in training (Philox masks, the same on every device).
     let a = bert
         .model
         .encoder
