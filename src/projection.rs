@@ -1,7 +1,9 @@
 //! ML-CTL's projection head: `Linear(d, d) -> ReLU -> Linear(d, d)` with `d = 2H`.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::encoder::{linear, LinearInit};
 
 use crate::Result;
 
@@ -27,31 +29,10 @@ impl Projection {
     /// `in_dim -> mid_dim -> out_dim`.
     pub fn load(vb: VarBuilder, in_dim: usize, mid_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
-            fc1: linear(vb.pp("fc1"), in_dim, mid_dim)?,
-            fc2: linear(vb.pp("fc2"), mid_dim, out_dim)?,
+            fc1: linear(vb.pp("fc1"), in_dim, mid_dim, LinearInit::TorchDefault)?,
+            fc2: linear(vb.pp("fc2"), mid_dim, out_dim, LinearInit::TorchDefault)?,
         })
     }
-}
-
-fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<candle_nn::Linear> {
-    let bound = 1.0 / (in_dim as f64).sqrt();
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
-    let bias = vb.get_with_hints(
-        out_dim,
-        "bias",
-        Init::Uniform {
-            lo: -bound,
-            up: bound,
-        },
-    )?;
-    Ok(candle_nn::Linear::new(weight, Some(bias)))
 }
 
 impl Module for Projection {

@@ -4,7 +4,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::BertConfig;
-use super::layers::{activate, embedding, linear, Dropout, DropoutRng, LayerNorm};
+use super::layers::{activate, embedding, linear, Dropout, DropoutRng, LayerNorm, LinearInit};
 use crate::ops::{self, DropoutKey, Kernels};
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
@@ -144,10 +144,10 @@ impl SelfAttention {
         let attn = vb.pp("self");
         let out = vb.pp("output");
         Ok(Self {
-            query: linear(attn.pp("query"), h, h, std)?,
-            key: linear(attn.pp("key"), h, h, std)?,
-            value: linear(attn.pp("value"), h, h, std)?,
-            output: linear(out.pp("dense"), h, h, std)?,
+            query: linear(attn.pp("query"), h, h, LinearInit::Normal(std))?,
+            key: linear(attn.pp("key"), h, h, LinearInit::Normal(std))?,
+            value: linear(attn.pp("value"), h, h, LinearInit::Normal(std))?,
+            output: linear(out.pp("dense"), h, h, LinearInit::Normal(std))?,
             layer_norm: LayerNorm::load(out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             probs_dropout: Dropout::new(cfg.attention_probs_dropout_prob, rng.clone())
                 .with_site(site(index, 0)),
@@ -232,8 +232,13 @@ impl FeedForward {
             cfg.initializer_range,
         );
         Ok(Self {
-            intermediate: linear(vb.pp("intermediate").pp("dense"), h, i, std)?,
-            output: linear(vb.pp("output").pp("dense"), i, h, std)?,
+            intermediate: linear(
+                vb.pp("intermediate").pp("dense"),
+                h,
+                i,
+                LinearInit::Normal(std),
+            )?,
+            output: linear(vb.pp("output").pp("dense"), i, h, LinearInit::Normal(std))?,
             layer_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             dropout: Dropout::new(cfg.hidden_dropout_prob, rng.clone()).with_site(site(index, 2)),
             act: cfg.hidden_act,
@@ -502,7 +507,12 @@ impl MlmHead {
         let h = cfg.hidden_size;
         let transform = vb.pp("transform");
         Ok(Self {
-            dense: linear(transform.pp("dense"), h, h, cfg.initializer_range)?,
+            dense: linear(
+                transform.pp("dense"),
+                h,
+                h,
+                LinearInit::Normal(cfg.initializer_range),
+            )?,
             layer_norm: LayerNorm::load(transform.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             decoder_weight: word_embeddings.clone(),
             bias: vb.get_with_hints(cfg.vocab_size, "bias", candle_nn::Init::Const(0.0))?,

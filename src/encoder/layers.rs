@@ -209,22 +209,36 @@ impl Dropout {
     }
 }
 
-/// Loads a `Linear` with BERT's initialisation (normal weights, zero bias) for missing tensors.
+/// How [`linear`] initialises a layer whose tensors the checkpoint lacks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum LinearInit {
+    /// BERT's: normal weights with this standard deviation, zero bias.
+    Normal(f64),
+    /// PyTorch's `nn.Linear` default: weight and bias uniform in ±1/sqrt(in_dim).
+    TorchDefault,
+}
+
+/// The crate's one `Linear` loader: the checkpoint's `weight` `[out_dim, in_dim]` and `bias`
+/// `[out_dim]` under `vb`, or fresh ones initialised by `init`.
 pub(crate) fn linear(
     vb: VarBuilder,
     in_dim: usize,
     out_dim: usize,
-    init_std: f64,
+    init: LinearInit,
 ) -> Result<candle_nn::Linear> {
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        Init::Randn {
-            mean: 0.0,
-            stdev: init_std,
-        },
-    )?;
-    let bias = vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?;
+    let (weight_init, bias_init) = match init {
+        LinearInit::Normal(stdev) => (Init::Randn { mean: 0.0, stdev }, Init::Const(0.0)),
+        LinearInit::TorchDefault => {
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let uniform = Init::Uniform {
+                lo: -bound,
+                up: bound,
+            };
+            (uniform, uniform)
+        }
+    };
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", weight_init)?;
+    let bias = vb.get_with_hints(out_dim, "bias", bias_init)?;
     Ok(candle_nn::Linear::new(weight, Some(bias)))
 }
 

@@ -21,7 +21,7 @@ pub use checkpoint::{
     TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 };
 pub use config::{BertConfig, HiddenAct};
-pub(crate) use layers::accumulation_dtype;
+pub(crate) use layers::{accumulation_dtype, linear, LinearInit};
 pub use layers::{Dropout, DropoutRng, LayerNorm};
 pub use params::ParamStore;
 pub use pretrained::{LoadReport, PretrainedBert};
