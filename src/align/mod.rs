@@ -46,8 +46,8 @@ pub use methods::{
     SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
-pub use sim::{SimMatrix, Similarity};
+pub use sim::{l2_normalize_rows, SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors,
-    DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, SentenceVectors, TextWord, TokenType,
+    WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
 };
