@@ -9,6 +9,8 @@ run (all three methods together).
     pip install simalign torch transformers
     python examples/align/simalign_reference.py --model DIR --layer 8 \
         --data tests/fixtures/align --sets roen jaen --out tests/fixtures/align/simalign_e5
+    python examples/align/simalign_reference.py --model tests/fixtures/tiny_bert --layer 2 \
+        --sets roen --max-words 25 --max-pairs 40 --out tests/fixtures/align/simalign_tiny
 
 Words are separated by ASCII spaces only, as the `align` example reads them (a KFTT line holds an
 ideographic space that its gold counts as a word; Python's `str.split()` would drop it).
@@ -21,29 +23,29 @@ import sys
 import time
 
 
-def read_pairs(path):
-    pairs = []
+def read_lines(path):
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            src, tgt = line.rstrip("\n").split(" ||| ")
-            pairs.append(([w for w in src.split(" ") if w], [w for w in tgt.split(" ") if w]))
-    return pairs
+        return [line.rstrip("\n") for line in f]
 
 
-def read_gold(path):
+def parse_pair(line):
+    src, tgt = line.split(" ||| ")
+    return [w for w in src.split(" ") if w], [w for w in tgt.split(" ") if w]
+
+
+def parse_gold(lines):
     """1-based `i-j` (sure) and `ipj` (possible) links, returned 0-based."""
     gold = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            sure, possible = set(), set()
-            for link in line.split():
-                sep = "p" if "p" in link else "-"
-                i, j = link.split(sep)
-                pair = (int(i) - 1, int(j) - 1)
-                possible.add(pair)
-                if sep == "-":
-                    sure.add(pair)
-            gold.append((sure, possible))
+    for line in lines:
+        sure, possible = set(), set()
+        for link in line.split():
+            sep = "p" if "p" in link else "-"
+            i, j = link.split(sep)
+            pair = (int(i) - 1, int(j) - 1)
+            possible.add(pair)
+            if sep == "-":
+                sure.add(pair)
+        gold.append((sure, possible))
     return gold
 
 
@@ -66,6 +68,8 @@ def main():
     ap.add_argument("--sets", nargs="+", default=["roen", "jaen"])
     ap.add_argument("--token-types", nargs="+", default=["bpe", "word"])
     ap.add_argument("--out", help="folder for SET.TOKEN_TYPE.METHOD Pharaoh files")
+    ap.add_argument("--max-pairs", type=int, help="only the first N pairs of each set")
+    ap.add_argument("--max-words", type=int, help="only pairs with at most N words a side")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
 
@@ -84,8 +88,21 @@ def main():
     methods = {"inter": "argmax", "itermax": "itermax", "mwmf": "match"}
     results = {}
     for name in args.sets:
-        pairs = read_pairs(os.path.join(args.data, f"{name}.src-tgt"))
-        gold = read_gold(os.path.join(args.data, f"{name}.gold"))
+        lines = read_lines(os.path.join(args.data, f"{name}.src-tgt"))
+        gold_lines = read_lines(os.path.join(args.data, f"{name}.gold"))
+        assert len(lines) == len(gold_lines), name
+        if args.max_words:
+            keep = [k for k, line in enumerate(lines) if max(map(len, parse_pair(line))) <= args.max_words]
+            lines, gold_lines = [lines[k] for k in keep], [gold_lines[k] for k in keep]
+        lines, gold_lines = lines[: args.max_pairs], gold_lines[: args.max_pairs]
+        if args.out and (args.max_words or args.max_pairs):
+            # A subset: keep its inputs beside the alignments.
+            os.makedirs(args.out, exist_ok=True)
+            for ext, content in (("src-tgt", lines), ("gold", gold_lines)):
+                with open(os.path.join(args.out, f"{name}.{ext}"), "w", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in content))
+        pairs = [parse_pair(line) for line in lines]
+        gold = parse_gold(gold_lines)
         assert len(pairs) == len(gold), name
         for token_type in args.token_types:
             aligner = SentenceAligner(
