@@ -147,7 +147,10 @@ fn several_methods_from_one_run_equal_single_runs() {
             ],
         );
         assert!(ok, "{stderr}");
-        assert!(!several.exists(), "one file per method, none under the plain name");
+        assert!(
+            !several.exists(),
+            "one file per method, none under the plain name"
+        );
         for method in ["argmax", "itermax", "match"] {
             let (ok, single, stderr) = run(
                 &bin,

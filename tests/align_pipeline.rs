@@ -174,7 +174,11 @@ fn empty_sides_missing_layers_and_raw_text() {
 
 /// Cosine of two vectors in f64, the plain definition (0 when either is zero).
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
     let na: f64 = a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
     if na > 0.0 && nb > 0.0 {
@@ -269,7 +273,9 @@ fn one_pass_serves_several_methods_in_any_batching() {
             assert_eq!(got, &base.align_pairs(&pairs, *method).unwrap());
             // Pair by pair: the output order is the input order whatever the length sorting.
             for (k, pair) in pairs.iter().enumerate() {
-                let one = base.align_pairs(std::slice::from_ref(pair), *method).unwrap();
+                let one = base
+                    .align_pairs(std::slice::from_ref(pair), *method)
+                    .unwrap();
                 assert_eq!(one[0], got[k], "{token_type:?} {} pair {k}", method.name());
             }
         }
@@ -287,7 +293,9 @@ fn one_pass_serves_several_methods_in_any_batching() {
         .with_token_type(TokenType::Word);
     let got = word.align_pairs(&pairs[..2], &ArgMax).unwrap();
     for (pair, got) in pairs.iter().zip(&got) {
-        let v = word.embed_words(&[pair.src.clone(), pair.tgt.clone()]).unwrap();
+        let v = word
+            .embed_words(&[pair.src.clone(), pair.tgt.clone()])
+            .unwrap();
         assert_eq!(got, &word.align_vectors(&v[0], &v[1], &ArgMax).unwrap());
     }
 }
