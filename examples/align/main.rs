@@ -68,8 +68,9 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Maximum tokens per sentence, special tokens included; words past it get no link.
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
+    /// Default: the model's position limit (`max_position_embeddings`), as SimAlign truncates.
+    #[arg(long)]
+    max_len: Option<usize>,
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -164,7 +165,10 @@ fn main() -> Result<()> {
         .tokenizer
         .clone()
         .context("the model directory has no tokenizer.json")?
-        .with_max_len(args.max_len)?;
+        .with_max_len(
+            args.max_len
+                .unwrap_or(bert.model.encoder.config().max_position_embeddings),
+        )?;
     let num_layers = bert.model.encoder.config().num_hidden_layers as isize;
     let pooling = if args.mlctl_pooling {
         Pooling::mlctl()
