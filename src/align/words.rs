@@ -157,7 +157,7 @@ impl SentenceVectors {
 }
 
 /// Sentences per forward pass unless [`WordAligner::with_batch_size`] says otherwise.
-pub const DEFAULT_ALIGN_BATCH: usize = 64;
+pub const DEFAULT_ALIGN_BATCH: usize = 16;
 
 /// Aligns the words of sentence pairs with an encoder and one or more [`AlignMethod`]s.
 ///
