@@ -1,18 +1,30 @@
 //! The `align` example as a user runs it: output on success, nothing written on bad input.
 //!
-//! `cargo test` builds the examples before running tests; when the binary is absent (e.g.
-//! `cargo test --test align_example` alone) the test says so and checks nothing.
+//! `cargo test` builds the examples before running tests; `cargo test --test align_example`
+//! alone does not, so build it first (`cargo build --example align`): a missing binary fails the
+//! tests rather than letting them pass having checked nothing.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn example() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?.parent()?.join("examples");
+/// The example binary of the profile this test was built with (`target/<profile>/examples`).
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests run from target/<profile>/deps")
+        .join("examples");
     let bin = dir.join(format!("align{}", std::env::consts::EXE_SUFFIX));
-    bin.exists().then_some(bin)
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --example align` (with the same profile) first; \
+         a whole `cargo test` builds it",
+        bin.display()
+    );
+    bin
 }
 
 fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
@@ -32,10 +44,7 @@ fn run(bin: &Path, args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn example_writes_pharaoh_and_scores_or_writes_nothing() {
-    let Some(bin) = example() else {
-        eprintln!("the align example is not built (run the whole `cargo test`): nothing checked");
-        return;
-    };
+    let bin = example();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let input = d.join("in.src-tgt");
@@ -108,4 +117,61 @@ fn example_writes_pharaoh_and_scores_or_writes_nothing() {
             "no temporary file left"
         );
     }
+}
+
+#[test]
+fn several_methods_from_one_run_equal_single_runs() {
+    let bin = example();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.src-tgt");
+    std::fs::write(
+        &input,
+        "the cat sat on the mat ||| a dog ran to the door\nthe dog ||| the dog\n",
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    for token_type in ["bpe", "word"] {
+        let several = d.join(format!("{token_type}.align"));
+        let (ok, _, stderr) = run(
+            &bin,
+            &[
+                "--input",
+                &s(&input),
+                "--token-type",
+                token_type,
+                "--method",
+                "argmax,itermax,match",
+                "--output",
+                &s(&several),
+            ],
+        );
+        assert!(ok, "{stderr}");
+        assert!(
+            !several.exists(),
+            "one file per method, none under the plain name"
+        );
+        for method in ["argmax", "itermax", "match"] {
+            let (ok, single, stderr) = run(
+                &bin,
+                &[
+                    "--input",
+                    &s(&input),
+                    "--token-type",
+                    token_type,
+                    "--method",
+                    method,
+                ],
+            );
+            assert!(ok, "{stderr}");
+            let file = d.join(format!("{token_type}.{method}.align"));
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert_eq!(text, single, "{token_type} {method}");
+            assert_eq!(text.lines().count(), 2);
+        }
+    }
+    // Several methods and no --output: refused before anything runs.
+    let (ok, _, stderr) = run(&bin, &["--input", &s(&input), "--method", "argmax,match"]);
+    assert!(!ok && stderr.contains("--output"), "{stderr}");
 }

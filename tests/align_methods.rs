@@ -280,3 +280,57 @@ fn sparsemax_keeps_only_the_support() {
     assert_eq!(links(&strict.align(&m)), vec![(0, 0), (1, 1)]);
     assert_eq!(METHOD_NAMES.len(), 5);
 }
+
+#[test]
+fn gemm_similarities_equal_the_f64_definition() {
+    // Deterministic pseudo-random vectors (an LCG), one zero row, dimension 384 as e5-small.
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let dim = 384;
+    let mut src: Vec<Vec<f32>> = (0..7).map(|_| (0..dim).map(|_| next()).collect()).collect();
+    src[3] = vec![0.0; dim];
+    let tgt: Vec<Vec<f32>> = (0..5)
+        .map(|_| (0..dim).map(|_| next() * 3.0).collect())
+        .collect();
+    for kind in [
+        Similarity::Cosine,
+        Similarity::ScaledCosine,
+        Similarity::Dot,
+    ] {
+        let m = SimMatrix::compute(&src, &tgt, kind).unwrap();
+        assert_eq!((m.rows(), m.cols()), (7, 5));
+        for (i, s) in src.iter().enumerate() {
+            for (j, t) in tgt.iter().enumerate() {
+                let dot: f64 = s
+                    .iter()
+                    .zip(t)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum();
+                let ns = s.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+                let nt = t.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+                let cos = if ns > 0.0 { dot / (ns * nt) } else { 0.0 };
+                let (expected, tol) = match kind {
+                    Similarity::Cosine => (cos, 1e-6),
+                    Similarity::ScaledCosine => ((cos + 1.0) / 2.0, 1e-6),
+                    Similarity::Dot => (dot, 1e-5 * dot.abs().max(1.0)),
+                };
+                let got = f64::from(m.get(i, j));
+                assert!(
+                    (got - expected).abs() <= tol,
+                    "{kind:?} ({i}, {j}): {got} vs {expected}"
+                );
+            }
+        }
+    }
+    // A vector with itself: cosine 1 exactly at most (rounding never goes past it).
+    let same = SimMatrix::compute(&src, &src, Similarity::Cosine).unwrap();
+    assert!(same.data().iter().all(|&c| c <= 1.0));
+    assert!((same.get(0, 0) - 1.0).abs() < 1e-6);
+    // Flat input that is not whole rows is an error, not a panic.
+    assert!(SimMatrix::from_flat(&[1.0, 2.0, 3.0], &[1.0, 2.0], 2, Similarity::Dot).is_err());
+}

@@ -5,8 +5,8 @@ mod common;
 use candle_core::{DType, Device};
 use mlctl::align::io::{check_links, read_gold, read_parallel};
 use mlctl::align::{
-    method_by_name, split_words, word_spans, AlignmentCounts, ArgMax, SentencePair, WordAligner,
-    METHOD_NAMES,
+    method_by_name, split_words, word_spans, Alignment, AlignmentCounts, ArgMax, SentencePair,
+    SimMatrix, Similarity, TokenType, WordAligner, METHOD_NAMES,
 };
 use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::{Pooling, TokenSpan};
@@ -170,4 +170,132 @@ fn empty_sides_missing_layers_and_raw_text() {
         .unwrap();
     assert_eq!((s.len(), t.len()), (4, 4));
     assert!(a.links().iter().all(|&(i, j)| i < 4 && j < 4) && !a.is_empty());
+}
+
+/// Cosine of two vectors in f64, the plain definition (0 when either is zero).
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum();
+    let na: f64 = a.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+    if na > 0.0 && nb > 0.0 {
+        dot / (na * nb)
+    } else {
+        0.0
+    }
+}
+
+#[test]
+fn subword_links_become_word_links() {
+    // Reference: each sentence through the encoder alone, its non-special tokens' vectors at
+    // layer 2, similarities by the f64 definition, each method on that subword matrix, and a
+    // word pair linked when any of its subword pairs is.
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let pairs = vec![
+        SentencePair::from_text("the playing dogs ran !", "a dog was playing"),
+        SentencePair::from_text("unknownword cats sat", "the cats sat down quickly"),
+    ];
+    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(2);
+    assert_eq!(aligner.token_type(), TokenType::Bpe, "SimAlign's default");
+    let subwords = |words: &[String]| -> (Vec<Vec<f32>>, Vec<usize>) {
+        let batch = tok
+            .encode_pretokenized_batch(std::slice::from_ref(&words.to_vec()), &Device::Cpu)
+            .unwrap();
+        let out = bert
+            .model
+            .encoder
+            .forward(
+                &batch.input_ids,
+                Some(&batch.token_type_ids),
+                Some(&batch.attention_mask),
+            )
+            .unwrap();
+        let h: Vec<Vec<f32>> = out.hidden_states[2].squeeze(0).unwrap().to_vec2().unwrap();
+        batch.word_ids[0]
+            .iter()
+            .enumerate()
+            .filter_map(|(p, w)| Some((h[p].clone(), (*w)? as usize)))
+            .unzip()
+    };
+    let mut split_words = 0;
+    for name in ["argmax", "itermax", "match", "softmax"] {
+        let method = method_by_name(name).unwrap();
+        let got = aligner.align_pairs(&pairs, method.as_ref()).unwrap();
+        for (pair, got) in pairs.iter().zip(&got) {
+            let (sv, sw) = subwords(&pair.src);
+            let (tv, tw) = subwords(&pair.tgt);
+            split_words += sw.len() - pair.src.len();
+            let kind = method.similarity();
+            let values: Vec<f32> = sv
+                .iter()
+                .flat_map(|a| {
+                    tv.iter().map(move |b| match kind {
+                        Similarity::Dot => a.iter().zip(b).map(|(&x, &y)| x * y).sum::<f32>(),
+                        _ => ((cosine(a, b) + 1.0) / 2.0) as f32,
+                    })
+                })
+                .collect();
+            let sim = SimMatrix::new(sv.len(), tv.len(), values).unwrap();
+            let expected: Alignment = method
+                .align(&sim)
+                .links()
+                .iter()
+                .map(|&(i, j)| (sw[i], tw[j]))
+                .collect();
+            assert_eq!(got, &expected, "{name}");
+        }
+    }
+    assert!(split_words > 0, "some word has several subwords");
+}
+
+#[test]
+fn one_pass_serves_several_methods_in_any_batching() {
+    let bert = tiny();
+    let tok = bert.tokenizer.clone().unwrap();
+    let pairs: Vec<SentencePair> =
+        read_parallel(common::fixture("align/roen.src-tgt")).unwrap()[..9].to_vec();
+    let methods: Vec<Box<dyn mlctl::align::AlignMethod>> = METHOD_NAMES
+        .iter()
+        .map(|n| method_by_name(n).unwrap())
+        .collect();
+    let methods: Vec<&dyn mlctl::align::AlignMethod> = methods.iter().map(AsRef::as_ref).collect();
+    for token_type in [TokenType::Bpe, TokenType::Word] {
+        let base = WordAligner::new(&bert.model.encoder, tok.clone())
+            .with_layer(2)
+            .with_token_type(token_type);
+        let all = base.align_pairs_multi(&pairs, &methods).unwrap();
+        assert_eq!(all.len(), methods.len());
+        for (method, got) in methods.iter().zip(&all) {
+            assert_eq!(got, &base.align_pairs(&pairs, *method).unwrap());
+            // Pair by pair: the output order is the input order whatever the length sorting.
+            for (k, pair) in pairs.iter().enumerate() {
+                let one = base
+                    .align_pairs(std::slice::from_ref(pair), *method)
+                    .unwrap();
+                assert_eq!(one[0], got[k], "{token_type:?} {} pair {k}", method.name());
+            }
+        }
+        for batch in [1, 3] {
+            let small = WordAligner::new(&bert.model.encoder, tok.clone())
+                .with_layer(2)
+                .with_token_type(token_type)
+                .with_batch_size(batch);
+            assert_eq!(small.align_pairs_multi(&pairs, &methods).unwrap(), all);
+        }
+    }
+    // Word units are the words' mean vectors: aligning them is aligning embed_words' vectors.
+    let word = WordAligner::new(&bert.model.encoder, tok)
+        .with_layer(2)
+        .with_token_type(TokenType::Word);
+    let got = word.align_pairs(&pairs[..2], &ArgMax).unwrap();
+    for (pair, got) in pairs.iter().zip(&got) {
+        let v = word
+            .embed_words(&[pair.src.clone(), pair.tgt.clone()])
+            .unwrap();
+        assert_eq!(got, &word.align_vectors(&v[0], &v[1], &ArgMax).unwrap());
+    }
 }

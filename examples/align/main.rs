@@ -4,19 +4,20 @@
 //! See `examples/align/README.md`.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::{ArgAction, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
 use mlctl::align::io::{check_gold, pharaoh_text, read_gold, read_parallel, write_pharaoh};
 use mlctl::align::{
-    AlignMethod, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign, SparsemaxAlign,
-    WordAligner, DEFAULT_ALIGN_LAYER,
+    AlignMethod, Alignment, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign,
+    SparsemaxAlign, TokenType, WordAligner, DEFAULT_ALIGN_LAYER,
 };
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::encoder::PretrainedBert;
+use mlctl::encoder::{BertConfig, BertEncoder, PretrainedBert};
 use mlctl::pooling::Pooling;
 
 /// Align the words of tokenized sentence pairs (`source ||| target`, one pair per line).
@@ -29,9 +30,14 @@ struct Args {
     /// Parallel file: `source words ||| target words` per line, words separated by spaces.
     #[arg(long)]
     input: PathBuf,
-    /// Extraction method: argmax, itermax, match, softmax or sparsemax.
-    #[arg(long, default_value = "argmax", value_parser = ["argmax", "itermax", "match", "softmax", "sparsemax"])]
-    method: String,
+    /// Extraction methods, comma-separated (argmax, itermax, match, softmax, sparsemax): one
+    /// encoder pass serves them all, one output file each.
+    #[arg(long, default_value = "argmax", value_delimiter = ',', value_parser = ["argmax", "itermax", "match", "softmax", "sparsemax"])]
+    method: Vec<String>,
+    /// What the methods link: `bpe` (subwords, then a word pair is linked when any of its
+    /// subwords are; SimAlign's default) or `word` (words as the mean of their subwords).
+    #[arg(long, default_value = "bpe", value_parser = ["bpe", "word"])]
+    token_type: String,
     /// Hidden layer of the word vectors (0 = embeddings, negative from the end); default
     /// min(8, number of layers), 8 being SimAlign's choice for mBERT.
     #[arg(long, allow_hyphen_values = true)]
@@ -39,7 +45,8 @@ struct Args {
     /// Use ML-CTL's pooling instead of one layer: the mean of layer 1 and the last layer.
     #[arg(long, conflicts_with = "layer")]
     mlctl_pooling: bool,
-    /// Pharaoh output (0-based `i-j`), written atomically; absent writes to stdout.
+    /// Pharaoh output (0-based `i-j`), written atomically; absent writes to stdout. With several
+    /// methods, one file each: `out.align` becomes `out.argmax.align`, `out.itermax.align`, ...
     #[arg(long)]
     output: Option<PathBuf>,
     /// Gold alignments (`i-j` sure, `ipj` possible) to score against: prints P/R/F1/AER.
@@ -57,24 +64,70 @@ struct Args {
     /// Drop links whose similarity is below this value.
     #[arg(long)]
     null_threshold: Option<f32>,
-    /// Sentence pairs per forward pass.
-    #[arg(long, default_value_t = 32)]
+    /// Sentence pairs per forward pass. Memory grows with it times the longest sentence's
+    /// tokens squared: 8 pairs of ~300-token sentences peak near 4 GB with a 12-layer model.
+    #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Maximum tokens per sentence, special tokens included; words past it get no link.
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
+    /// Default: the model's position limit (`max_position_embeddings`), as SimAlign truncates.
+    #[arg(long)]
+    max_len: Option<usize>,
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
-    /// Run on the CPU whatever `--device` says.
-    #[arg(long)]
-    cpu: bool,
+}
+
+/// Where method `name`'s links go: `path` itself for a single method, else `path` with the
+/// method's name before its extension.
+fn output_path(path: &Path, name: &str, several: bool) -> PathBuf {
+    if !several {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let file = match path.extension() {
+        Some(ext) => format!("{stem}.{name}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.{name}"),
+    };
+    path.with_file_name(file)
+}
+
+/// The encoder up to the deepest layer the vectors need: layers above it cannot change them.
+/// The layers share their weights with `bert`'s encoder.
+fn encoder_up_to(bert: &PretrainedBert, device: &Device, layers: &[isize]) -> Result<BertEncoder> {
+    let full = bert.model.encoder.config().num_hidden_layers;
+    let deepest = layers
+        .iter()
+        .map(|&l| usize::try_from(l).ok())
+        .collect::<Option<Vec<_>>>();
+    match deepest.and_then(|d| d.into_iter().max()) {
+        Some(deepest) if (1..full).contains(&deepest) => {
+            let config = BertConfig {
+                num_hidden_layers: deepest,
+                ..bert.model.encoder.config().clone()
+            };
+            Ok(BertEncoder::load(
+                bert.params.var_builder(DType::F32, device).pp("bert"),
+                &config,
+            )?)
+        }
+        _ => Ok(bert.model.encoder.clone()),
+    }
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for name in &args.method {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    let several = names.len() > 1;
+    if several && args.output.is_none() {
+        bail!("--output is needed with several methods (one file each)");
     }
     // Validate every input before loading the model or writing anything.
     let pairs = read_parallel(&args.input)?;
@@ -86,80 +139,101 @@ fn main() -> Result<()> {
         }
         None => None,
     };
-    let method: Box<dyn AlignMethod> = match args.method.as_str() {
-        "argmax" => Box::new(ArgMax),
-        "itermax" => Box::new(IterMax::default()),
-        "match" => Box::new(MaxWeightMatch),
-        "sparsemax" => Box::new(SparsemaxAlign::default()),
-        _ => Box::new(SoftmaxAlign {
-            threshold: args.softmax_threshold,
-        }),
-    };
+    let methods: Vec<Box<dyn AlignMethod>> = names
+        .iter()
+        .map(|&name| -> Box<dyn AlignMethod> {
+            match name {
+                "argmax" => Box::new(ArgMax),
+                "itermax" => Box::new(IterMax::default()),
+                "match" => Box::new(MaxWeightMatch),
+                "sparsemax" => Box::new(SparsemaxAlign::default()),
+                _ => Box::new(SoftmaxAlign {
+                    threshold: args.softmax_threshold,
+                }),
+            }
+        })
+        .collect();
+    let methods: Vec<&dyn AlignMethod> = methods.iter().map(AsRef::as_ref).collect();
+    let token_type: TokenType = args.token_type.parse()?;
 
-    let device = select_device(if args.cpu {
-        DeviceChoice::Cpu
-    } else {
-        args.device
-    })?;
+    let device = select_device(args.device)?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
-    let tokenizer = bert.tokenizer()?.clone().with_max_len(args.max_len)?;
+    let tokenizer = bert.tokenizer()?.clone().with_max_len(
+        args.max_len
+            .unwrap_or(bert.model.encoder.config().max_sequence_length()),
+    )?;
     let num_layers = bert.model.encoder.config().num_hidden_layers as isize;
     let pooling = if args.mlctl_pooling {
         Pooling::mlctl()
     } else {
         Pooling::layer(args.layer.unwrap_or(DEFAULT_ALIGN_LAYER.min(num_layers)))
     };
-    let aligner = WordAligner::new(&bert.model.encoder, tokenizer)
+    let encoder = encoder_up_to(&bert, &device, pooling.layers())?;
+    let aligner = WordAligner::new(&encoder, tokenizer)
         .with_pooling(&pooling)
+        .with_token_type(token_type)
+        .with_batch_size(2 * args.batch_size)
         .with_distortion(args.distortion)
         .with_null_threshold(args.null_threshold);
 
+    let start = Instant::now();
     let progress = ProgressBar::new(pairs.len() as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} pairs, {per_sec}, eta {eta}")
             .expect("valid template"),
     );
-    let mut alignments = Vec::with_capacity(pairs.len());
-    for chunk in pairs.chunks(args.batch_size) {
-        alignments.extend(aligner.align_pairs(chunk, method.as_ref())?);
+    // Batches are sorted by length within each window of pairs; windows bound the memory the
+    // vectors take and pace the progress bar.
+    let window = (16 * args.batch_size).max(256);
+    let mut alignments: Vec<Vec<Alignment>> = vec![Vec::with_capacity(pairs.len()); names.len()];
+    for chunk in pairs.chunks(window) {
+        let per_method = aligner.align_pairs_multi(chunk, &methods)?;
+        for (all, more) in alignments.iter_mut().zip(per_method) {
+            all.extend(more);
+        }
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
 
-    match &args.output {
-        Some(path) => write_pharaoh(path, &alignments)?,
-        None => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(pharaoh_text(&alignments).as_bytes())?;
-            out.flush()?;
+    for (name, aligned) in names.iter().zip(&alignments) {
+        match &args.output {
+            Some(path) => write_pharaoh(output_path(path, name, several), aligned)?,
+            None => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(pharaoh_text(aligned).as_bytes())?;
+                out.flush()?;
+            }
         }
     }
-    let links: usize = alignments.iter().map(|a| a.len()).sum();
     eprintln!(
-        "aligned {} pairs ({links} links) with {} on layers {:?} of {}",
+        "aligned {} pairs with {} ({} units) on layers {:?} of {} in {seconds:.1} s",
         pairs.len(),
-        method.name(),
+        names.join(", "),
+        args.token_type,
         pooling.layers(),
         args.model
     );
     if let Some(gold) = gold {
-        let c = AlignmentCounts::corpus(&alignments, &gold)?;
-        let report = format!(
-            "precision {:.4}  recall {:.4}  F1 {:.4}  AER {:.4}  (|A| {}, |S| {}, |A∩S| {}, |A∩P| {})",
-            c.precision(),
-            c.recall(),
-            c.f1(),
-            c.aer(),
-            c.predicted,
-            c.sure,
-            c.predicted_sure,
-            c.predicted_possible
-        );
-        // Keep stdout pure Pharaoh when the links go there.
-        if args.output.is_some() {
-            println!("{report}");
-        } else {
-            eprintln!("{report}");
+        for (name, aligned) in names.iter().zip(&alignments) {
+            let c = AlignmentCounts::corpus(aligned, &gold)?;
+            let report = format!(
+                "{name}: precision {:.4}  recall {:.4}  F1 {:.4}  AER {:.4}  (|A| {}, |S| {}, |A∩S| {}, |A∩P| {})",
+                c.precision(),
+                c.recall(),
+                c.f1(),
+                c.aer(),
+                c.predicted,
+                c.sure,
+                c.predicted_sure,
+                c.predicted_possible
+            );
+            // Keep stdout pure Pharaoh when the links go there.
+            if args.output.is_some() {
+                println!("{report}");
+            } else {
+                eprintln!("{report}");
+            }
         }
     }
     Ok(())

@@ -2,9 +2,13 @@
 //! scored against gold alignments; and ML-CTL's dictionary anchors.
 //!
 //! The pieces, usable on their own:
-//! - [`WordAligner`]: subword → word mapping from the tokenizer's word ids, word vectors as the
-//!   mean of their subwords at a chosen layer (default 8, as SimAlign for mBERT) or over
-//!   several layers ([`crate::pooling::Pooling::mlctl`]), and one [`SimMatrix`] per pair.
+//! - [`WordAligner`]: subword → word mapping from the tokenizer's word ids, vectors at a chosen
+//!   layer (default 8, as SimAlign for mBERT) or the mean of several layers
+//!   ([`crate::pooling::Pooling::mlctl`]); methods link subwords (SimAlign's default
+//!   [`TokenType::Bpe`], a word pair linked when any of its subwords are) or words (the mean of
+//!   their subwords, [`TokenType::Word`]); length-sorted batches, and one encoder pass and one
+//!   [`SimMatrix`] (an f32 matrix product) per pair for several methods
+//!   ([`WordAligner::align_pairs_multi`]).
 //! - [`AlignMethod`] and its implementations: SimAlign's [`ArgMax`], [`IterMax`] and
 //!   [`MaxWeightMatch`], awesome-align's [`SoftmaxAlign`] (and its sparse variant
 //!   [`SparsemaxAlign`]); [`SimMatrix::with_distortion`] and
@@ -46,8 +50,8 @@ pub use methods::{
     SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
-pub use sim::{SimMatrix, Similarity};
+pub use sim::{l2_normalize_rows, SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, TextWord, WordAligner, WordVectors,
-    DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, SentenceVectors, TextWord, TokenType,
+    WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
 };

@@ -1,6 +1,35 @@
 //! Similarity matrices between the words of a source and a target sentence.
 
+use candle_core::{Device, Tensor};
+
 use crate::{Error, Result};
+
+/// Rows of a row-major `[rows, dim]` matrix scaled to unit L2 norm (norms accumulated in f64);
+/// a zero row stays zero, so it has cosine 0 with everything (as scikit-learn's
+/// `cosine_similarity`, which SimAlign uses).
+pub fn l2_normalize_rows(rows: &[f32], dim: usize) -> Vec<f32> {
+    let mut out = rows.to_vec();
+    for row in out.chunks_mut(dim.max(1)) {
+        let norm = row
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            for x in row {
+                *x = (f64::from(*x) / norm) as f32;
+            }
+        }
+    }
+    out
+}
+
+/// `a · bᵀ` for row-major `a: [m, k]` and `b: [n, k]`, in f32, row-major `[m, n]`.
+fn gemm_abt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+    let a = Tensor::from_slice(a, (m, k), &Device::Cpu)?;
+    let b = Tensor::from_slice(b, (n, k), &Device::Cpu)?;
+    Ok(a.matmul(&b.t()?)?.flatten_all()?.to_vec1::<f32>()?)
+}
 
 /// How word vectors are compared to build a [`SimMatrix`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,35 +98,42 @@ impl SimMatrix {
                 actual: vec![v.len()],
             });
         }
-        let norm = |v: &[f32]| {
-            v.iter()
-                .map(|&x| f64::from(x) * f64::from(x))
-                .sum::<f64>()
-                .sqrt()
-        };
-        let src_norms: Vec<f64> = src.iter().map(|v| norm(v)).collect();
-        let tgt_norms: Vec<f64> = tgt.iter().map(|v| norm(v)).collect();
-        let mut data = Vec::with_capacity(src.len() * tgt.len());
-        for (s, &ns) in src.iter().zip(&src_norms) {
-            for (t, &nt) in tgt.iter().zip(&tgt_norms) {
-                let dot: f64 = s
-                    .iter()
-                    .zip(t)
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum();
-                let cos = if ns > 0.0 && nt > 0.0 {
-                    (dot / (ns * nt)).clamp(-1.0, 1.0)
-                } else {
-                    0.0
-                };
-                data.push(match kind {
-                    Similarity::Cosine => cos as f32,
-                    Similarity::ScaledCosine => ((cos + 1.0) / 2.0) as f32,
-                    Similarity::Dot => dot as f32,
-                });
+        Self::from_flat(&src.concat(), &tgt.concat(), dim, kind)
+    }
+
+    /// Like [`SimMatrix::compute`] on row-major `[rows, dim]` and `[cols, dim]` matrices: one
+    /// f32 GEMM (candle's CPU matmul), after [`l2_normalize_rows`] for the cosine kinds.
+    pub fn from_flat(src: &[f32], tgt: &[f32], dim: usize, kind: Similarity) -> Result<Self> {
+        if dim == 0 || src.len() % dim != 0 || tgt.len() % dim != 0 {
+            if src.is_empty() && tgt.is_empty() {
+                return Self::new(0, 0, Vec::new());
             }
+            return Err(Error::InvalidArgument(format!(
+                "similarity inputs of {} and {} values are not rows of {dim} values",
+                src.len(),
+                tgt.len()
+            )));
         }
-        Self::new(src.len(), tgt.len(), data)
+        let (rows, cols) = (src.len() / dim, tgt.len() / dim);
+        if rows == 0 || cols == 0 {
+            return Self::new(rows, cols, Vec::new());
+        }
+        let data = match kind {
+            Similarity::Dot => gemm_abt(src, tgt, rows, cols, dim)?,
+            Similarity::Cosine | Similarity::ScaledCosine => {
+                let (s, t) = (l2_normalize_rows(src, dim), l2_normalize_rows(tgt, dim));
+                let mut cos = gemm_abt(&s, &t, rows, cols, dim)?;
+                // Rounding can take a unit vector's cosine with itself just past 1.
+                for c in &mut cos {
+                    *c = c.clamp(-1.0, 1.0);
+                    if kind == Similarity::ScaledCosine {
+                        *c = (*c + 1.0) / 2.0;
+                    }
+                }
+                cos
+            }
+        };
+        Self::new(rows, cols, data)
     }
 
     /// Number of source words.

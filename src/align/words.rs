@@ -1,10 +1,12 @@
 //! From sentences to word vectors to alignments: the encoder pipeline.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+use tokenizers::Encoding;
 
 use super::io::SentencePair;
 use super::methods::{drop_below, AlignMethod, Alignment};
-use super::sim::SimMatrix;
+use super::sim::{SimMatrix, Similarity};
 use crate::encoder::BertEncoder;
 use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::{TokenBatch, Tokenizer};
@@ -78,14 +80,99 @@ pub fn word_spans(word_ids: &[Option<u32>], num_words: usize) -> Vec<Option<Toke
 /// Word vectors of one sentence: `None` for a word with no token left after truncation.
 pub type WordVectors = Vec<Option<Vec<f32>>>;
 
-/// Aligns the words of sentence pairs with an encoder and an [`AlignMethod`].
+/// What the extraction methods link, as SimAlign's `token_type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenType {
+    /// Subwords (SimAlign's default, `"bpe"`): every method runs on the matrix of subword
+    /// vectors (special tokens excluded), and two words are linked when any of their subwords
+    /// are. awesome-align extracts its softmax links this way too.
+    #[default]
+    Bpe,
+    /// Words (`"word"`): a word's vector is the mean of its subword vectors and the methods run
+    /// on the word matrix.
+    Word,
+}
+
+impl std::str::FromStr for TokenType {
+    type Err = Error;
+
+    /// `bpe` (alias `subword`) or `word`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bpe" | "subword" => Ok(Self::Bpe),
+            "word" => Ok(Self::Word),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown token type `{other}` (expected bpe or word)"
+            ))),
+        }
+    }
+}
+
+/// The vectors of one sentence's alignment units (its subwords or its words, see
+/// [`TokenType`]) and the word each unit belongs to.
 ///
-/// Each side is encoded on its own (`[CLS] words [SEP]`, as SimAlign does). A word's vector is
-/// the mean of its subword vectors at the chosen layer; with several layers (e.g.
-/// [`Pooling::mlctl`]: layers 1 and last) it is the mean over those layers of that (for cosine
-/// similarities the mean and the sum of layers give the same matrix). Layers count as in
-/// [`crate::encoder::EncoderOutput::hidden_states`] (0 = embeddings, negative from the end); a
-/// layer the encoder lacks is an [`Error::InvalidArgument`].
+/// # Shapes
+/// - `vectors`: row-major `[units, dim]`
+/// - `words`: `[units]`, word indices into the sentence, non-decreasing
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SentenceVectors {
+    /// One row per unit.
+    pub vectors: Vec<f32>,
+    /// Length of a vector.
+    pub dim: usize,
+    /// The word of each unit.
+    pub words: Vec<usize>,
+}
+
+impl SentenceVectors {
+    /// Number of units.
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    /// True when the sentence has no unit (empty, or truncated away).
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Word vectors (one unit per word) from the per-word form of [`WordAligner::embed_words`].
+    pub fn from_words(words: &WordVectors) -> Result<Self> {
+        let mut out = Self::default();
+        for (w, v) in words.iter().enumerate() {
+            let Some(v) = v else { continue };
+            if out.words.is_empty() {
+                out.dim = v.len();
+            } else if v.len() != out.dim {
+                return Err(Error::ShapeMismatch {
+                    name: "word vector".into(),
+                    expected: vec![out.dim],
+                    actual: vec![v.len()],
+                });
+            }
+            out.vectors.extend_from_slice(v);
+            out.words.push(w);
+        }
+        Ok(out)
+    }
+}
+
+/// Sentences per forward pass unless [`WordAligner::with_batch_size`] says otherwise.
+pub const DEFAULT_ALIGN_BATCH: usize = 16;
+
+/// Aligns the words of sentence pairs with an encoder and one or more [`AlignMethod`]s.
+///
+/// Each side is encoded on its own (`[CLS] words [SEP]`, as SimAlign does), in batches of
+/// sentences of similar token length (sorted, results in input order). Vectors come from the
+/// chosen layer; with several layers (e.g. [`Pooling::mlctl`]: layers 1 and last) from the mean
+/// of those layers (for cosine similarities the mean and the sum of layers give the same
+/// matrix). Layers count as in [`crate::encoder::EncoderOutput::hidden_states`] (0 = embeddings,
+/// negative from the end); a layer the encoder lacks is an [`Error::InvalidArgument`].
+///
+/// With [`TokenType::Bpe`] (the default, as SimAlign's) the methods link subwords and a word
+/// pair is linked when any of its subword pairs is; with [`TokenType::Word`] a word's vector is
+/// the mean of its subword vectors and the methods link words. Special tokens are never units.
+/// One encoder pass serves every method given to [`WordAligner::align_pairs_multi`], and one
+/// similarity matrix per pair every method that compares vectors the same way.
 ///
 /// Words whose subwords were all truncated away (the tokenizer's `max_len`) get no vector and
 /// no link; the other words are aligned among themselves and keep their original indices.
@@ -93,12 +180,15 @@ pub struct WordAligner<'a, E: HiddenStates + ?Sized> {
     encoder: &'a E,
     tokenizer: Tokenizer,
     layers: Vec<isize>,
+    token_type: TokenType,
+    batch_size: usize,
     distortion: f32,
     null_threshold: Option<f32>,
 }
 
 impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
-    /// An aligner at layer [`DEFAULT_ALIGN_LAYER`] (8), no distortion, no null threshold.
+    /// An aligner at layer [`DEFAULT_ALIGN_LAYER`] (8), subword units, batches of
+    /// [`DEFAULT_ALIGN_BATCH`] sentences, no distortion, no null threshold.
     ///
     /// A tokenizer whose `max_len` exceeds the encoder's position limit
     /// ([`HiddenStates::max_positions`]) is lowered to it, so long sentences are truncated
@@ -114,6 +204,8 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
             encoder,
             tokenizer,
             layers: vec![DEFAULT_ALIGN_LAYER],
+            token_type: TokenType::default(),
+            batch_size: DEFAULT_ALIGN_BATCH,
             distortion: 0.0,
             null_threshold: None,
         }
@@ -131,6 +223,18 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         self
     }
 
+    /// Links subwords ([`TokenType::Bpe`], the default) or words.
+    pub fn with_token_type(mut self, token_type: TokenType) -> Self {
+        self.token_type = token_type;
+        self
+    }
+
+    /// Sentences per forward pass (at least 1).
+    pub fn with_batch_size(mut self, sentences: usize) -> Self {
+        self.batch_size = sentences.max(1);
+        self
+    }
+
     /// Applies SimAlign's distortion prior ([`SimMatrix::with_distortion`]) before extraction;
     /// 0 (the default) turns it off.
     pub fn with_distortion(mut self, ratio: f32) -> Self {
@@ -145,9 +249,14 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         self
     }
 
-    /// The layers whose mean gives word vectors.
+    /// The layers whose mean gives the vectors.
     pub fn layers(&self) -> &[isize] {
         &self.layers
+    }
+
+    /// What the methods link.
+    pub fn token_type(&self) -> TokenType {
+        self.token_type
     }
 
     /// The tokenizer.
@@ -155,31 +264,90 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         &self.tokenizer
     }
 
-    /// Word vectors of pre-tokenized sentences (one forward pass for all of them). An empty
-    /// sentence gives an empty list.
-    pub fn embed_words<S: AsRef<str>>(&self, sentences: &[Vec<S>]) -> Result<Vec<WordVectors>> {
+    /// Word vectors of pre-tokenized sentences: the mean of each word's subword vectors,
+    /// whatever the token type. An empty sentence gives an empty list.
+    pub fn embed_words<S: AsRef<str> + Sync>(
+        &self,
+        sentences: &[Vec<S>],
+    ) -> Result<Vec<WordVectors>> {
+        let units = self.embed_units(sentences, TokenType::Word)?;
+        Ok(units
+            .into_iter()
+            .zip(sentences)
+            .map(|(u, words)| {
+                let mut out: WordVectors = vec![None; words.len()];
+                for (row, &w) in u.vectors.chunks(u.dim.max(1)).zip(&u.words) {
+                    out[w] = Some(row.to_vec());
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// The unit vectors of pre-tokenized sentences for the aligner's token type, in batches of
+    /// similar length.
+    pub fn embed<S: AsRef<str> + Sync>(
+        &self,
+        sentences: &[Vec<S>],
+    ) -> Result<Vec<SentenceVectors>> {
+        self.embed_units(sentences, self.token_type)
+    }
+
+    fn embed_units<S: AsRef<str> + Sync>(
+        &self,
+        sentences: &[Vec<S>],
+        token_type: TokenType,
+    ) -> Result<Vec<SentenceVectors>> {
         if self.layers.is_empty() {
             return Err(Error::InvalidArgument(
                 "word alignment needs at least one layer".into(),
             ));
         }
-        let mut out: Vec<WordVectors> = sentences.iter().map(|_| Vec::new()).collect();
-        let present: Vec<usize> = (0..sentences.len())
-            .filter(|&k| !sentences[k].is_empty())
-            .collect();
-        if present.is_empty() {
-            return Ok(out);
+        let mut out: Vec<SentenceVectors> = vec![SentenceVectors::default(); sentences.len()];
+        // Each sentence tokenized alone (truncated, not padded), so batches can be formed by
+        // length: padding a short sentence to a long one costs encoder time for nothing.
+        let tokenizer = self.tokenizer.inner();
+        let encodings: Vec<(usize, Encoding)> = sentences
+            .par_iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| {
+                let words: Vec<&str> = s.iter().map(AsRef::as_ref).collect();
+                let enc = tokenizer.encode(words, true).map_err(Error::Tokenizer)?;
+                Ok((k, enc))
+            })
+            .collect::<Result<_>>()?;
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&e| encodings[e].1.len());
+        let mut encodings: Vec<Option<(usize, Encoding)>> =
+            encodings.into_iter().map(Some).collect();
+        for chunk in order.chunks(self.batch_size) {
+            let (index, batch): (Vec<usize>, Vec<Encoding>) = chunk
+                .iter()
+                .map(|&e| encodings[e].take().expect("each encoding is batched once"))
+                .unzip();
+            let batch = self.tokenizer.pad_batch(batch, &self.encoder.device())?;
+            let hidden = self.layer_mean(&self.encoder.hidden_states(&batch)?)?;
+            let (_, seq_len, dim) = hidden.dims3()?;
+            let hidden = hidden.flatten_all()?.to_vec1::<f32>()?;
+            for (row, &k) in index.iter().enumerate() {
+                let tokens = &hidden[row * seq_len * dim..(row + 1) * seq_len * dim];
+                out[k] = units(
+                    tokens,
+                    dim,
+                    &batch.word_ids[row],
+                    sentences[k].len(),
+                    token_type,
+                );
+            }
         }
-        let words: Vec<Vec<&str>> = present
-            .iter()
-            .map(|&k| sentences[k].iter().map(AsRef::as_ref).collect())
-            .collect();
-        let batch = self
-            .tokenizer
-            .encode_pretokenized_batch(&words, &self.encoder.device())?;
-        let hidden = self.encoder.hidden_states(&batch)?;
+        Ok(out)
+    }
+
+    /// The mean of the chosen layers, `[batch, seq_len, hidden]`, f32 on the CPU.
+    fn layer_mean(&self, hidden: &[Tensor]) -> Result<Tensor> {
         let n = hidden.len() as isize;
-        let mut layers: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(self.layers.len());
+        let mut sum: Option<Tensor> = None;
         for &layer in &self.layers {
             let index = if layer < 0 { n + layer } else { layer };
             if !(0..n).contains(&index) {
@@ -189,33 +357,19 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
                 )));
             }
             let h = hidden[index as usize]
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
-            layers.push(h.to_vec3::<f32>()?);
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            sum = Some(match sum {
+                Some(s) => (s + h)?,
+                None => h,
+            });
         }
-        for (row, &k) in present.iter().enumerate() {
-            let tokens = word_tokens(&batch.word_ids[row], sentences[k].len());
-            out[k] = tokens
-                .iter()
-                .map(|toks| {
-                    if toks.is_empty() {
-                        return None;
-                    }
-                    let dim = layers[0][row][0].len();
-                    let mut v = vec![0f64; dim];
-                    for layer in &layers {
-                        for &t in toks {
-                            for (acc, &x) in v.iter_mut().zip(&layer[row][t]) {
-                                *acc += f64::from(x);
-                            }
-                        }
-                    }
-                    let count = (toks.len() * layers.len()) as f64;
-                    Some(v.into_iter().map(|x| (x / count) as f32).collect())
-                })
-                .collect();
-        }
-        Ok(out)
+        let sum = sum.expect("at least one layer");
+        Ok(if self.layers.len() > 1 {
+            (sum / self.layers.len() as f64)?
+        } else {
+            sum
+        })
     }
 
     /// Aligns one pair of word vector lists (from [`WordAligner::embed_words`]).
@@ -225,38 +379,48 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         tgt: &WordVectors,
         method: &dyn AlignMethod,
     ) -> Result<Alignment> {
-        let (src_idx, src_vecs): (Vec<usize>, Vec<Vec<f32>>) = src
-            .iter()
-            .enumerate()
-            .filter_map(|(k, v)| Some((k, v.clone()?)))
-            .unzip();
-        let (tgt_idx, tgt_vecs): (Vec<usize>, Vec<Vec<f32>>) = tgt
-            .iter()
-            .enumerate()
-            .filter_map(|(k, v)| Some((k, v.clone()?)))
-            .unzip();
-        let mut sim = SimMatrix::compute(&src_vecs, &tgt_vecs, method.similarity())?;
-        if self.distortion != 0.0 {
-            sim = sim.with_distortion(self.distortion);
-        }
-        let mut links = method.align(&sim);
-        if let Some(t) = self.null_threshold {
-            links = drop_below(&links, &sim, t);
-        }
-        Ok(links
-            .links()
-            .iter()
-            .map(|&(i, j)| (src_idx[i], tgt_idx[j]))
-            .collect())
+        let (src, tgt) = (
+            SentenceVectors::from_words(src)?,
+            SentenceVectors::from_words(tgt)?,
+        );
+        Ok(self.align_units(&src, &tgt, &[method])?.remove(0))
     }
 
-    /// Aligns a batch of pairs with one forward pass over all their sentences. An empty side
-    /// gives an empty alignment.
+    /// Aligns one pair of unit vectors (from [`WordAligner::embed`]) with each method; the
+    /// links are between words. One similarity matrix serves every method of the same
+    /// [`AlignMethod::similarity`].
+    pub fn align_units(
+        &self,
+        src: &SentenceVectors,
+        tgt: &SentenceVectors,
+        methods: &[&dyn AlignMethod],
+    ) -> Result<Vec<Alignment>> {
+        self.extraction().align(src, tgt, methods)
+    }
+
+    fn extraction(&self) -> Extraction {
+        Extraction {
+            distortion: self.distortion,
+            null_threshold: self.null_threshold,
+        }
+    }
+
+    /// Aligns a batch of pairs with one method. An empty side gives an empty alignment.
     pub fn align_pairs(
         &self,
         pairs: &[SentencePair],
         method: &dyn AlignMethod,
     ) -> Result<Vec<Alignment>> {
+        Ok(self.align_pairs_multi(pairs, &[method])?.remove(0))
+    }
+
+    /// Aligns pairs with several methods from one encoder pass: entry `m` of the result holds
+    /// method `m`'s alignment of every pair, in input order. Pairs are aligned in parallel.
+    pub fn align_pairs_multi(
+        &self,
+        pairs: &[SentencePair],
+        methods: &[&dyn AlignMethod],
+    ) -> Result<Vec<Vec<Alignment>>> {
         let mut sentences: Vec<&[String]> = Vec::with_capacity(2 * pairs.len());
         for p in pairs {
             sentences.push(&p.src);
@@ -266,11 +430,22 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
             .iter()
             .map(|s| s.iter().map(String::as_str).collect())
             .collect();
-        let vectors = self.embed_words(&sentences)?;
-        vectors
-            .chunks(2)
-            .map(|pair| self.align_vectors(&pair[0], &pair[1], method))
-            .collect()
+        let vectors = self.embed(&sentences)?;
+        let extraction = self.extraction();
+        let per_pair: Vec<Vec<Alignment>> = vectors
+            .par_chunks(2)
+            .map(|pair| extraction.align(&pair[0], &pair[1], methods))
+            .collect::<Result<_>>()?;
+        let mut out: Vec<Vec<Alignment>> = methods
+            .iter()
+            .map(|_| Vec::with_capacity(pairs.len()))
+            .collect();
+        for alignments in per_pair {
+            for (m, a) in alignments.into_iter().enumerate() {
+                out[m].push(a);
+            }
+        }
+        Ok(out)
     }
 
     /// Aligns two pre-tokenized sentences.
@@ -307,6 +482,98 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         let a = self.align_words(&s, &t, method)?;
         Ok((s, t, a))
     }
+}
+
+/// What happens between unit vectors and word links: the similarity matrix, the optional
+/// distortion prior, each method, the optional null threshold, units mapped to words.
+#[derive(Debug, Clone, Copy)]
+struct Extraction {
+    distortion: f32,
+    null_threshold: Option<f32>,
+}
+
+impl Extraction {
+    fn align(
+        self,
+        src: &SentenceVectors,
+        tgt: &SentenceVectors,
+        methods: &[&dyn AlignMethod],
+    ) -> Result<Vec<Alignment>> {
+        let mut matrices: Vec<(Similarity, SimMatrix)> = Vec::new();
+        let mut out = Vec::with_capacity(methods.len());
+        for method in methods {
+            let kind = method.similarity();
+            let k = match matrices.iter().position(|(k, _)| *k == kind) {
+                Some(k) => k,
+                None => {
+                    let dim = src.dim.max(tgt.dim);
+                    let mut sim = SimMatrix::from_flat(&src.vectors, &tgt.vectors, dim, kind)?;
+                    if self.distortion != 0.0 {
+                        sim = sim.with_distortion(self.distortion);
+                    }
+                    matrices.push((kind, sim));
+                    matrices.len() - 1
+                }
+            };
+            let sim = &matrices[k].1;
+            let mut links = method.align(sim);
+            if let Some(t) = self.null_threshold {
+                links = drop_below(&links, sim, t);
+            }
+            out.push(
+                links
+                    .links()
+                    .iter()
+                    .map(|&(i, j)| (src.words[i], tgt.words[j]))
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// The alignment units of one encoded sentence: `tokens` is its `[seq_len, dim]` slice of
+/// hidden states, `word_ids` its tokenizer word ids (`None` for special tokens and padding).
+fn units(
+    tokens: &[f32],
+    dim: usize,
+    word_ids: &[Option<u32>],
+    num_words: usize,
+    token_type: TokenType,
+) -> SentenceVectors {
+    let mut out = SentenceVectors {
+        dim,
+        ..Default::default()
+    };
+    match token_type {
+        TokenType::Bpe => {
+            for (pos, id) in word_ids.iter().enumerate() {
+                if let Some(w) = id.map(|w| w as usize).filter(|&w| w < num_words) {
+                    out.vectors
+                        .extend_from_slice(&tokens[pos * dim..(pos + 1) * dim]);
+                    out.words.push(w);
+                }
+            }
+        }
+        TokenType::Word => {
+            for (w, toks) in word_tokens(word_ids, num_words).iter().enumerate() {
+                if toks.is_empty() {
+                    continue;
+                }
+                let mut v = vec![0f64; dim];
+                for &t in toks {
+                    for (acc, &x) in v.iter_mut().zip(&tokens[t * dim..(t + 1) * dim]) {
+                        *acc += f64::from(x);
+                    }
+                }
+                let count = toks.len() as f64;
+                out.vectors
+                    .extend(v.into_iter().map(|x| (x / count) as f32));
+                out.words.push(w);
+            }
+        }
+    }
+    out
 }
 
 /// A word of a raw text as the tokenizer splits it.
