@@ -194,7 +194,7 @@ fn subword_links_become_word_links() {
     // layer 2, similarities by the f64 definition, each method on that subword matrix, and a
     // word pair linked when any of its subword pairs is.
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let pairs = vec![
         SentencePair::from_text("the playing dogs ran !", "a dog was playing"),
         SentencePair::from_text("unknownword cats sat", "the cats sat down quickly"),
@@ -255,7 +255,7 @@ fn subword_links_become_word_links() {
 #[test]
 fn one_pass_serves_several_methods_in_any_batching() {
     let bert = tiny();
-    let tok = bert.tokenizer.clone().unwrap();
+    let tok = bert.tokenizer().unwrap().clone();
     let pairs: Vec<SentencePair> =
         read_parallel(common::fixture("align/roen.src-tgt")).unwrap()[..9].to_vec();
     let methods: Vec<Box<dyn mlctl::align::AlignMethod>> = METHOD_NAMES

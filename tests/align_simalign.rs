@@ -31,10 +31,10 @@ fn align(
     // Long sentences truncated only at the model's limit, as SimAlign does (a ja-en side has
     // up to 316 tokens).
     let tokenizer = bert
-        .tokenizer
-        .clone()
+        .tokenizer()
         .expect("tokenizer.json")
-        .with_max_len(bert.config.max_position_embeddings)
+        .clone()
+        .with_max_len(bert.config.max_sequence_length())
         .unwrap();
     let aligner = WordAligner::new(&bert.model.encoder, tokenizer)
         .with_layer(layer)
