@@ -209,7 +209,8 @@ fn pooled(
     Ok(Tensor::stack(&rows, 0)?)
 }
 
-/// Runs the encoder (eval mode) over `encodings` in batches of `batch_size` and hands each
+/// Runs the encoder (inference: no dropout, no graph, [`BertEncoder::forward_detached`]) over
+/// `encodings` in batches of `batch_size` and hands each
 /// batch to `visit` with the input indices of its rows.
 ///
 /// With `sort_by_length` the batches hold encodings of similar length (longest first, so a
@@ -244,7 +245,7 @@ where
             .map(|&i| slots[i].take().expect("each index once"))
             .collect();
         let batch = tokenizer.pad_batch(chunk, &device)?;
-        let out = encoder.forward(
+        let out = encoder.forward_detached(
             &batch.input_ids,
             Some(&batch.token_type_ids),
             Some(&batch.attention_mask),

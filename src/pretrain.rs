@@ -372,6 +372,17 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> String {
     s
 }
 
+/// Name of the results file a run directory gets from [`write_results`].
+pub const RESULTS_FILE: &str = "results.md";
+
+/// Writes `markdown` to `dir/results.md` atomically (a temporary file renamed into place, so an
+/// interrupted run never leaves a half-written report) and returns the file's path.
+pub fn write_results(dir: &Path, markdown: &str) -> Result<std::path::PathBuf> {
+    let path = dir.join(RESULTS_FILE);
+    crate::encoder::write_atomic(&path, markdown.as_bytes())?;
+    Ok(path)
+}
+
 /// Makes `dir` a run directory. Unless `resume`, one that already holds checkpoints is refused:
 /// a new run never overwrites or mixes with an earlier one.
 pub fn prepare_run_dir(dir: &Path, resume: bool) -> Result<()> {

@@ -206,3 +206,31 @@ fn model_encode_and_cosine_similarity_agree_with_hand_computed_cosines() {
         Err(mlctl::Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn forward_detached_equals_forward_and_keeps_no_graph() {
+    let bert = load();
+    let tok = bert.tokenizer().unwrap().clone();
+    let batch = tok.encode_batch(&SENTENCES, &Device::Cpu).unwrap();
+    let enc = &bert.model.encoder;
+    let args = (
+        &batch.input_ids,
+        Some(&batch.token_type_ids),
+        Some(&batch.attention_mask),
+    );
+    let with_graph = enc.forward(args.0, args.1, args.2).unwrap();
+    let detached = enc.forward_detached(args.0, args.1, args.2).unwrap();
+    assert_eq!(with_graph.hidden_states.len(), detached.hidden_states.len());
+    for (i, (a, b)) in with_graph
+        .hidden_states
+        .iter()
+        .zip(&detached.hidden_states)
+        .enumerate()
+    {
+        assert_close(&format!("hidden_states.{i}"), b, a, 0.0);
+    }
+    let table = bert.params.named_vars()["embeddings.word_embeddings.weight"].clone();
+    let loss = |out: &mlctl::encoder::EncoderOutput| out.last_hidden_state.sum_all().unwrap();
+    assert!(loss(&with_graph).backward().unwrap().get(&table).is_some());
+    assert!(loss(&detached).backward().unwrap().get(&table).is_none());
+}

@@ -13,14 +13,14 @@ use clap::{Parser, ValueEnum};
 use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::encoder::{write_atomic, BertConfig, PretrainedBert};
+use mlctl::encoder::{BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
 use mlctl::eval::NliFinetuneConfig;
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::pretrain::{
-    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, AlignmentTask,
-    EvalSuite, Evaluation, ParallelSet, XnliTask,
+    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, write_results,
+    AlignmentTask, EvalSuite, Evaluation, ParallelSet, XnliTask,
 };
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
 use mlctl::train::{LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
@@ -282,7 +282,7 @@ fn main() -> Result<()> {
     stage(&format!("5/5 writing {}", args.out.display()));
     let mut report = run_description(&args, &mode, summary.checkpoint.as_deref());
     report += &comparison_markdown(&before, &after);
-    write_atomic(&args.out.join("results.md"), report.as_bytes())?;
+    write_results(&args.out, &report)?;
     plot(&args.out, &before, &after)?;
     println!("{report}");
     Ok(())

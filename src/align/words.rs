@@ -34,7 +34,7 @@ pub trait HiddenStates {
 impl HiddenStates for BertEncoder {
     fn hidden_states(&self, batch: &TokenBatch) -> Result<Vec<Tensor>> {
         Ok(self
-            .forward(
+            .forward_detached(
                 &batch.input_ids,
                 Some(&batch.token_type_ids),
                 Some(&batch.attention_mask),

@@ -414,6 +414,32 @@ impl BertEncoder {
         attention_mask: Option<&Tensor>,
         key: Option<DropoutKey>,
     ) -> Result<EncoderOutput> {
+        self.run(input_ids, token_type_ids, attention_mask, key, false)
+    }
+
+    /// Inference without autograd: [`BertEncoder::forward`], with each layer's output cut from
+    /// the graph as soon as it is computed. The weights are variables, so a plain forward keeps
+    /// every intermediate (attention scores included) alive for a backward pass until its
+    /// outputs are dropped; this one holds one layer's intermediates at a time, which is what
+    /// embedding and alignment need. No gradient flows back through the outputs.
+    pub fn forward_detached(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<EncoderOutput> {
+        self.run(input_ids, token_type_ids, attention_mask, None, true)
+    }
+
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        key: Option<DropoutKey>,
+        detach: bool,
+    ) -> Result<EncoderOutput> {
+        let cut = |t: Tensor| if detach { t.detach() } else { t };
         let (batch, seq_len) = input_ids.dims2()?;
         if seq_len > self.config.max_sequence_length() {
             return Err(Error::InvalidArgument(format!(
@@ -443,13 +469,13 @@ impl BertEncoder {
                 &zeros
             }
         };
-        let mut xs = self.embeddings.forward_t(input_ids, token_type_ids, key)?;
+        let mut xs = cut(self.embeddings.forward_t(input_ids, token_type_ids, key)?);
         let additive_mask = self.additive_mask(attention_mask, batch, seq_len, xs.dtype())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(xs.clone());
         for layer in &self.layers {
             xs = layer.attention.forward_t(&xs, &additive_mask, key)?;
-            xs = layer.feed_forward.forward_t(&xs, key)?;
+            xs = cut(layer.feed_forward.forward_t(&xs, key)?);
             hidden_states.push(xs.clone());
         }
         Ok(EncoderOutput {

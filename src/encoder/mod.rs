@@ -15,10 +15,9 @@ mod pretrained;
 pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
 #[cfg(feature = "hub")]
 pub(crate) use checkpoint::shard_names;
-pub use checkpoint::write_atomic;
+pub(crate) use checkpoint::{read_checkpoint_dir, save_params, write_atomic};
 pub use checkpoint::{
-    map_key, read_checkpoint_dir, save_params, CheckpointTensors, KeyMapping, CONFIG_FILE,
-    TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+    CheckpointTensors, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 };
 pub use config::{BertConfig, HiddenAct};
 pub(crate) use layers::{accumulation_dtype, linear, LinearInit};
