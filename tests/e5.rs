@@ -82,25 +82,7 @@ fn e5_special_tokens_and_vocabulary_come_from_its_files() {
     let bert = PretrainedBert::from_dir(&e5_dir(), &Device::Cpu, DType::F32).unwrap();
     let tok = bert.tokenizer().unwrap();
     let exp = &expected()["specials"];
-    let special = tok.special_tokens();
-    for (name, got) in [
-        ("mask", &special.mask),
-        ("pad", &special.pad),
-        ("cls", &special.cls),
-        ("sep", &special.sep),
-        ("unk", &special.unk),
-    ] {
-        let got = got.as_ref().unwrap_or_else(|| panic!("no {name} token"));
-        assert_eq!(got.token, exp[name][0].as_str().unwrap(), "{name}");
-        assert_eq!(u64::from(got.id), exp[name][1].as_u64().unwrap(), "{name}");
-    }
-    let all: Vec<u32> = exp["all_special_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(special.ids, all);
+    common::assert_special_tokens(tok.special_tokens(), exp);
     // 250,002 pieces for 250,037 embedding rows: a smaller tokenizer is fine.
     assert_eq!(tok.vocab_size(), 250_002);
     assert_eq!(bert.config.vocab_size, 250_037);

@@ -199,19 +199,7 @@ fn xlmr_tokenizer_matches_transformers_fast_tokenizer() {
 fn xlmr_special_tokens_come_from_the_model_files() {
     let tok = Tokenizer::from_dir(fixture("tiny_xlmr")).unwrap();
     let exp = &expected()["specials"];
-    let special = tok.special_tokens();
-    for (name, got) in [
-        ("mask", &special.mask),
-        ("pad", &special.pad),
-        ("cls", &special.cls),
-        ("sep", &special.sep),
-        ("unk", &special.unk),
-    ] {
-        let got = got.as_ref().unwrap_or_else(|| panic!("no {name} token"));
-        assert_eq!(got.token, exp[name][0].as_str().unwrap(), "{name}");
-        assert_eq!(u64::from(got.id), exp[name][1].as_u64().unwrap(), "{name}");
-    }
-    assert_eq!(special.ids, as_u32s(&exp["all_special_ids"]));
+    common::assert_special_tokens(tok.special_tokens(), exp);
 }
 
 #[test]

@@ -154,3 +154,26 @@ pub fn forward_golden(
         )
         .unwrap()
 }
+
+/// Asserts that a tokenizer's special tokens equal transformers' (`exp`: `{"mask": [token, id],
+/// ..., "all_special_ids": [...]}`, as the fixture scripts write them).
+pub fn assert_special_tokens(special: &mlctl::tokenize::SpecialTokens, exp: &serde_json::Value) {
+    for (name, got) in [
+        ("mask", &special.mask),
+        ("pad", &special.pad),
+        ("cls", &special.cls),
+        ("sep", &special.sep),
+        ("unk", &special.unk),
+    ] {
+        let got = got.as_ref().unwrap_or_else(|| panic!("no {name} token"));
+        assert_eq!(got.token, exp[name][0].as_str().unwrap(), "{name}");
+        assert_eq!(u64::from(got.id), exp[name][1].as_u64().unwrap(), "{name}");
+    }
+    let all: Vec<u32> = exp["all_special_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(special.ids, all);
+}
