@@ -26,7 +26,7 @@
 //! let before = suite.evaluate(&model, &tokenizer)?;
 //! // ... train `model` with `mlctl::train::Trainer` ...
 //! let after = suite.evaluate(&model, &tokenizer)?;
-//! println!("{}", comparison_markdown(&before, &after));
+//! println!("{}", comparison_markdown(&before, &after)?);
 //! # Ok(()) }
 //! ```
 
@@ -34,14 +34,18 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::align::{find_anchor_spans, io as align_io, AlignmentCounts, IterMax, Lexicon};
-use crate::align::{GoldAlignment, SentencePair, WordAligner};
+use serde::{Deserialize, Serialize};
+
+use crate::align::{find_anchor_spans, io as align_io, method_by_name, AlignMethod};
+use crate::align::{AlignmentCounts, GoldAlignment, Lexicon, SentencePair, TokenType, WordAligner};
 use crate::data::{NliExample, NliReadOptions, XnliDir};
+use crate::encode::{encode, EncodeOptions};
 use crate::encoder::write_atomic;
-use crate::eval::{embed_sentences, embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy};
+use crate::eval::bootstrap::{self, Interval};
+use crate::eval::{embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy};
 use crate::eval::{NliFinetuneConfig, NliReport, RetrievalScores};
 use crate::model::MlCtlModel;
-use crate::pooling::TokenSpan;
+use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::Tokenizer;
 use crate::train::{latest_checkpoint, StepRecord, METRICS_FILE};
 use crate::{Error, Result};
@@ -119,24 +123,60 @@ pub fn write_anchored_tsv(
     Ok(written)
 }
 
-/// Word alignment scored against gold links (AER, with [`IterMax`]).
+/// Word alignment scored against gold links: AER for each extraction method and token type.
 #[derive(Debug, Clone)]
 pub struct AlignmentTask {
+    /// Row label in the results (by default the gold file's stem, e.g. `roen`).
+    pub name: String,
     /// The sentence pairs.
     pub pairs: Vec<SentencePair>,
     /// Their gold alignments.
     pub gold: Vec<GoldAlignment>,
     /// Hidden layer aligned on; `None`: layer 8, or the last of encoders with fewer layers.
     pub layer: Option<isize>,
+    /// Extraction methods, by [`method_by_name`] name (default `argmax` and `itermax`).
+    pub methods: Vec<String>,
+    /// Units the methods link (default: subwords, then words).
+    pub token_types: Vec<TokenType>,
+}
+
+/// AER of one method and token type on one [`AlignmentTask`], with the counts of every sentence
+/// pair (the items of its bootstrap interval, [`bootstrap::aer_interval`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignmentScores {
+    /// [`AlignmentTask::name`].
+    pub task: String,
+    /// Extraction method.
+    pub method: String,
+    /// `bpe` or `word`.
+    pub token_type: String,
+    /// Corpus alignment error rate.
+    pub aer: f64,
+    /// Counts of each sentence pair, in input order.
+    pub pairs: Vec<AlignmentCounts>,
+}
+
+impl AlignmentScores {
+    /// `task method token_type`, the label of a results row.
+    pub fn label(&self) -> String {
+        format!("{} {} {}", self.task, self.method, self.token_type)
+    }
 }
 
 impl AlignmentTask {
-    /// Reads `src ||| tgt` sentences and their gold alignments (1-based `i-j` / `ipj`).
+    /// Reads `src ||| tgt` sentences and their gold alignments (1-based `i-j` / `ipj`), named
+    /// after the gold file.
     pub fn read(input: &Path, gold: &Path) -> Result<Self> {
+        let name = gold
+            .file_stem()
+            .map_or_else(|| "alignment".into(), |s| s.to_string_lossy().into_owned());
         Ok(Self {
+            name,
             pairs: align_io::read_parallel(input)?,
             gold: align_io::read_gold(gold, true)?,
             layer: None,
+            methods: vec!["argmax".into(), "itermax".into()],
+            token_types: vec![TokenType::Bpe, TokenType::Word],
         })
     }
 
@@ -146,14 +186,70 @@ impl AlignmentTask {
         self
     }
 
-    /// The alignment error rate of `model`'s encoder.
-    pub fn aer(&self, model: &MlCtlModel, tokenizer: &Tokenizer) -> Result<f64> {
+    /// Scores the extraction `methods` (by [`method_by_name`] name).
+    pub fn with_methods(mut self, methods: Vec<String>) -> Self {
+        self.methods = methods;
+        self
+    }
+
+    /// AER of `model`'s encoder for every method and token type: one encoder pass per token
+    /// type serves every method. Sentences are encoded at the encoder's full length, whatever
+    /// `tokenizer`'s truncation.
+    pub fn scores(
+        &self,
+        model: &MlCtlModel,
+        tokenizer: &Tokenizer,
+    ) -> Result<Vec<AlignmentScores>> {
+        let encoder = &model.bert.model.encoder;
         let layers = model.bert.config.num_hidden_layers as isize;
         let layer = self.layer.unwrap_or(8.min(layers));
-        let aligner =
-            WordAligner::new(&model.bert.model.encoder, tokenizer.clone()).with_layer(layer);
-        let predicted = aligner.align_pairs(&self.pairs, &IterMax::default())?;
-        Ok(AlignmentCounts::corpus(&predicted, &self.gold)?.aer())
+        let tokenizer = tokenizer
+            .clone()
+            .with_max_len(encoder.config().max_sequence_length())?;
+        let methods = self
+            .methods
+            .iter()
+            .map(|m| method_by_name(m))
+            .collect::<Result<Vec<_>>>()?;
+        let methods: Vec<&dyn AlignMethod> = methods.iter().map(AsRef::as_ref).collect();
+        let mut out = Vec::new();
+        for &token_type in &self.token_types {
+            let aligner = WordAligner::new(encoder, tokenizer.clone())
+                .with_layer(layer)
+                .with_token_type(token_type);
+            let predicted = aligner.align_pairs_multi(&self.pairs, &methods)?;
+            for (method, alignments) in self.methods.iter().zip(predicted) {
+                if alignments.len() != self.gold.len() {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("{} alignments vs gold", self.name),
+                        expected: vec![self.gold.len()],
+                        actual: vec![alignments.len()],
+                    });
+                }
+                let pairs: Vec<AlignmentCounts> = alignments
+                    .iter()
+                    .zip(&self.gold)
+                    .map(|(a, g)| {
+                        AlignmentCounts::corpus(std::slice::from_ref(a), std::slice::from_ref(g))
+                    })
+                    .collect::<Result<_>>()?;
+                out.push(AlignmentScores {
+                    task: self.name.clone(),
+                    method: method.clone(),
+                    token_type: token_type_name(token_type).into(),
+                    aer: AlignmentCounts::corpus(&alignments, &self.gold)?.aer(),
+                    pairs,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn token_type_name(t: TokenType) -> &'static str {
+    match t {
+        TokenType::Bpe => "bpe",
+        TokenType::Word => "word",
     }
 }
 
@@ -193,19 +289,144 @@ impl XnliTask {
     }
 }
 
-/// Scores of one model on an [`EvalSuite`].
-#[derive(Debug, Clone)]
+/// How sentences are pooled for retrieval: the model's own ML-CTL pooling, or another one
+/// (e.g. multilingual-e5's mean of the last layer over `query: `-prefixed text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SentencePooling {
+    /// Column label in the results.
+    pub label: String,
+    /// `None`: the model's pooling ([`MlCtlModel::pooling`], ML-CTL's layers 1 and L).
+    pub pooling: Option<Pooling>,
+    /// Text put before every sentence, e.g. e5's `query: `.
+    pub prefix: Option<String>,
+}
+
+impl SentencePooling {
+    /// The model's own pooling: ML-CTL's mean of hidden layers 1 and L.
+    pub fn mlctl() -> Self {
+        Self {
+            label: "ML-CTL pooling".into(),
+            pooling: None,
+            prefix: None,
+        }
+    }
+
+    /// The mean of the last layer over `prefix`ed text, as sentence-embedding models such as
+    /// multilingual-e5 (`query: `) pool.
+    pub fn mean_last(prefix: Option<&str>) -> Self {
+        let label = match prefix {
+            Some(p) => format!("mean of last layer, `{p}` prefix"),
+            None => "mean of last layer".into(),
+        };
+        Self {
+            label,
+            pooling: Some(Pooling::layer(-1)),
+            prefix: prefix.map(Into::into),
+        }
+    }
+}
+
+/// Scores of one model on an [`EvalSuite`]; saved beside a run's results
+/// ([`write_evaluations`]) so that runs can be compared later ([`objectives_markdown`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// Sentence retrieval accuracy of each set, by name.
-    pub sentence: BTreeMap<String, RetrievalScores>,
-    /// Anchor-word retrieval accuracy of each set with at least two anchored pairs, by name.
+    /// Sentence retrieval of each set, by pooling label ([`SentencePooling::label`]) then set
+    /// name.
+    pub sentence: BTreeMap<String, BTreeMap<String, RetrievalScores>>,
+    /// Anchor-word retrieval (ML-CTL pooling over the word's span) of each set with at least
+    /// two anchored pairs, by name.
     pub anchor: BTreeMap<String, RetrievalScores>,
-    /// Alignment error rate, with an [`AlignmentTask`].
-    pub aer: Option<f64>,
+    /// Word alignment of every task, method and token type.
+    pub alignment: Vec<AlignmentScores>,
     /// XNLI accuracy, with an [`XnliTask`].
     pub xnli: Option<NliReport>,
     /// Which XNLI split was evaluated, and why ([`XnliTask::split`]).
     pub xnli_split: Option<String>,
+}
+
+impl Evaluation {
+    /// Sentence retrieval with the first pooling of the suite (the model's own by default).
+    pub fn sentence_first(&self) -> Option<&BTreeMap<String, RetrievalScores>> {
+        self.sentence.values().next()
+    }
+
+    /// Every metric of this evaluation as bootstrap items, in a fixed order: averages of
+    /// sentence retrieval per pooling and of anchor retrieval (hits, both directions, every
+    /// set), then AER per task, method and token type.
+    pub fn metrics(&self) -> Vec<Metric> {
+        let mut out = Vec::new();
+        let hits = |sets: &BTreeMap<String, RetrievalScores>| -> Vec<f64> {
+            sets.values().flat_map(RetrievalScores::hits).collect()
+        };
+        for (pooling, sets) in &self.sentence {
+            out.push(Metric {
+                label: format!("sentence acc@1, {pooling}"),
+                items: MetricItems::Hits(hits(sets)),
+            });
+        }
+        if !self.anchor.is_empty() {
+            out.push(Metric {
+                label: "anchor-word acc@1".into(),
+                items: MetricItems::Hits(hits(&self.anchor)),
+            });
+        }
+        for a in &self.alignment {
+            out.push(Metric {
+                label: format!("AER {}", a.label()),
+                items: MetricItems::Alignment(a.pairs.clone()),
+            });
+        }
+        out
+    }
+}
+
+/// One summary metric of an [`Evaluation`] with the items its bootstrap resamples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    /// Row label.
+    pub label: String,
+    /// What is resampled.
+    pub items: MetricItems,
+}
+
+/// The items of a [`Metric`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetricItems {
+    /// Retrieval hits (0 or 1) of every query: the metric is their mean, in percent.
+    Hits(Vec<f64>),
+    /// Alignment counts of every sentence pair: the metric is the corpus AER.
+    Alignment(Vec<AlignmentCounts>),
+}
+
+impl Metric {
+    /// The value with its 95% interval (accuracy in percent, AER as a fraction).
+    pub fn interval(&self) -> Result<Interval> {
+        match &self.items {
+            MetricItems::Hits(h) => Ok(bootstrap::mean_interval(h)?.scaled(100.0)),
+            MetricItems::Alignment(c) => bootstrap::aer_interval(c),
+        }
+    }
+
+    /// `other - self` on the same items, with its paired 95% interval.
+    pub fn difference(&self, other: &Metric) -> Result<Interval> {
+        match (&self.items, &other.items) {
+            (MetricItems::Hits(a), MetricItems::Hits(b)) => {
+                Ok(bootstrap::paired_mean_difference(a, b)?.scaled(100.0))
+            }
+            (MetricItems::Alignment(a), MetricItems::Alignment(b)) => {
+                bootstrap::paired_aer_difference(a, b)
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "cannot compare `{}` with `{}`",
+                self.label, other.label
+            ))),
+        }
+    }
+
+    /// Whether lower is better (AER).
+    pub fn lower_is_better(&self) -> bool {
+        matches!(self.items, MetricItems::Alignment(_))
+    }
 }
 
 /// What a model is measured on, before and after training.
@@ -216,8 +437,10 @@ pub struct EvalSuite {
     pub sets: Vec<ParallelSet>,
     /// The dictionary that finds the anchor words of `sets`.
     pub lexicon: Arc<Lexicon>,
-    /// Word alignment against gold links, if any.
-    pub alignment: Option<AlignmentTask>,
+    /// How sentences are pooled for retrieval (each one is scored).
+    pub poolings: Vec<SentencePooling>,
+    /// Word alignment against gold links.
+    pub alignment: Vec<AlignmentTask>,
     /// Zero-shot XNLI, if any.
     pub xnli: Option<XnliTask>,
     /// Sentences encoded at once.
@@ -225,19 +448,27 @@ pub struct EvalSuite {
 }
 
 impl EvalSuite {
-    /// Retrieval on `sets`, anchors found with `lexicon`; no alignment, no XNLI.
+    /// Retrieval on `sets` with the model's pooling, anchors found with `lexicon`; no
+    /// alignment, no XNLI.
     pub fn new(sets: Vec<ParallelSet>, lexicon: Arc<Lexicon>) -> Self {
         Self {
             sets,
             lexicon,
-            alignment: None,
+            poolings: vec![SentencePooling::mlctl()],
+            alignment: Vec::new(),
             xnli: None,
             batch_size: 64,
         }
     }
 
-    /// Adds word alignment.
-    pub fn with_alignment(mut self, alignment: Option<AlignmentTask>) -> Self {
+    /// Scores sentence retrieval with each of `poolings`.
+    pub fn with_poolings(mut self, poolings: Vec<SentencePooling>) -> Self {
+        self.poolings = poolings;
+        self
+    }
+
+    /// Adds word alignment tasks.
+    pub fn with_alignment(mut self, alignment: Vec<AlignmentTask>) -> Self {
         self.alignment = alignment;
         self
     }
@@ -248,28 +479,35 @@ impl EvalSuite {
         self
     }
 
-    /// Measures `model`, its sentences tokenized by `tokenizer`, with its own pooling.
+    /// Measures `model`, its sentences tokenized by `tokenizer` at the encoder's full length
+    /// (whatever the truncation training used).
     pub fn evaluate(&self, model: &MlCtlModel, tokenizer: &Tokenizer) -> Result<Evaluation> {
-        let (mut sentence, mut anchor) = (BTreeMap::new(), BTreeMap::new());
+        let max_len = model.bert.model.encoder.config().max_sequence_length();
+        let tokenizer = &tokenizer.clone().with_max_len(max_len)?;
+        let mut sentence = BTreeMap::new();
+        for pooling in &self.poolings {
+            let mut sets = BTreeMap::new();
+            for set in &self.sets {
+                let scores = self.sentence_retrieval(model, tokenizer, pooling, set)?;
+                sets.insert(set.name.clone(), scores);
+            }
+            sentence.insert(pooling.label.clone(), sets);
+        }
+        let mut anchor = BTreeMap::new();
         for set in &self.sets {
-            sentence.insert(
-                set.name.clone(),
-                self.sentence_retrieval(model, tokenizer, set)?,
-            );
             if let Some(scores) = self.anchor_retrieval(model, tokenizer, set)? {
                 anchor.insert(set.name.clone(), scores);
             }
         }
-        let aer = self
-            .alignment
-            .as_ref()
-            .map(|a| a.aer(model, tokenizer))
-            .transpose()?;
+        let mut alignment = Vec::new();
+        for task in &self.alignment {
+            alignment.extend(task.scores(model, tokenizer)?);
+        }
         let xnli = self.xnli.as_ref().map(|x| x.accuracy(model)).transpose()?;
         Ok(Evaluation {
             sentence,
             anchor,
-            aer,
+            alignment,
             xnli,
             xnli_split: self.xnli.as_ref().map(|x| x.split.clone()),
         })
@@ -279,12 +517,22 @@ impl EvalSuite {
         &self,
         model: &MlCtlModel,
         tokenizer: &Tokenizer,
+        pooling: &SentencePooling,
         set: &ParallelSet,
     ) -> Result<RetrievalScores> {
+        let mut options = EncodeOptions::default()
+            .with_pooling(
+                pooling
+                    .pooling
+                    .clone()
+                    .unwrap_or_else(|| model.pooling.clone()),
+            )
+            .with_batch_size(self.batch_size);
+        if let Some(prefix) = &pooling.prefix {
+            options = options.with_prefix(prefix.clone());
+        }
         let encoder = &model.bert.model.encoder;
-        let embed = |texts: &[String]| {
-            embed_sentences(encoder, tokenizer, &model.pooling, texts, self.batch_size)
-        };
+        let embed = |texts: &[String]| encode(encoder, tokenizer, texts, &options);
         retrieval_accuracy(&embed(&set.src)?, &embed(&set.tgt)?)
     }
 
@@ -331,16 +579,43 @@ fn directions(scores: Option<&RetrievalScores>) -> String {
     }
 }
 
-/// The Markdown tables comparing two evaluations of the same suite: sentence retrieval,
-/// anchor-word retrieval, AER and XNLI (the last two when measured).
-pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> String {
-    let mut s = String::from(
-        "\n## Sentence retrieval acc@1 (%), xx→en / en→xx\n\n\
-         | language | before | after |\n|---|---|---|\n",
-    );
-    for (name, b) in &before.sentence {
-        let a = after.sentence.get(name);
-        s += &format!("| {name} | {} | {} |\n", directions(Some(b)), directions(a));
+/// `12.3 [10.1, 14.2]` for accuracies in percent, `0.312 [0.301, 0.325]` for AER.
+fn with_interval(ci: &Interval, aer: bool) -> String {
+    if aer {
+        format!("{:.3} [{:.3}, {:.3}]", ci.estimate, ci.low, ci.high)
+    } else {
+        format!("{:.1} [{:.1}, {:.1}]", ci.estimate, ci.low, ci.high)
+    }
+}
+
+/// A signed difference with its interval, in bold when the interval excludes zero.
+fn signed_with_interval(ci: &Interval, aer: bool) -> String {
+    let text = if aer {
+        format!("{:+.3} [{:+.3}, {:+.3}]", ci.estimate, ci.low, ci.high)
+    } else {
+        format!("{:+.1} [{:+.1}, {:+.1}]", ci.estimate, ci.low, ci.high)
+    };
+    if ci.above_zero() || ci.below_zero() {
+        format!("**{text}**")
+    } else {
+        text
+    }
+}
+
+/// The Markdown tables comparing two evaluations of the same suite: sentence retrieval (per
+/// pooling), anchor-word retrieval, a summary with 95% bootstrap intervals and the paired
+/// change, and XNLI when measured.
+pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> Result<String> {
+    let mut s = String::new();
+    for (pooling, sets) in &before.sentence {
+        s += &format!(
+            "\n## Sentence retrieval acc@1 (%), {pooling}, xx→en / en→xx\n\n\
+             | language | before | after |\n|---|---|---|\n"
+        );
+        for (name, b) in sets {
+            let a = after.sentence.get(pooling).and_then(|a| a.get(name));
+            s += &format!("| {name} | {} | {} |\n", directions(Some(b)), directions(a));
+        }
     }
     s += "\n## Anchor-word retrieval acc@1 (%), xx→en / en→xx\n\n\
           | language | pairs | before | after |\n|---|---|---|---|\n";
@@ -353,8 +628,20 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> String {
             directions(a)
         );
     }
-    if let (Some(b), Some(a)) = (before.aer, after.aer) {
-        s += &format!("\n## Word alignment\n\nAER (itermax): before {b:.3}, after {a:.3}\n");
+    s += "\n## Summary with 95% bootstrap intervals\n\n\
+          Accuracies in %, averaged over every language and both directions; AER as a fraction \
+          (lower is better). The change is paired: both models resampled on the same items; in \
+          bold when its interval excludes zero.\n\n\
+          | metric | before | after | change |\n|---|---|---|---|\n";
+    for (b, a) in before.metrics().iter().zip(after.metrics()) {
+        let aer = b.lower_is_better();
+        s += &format!(
+            "| {} | {} | {} | {} |\n",
+            b.label,
+            with_interval(&b.interval()?, aer),
+            with_interval(&a.interval()?, aer),
+            signed_with_interval(&b.difference(&a)?, aer)
+        );
     }
     if let (Some(b), Some(a)) = (&before.xnli, &after.xnli) {
         s += "\n## XNLI zero-shot accuracy (%), fine-tuned on English\n\n";
@@ -369,7 +656,100 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> String {
         }
         s += &format!("| average | {} | {} |\n", pct(b.average), pct(a.average));
     }
-    s
+    Ok(s)
+}
+
+/// Runs compared side by side: the starting model's evaluation and each trained run's, by
+/// label, all on the same suite. Two Markdown tables: every metric with its 95% bootstrap
+/// interval per model, then the paired change of each run against the starting model and of
+/// the first run against each other run (in bold where the interval excludes zero).
+pub fn objectives_markdown(start: &Evaluation, runs: &[(String, Evaluation)]) -> Result<String> {
+    let base = start.metrics();
+    let metrics: Vec<Vec<Metric>> = runs.iter().map(|(_, e)| e.metrics()).collect();
+    for ((label, _), m) in runs.iter().zip(&metrics) {
+        if m.len() != base.len() || m.iter().zip(&base).any(|(a, b)| a.label != b.label) {
+            return Err(Error::InvalidArgument(format!(
+                "run `{label}` was not evaluated on the same suite as the starting model"
+            )));
+        }
+    }
+    let labels: Vec<String> = runs.iter().map(|(l, _)| format!("`{l}`")).collect();
+    let mut s = String::from(
+        "\n### Scores with 95% bootstrap intervals\n\n\
+         Accuracies in % (every language, both directions); AER as a fraction, lower is better.\n\n",
+    );
+    let mut cols = vec!["starting model".to_string()];
+    cols.extend(labels.iter().cloned());
+    s += &table_header(&cols);
+    for (i, b) in base.iter().enumerate() {
+        let aer = b.lower_is_better();
+        s += &format!("| {} | {} |", b.label, with_interval(&b.interval()?, aer));
+        for m in &metrics {
+            s += &format!(" {} |", with_interval(&m[i].interval()?, aer));
+        }
+        s.push('\n');
+    }
+    let mut cols: Vec<String> = labels.iter().map(|l| format!("{l} − start")).collect();
+    if let Some(first) = labels.first() {
+        cols.extend(labels[1..].iter().map(|l| format!("{first} − {l}")));
+    }
+    s += "\n### Paired differences with 95% bootstrap intervals\n\n\
+          Positive is better for accuracy, negative is better for AER; in bold where the \
+          interval excludes zero.\n\n";
+    s += &table_header(&cols);
+    for (i, b) in base.iter().enumerate() {
+        let aer = b.lower_is_better();
+        s += &format!("| {} |", b.label);
+        for m in &metrics {
+            s += &format!(" {} |", signed_with_interval(&b.difference(&m[i])?, aer));
+        }
+        if let Some(first) = metrics.first() {
+            for m in &metrics[1..] {
+                s += &format!(
+                    " {} |",
+                    signed_with_interval(&m[i].difference(&first[i])?, aer)
+                );
+            }
+        }
+        s.push('\n');
+    }
+    Ok(s)
+}
+
+/// `| metric | a | b |` and its separator row.
+fn table_header(cols: &[String]) -> String {
+    let names: String = cols.iter().map(|c| format!(" {c} |")).collect();
+    format!("| metric |{names}\n|---|{}\n", "---|".repeat(cols.len()))
+}
+
+/// Name of the file [`write_evaluations`] writes in a run directory.
+pub const EVALUATION_FILE: &str = "evaluation.json";
+
+/// The evaluations of a run's starting and trained models, as saved in its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunEvaluations {
+    /// The starting model.
+    pub before: Evaluation,
+    /// The trained model.
+    pub after: Evaluation,
+}
+
+/// Writes `dir/evaluation.json` atomically; [`read_evaluations`] reads it back.
+pub fn write_evaluations(dir: &Path, evaluations: &RunEvaluations) -> Result<std::path::PathBuf> {
+    let path = dir.join(EVALUATION_FILE);
+    let json = serde_json::to_vec(evaluations).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    write_atomic(&path, &json)?;
+    Ok(path)
+}
+
+/// Reads a run directory's `evaluation.json`.
+pub fn read_evaluations(dir: &Path) -> Result<RunEvaluations> {
+    let path = dir.join(EVALUATION_FILE);
+    let text = std::fs::read(&path).map_err(Error::io(&path))?;
+    serde_json::from_slice(&text).map_err(|source| Error::Json { path, source })
 }
 
 /// Name of the results file a run directory gets from [`write_results`].
@@ -411,4 +791,76 @@ pub fn read_metrics(dir: &Path) -> Result<Vec<StepRecord>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(hits: &[bool]) -> RetrievalScores {
+        let share = hits.iter().filter(|&&h| h).count() as f32 / hits.len() as f32;
+        RetrievalScores {
+            src_to_tgt: share,
+            tgt_to_src: share,
+            n: hits.len(),
+            src_hits: hits.to_vec(),
+            tgt_hits: hits.to_vec(),
+        }
+    }
+
+    fn evaluation(hits: &[bool], aligned: bool) -> Evaluation {
+        let sets = BTreeMap::from([("fra-eng".to_string(), scores(hits))]);
+        let counts = AlignmentCounts {
+            predicted: 2,
+            sure: 2,
+            predicted_sure: 1,
+            predicted_possible: 1,
+        };
+        Evaluation {
+            sentence: BTreeMap::from([("ML-CTL pooling".to_string(), sets)]),
+            anchor: BTreeMap::new(),
+            alignment: aligned
+                .then(|| AlignmentScores {
+                    task: "roen".into(),
+                    method: "itermax".into(),
+                    token_type: "bpe".into(),
+                    aer: 0.5,
+                    pairs: vec![counts; 3],
+                })
+                .into_iter()
+                .collect(),
+            xnli: None,
+            xnli_split: None,
+        }
+    }
+
+    #[test]
+    fn runs_are_compared_on_the_same_metrics_only() {
+        let start = evaluation(&[true, false, false, true], true);
+        let better = evaluation(&[true, true, true, true], true);
+        let table = objectives_markdown(&start, &[("a".into(), better.clone())]).unwrap();
+        // 50% -> 100% on the same four queries, each both ways.
+        assert!(
+            table.contains("| sentence acc@1, ML-CTL pooling | 50.0 ["),
+            "{table}"
+        );
+        assert!(table.contains("+50.0 ["), "{table}");
+        assert!(
+            table.contains("| AER roen itermax bpe | 0.500 ["),
+            "{table}"
+        );
+        let other_suite = evaluation(&[true, true, true, true], false);
+        assert!(objectives_markdown(&start, &[("b".into(), other_suite)]).is_err());
+    }
+
+    #[test]
+    fn evaluations_round_trip_through_the_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = RunEvaluations {
+            before: evaluation(&[true, false], true),
+            after: evaluation(&[true, true], true),
+        };
+        write_evaluations(dir.path(), &saved).unwrap();
+        assert_eq!(read_evaluations(dir.path()).unwrap(), saved);
+    }
 }

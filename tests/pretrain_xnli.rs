@@ -43,6 +43,7 @@ fn a_small_run_writes_a_complete_run_directory() {
         .arg(fixture("align/roen.gold"))
         .arg("--gold-input")
         .arg(fixture("align/roen.src-tgt"))
+        .args(["--mean-last-pooling", "--text-prefix", "query: "])
         .arg("--out")
         .arg(&run)
         .status()
@@ -76,11 +77,45 @@ fn a_small_run_writes_a_complete_run_directory() {
     for lang in ["ara-eng", "cmn-eng", "fra-eng", "rus-eng", "spa-eng"] {
         assert_eq!(
             results.matches(&format!("| {lang} |")).count(),
-            2,
-            "{lang} in both retrieval tables:\n{results}"
+            3,
+            "{lang} in the retrieval tables of both poolings and the anchor table:\n{results}"
         );
     }
-    assert!(results.contains("AER"), "{results}");
+    for metric in [
+        "| sentence acc@1, ML-CTL pooling |",
+        "| sentence acc@1, mean of last layer, `query: ` prefix |",
+        "| anchor-word acc@1 |",
+        "| AER roen argmax bpe |",
+        "| AER roen itermax word |",
+    ] {
+        assert!(results.contains(metric), "{metric} missing:\n{results}");
+    }
+
+    // The saved evaluations hold every query and sentence pair, and compare_runs reads them.
+    let saved = mlctl::pretrain::read_evaluations(&run).unwrap();
+    let sentence = saved.after.sentence_first().unwrap();
+    assert!(sentence
+        .values()
+        .all(|s| s.src_hits.len() == 8 && s.tgt_hits.len() == 8));
+    assert_eq!(saved.after.alignment.len(), 4, "2 methods x 2 token types");
+    let gold_pairs = std::fs::read_to_string(fixture("align/roen.gold")).unwrap();
+    assert!(saved
+        .after
+        .alignment
+        .iter()
+        .all(|a| a.pairs.len() == gold_pairs.lines().count()));
+    let compared = Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "--example", "compare_runs", "--"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(compared.status.success(), "compare_runs failed");
+    let tables = String::from_utf8(compared.stdout).unwrap();
+    assert!(
+        tables.contains("| anchor-word acc@1 |") && tables.contains("`run` − start"),
+        "{tables}"
+    );
     assert!(
         results.contains("## XNLI") && results.contains("| average |"),
         "{results}"

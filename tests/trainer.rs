@@ -474,3 +474,37 @@ fn the_head_gets_its_own_learning_rate() {
     );
     assert!(matches!(bad, Err(mlctl::Error::InvalidArgument(_))));
 }
+
+/// Freezing takes the embedding layer out of the graph: backward computes no gradient for its
+/// tables (nor for the MLM decoder tied to them) and exactly the same gradients for everything
+/// else as with the layer in the graph.
+#[test]
+fn frozen_embeddings_get_no_gradient_and_change_no_other() {
+    let model = tiny_model(5);
+    let ids = Tensor::new(&[[2u32, 7, 9, 11, 3], [2, 5, 6, 3, 0]], &Device::Cpu).unwrap();
+    let loss = |m: &mlctl::encoder::BertForMaskedLm| {
+        let out = m.forward_t(&ids, None, None, false).unwrap();
+        let hidden = out
+            .encoder
+            .last_hidden_state
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let logits = out.logits.sqr().unwrap().mean_all().unwrap();
+        (hidden + logits).unwrap().backward().unwrap()
+    };
+    let full = loss(&model.bert.model);
+    let frozen = loss(&model.bert.model.clone().with_frozen_embeddings());
+    for (name, var) in model.named_vars() {
+        let (a, b) = (full.get(var.as_tensor()), frozen.get(var.as_tensor()));
+        if name.starts_with("bert.embeddings.") {
+            assert!(a.is_some(), "{name}: no gradient without freezing");
+            assert!(b.is_none(), "{name}: a gradient although frozen");
+        } else if let (Some(a), Some(b)) = (a, b) {
+            assert_eq!(max_abs_diff(a, b), 0.0, "{name}");
+        } else {
+            assert_eq!(a.is_some(), b.is_some(), "{name}");
+        }
+    }
+}

@@ -19,8 +19,9 @@ use mlctl::eval::NliFinetuneConfig;
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::pretrain::{
-    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, write_results,
-    AlignmentTask, EvalSuite, Evaluation, ParallelSet, XnliTask,
+    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, write_evaluations,
+    write_results, AlignmentTask, EvalSuite, Evaluation, ParallelSet, RunEvaluations,
+    SentencePooling, XnliTask,
 };
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
 use mlctl::train::{LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
@@ -133,6 +134,11 @@ struct Args {
     /// trained at 2e-6 barely moves from its initialisation.
     #[arg(long)]
     head_lr: Option<f64>,
+    /// Keep the embedding layer (word, position and token-type tables and their LayerNorm)
+    /// fixed. With a large vocabulary this skips the optimizer's update of its biggest table;
+    /// a tied MLM decoder stays fixed with it.
+    #[arg(long)]
+    freeze_embeddings: bool,
     /// CZ-NCE temperature.
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
@@ -161,12 +167,22 @@ struct Args {
     /// Skip and count malformed training lines instead of stopping.
     #[arg(long)]
     skip_bad_lines: bool,
-    /// Gold word alignments (1-based `i-j`/`ipj`) to score AER on, with --gold-input.
+    /// Gold word alignments (1-based `i-j`/`ipj`) to score AER on, with --gold-input; repeat
+    /// both for several sets (paired in order). Scored with argmax and itermax, on subwords
+    /// and on words.
     #[arg(long, requires = "gold_input")]
-    gold: Option<PathBuf>,
-    /// The `src ||| tgt` sentences of --gold.
+    gold: Vec<PathBuf>,
+    /// The `src ||| tgt` sentences of each --gold.
     #[arg(long, requires = "gold")]
-    gold_input: Option<PathBuf>,
+    gold_input: Vec<PathBuf>,
+    /// Also score sentence retrieval with the mean of the last layer (the pooling of
+    /// sentence-embedding models such as multilingual-e5), besides ML-CTL's layers 1 and L.
+    #[arg(long)]
+    mean_last_pooling: bool,
+    /// Text put before each sentence for --mean-last-pooling, e.g. `query: ` for
+    /// multilingual-e5.
+    #[arg(long, requires = "mean_last_pooling")]
+    text_prefix: Option<String>,
     /// XNLI data (XNLI-1.0 dev/test and an English MNLI / XNLI-MT train file): fine-tune on
     /// English, evaluate every language, before and after ML-CTL.
     #[arg(long)]
@@ -281,9 +297,10 @@ fn main() -> Result<()> {
 
     stage(&format!("5/5 writing {}", args.out.display()));
     let mut report = run_description(&args, &mode, summary.checkpoint.as_deref());
-    report += &comparison_markdown(&before, &after);
+    report += &comparison_markdown(&before, &after)?;
     write_results(&args.out, &report)?;
     plot(&args.out, &before, &after)?;
+    write_evaluations(&args.out, &RunEvaluations { before, after })?;
     println!("{report}");
     Ok(())
 }
@@ -388,12 +405,23 @@ fn training_loader(
 /// The held-apart Tatoeba pairs, and alignment and XNLI when their data is given.
 fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSuite> {
     let held_apart = tatoeba(EMBEDDED_TRAIN_PAIRS..EMBEDDED_TRAIN_PAIRS + args.eval_pairs)?;
-    let alignment = match (&args.gold, &args.gold_input) {
-        (Some(gold), Some(input)) => {
-            Some(AlignmentTask::read(input, gold)?.with_layer(args.align_layer))
-        }
-        _ => None,
-    };
+    if args.gold.len() != args.gold_input.len() {
+        bail!(
+            "{} --gold files but {} --gold-input files: give one of each per set",
+            args.gold.len(),
+            args.gold_input.len()
+        );
+    }
+    let alignment = args
+        .gold
+        .iter()
+        .zip(&args.gold_input)
+        .map(|(gold, input)| Ok(AlignmentTask::read(input, gold)?.with_layer(args.align_layer)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut poolings = vec![SentencePooling::mlctl()];
+    if args.mean_last_pooling {
+        poolings.push(SentencePooling::mean_last(args.text_prefix.as_deref()));
+    }
     let finetune = NliFinetuneConfig {
         epochs: args.xnli_epochs,
         max_len: mode.max_len,
@@ -416,6 +444,7 @@ fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSui
         None => None,
     };
     Ok(EvalSuite::new(held_apart, lexicon)
+        .with_poolings(poolings)
         .with_alignment(alignment)
         .with_xnli(xnli))
 }
@@ -440,6 +469,7 @@ fn train(
         head_lr: args.head_lr,
         grad_accum: args.grad_accum,
         mini_batch: args.mini_batch,
+        freeze_embeddings: args.freeze_embeddings,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         ..recipe
@@ -455,6 +485,10 @@ fn train(
         let _ = std::fs::remove_file(args.out.join(METRICS_FILE));
     }
     let summary = trainer.run()?;
+    if summary.first_loss.is_none() {
+        eprintln!("      nothing left to train: the run had already reached its last step");
+        return Ok((trainer.model, summary));
+    }
     eprintln!(
         "      loss {:.4} -> {:.4} in {:.0} s; {} pairs used, {} without anchor, {} anchors truncated, {} bad lines, {} steps skipped",
         summary.first_loss.unwrap_or(f32::NAN),
@@ -481,8 +515,11 @@ fn run_description(args: &Args, mode: &Mode, checkpoint: Option<&Path>) -> Strin
     };
     s += &format!("- starting model: {start}\n");
     s += &format!(
-        "- objective: `{:?}`; steps {}, batch {}, max_len {}, lr {:e} (linear decay, {} warm-up), temperature {}, MLM weight {}, seed {}\n",
-        args.objective, mode.steps, mode.batch_size, mode.max_len, mode.lr, mode.warmup, args.temperature, args.mlm_weight, args.seed
+        "- objective: `{:?}`; steps {}, batch {}, max_len {}, lr {:e} ({:?}, {} warm-up), head lr {}, temperature {}, MLM weight {}, embeddings {}, seed {}\n",
+        args.objective, mode.steps, mode.batch_size, mode.max_len, mode.lr, args.recipe, mode.warmup,
+        args.head_lr.map_or_else(|| "= lr".into(), |h| format!("{h:e}")),
+        args.temperature, args.mlm_weight,
+        if args.freeze_embeddings { "frozen" } else { "trained" }, args.seed
     );
     let data = match &args.train {
         Some(p) => p.display().to_string(),
@@ -508,13 +545,15 @@ fn run_description(args: &Args, mode: &Mode, checkpoint: Option<&Path>) -> Strin
 /// `loss.svg` (the loss terms over steps) and `retrieval.svg` (acc@1 before and after).
 fn plot(out: &Path, before: &Evaluation, after: &Evaluation) -> Result<()> {
     plot_training(&read_metrics(out)?, &out.join("loss.svg"))?;
+    let (Some(before), Some(after)) = (before.sentence_first(), after.sentence_first()) else {
+        return Ok(());
+    };
     let rows: Vec<BeforeAfter> = before
-        .sentence
         .iter()
         .map(|(name, b)| BeforeAfter {
             label: name.clone(),
             before: b.mean(),
-            after: after.sentence.get(name).map_or(f32::NAN, |a| a.mean()),
+            after: after.get(name).map_or(f32::NAN, |a| a.mean()),
         })
         .collect();
     plot_before_after(

@@ -101,7 +101,7 @@ impl GoldAlignment {
 /// - recall = |A∩S| / |S| (0 when S is empty)
 /// - F1 = 2PR / (P + R) (0 when both are 0)
 /// - AER = 1 − (|A∩S| + |A∩P|) / (|A| + |S|) (0 when A and S are both empty)
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AlignmentCounts {
     /// |A|.
     pub predicted: usize,

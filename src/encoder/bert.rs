@@ -122,6 +122,20 @@ impl Embeddings {
             ..self
         }
     }
+
+    fn detached(self) -> Self {
+        let detach = |e: candle_nn::Embedding| {
+            let (_, hidden) = e.embeddings().dims2().expect("embedding tables are 2-D");
+            candle_nn::Embedding::new(e.embeddings().detach(), hidden)
+        };
+        Self {
+            word: detach(self.word),
+            position: detach(self.position),
+            token_type: detach(self.token_type),
+            layer_norm: self.layer_norm.detached(),
+            ..self
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +332,18 @@ impl BertEncoder {
     pub fn with_dropout_seed(self, seed: u64) -> Self {
         self.dropout_rng.reseed(seed);
         self
+    }
+
+    /// Takes the embedding layer (word, position and token-type tables and their LayerNorm)
+    /// out of the autograd graph, so that backward computes no gradient for it: for a frozen
+    /// embedding layer this skips a dense `[vocab, hidden]` gradient per pass. The tensors share
+    /// storage with the variables, so checkpoints and the [`ParamStore`](super::ParamStore)
+    /// are unchanged.
+    pub fn with_frozen_embeddings(self) -> Self {
+        Self {
+            embeddings: self.embeddings.detached(),
+            ..self
+        }
     }
 
     /// Chooses the fused CPU kernels ([`Kernels::Auto`], the default) or their composite twins
@@ -577,6 +603,18 @@ impl BertForMaskedLm {
             encoder.word_embeddings(),
         )?;
         Ok(Self { encoder, mlm_head })
+    }
+
+    /// Freezes the embedding layer ([`BertEncoder::with_frozen_embeddings`]) and with it the
+    /// head's decoder, which is tied to the word embeddings.
+    pub fn with_frozen_embeddings(self) -> Self {
+        Self {
+            encoder: self.encoder.with_frozen_embeddings(),
+            mlm_head: MlmHead {
+                decoder_weight: self.mlm_head.decoder_weight.detach(),
+                ..self.mlm_head
+            },
+        }
     }
 
     /// MLM logits for the input, with every hidden state. Arguments as

@@ -51,6 +51,16 @@ impl LayerNorm {
         Self { kernels, ..self }
     }
 
+    /// The same normalisation with its parameters outside the autograd graph (they share
+    /// storage with the originals).
+    pub(crate) fn detached(self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            ..self
+        }
+    }
+
     /// Normalises `xs` (`[..., size]`).
     pub fn forward_ln(&self, xs: &Tensor) -> Result<Tensor> {
         if self.kernels.fused_on(xs.device()) {

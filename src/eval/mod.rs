@@ -1,15 +1,18 @@
 //! Evaluation of a (pre-trained or ML-CTL-trained) encoder.
 //!
 //! [`retrieval`]: Tatoeba-style sentence and anchor-word retrieval (acc@1, both directions).
+//! [`bootstrap`]: intervals for those scores and for differences between models.
 //! [`plots`]: SVG plots of a run.
 //!
 //! XNLI zero-shot transfer: [`nli`](crate::nli) (its fine-tuning and evaluation are
 //! re-exported here).
 
+pub mod bootstrap;
 #[cfg(feature = "plots")]
 pub mod plots;
 pub mod retrieval;
 
+pub use bootstrap::Interval;
 pub use retrieval::{embed_sentences, embed_spans, retrieval_accuracy, RetrievalScores};
 
 pub use crate::nli::{

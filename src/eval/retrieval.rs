@@ -11,7 +11,7 @@ use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
 /// Accuracy at 1 of retrieval in both directions over `n` aligned pairs.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetrievalScores {
     /// Share of sources whose nearest target is their translation.
     pub src_to_tgt: f32,
@@ -19,12 +19,29 @@ pub struct RetrievalScores {
     pub tgt_to_src: f32,
     /// Number of pairs.
     pub n: usize,
+    /// Whether each source retrieved its translation (`n` entries, in pair order): the items
+    /// of a bootstrap interval ([`crate::eval::bootstrap`]).
+    #[serde(default)]
+    pub src_hits: Vec<bool>,
+    /// Whether each target retrieved its translation.
+    #[serde(default)]
+    pub tgt_hits: Vec<bool>,
 }
 
 impl RetrievalScores {
     /// Mean of both directions.
     pub fn mean(&self) -> f32 {
         (self.src_to_tgt + self.tgt_to_src) / 2.0
+    }
+
+    /// Every query's hit (1) or miss (0), sources first then targets: `2n` items whose mean is
+    /// [`RetrievalScores::mean`].
+    pub fn hits(&self) -> Vec<f64> {
+        self.src_hits
+            .iter()
+            .chain(&self.tgt_hits)
+            .map(|&h| f64::from(u8::from(h)))
+            .collect()
     }
 }
 
@@ -59,16 +76,19 @@ pub fn retrieval_accuracy(src: &Tensor, tgt: &Tensor) -> Result<RetrievalScores>
         }
         best.0
     };
-    let forward = (0..n)
-        .filter(|&i| argmax(&mut rows[i].iter().copied()) == i)
-        .count();
-    let backward = (0..n)
-        .filter(|&j| argmax(&mut rows.iter().map(|r| r[j])) == j)
-        .count();
+    let src_hits: Vec<bool> = (0..n)
+        .map(|i| argmax(&mut rows[i].iter().copied()) == i)
+        .collect();
+    let tgt_hits: Vec<bool> = (0..n)
+        .map(|j| argmax(&mut rows.iter().map(|r| r[j])) == j)
+        .collect();
+    let share = |hits: &[bool]| hits.iter().filter(|&&h| h).count() as f32 / n as f32;
     Ok(RetrievalScores {
-        src_to_tgt: forward as f32 / n as f32,
-        tgt_to_src: backward as f32 / n as f32,
+        src_to_tgt: share(&src_hits),
+        tgt_to_src: share(&tgt_hits),
         n,
+        src_hits,
+        tgt_hits,
     })
 }
 

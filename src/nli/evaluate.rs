@@ -13,7 +13,7 @@ pub trait NliPredictor {
 }
 
 /// Correct predictions and examples of one language.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LanguageCounts {
     /// Examples predicted right.
     pub correct: usize,
@@ -22,7 +22,7 @@ pub struct LanguageCounts {
 }
 
 /// Accuracy per language, as XNLI results are reported.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NliReport {
     /// Accuracy (`correct / total`, in `[0, 1]`) of each language.
     pub accuracy_by_language: BTreeMap<String, f32>,

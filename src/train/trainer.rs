@@ -252,6 +252,10 @@ impl Trainer {
             }
             optimizer = optimizer.with_lr_scale(HEAD_PREFIX, head_lr / peak);
         }
+        let mut model = model;
+        if config.freeze_embeddings {
+            model.bert.model = model.bert.model.with_frozen_embeddings();
+        }
         let device = model.bert.model.encoder.word_embeddings().device().clone();
         let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
         model
