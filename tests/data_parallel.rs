@@ -1,12 +1,15 @@
-//! Data-parallel building blocks: collectives, gathered negatives, gradient buckets, the
-//! rendezvous. `cargo test data_parallel` runs them all.
+//! Data-parallel training and its building blocks: collectives, gathered negatives, gradient
+//! buckets, the rendezvous, the trainer's ranks. `cargo test data_parallel` runs them all.
 //!
 //! The CPU tests run `W` ranks as threads over `LocalCollective` and compare with quantities
 //! computed independently: sums and concatenations in plain Rust, gradients of one process over
 //! the whole batch. Every test that waits on other ranks is bounded in time.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,7 +18,8 @@ use mlctl::dist::{
     any_rank_non_finite, broadcast_vars, gather_with_local_grad, rendezvous, Collective, DistEnv,
     GradLayout, LocalCollective,
 };
-use mlctl::loss::CzNce;
+use mlctl::loss::{CzNce, MultiLevelLoss};
+use mlctl::train::{Decay, LrSchedule, StepRecord, TrainConfig, Trainer};
 use mlctl::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -818,5 +822,315 @@ fn data_parallel_nccl_all_gpus() {
             stdout.contains(&format!("RANK {rank} OK")),
             "rank {rank}: {stdout}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trainer's ranks: W trainers over LocalCollective threads against one process.
+
+/// Pairs in the training file of the trainer tests.
+const PAIRS: usize = 24;
+
+fn train_corpus(dir: &Path) -> PathBuf {
+    let path = dir.join("train.tsv");
+    std::fs::write(&path, common::synthetic_tsv(PAIRS, 21)).unwrap();
+    path
+}
+
+/// Adam at a learning rate large enough that a wrong gradient shows within a few steps, with
+/// clipping (applied after the all-reduce) that binds on the tiny model's gradients.
+fn dp_config(steps: u64, grad_accum: usize, mini_batch: Option<usize>) -> TrainConfig {
+    TrainConfig {
+        schedule: LrSchedule {
+            peak_lr: 1e-3,
+            warmup_steps: 0,
+            total_steps: steps,
+            decay: Decay::Linear,
+        },
+        max_grad_norm: Some(1.0),
+        grad_accum,
+        mini_batch,
+        progress: false,
+        ..TrainConfig::adam_linear_clipped(steps)
+    }
+}
+
+/// A trainer of the tiny model (dropout 0.1 on) with ML-CTL's objective (sentence CZ-NCE and
+/// MLM) over a global batch of `batch` pairs.
+fn dp_trainer(run: &Path, data: &Path, batch: usize, config: TrainConfig, init: u64) -> Trainer {
+    Trainer::new(
+        common::tiny_model(init),
+        MultiLevelLoss::mlctl(),
+        common::tsv_loader(data, batch, 16, 3),
+        config,
+        run,
+    )
+    .unwrap()
+}
+
+fn params(trainer: &Trainer) -> BTreeMap<String, Tensor> {
+    trainer
+        .model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+        .collect()
+}
+
+fn metrics(run: &Path) -> Vec<StepRecord> {
+    std::fs::read_to_string(run.join(mlctl::train::METRICS_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Trains `steps` updates on `world` ranks sharing the run directory `run` (rank `r > 0`
+/// starts from other weights, which the broadcast replaces); returns each rank's parameters
+/// and step records.
+fn train_ranks(
+    world: usize,
+    run: &Path,
+    data: &Path,
+    batch: usize,
+    config: TrainConfig,
+    steps: u64,
+) -> Vec<(BTreeMap<String, Tensor>, Vec<StepRecord>)> {
+    let (run, data) = (run.to_path_buf(), data.to_path_buf());
+    run_ranks(world, move |c| {
+        let init = 5 + 10 * c.rank() as u64;
+        let mut trainer = dp_trainer(&run, &data, batch, config.clone(), init)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        let records = (0..steps)
+            .map(|_| trainer.train_step().unwrap())
+            .collect::<Vec<_>>();
+        (params(&trainer), records)
+    })
+}
+
+/// `W` ranks end where one process with the same global batch ends: parameters within 1e-5,
+/// and rank 0 logs the loss terms and gradient norm one process logs.
+fn check_against_one_process(
+    world: usize,
+    batch: usize,
+    grad_accum: usize,
+    mini_batch: Option<usize>,
+) {
+    const STEPS: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let config = dp_config(STEPS, grad_accum, mini_batch);
+    let single_run = dir.path().join("single");
+    let mut single = dp_trainer(&single_run, &data, batch, config.clone(), 5);
+    let initial = params(&single);
+    for _ in 0..STEPS {
+        single.train_step().unwrap();
+    }
+    let expected = params(&single);
+    let expected_log = metrics(&single_run);
+
+    let run = dir.path().join("ranks");
+    let ranks = train_ranks(world, &run, &data, batch, config, STEPS);
+    let mut worst = 0f64;
+    let mut moved = 0f64;
+    for (rank, (got, records)) in ranks.iter().enumerate() {
+        assert_eq!(got.len(), expected.len());
+        for (name, want) in &expected {
+            // The ranks apply the same summed gradients: they stay bit-identical.
+            assert_eq!(
+                max_abs_diff(&got[name], &ranks[0].0[name]),
+                0.0,
+                "rank {rank} {name}"
+            );
+            // Softmax ignores the attention key bias (it shifts a whole row of scores by
+            // q·b), so its gradient is rounding noise, which Adam scales up to steps of about
+            // the learning rate whichever way it rounds; one process and W ranks round
+            // differently.
+            if name.ends_with("attention.self.key.bias") {
+                continue;
+            }
+            let diff = max_abs_diff(&got[name], want);
+            worst = worst.max(diff);
+            moved = moved.max(max_abs_diff(want, &initial[name]));
+            assert!(
+                diff <= 1e-5,
+                "W={world} rank {rank} {name}: |Δparam| = {diff:e}"
+            );
+        }
+        for (got, want) in records.iter().zip(&expected_log) {
+            assert!(!got.skipped && !want.skipped);
+            let close = |a: f64, b: f64, what: &str| {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "W={world} rank {rank} step {}: {what} {a} vs one process {b}",
+                    want.step
+                );
+            };
+            close(got.loss.into(), want.loss.into(), "loss");
+            close(
+                got.sentence.unwrap().into(),
+                want.sentence.unwrap().into(),
+                "sentence",
+            );
+            close(got.mlm.unwrap().into(), want.mlm.unwrap().into(), "mlm");
+            close(got.grad_norm, want.grad_norm, "grad norm");
+        }
+    }
+    // The clipping binds, and the updates are large next to the tolerance.
+    assert!(expected_log[0].grad_norm > 1.0, "{expected_log:?}");
+    assert!(moved > 1e-3, "parameters moved by at most {moved:e}");
+    assert_eq!(metrics(&run).len(), STEPS as usize, "rank 0 alone logs");
+    eprintln!("W={world}: largest |Δparam| against one process {worst:e}");
+}
+
+#[test]
+fn data_parallel_trainer_two_ranks_with_accumulation_match_one_process() {
+    check_against_one_process(2, 8, 2, None);
+}
+
+#[test]
+fn data_parallel_trainer_four_ranks_match_one_process() {
+    check_against_one_process(4, 8, 1, None);
+}
+
+#[test]
+fn data_parallel_trainer_with_cached_loss_matches_one_process() {
+    // Shards of 4 in chunks of 2.
+    check_against_one_process(2, 8, 1, Some(2));
+}
+
+#[test]
+fn data_parallel_batch_not_divisible_by_world_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let c = LocalCollective::group(4).unwrap().remove(0);
+    let err = dp_trainer(&dir.path().join("run"), &data, 6, dp_config(1, 1, None), 5)
+        .with_collective(Arc::new(c))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(err.to_string().contains("6 pairs"), "{err}");
+    assert!(err.to_string().contains("4 ranks"), "{err}");
+}
+
+#[test]
+fn data_parallel_only_rank_zero_writes_the_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let root = dir.path().to_path_buf();
+    let summaries = run_ranks(2, move |c| {
+        // Each rank gets its own directory here, to see which ones are written.
+        let run = root.join(format!("run-{}", c.rank()));
+        let config = TrainConfig {
+            checkpoint_every: 1,
+            ..dp_config(2, 1, None)
+        };
+        let mut trainer = dp_trainer(&run, &data, 4, config, 5)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        trainer.run().unwrap()
+    });
+    assert!(
+        !dir.path().join("run-1").exists(),
+        "rank 1 wrote its run directory"
+    );
+    let run0 = dir.path().join("run-0");
+    assert_eq!(metrics(&run0).len(), 2);
+    let checkpoints = mlctl::train::list_checkpoints(&run0.join("checkpoints")).unwrap();
+    assert_eq!(checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(summaries[0].checkpoint.as_ref(), Some(&checkpoints[1].1));
+    assert_eq!(summaries[0].steps, 2);
+    assert_eq!(summaries[1].steps, 2);
+}
+
+#[test]
+fn data_parallel_resume_is_bit_exact() {
+    const WORLD: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let config = TrainConfig {
+        checkpoint_every: 2,
+        ..dp_config(4, 2, None)
+    };
+    let straight = train_ranks(
+        WORLD,
+        &dir.path().join("straight"),
+        &data,
+        4,
+        config.clone(),
+        4,
+    );
+
+    // Two updates and the checkpoint at step 2, a third lost with the processes; then every
+    // rank resumes from the one run directory, from other initial weights.
+    let run = dir.path().join("interrupted");
+    let (r, d, cfg) = (run.clone(), data.clone(), config.clone());
+    run_ranks(WORLD, move |c| {
+        let mut trainer = dp_trainer(&r, &d, 4, cfg.clone(), 5)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        for _ in 0..2 {
+            trainer.train_step().unwrap();
+        }
+        trainer.save_checkpoint().unwrap();
+        trainer.train_step().unwrap();
+    });
+    let (r, d) = (run.clone(), data.clone());
+    let resumed = run_ranks(WORLD, move |c| {
+        let init = 77 + c.rank() as u64;
+        let mut trainer = dp_trainer(&r, &d, 4, config.clone(), init)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        assert_eq!(trainer.resume().unwrap(), Some(2));
+        trainer.run().unwrap();
+        params(&trainer)
+    });
+    for (rank, got) in resumed.iter().enumerate() {
+        for (name, want) in &straight[rank].0 {
+            assert_eq!(max_abs_diff(&got[name], want), 0.0, "rank {rank} {name}");
+        }
+    }
+    let steps: Vec<u64> = metrics(&run).iter().map(|r| r.step).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+}
+
+#[test]
+fn data_parallel_non_finite_loss_on_one_rank_skips_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let results = run_ranks(2, move |c| {
+        let rank = c.rank();
+        let mut trainer = dp_trainer(&dir.path().join("run"), &data, 4, dp_config(3, 1, None), 5)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        let first = trainer.train_step().unwrap();
+        let before = params(&trainer);
+        // Rank 1's MLM head turns NaN for one step: only its local MLM term is non-finite
+        // (the contrastive terms, computed from the encoder, stay finite on rank 0).
+        let vars = trainer.model.named_vars();
+        let (name, bias) = vars
+            .iter()
+            .find(|(n, _)| n.starts_with("cls.predictions") && n.ends_with("bias"))
+            .expect("an MLM head bias");
+        let saved = bias.as_tensor().copy().unwrap();
+        if rank == 1 {
+            bias.set(&(&saved * f64::NAN).unwrap()).unwrap();
+        }
+        let second = trainer.train_step().unwrap();
+        bias.set(&saved).unwrap();
+        let after = params(&trainer);
+        let third = trainer.train_step().unwrap();
+        (name.clone(), first, second, third, before, after)
+    });
+    for (rank, (name, first, second, third, before, after)) in results.iter().enumerate() {
+        assert!(!first.skipped && !third.skipped, "rank {rank}");
+        assert!(
+            second.skipped,
+            "rank {rank} did not skip step 2 ({name} NaN on rank 1)"
+        );
+        assert!(!second.loss.is_finite(), "rank {rank} logs {}", second.loss);
+        for (n, t) in before {
+            assert_eq!(max_abs_diff(t, &after[n]), 0.0, "rank {rank}: {n} moved");
+        }
     }
 }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor, Var};
 
 use super::masked_lm_loss;
-use super::multi_level::{pass_key, MaskedPair, MultiLevelLoss, Pass};
+use super::multi_level::{pass_key, MaskedPair, MultiLevelLoss, Pass, RankShard};
 use crate::data::{MaskedTokens, PairBatch};
 use crate::encoder::DropoutRng;
 use crate::model::{MlCtlModel, SideEmbeddings};
@@ -96,11 +96,41 @@ impl CachedLoss {
         key: Option<DropoutKey>,
     ) -> Result<CachedStep> {
         let rng = model.bert.model.encoder.dropout_rng().clone();
-        let result = self.run(model, batch, masked, vars, key, &rng);
+        let result = self.run(model, batch, masked, vars, key, &rng, None);
         rng.set_key(None);
         result
     }
 
+    /// This rank's part of a data-parallel evaluation of a global batch, chunk by chunk:
+    /// [`CachedLoss::forward_backward`] on the shard `batch` (with `masked`, its rows' masked
+    /// copies) as [`MultiLevelLoss::forward_rank`] evaluates it. The contrastive terms are
+    /// computed on every rank's embeddings (all-gathered after step 1, without graph), and this
+    /// rank back-propagates the rows of their gradient that are its own; the MLM sums are
+    /// divided by the global batch's masked-token counts. Summed over the ranks, the gradients
+    /// are those of the whole global batch. The dropout `key` is taken at the shard's
+    /// `sample_offset` (its own offset is ignored), so chunk `r` of the shard draws the masks
+    /// of its rows in the global batch.
+    ///
+    /// `total`, `sentence`, `word` and `mlm` are reported as by
+    /// [`MultiLevelLoss::forward_rank`]: the contrastive terms are the global batch's, `mlm`
+    /// is this rank's part. Every rank must make this call, with shards of equal size.
+    pub fn forward_backward_rank(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        vars: &[(String, Var)],
+        key: Option<DropoutKey>,
+        shard: &RankShard<'_>,
+    ) -> Result<CachedStep> {
+        let key = key.map(|k| k.with_sample_offset(shard.sample_offset));
+        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let result = self.run(model, batch, masked, vars, key, &rng, Some(shard));
+        rng.set_key(None);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         model: &MlCtlModel,
@@ -109,6 +139,7 @@ impl CachedLoss {
         vars: &[(String, Var)],
         key: Option<DropoutKey>,
         rng: &DropoutRng,
+        shard: Option<&RankShard<'_>>,
     ) -> Result<CachedStep> {
         let train = key.is_some();
         let before_pass = |pass: Pass, start: usize| {
@@ -160,8 +191,21 @@ impl CachedLoss {
                     train,
                 )?)?);
             }
-            let q = Var::from_tensor(&cat(src.iter().map(|s| s.projected.as_tensor()))?)?;
-            let k = Var::from_tensor(&cat(tgt.iter().map(|s| s.projected.as_tensor()))?)?;
+            // Over a shard: every rank's rows, of which this rank differentiates its own.
+            let all = |t: Tensor| -> Result<Var> {
+                Ok(Var::from_tensor(&match shard {
+                    Some(s) => s.collective.all_gather(&t)?,
+                    None => t,
+                })?)
+            };
+            let on_rank = |loss: &super::CzNce| -> Result<super::CzNce> {
+                match shard {
+                    Some(s) => s.per_rank(loss),
+                    None => Ok(loss.clone()),
+                }
+            };
+            let q = all(cat(src.iter().map(|s| s.projected.as_tensor()))?)?;
+            let k = all(cat(tgt.iter().map(|s| s.projected.as_tensor()))?)?;
             let words = match (
                 src.iter()
                     .map(|s| s.word.as_ref())
@@ -171,14 +215,14 @@ impl CachedLoss {
                     .collect::<Option<Vec<_>>>(),
             ) {
                 (Some(sw), Some(tw)) if self.objective.word.is_some() => Some((
-                    Var::from_tensor(&cat(sw.iter().map(|v| v.as_tensor()))?)?,
-                    Var::from_tensor(&cat(tw.iter().map(|v| v.as_tensor()))?)?,
+                    all(cat(sw.iter().map(|v| v.as_tensor()))?)?,
+                    all(cat(tw.iter().map(|v| v.as_tensor()))?)?,
                 )),
                 _ => None,
             };
             let mut loss: Option<Tensor> = None;
             if let Some(l) = &self.objective.sentence {
-                let value = l.forward(q.as_tensor(), k.as_tensor())?;
+                let value = on_rank(l)?.forward(q.as_tensor(), k.as_tensor())?;
                 sentence = Some(scalar(&value)?);
                 loss = Some(value);
             }
@@ -188,7 +232,7 @@ impl CachedLoss {
                         "the word-level term needs anchor spans in the batch".into(),
                     ));
                 };
-                let value = l.forward(wq.as_tensor(), wk.as_tensor())?;
+                let value = on_rank(l)?.forward(wq.as_tensor(), wk.as_tensor())?;
                 word = Some(scalar(&value)?);
                 loss = Some(match loss {
                     Some(s) => (s + value)?,
@@ -200,10 +244,19 @@ impl CachedLoss {
             let store = loss.backward()?;
             // The loss's own parameters (a learnable temperature) get their gradient here.
             add_grads(&store)?;
+            // This rank's rows of the gathered embeddings' gradient.
+            let rows = match shard {
+                Some(s) => Some((s.collective.rank() * n, n)),
+                None => None,
+            };
             let grad_of = |v: &Var| -> Result<Tensor> {
-                Ok(match store.get(v) {
+                let g = match store.get(v) {
                     Some(g) => g.clone(),
                     None => v.as_tensor().zeros_like()?,
+                };
+                Ok(match rows {
+                    Some((start, len)) => g.narrow(0, start, len)?,
+                    None => g,
                 })
             };
             cached_grads = Some(EmbeddingGrads {
@@ -218,7 +271,10 @@ impl CachedLoss {
 
         // Step 3: each chunk again with its graph; its share of the MLM term rides along.
         let mlm_counts = match (self.objective.mlm_weight, masked) {
-            (Some(_), Some(m)) => Some((m.src.len(), m.tgt.len())),
+            (Some(_), Some(m)) => Some(match shard {
+                Some(s) => s.global_masked,
+                None => (m.src.len(), m.tgt.len()),
+            }),
             (Some(_), None) => {
                 return Err(Error::InvalidArgument(
                     "the MLM term needs masked copies of the batch".into(),
@@ -267,7 +323,8 @@ impl CachedLoss {
                         continue;
                     }
                     before_pass(pass, start);
-                    // mean over the chunk's tokens × their share = sum / whole-batch count.
+                    // mean over the chunk's tokens × their share = sum / whole-batch count (the
+                    // global batch's, over a shard).
                     let share = part.len() as f64 / n_side as f64 / 2.0;
                     let out = model.bert.model.encoder.forward_t(
                         &part.input_ids,
@@ -353,7 +410,7 @@ fn token_rows(tokens: &TokenBatch, start: usize, len: usize) -> Result<TokenBatc
 }
 
 /// Rows `start..start + len` of a pair batch.
-fn pair_rows(batch: &PairBatch, start: usize, len: usize) -> Result<PairBatch> {
+pub(crate) fn pair_rows(batch: &PairBatch, start: usize, len: usize) -> Result<PairBatch> {
     Ok(PairBatch {
         src: token_rows(&batch.src, start, len)?,
         tgt: token_rows(&batch.tgt, start, len)?,
@@ -366,7 +423,7 @@ fn pair_rows(batch: &PairBatch, start: usize, len: usize) -> Result<PairBatch> {
 
 /// The masked tokens of rows `start..start + len`, with positions relative to those rows.
 /// `ids` gives the batch's sequence length.
-fn masked_rows(
+pub(crate) fn masked_rows(
     masked: &MaskedTokens,
     ids: &Tensor,
     start: usize,

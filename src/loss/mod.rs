@@ -5,7 +5,8 @@ pub mod cz_nce;
 mod mlm;
 mod multi_level;
 
+pub(crate) use cached::{masked_rows, pair_rows};
 pub use cached::{CachedLoss, CachedStep};
 pub use cz_nce::CzNce;
 pub use mlm::masked_lm_loss;
-pub use multi_level::{pass_key, LossTerms, MaskedPair, MultiLevelLoss, Pass};
+pub use multi_level::{pass_key, LossTerms, MaskedPair, MultiLevelLoss, Pass, RankShard};

@@ -4,8 +4,10 @@
 use candle_core::Tensor;
 use rand_chacha::ChaCha8Rng;
 
+use super::cz_nce::Temperature;
 use super::{masked_lm_loss, CzNce};
 use crate::data::{MaskedTokens, MlmMasking, PairBatch};
+use crate::dist::{gather_with_local_grad, Collective};
 use crate::model::MlCtlModel;
 use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
@@ -22,6 +24,64 @@ pub struct LossTerms {
     pub word: Option<Tensor>,
     /// MLM loss, the mean over the source and target masked copies (unweighted).
     pub mlm: Option<Tensor>,
+}
+
+/// One rank's part of a data-parallel evaluation: what it needs so that the gradients of its
+/// shard's loss, summed over ranks, equal the gradient of the global batch's loss (see the
+/// [`dist`](crate::dist) module's gradient rule).
+///
+/// Rank `r` of `W` holds rows `r·B/W .. (r+1)·B/W` of a global batch of `B` pairs.
+#[derive(Clone, Copy)]
+pub struct RankShard<'a> {
+    /// The group. The contrastive terms are computed over every rank's embeddings, gathered
+    /// with [`gather_with_local_grad`]: only this rank's rows are in its graph.
+    pub collective: &'a dyn Collective,
+    /// Global index of this shard's first row, `r·B/W`: dropout masks are keyed by each row's
+    /// global index, so the ranks draw the masks one process draws for the whole batch.
+    pub sample_offset: u64,
+    /// Masked tokens of the whole global batch, `(source, target)`: this rank's MLM sums are
+    /// divided by these counts instead of its own, so the ranks' MLM terms add up to the
+    /// global batch's means.
+    pub global_masked: (usize, usize),
+}
+
+impl std::fmt::Debug for RankShard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankShard")
+            .field("rank", &self.collective.rank())
+            .field("world_size", &self.collective.world_size())
+            .field("sample_offset", &self.sample_offset)
+            .field("global_masked", &self.global_masked)
+            .finish()
+    }
+}
+
+impl RankShard<'_> {
+    /// The weight of a local MLM mean over `local` of `global` masked tokens (0 when the global
+    /// batch has none: the local mean is then 0 too).
+    pub(crate) fn mlm_share(local: usize, global: usize) -> f64 {
+        if global == 0 {
+            0.0
+        } else {
+            local as f64 / global as f64
+        }
+    }
+
+    /// `loss` as this rank evaluates it: a learnable temperature `θ` is replaced by
+    /// `detach(θ) + (θ − detach(θ)) / W`, the same value with `1/W` of the gradient. Every rank
+    /// computes the whole global loss, so each would otherwise contribute `θ`'s full gradient
+    /// and the all-reduce would count it `W` times.
+    pub(crate) fn per_rank(&self, loss: &CzNce) -> Result<CzNce> {
+        let world = self.collective.world_size();
+        match loss.temperature() {
+            Temperature::LearnableLogScale(theta) if world > 1 => {
+                let fixed = theta.detach();
+                let scaled = (&fixed + ((theta - &fixed)? / world as f64)?)?;
+                Ok(loss.clone().with_learnable_log_scale(scaled))
+            }
+            _ => Ok(loss.clone()),
+        }
+    }
 }
 
 /// Masked copies of both sides of a batch.
@@ -131,6 +191,42 @@ impl MultiLevelLoss {
         result
     }
 
+    /// This rank's part of a data-parallel evaluation of the global batch whose rows `batch`
+    /// holds (`masked`: the masked copies of those rows), such that the gradients of the
+    /// returned `total`, summed over the ranks, are the gradient of [`MultiLevelLoss::forward`]
+    /// on the whole global batch:
+    ///
+    /// - the contrastive terms are evaluated on every rank's embeddings
+    ///   ([`gather_with_local_grad`]); `sentence` and `word` are the global batch's values,
+    ///   the same on every rank;
+    /// - each side's MLM mean is weighted by this rank's share of the global masked tokens;
+    ///   `mlm` is this rank's part, and the ranks' parts sum to the global batch's MLM term.
+    ///
+    /// With `train`, each encoder pass draws its dropout key from the encoder's generator as
+    /// [`MultiLevelLoss::forward`] does, shifted to the shard's `sample_offset`: ranks whose
+    /// generators are in the same state draw the masks of one process over the whole batch.
+    /// Every rank must make this call (it runs collectives), with shards of equal size.
+    pub fn forward_rank(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        shard: &RankShard<'_>,
+        train: bool,
+    ) -> Result<LossTerms> {
+        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let result = self.forward_passes_on(model, batch, masked, train, Some(shard), &mut |_| {
+            if train {
+                rng.set_key(None);
+                let key = rng.next_key().with_sample_offset(shard.sample_offset);
+                rng.set_key(Some(key));
+            }
+            Ok(())
+        });
+        rng.set_key(None);
+        result
+    }
+
     fn forward_passes(
         &self,
         model: &MlCtlModel,
@@ -139,6 +235,32 @@ impl MultiLevelLoss {
         train: bool,
         before_pass: &mut dyn FnMut(Pass) -> Result<()>,
     ) -> Result<LossTerms> {
+        self.forward_passes_on(model, batch, masked, train, None, before_pass)
+    }
+
+    fn forward_passes_on(
+        &self,
+        model: &MlCtlModel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        train: bool,
+        shard: Option<&RankShard<'_>>,
+        before_pass: &mut dyn FnMut(Pass) -> Result<()>,
+    ) -> Result<LossTerms> {
+        // Over a shard, the contrastive terms see every rank's rows (only the local ones in
+        // the graph) and the loss's own parameters get their 1/W share.
+        let gather = |t: &Tensor| -> Result<Tensor> {
+            match shard {
+                Some(s) => gather_with_local_grad(s.collective, t),
+                None => Ok(t.clone()),
+            }
+        };
+        let on_rank = |loss: &CzNce| -> Result<CzNce> {
+            match shard {
+                Some(s) => s.per_rank(loss),
+                None => Ok(loss.clone()),
+            }
+        };
         let mut total: Option<Tensor> = None;
         let mut add = |t: &Tensor| -> Result<()> {
             total = Some(match total.take() {
@@ -155,7 +277,8 @@ impl MultiLevelLoss {
             before_pass(Pass::Target)?;
             let tgt = model.embed(&batch.tgt, tgt_spans.as_deref(), train)?;
             if let Some(loss) = &self.sentence {
-                let value = loss.forward(&src.projected, &tgt.projected)?;
+                let value =
+                    on_rank(loss)?.forward(&gather(&src.projected)?, &gather(&tgt.projected)?)?;
                 add(&value)?;
                 sentence = Some(value);
             }
@@ -165,7 +288,7 @@ impl MultiLevelLoss {
                         "the word-level term needs anchor spans in the batch".into(),
                     ));
                 };
-                let value = loss.forward(q, k)?;
+                let value = on_rank(loss)?.forward(&gather(q)?, &gather(k)?)?;
                 add(&value)?;
                 word = Some(value);
             }
@@ -179,7 +302,15 @@ impl MultiLevelLoss {
             let src = mlm_side(model, &batch.src, &masked.src, train)?;
             before_pass(Pass::MaskedTarget)?;
             let tgt = mlm_side(model, &batch.tgt, &masked.tgt, train)?;
-            let value = ((src + tgt)? / 2.0)?;
+            let value = match shard {
+                None => ((src + tgt)? / 2.0)?,
+                // mean over local tokens × local / global count = local sum / global count.
+                Some(s) => {
+                    let src_share = RankShard::mlm_share(masked.src.len(), s.global_masked.0);
+                    let tgt_share = RankShard::mlm_share(masked.tgt.len(), s.global_masked.1);
+                    (((src * src_share)? + (tgt * tgt_share)?)? / 2.0)?
+                }
+            };
             add(&(&value * weight)?)?;
             mlm = Some(value);
         }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -17,9 +18,10 @@ use super::checkpoint::{
 use super::optimizer::{AdamW, AdamWConfig, Gradients};
 use super::schedule::{Decay, LrSchedule};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
-use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairLoader};
+use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
+use crate::dist::{broadcast_vars, Collective, GradLayout};
 use crate::encoder::read_checkpoint_dir;
-use crate::loss::{CachedLoss, MaskedPair, MultiLevelLoss};
+use crate::loss::{masked_rows, pair_rows, CachedLoss, MaskedPair, MultiLevelLoss, RankShard};
 use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -178,6 +180,8 @@ struct TrainerState {
 /// On the CPU a run is deterministic given its seeds, and [`Trainer::resume`] restores weights,
 /// optimizer moments, schedule position, every random generator and the data cursor, so a run
 /// killed (even by `kill -9`) and resumed ends with the same weights as one never stopped.
+///
+/// [`Trainer::with_collective`] makes it one rank of a data-parallel run.
 pub struct Trainer {
     /// The model being trained.
     pub model: MlCtlModel,
@@ -195,15 +199,48 @@ pub struct Trainer {
     mask_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
+    /// The data-parallel group, when this trainer is one of its ranks.
+    data_parallel: Option<DataParallel>,
+}
+
+/// A [`Trainer`]'s data-parallel group and the layout of its gradient all-reduce.
+struct DataParallel {
+    collective: Arc<dyn Collective + Send + Sync>,
+    layout: GradLayout,
 }
 
 impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rank = self
+            .data_parallel
+            .as_ref()
+            .map(|dp| (dp.collective.rank(), dp.collective.world_size()));
         f.debug_struct("Trainer")
             .field("step", &self.step)
             .field("run_dir", &self.run_dir)
+            .field("rank_of_world", &rank)
             .finish()
     }
+}
+
+/// The AdamW of a run: `trainable`, with the head's own learning rate when `config.head_lr` is
+/// set.
+fn build_optimizer(
+    trainable: &[(String, candle_core::Var)],
+    config: &TrainConfig,
+) -> Result<AdamW> {
+    let mut optimizer = AdamW::new(trainable.to_vec(), config.adamw)?;
+    if let Some(head_lr) = config.head_lr {
+        let peak = config.schedule.peak_lr;
+        if !(peak > 0.0 && head_lr.is_finite() && head_lr >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "head_lr {head_lr} needs a finite, non-negative value and a positive peak lr \
+                 (got {peak})"
+            )));
+        }
+        optimizer = optimizer.with_lr_scale(HEAD_PREFIX, head_lr / peak);
+    }
+    Ok(optimizer)
 }
 
 impl Trainer {
@@ -241,17 +278,7 @@ impl Trainer {
             .into_iter()
             .filter(|(n, _)| !frozen(n))
             .collect();
-        let mut optimizer = AdamW::new(trainable.clone(), config.adamw)?;
-        if let Some(head_lr) = config.head_lr {
-            let peak = config.schedule.peak_lr;
-            if !(peak > 0.0 && head_lr.is_finite() && head_lr >= 0.0) {
-                return Err(Error::InvalidArgument(format!(
-                    "head_lr {head_lr} needs a finite, non-negative value and a positive peak lr \
-                     (got {peak})"
-                )));
-            }
-            optimizer = optimizer.with_lr_scale(HEAD_PREFIX, head_lr / peak);
-        }
+        let optimizer = build_optimizer(&trainable, &config)?;
         let mut model = model;
         if config.freeze_embeddings {
             model.bert.model = model.bert.model.with_frozen_embeddings();
@@ -278,7 +305,73 @@ impl Trainer {
             mask_rng,
             skipped_steps: 0,
             consecutive_bad: 0,
+            data_parallel: None,
         })
+    }
+
+    /// Makes this trainer rank `collective.rank()` of a data-parallel run over
+    /// `collective.world_size()` ranks (one process, or thread, per rank; see [`crate::dist`]).
+    /// Every rank builds its trainer with the same model, objective, loader and configuration,
+    /// calls this (before [`Trainer::resume`] and the first step), then trains as usual.
+    ///
+    /// - The loader's `batch_size` is the **global** batch `B`. Every rank runs the same seeded
+    ///   loader and trains on its slice, rows `r·B/W .. (r+1)·B/W` of the batch one process
+    ///   would draw.
+    /// - MLM masks are drawn for the whole global batch on every rank (the same generator in
+    ///   the same state) and sliced, so the ranks mask exactly what one process masks. Dropout
+    ///   masks are keyed by each row's global index.
+    /// - Every rank computes the contrastive terms over every rank's embeddings (its own rows in
+    ///   its graph) and `λ·MLM` over its masked tokens divided by the global batch's count, so
+    ///   the sum of the ranks' gradients is the gradient of the global batch's loss
+    ///   ([`MultiLevelLoss::forward_rank`]). One all-reduce sums them per update, after every
+    ///   micro-batch of gradient accumulation; clipping follows the all-reduce; a non-finite
+    ///   loss on any rank makes every rank skip the update.
+    /// - Rank 0 alone writes the run directory (metrics and checkpoints); every rank resumes
+    ///   from the same checkpoint, bit for bit with the same world size.
+    ///
+    /// The parameters start from rank 0's (broadcast here). With the same seeds, `W` ranks
+    /// follow the single-process run with the same global batch up to the rounding of the sums.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when the global batch is not divisible by the world size, or
+    /// when the trainer has already trained or resumed; the collective's errors.
+    pub fn with_collective(
+        mut self,
+        collective: Arc<dyn Collective + Send + Sync>,
+    ) -> Result<Self> {
+        let world = collective.world_size();
+        let batch = self.loader.config().batch_size;
+        if world == 0 || batch % world != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the global batch of {batch} pairs does not split evenly over {world} ranks: \
+                 choose a batch_size divisible by the world size"
+            )));
+        }
+        if self.step > 0 || self.optimizer.step_count() > 0 {
+            return Err(Error::InvalidArgument(
+                "with_collective must come before resume and training".into(),
+            ));
+        }
+        broadcast_vars(collective.as_ref(), &self.model.named_vars(), 0)?;
+        // AdamW's master copies (below f32) were taken from this rank's initial values.
+        self.optimizer = build_optimizer(&self.trainable, &self.config)?;
+        let vars = self.trainable.iter().cloned().collect();
+        let layout = GradLayout::new(&vars)?;
+        self.data_parallel = Some(DataParallel { collective, layout });
+        Ok(self)
+    }
+
+    /// This rank's index and the world size; `(0, 1)` without a data-parallel group.
+    pub fn rank_and_world(&self) -> (usize, usize) {
+        self.data_parallel.as_ref().map_or((0, 1), |dp| {
+            (dp.collective.rank(), dp.collective.world_size())
+        })
+    }
+
+    /// Whether this trainer writes the run directory: rank 0, or a single process.
+    fn writes(&self) -> bool {
+        self.rank_and_world().0 == 0
     }
 
     /// Updates done so far.
@@ -323,8 +416,11 @@ impl Trainer {
                 Some(m) => Some(MaskedPair::draw(m, &batch, &mut self.mask_rng)?),
                 None => None,
             };
-            let values = match self.config.mini_batch {
-                Some(mini_batch) => {
+            let values = match (&self.data_parallel, self.config.mini_batch) {
+                (Some(dp), mini_batch) => {
+                    self.rank_micro_batch(dp, &batch, masked.as_ref(), mini_batch, &mut grads)?
+                }
+                (None, Some(mini_batch)) => {
                     // One key per batch, drawn from the encoder's (checkpointed) generator:
                     // both passes over every chunk then draw the same dropout masks.
                     let key = self.model.bert.model.encoder.dropout_rng().next_key();
@@ -336,17 +432,10 @@ impl Trainer {
                             &self.trainable,
                             Some(key),
                         )?;
-                    for (name, g) in step.grads {
-                        let g = (g / accum as f64)?;
-                        let g = match grads.remove(&name) {
-                            Some(acc) => (acc + g)?,
-                            None => g,
-                        };
-                        grads.insert(name, g);
-                    }
+                    add_scaled(&mut grads, step.grads, accum)?;
                     [Some(step.total), step.sentence, step.word, step.mlm]
                 }
-                None => {
+                (None, None) => {
                     let terms =
                         self.objective
                             .forward(&self.model, &batch, masked.as_ref(), true)?;
@@ -367,6 +456,22 @@ impl Trainer {
                 }
             }
         }
+        // The value the update rule checks: a non-finite loss on any rank skips everywhere.
+        let mut verdict = sums[0];
+        if let Some(dp) = &self.data_parallel {
+            let reduced =
+                dp.layout
+                    .all_reduce(dp.collective.as_ref(), &grads, sums[0].is_finite())?;
+            grads = reduced.grads;
+            if let (true, Some(weight)) = (present[3], self.objective.mlm_weight) {
+                // The ranks' MLM parts add up to the global batch's term; the contrastive terms
+                // are already the global batch's on every rank.
+                let part = Tensor::new(&[sums[3]], &self.device)?;
+                sums[3] = dp.collective.all_reduce_sum(&part)?.to_vec1::<f32>()?[0];
+                sums[0] = sums[1] + sums[2] + weight as f32 * sums[3];
+            }
+            verdict = if reduced.skip { f32::NAN } else { sums[0] };
+        }
         let mut bad = BadSteps {
             skipped: self.skipped_steps,
             consecutive: self.consecutive_bad,
@@ -374,7 +479,7 @@ impl Trainer {
         let update = UpdateRule::from(&self.config).apply(
             &mut self.optimizer,
             &mut grads,
-            sums[0],
+            verdict,
             self.step,
             &mut bad,
         );
@@ -403,7 +508,80 @@ impl Trainer {
         Ok(record)
     }
 
+    /// Forward and backward of this rank's slice of one global micro-batch (`masked`: the whole
+    /// batch's masked copies), adding its gradients scaled by `1 / grad_accum` to `grads`.
+    /// Returns `[total, sentence, word, mlm]` as [`MultiLevelLoss::forward_rank`] reports them.
+    fn rank_micro_batch(
+        &self,
+        dp: &DataParallel,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        mini_batch: Option<usize>,
+        grads: &mut Gradients,
+    ) -> Result<[Option<f32>; 4]> {
+        let accum = self.config.grad_accum;
+        let collective = dp.collective.as_ref();
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let n = batch.len();
+        if n % world != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {n} pairs does not split evenly over {world} ranks"
+            )));
+        }
+        let (rows, start) = (n / world, rank * (n / world));
+        let local = pair_rows(batch, start, rows)?;
+        let local_masked = match masked {
+            Some(m) => Some(MaskedPair {
+                src: masked_rows(&m.src, &batch.src.input_ids, start, rows)?,
+                tgt: masked_rows(&m.tgt, &batch.tgt.input_ids, start, rows)?,
+            }),
+            None => None,
+        };
+        let shard = RankShard {
+            collective,
+            sample_offset: start as u64,
+            global_masked: masked.map_or((0, 0), |m| (m.src.len(), m.tgt.len())),
+        };
+        match mini_batch {
+            Some(mini_batch) => {
+                // As in one process: one key per global batch, shifted to this shard's rows.
+                let key = self.model.bert.model.encoder.dropout_rng().next_key();
+                let step = CachedLoss::new(self.objective.clone(), mini_batch)?
+                    .forward_backward_rank(
+                        &self.model,
+                        &local,
+                        local_masked.as_ref(),
+                        &self.trainable,
+                        Some(key),
+                        &shard,
+                    )?;
+                add_scaled(grads, step.grads, accum)?;
+                Ok([Some(step.total), step.sentence, step.word, step.mlm])
+            }
+            None => {
+                let terms = self.objective.forward_rank(
+                    &self.model,
+                    &local,
+                    local_masked.as_ref(),
+                    &shard,
+                    true,
+                )?;
+                let store = (&terms.total / accum as f64)?.backward()?;
+                accumulate_gradients(grads, &store, &self.trainable)?;
+                Ok([
+                    Some(scalar(&terms.total)?),
+                    terms.sentence.as_ref().map(scalar).transpose()?,
+                    terms.word.as_ref().map(scalar).transpose()?,
+                    terms.mlm.as_ref().map(scalar).transpose()?,
+                ])
+            }
+        }
+    }
+
     fn append_metrics(&self, record: &StepRecord) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         std::fs::create_dir_all(&self.run_dir).map_err(Error::io(&self.run_dir))?;
         let path = self.run_dir.join(METRICS_FILE);
         let mut file = std::fs::OpenOptions::new()
@@ -420,7 +598,7 @@ impl Trainer {
     pub fn run(&mut self) -> Result<TrainSummary> {
         let started = Instant::now();
         let bar = Progress::new(
-            self.config.progress,
+            self.config.progress && self.writes(),
             self.config.steps,
             "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
         );
@@ -452,7 +630,31 @@ impl Trainer {
     }
 
     /// Writes a complete checkpoint of the current step atomically and prunes old ones.
+    ///
+    /// In a data-parallel run rank 0 writes it and every rank returns its path once it is
+    /// complete; every rank must call this. A rank other than 0 gets [`Error::Distributed`]
+    /// when rank 0 could not write it.
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let written = if self.writes() {
+            self.write_checkpoint()
+        } else {
+            Ok(self.checkpoint_root().join(checkpoint_name(self.step)))
+        };
+        if let Some(dp) = &self.data_parallel {
+            // A barrier that also tells the other ranks whether rank 0 succeeded.
+            let failed = Tensor::new(&[if written.is_err() { 1f32 } else { 0.0 }], &self.device)?;
+            let failed = dp.collective.all_reduce_sum(&failed)?.to_vec1::<f32>()?[0] > 0.0;
+            if failed && written.is_ok() {
+                return Err(Error::Distributed(format!(
+                    "rank 0 could not write the checkpoint of step {}",
+                    self.step
+                )));
+            }
+        }
+        written
+    }
+
+    fn write_checkpoint(&self) -> Result<PathBuf> {
         let root = self.checkpoint_root();
         let state = TrainerState {
             step: self.step,
@@ -528,7 +730,9 @@ impl Trainer {
         self.step = state.step;
         self.skipped_steps = state.skipped_steps;
         self.consecutive_bad = state.consecutive_bad;
-        self.truncate_metrics(state.step)?;
+        if self.writes() {
+            self.truncate_metrics(state.step)?;
+        }
         Ok(Some(state.step))
     }
 
@@ -544,6 +748,19 @@ impl Trainer {
             .collect();
         crate::encoder::write_atomic(&path, kept.as_bytes())
     }
+}
+
+/// Adds `new / accum` to `grads`, by name.
+fn add_scaled(grads: &mut Gradients, new: Gradients, accum: usize) -> Result<()> {
+    for (name, g) in new {
+        let g = (g / accum as f64)?;
+        let g = match grads.remove(&name) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        grads.insert(name, g);
+    }
+    Ok(())
 }
 
 /// The value of a scalar loss as f32.
