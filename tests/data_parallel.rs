@@ -1134,3 +1134,181 @@ fn data_parallel_non_finite_loss_on_one_rank_skips_everywhere() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The loss-level rule, with a learnable temperature and the word level.
+
+/// Rows `start..start + len` of a token batch (written here, independently of the crate's).
+fn token_rows(
+    t: &mlctl::tokenize::TokenBatch,
+    start: usize,
+    len: usize,
+) -> mlctl::tokenize::TokenBatch {
+    let rows = start..start + len;
+    mlctl::tokenize::TokenBatch {
+        input_ids: t.input_ids.narrow(0, start, len).unwrap(),
+        token_type_ids: t.token_type_ids.narrow(0, start, len).unwrap(),
+        attention_mask: t.attention_mask.narrow(0, start, len).unwrap(),
+        offsets: t.offsets[rows.clone()].to_vec(),
+        word_ids: t.word_ids[rows.clone()].to_vec(),
+        special_tokens_mask: t.special_tokens_mask[rows.clone()].to_vec(),
+        lengths: t.lengths[rows].to_vec(),
+    }
+}
+
+/// The masked tokens of rows `start..start + len`, positions relative to those rows.
+fn masked_token_rows(
+    m: &mlctl::data::MaskedTokens,
+    seq_len: usize,
+    start: usize,
+    len: usize,
+) -> mlctl::data::MaskedTokens {
+    let (lo, hi) = ((start * seq_len) as u32, ((start + len) * seq_len) as u32);
+    let positions: Vec<u32> = m.positions.to_vec1().unwrap();
+    let targets: Vec<u32> = m.targets.to_vec1().unwrap();
+    let (p, t): (Vec<u32>, Vec<u32>) = positions
+        .into_iter()
+        .zip(targets)
+        .filter(|(p, _)| (lo..hi).contains(p))
+        .map(|(p, t)| (p - lo, t))
+        .unzip();
+    let n = p.len();
+    mlctl::data::MaskedTokens {
+        input_ids: m.input_ids.narrow(0, start, len).unwrap(),
+        positions: Tensor::from_vec(p, n, &Device::Cpu).unwrap(),
+        targets: Tensor::from_vec(t, n, &Device::Cpu).unwrap(),
+    }
+}
+
+#[test]
+fn data_parallel_rank_gradients_sum_to_one_process_with_learnable_temperatures() {
+    use mlctl::data::MlmMasking;
+    use mlctl::loss::{MaskedPair, RankShard};
+    const WORLD: usize = 2;
+    const B: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let mut loader = common::tsv_loader(&data, B, 16, 3);
+    let batch = loader.next_batch(&Device::Cpu).unwrap();
+    let masking = MlmMasking::for_tokenizer(loader.tokenizer()).unwrap();
+    let masked = MaskedPair::draw(&masking, &batch, &mut ChaCha8Rng::seed_from_u64(8)).unwrap();
+    assert!(!masked.src.is_empty() && !masked.tgt.is_empty());
+
+    // Both contrastive levels, each with its own learnable temperature, and MLM.
+    let setup = || {
+        let model = common::tiny_model(5);
+        model.bert.model.encoder.dropout_rng().reseed(17);
+        let theta = Var::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu).unwrap();
+        let phi = Var::new(&[(1.0f32 / 0.1).ln()], &Device::Cpu).unwrap();
+        let objective = MultiLevelLoss::mlctl()
+            .with_sentence(Some(
+                CzNce::new().with_learnable_log_scale(theta.as_tensor().clone()),
+            ))
+            .with_word(Some(
+                CzNce::new().with_learnable_log_scale(phi.as_tensor().clone()),
+            ));
+        let mut vars = model.named_vars();
+        vars.insert("theta".into(), theta);
+        vars.insert("phi".into(), phi);
+        (model, objective, vars)
+    };
+    let grads_of = |loss: &Tensor, vars: &BTreeMap<String, Var>| {
+        let store = loss.backward().unwrap();
+        vars.iter()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect::<BTreeMap<_, _>>()
+    };
+
+    let (model, objective, vars) = setup();
+    let single = objective
+        .forward(&model, &batch, Some(&masked), true)
+        .unwrap();
+    let expected = grads_of(&single.total, &vars);
+    // Without dropout, the reference of the cached evaluation.
+    let single_eval = objective
+        .forward(&model, &batch, Some(&masked), false)
+        .unwrap();
+    let expected_eval = grads_of(&single_eval.total, &vars);
+    assert!(expected.contains_key("theta") && expected.contains_key("phi"));
+    let scalar = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    let expected_mlm = scalar(single.mlm.as_ref().unwrap());
+
+    let ranks = run_ranks(WORLD, move |c| {
+        let (model, objective, vars) = setup();
+        let rows = B / WORLD;
+        let start = c.rank() * rows;
+        let local = mlctl::data::PairBatch {
+            src: token_rows(&batch.src, start, rows),
+            tgt: token_rows(&batch.tgt, start, rows),
+            anchors: batch
+                .anchors
+                .as_ref()
+                .map(|a| a[start..start + rows].to_vec()),
+        };
+        let seq = |t: &mlctl::tokenize::TokenBatch| t.input_ids.dims2().unwrap().1;
+        let local_masked = MaskedPair {
+            src: masked_token_rows(&masked.src, seq(&batch.src), start, rows),
+            tgt: masked_token_rows(&masked.tgt, seq(&batch.tgt), start, rows),
+        };
+        let shard = RankShard {
+            collective: &c,
+            sample_offset: start as u64,
+            global_masked: (masked.src.len(), masked.tgt.len()),
+        };
+        let terms = objective
+            .forward_rank(&model, &local, Some(&local_masked), &shard, true)
+            .unwrap();
+        let grads = grads_of(&terms.total, &vars);
+        let layout = GradLayout::new(&vars).unwrap();
+        let reduced = layout.all_reduce(&c, &grads, true).unwrap();
+        // The cached evaluation in chunks of 3 (a smaller last chunk), without dropout.
+        let named: Vec<(String, Var)> = vars.clone().into_iter().collect();
+        let cached = mlctl::loss::CachedLoss::new(objective.clone(), 3)
+            .unwrap()
+            .forward_backward_rank(&model, &local, Some(&local_masked), &named, None, &shard)
+            .unwrap();
+        let cached = layout.all_reduce(&c, &cached.grads, true).unwrap();
+        let mlm_part = scalar(terms.mlm.as_ref().unwrap());
+        let mlm = c
+            .all_reduce_sum(&Tensor::new(&[mlm_part], &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        (
+            reduced.grads,
+            scalar(terms.sentence.as_ref().unwrap()),
+            mlm,
+            cached.grads,
+        )
+    });
+    let expected_sentence = scalar(single.sentence.as_ref().unwrap());
+    let check = |what: &str,
+                 rank: usize,
+                 got: &BTreeMap<String, Tensor>,
+                 expected: &BTreeMap<String, Tensor>| {
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            expected.keys().collect::<Vec<_>>()
+        );
+        for (name, want) in expected {
+            let diff = max_abs_diff(&got[name], want);
+            let scale = max_abs_diff(want, &want.zeros_like().unwrap()).max(1.0);
+            assert!(
+                diff <= 1e-5 * scale,
+                "{what} rank {rank} {name}: |Δgrad| = {diff:e}"
+            );
+        }
+    };
+    for (rank, (grads, sentence, mlm, cached)) in ranks.iter().enumerate() {
+        assert!(
+            (sentence - expected_sentence).abs() < 1e-5,
+            "rank {rank}: {sentence}"
+        );
+        assert!(
+            (mlm - expected_mlm).abs() < 1e-5,
+            "rank {rank}: {mlm} vs {expected_mlm}"
+        );
+        check("forward_rank", rank, grads, &expected);
+        check("cached", rank, cached, &expected_eval);
+    }
+}
