@@ -1312,3 +1312,25 @@ fn data_parallel_rank_gradients_sum_to_one_process_with_learnable_temperatures()
         check("cached", rank, cached, &expected_eval);
     }
 }
+
+#[test]
+fn data_parallel_one_rank_is_bit_identical_to_no_collective() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    for mini_batch in [None, Some(3)] {
+        let config = dp_config(2, 2, mini_batch);
+        let mut single = dp_trainer(&dir.path().join("single"), &data, 4, config.clone(), 5);
+        let c = LocalCollective::group(1).unwrap().remove(0);
+        let mut one_rank = dp_trainer(&dir.path().join("rank"), &data, 4, config, 5)
+            .with_collective(Arc::new(c))
+            .unwrap();
+        for _ in 0..2 {
+            single.train_step().unwrap();
+            one_rank.train_step().unwrap();
+        }
+        let (a, b) = (params(&single), params(&one_rank));
+        for (name, t) in &a {
+            assert_eq!(max_abs_diff(t, &b[name]), 0.0, "{mini_batch:?} {name}");
+        }
+    }
+}

@@ -245,10 +245,7 @@ impl CachedLoss {
             // The loss's own parameters (a learnable temperature) get their gradient here.
             add_grads(&store)?;
             // This rank's rows of the gathered embeddings' gradient.
-            let rows = match shard {
-                Some(s) => Some((s.collective.rank() * n, n)),
-                None => None,
-            };
+            let rows = shard.map(|s| (s.collective.rank() * n, n));
             let grad_of = |v: &Var| -> Result<Tensor> {
                 let g = match store.get(v) {
                     Some(g) => g.clone(),
