@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -900,7 +900,7 @@ fn train_ranks(
     run_ranks(world, move |c| {
         let init = 5 + 10 * c.rank() as u64;
         let mut trainer = dp_trainer(&run, &data, batch, config.clone(), init)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         let records = (0..steps)
             .map(|_| trainer.train_step().unwrap())
@@ -1006,7 +1006,7 @@ fn data_parallel_batch_not_divisible_by_world_is_an_error() {
     let data = train_corpus(dir.path());
     let c = LocalCollective::group(4).unwrap().remove(0);
     let err = dp_trainer(&dir.path().join("run"), &data, 6, dp_config(1, 1, None), 5)
-        .with_collective(Arc::new(c))
+        .with_collective(Box::new(c))
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
     assert!(err.to_string().contains("6 pairs"), "{err}");
@@ -1026,7 +1026,7 @@ fn data_parallel_only_rank_zero_writes_the_run_directory() {
             ..dp_config(2, 1, None)
         };
         let mut trainer = dp_trainer(&run, &data, 4, config, 5)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         trainer.run().unwrap()
     });
@@ -1067,7 +1067,7 @@ fn data_parallel_resume_is_bit_exact() {
     let (r, d, cfg) = (run.clone(), data.clone(), config.clone());
     run_ranks(WORLD, move |c| {
         let mut trainer = dp_trainer(&r, &d, 4, cfg.clone(), 5)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         for _ in 0..2 {
             trainer.train_step().unwrap();
@@ -1079,7 +1079,7 @@ fn data_parallel_resume_is_bit_exact() {
     let resumed = run_ranks(WORLD, move |c| {
         let init = 77 + c.rank() as u64;
         let mut trainer = dp_trainer(&r, &d, 4, config.clone(), init)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         assert_eq!(trainer.resume().unwrap(), Some(2));
         trainer.run().unwrap();
@@ -1101,7 +1101,7 @@ fn data_parallel_non_finite_loss_on_one_rank_skips_everywhere() {
     let results = run_ranks(2, move |c| {
         let rank = c.rank();
         let mut trainer = dp_trainer(&dir.path().join("run"), &data, 4, dp_config(3, 1, None), 5)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         let first = trainer.train_step().unwrap();
         let before = params(&trainer);
@@ -1322,7 +1322,7 @@ fn data_parallel_one_rank_is_bit_identical_to_no_collective() {
         let mut single = dp_trainer(&dir.path().join("single"), &data, 4, config.clone(), 5);
         let c = LocalCollective::group(1).unwrap().remove(0);
         let mut one_rank = dp_trainer(&dir.path().join("rank"), &data, 4, config, 5)
-            .with_collective(Arc::new(c))
+            .with_collective(Box::new(c))
             .unwrap();
         for _ in 0..2 {
             single.train_step().unwrap();

@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
 use mlctl::device::{select_device, DeviceChoice};
+use mlctl::dist::{Collective, DistEnv};
 use mlctl::encoder::{BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
 use mlctl::eval::NliFinetuneConfig;
@@ -209,6 +210,13 @@ struct Args {
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
+    /// Data-parallel training on N CUDA devices of this machine, one process each (a build with
+    /// the `nccl` feature): starts N ranks of this program with torchrun's variables and waits
+    /// for them. --batch-size is the global batch (divisible by N); rank 0 evaluates and writes
+    /// the run directory. A process started by torchrun (RANK, WORLD_SIZE, ... set) trains as
+    /// its rank on cuda:LOCAL_RANK without this flag.
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
 }
 
 impl Objective {
@@ -259,9 +267,31 @@ impl Mode {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let dist = DistEnv::from_env()?;
+    match (&dist, args.nproc_per_node) {
+        (_, Some(0)) => bail!("--nproc-per-node needs at least 1"),
+        (None, Some(n)) if n > 1 => return launch_ranks(n),
+        _ => {}
+    }
+    // A rank joins its group first: the others wait for it while rank 0 evaluates.
+    let (device, collective) = match &dist {
+        Some(env) if env.world_size > 1 => {
+            if args.train_tokenizer && env.world_size > 1 {
+                bail!("--train-tokenizer trains a different vocabulary in every rank: use the shipped one");
+            }
+            let (device, collective) = join_ranks(env)?;
+            (device, Some(collective))
+        }
+        _ => (select_device(args.device)?, None),
+    };
+    // Rank 0 (or the only process) evaluates and writes the run directory.
+    let lead = dist.as_ref().is_none_or(|env| env.rank == 0);
     let clock = std::time::Instant::now();
-    let stage = |name: &str| eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64());
-    let device = select_device(args.device)?;
+    let stage = |name: &str| {
+        if lead {
+            eprintln!("[{:>6.1}s] {name}", clock.elapsed().as_secs_f64())
+        }
+    };
     if args.train_pairs == 0
         || args.train_pairs > EMBEDDED_TRAIN_PAIRS
         || args.eval_pairs < 2
@@ -273,14 +303,30 @@ fn main() -> Result<()> {
         );
     }
     let mode = Mode::new(&args);
-    prepare_run_dir(&args.out, args.resume).context(
-        "pass --resume to continue it, --out DIR for a new run, or delete the directory",
-    )?;
+    if lead {
+        prepare_run_dir(&args.out, args.resume).context(
+            "pass --resume to continue it, --out DIR for a new run, or delete the directory",
+        )?;
+    }
     let lexicon = Arc::new(Lexicon::embedded());
 
     stage("1/5 model and data");
     let (model, tokenizer) = load_model(&args, &mode, &device)?;
-    let loader = training_loader(&args, &mode, &tokenizer, &lexicon)?;
+    if !lead {
+        // The other ranks only train, on a private copy of the training file.
+        let tsv = std::env::temp_dir().join(format!("pretrain_xnli-{}.tsv", std::process::id()));
+        let loader = training_loader(&args, &mode, &tokenizer, &lexicon, &tsv)?;
+        let trained = train(&args, &mode, model, loader, collective, false);
+        let _ = std::fs::remove_file(&tsv);
+        return trained.map(|_| ());
+    }
+    let loader = training_loader(
+        &args,
+        &mode,
+        &tokenizer,
+        &lexicon,
+        &args.out.join("train.tsv"),
+    )?;
     let suite = eval_suite(&args, &mode, lexicon)?;
 
     stage("2/5 evaluating the starting model");
@@ -290,7 +336,7 @@ fn main() -> Result<()> {
         "3/5 training ({} steps, batch {}, lr {:e}, {:?})",
         mode.steps, mode.batch_size, mode.lr, args.objective
     ));
-    let (model, summary) = train(&args, &mode, model, loader)?;
+    let (model, summary) = train(&args, &mode, model, loader, collective, true)?;
 
     stage("4/5 evaluating the trained model");
     let after = suite.evaluate(&model, &tokenizer)?;
@@ -373,12 +419,13 @@ fn embedded_bert(args: &Args, device: &Device) -> Result<PretrainedBert> {
 }
 
 /// `--train` with dictionary anchors for text without them or, by default, the embedded
-/// training pairs with a dictionary anchor, written to the run directory's `train.tsv`.
+/// training pairs with a dictionary anchor, written to `tsv` (the run directory's `train.tsv`).
 fn training_loader(
     args: &Args,
     mode: &Mode,
     tokenizer: &Tokenizer,
     lexicon: &Arc<Lexicon>,
+    tsv: &Path,
 ) -> Result<PairLoader> {
     let config = LoaderConfig {
         batch_size: mode.batch_size,
@@ -388,13 +435,12 @@ fn training_loader(
         require_anchors: args.objective == Objective::MlCtl,
     };
     let Some(train) = &args.train else {
-        let tsv = args.out.join("train.tsv");
-        let written = write_anchored_tsv(&tsv, &tatoeba(0..args.train_pairs)?, lexicon, tokenizer)?;
+        let written = write_anchored_tsv(tsv, &tatoeba(0..args.train_pairs)?, lexicon, tokenizer)?;
         eprintln!(
             "      {written} of {} embedded training pairs have a dictionary anchor",
             5 * args.train_pairs
         );
-        let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv))?;
+        let corpus = ParallelCorpus::open(CorpusFormat::ReferenceTsv(tsv.to_path_buf()))?;
         return Ok(PairLoader::new(corpus, tokenizer.clone(), config)?);
     };
     let corpus = ParallelCorpus::open(CorpusFormat::from_paths(train, args.train_tgt.as_deref()))?;
@@ -449,12 +495,15 @@ fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSui
         .with_xnli(xnli))
 }
 
-/// Trains (or resumes) in the run directory; returns the trained model.
+/// Trains (or resumes) in the run directory, as a rank of `collective` when given; returns the
+/// trained model. `lead`: this process writes the run directory and reports.
 fn train(
     args: &Args,
     mode: &Mode,
     model: MlCtlModel,
     loader: PairLoader,
+    collective: Option<Box<dyn Collective + Send>>,
+    lead: bool,
 ) -> Result<(MlCtlModel, TrainSummary)> {
     let recipe = match args.recipe {
         Recipe::AdamLinearClipped => TrainConfig::adam_linear_clipped(mode.steps),
@@ -476,15 +525,23 @@ fn train(
     };
     let objective = args.objective.loss(args.temperature, args.mlm_weight);
     let mut trainer = Trainer::new(model, objective, loader, config, &args.out)?;
+    if let Some(collective) = collective {
+        trainer = trainer.with_collective(collective)?;
+    }
     if args.resume {
-        match trainer.resume()? {
-            Some(step) => eprintln!("      resumed at step {step}"),
-            None => eprintln!("      nothing to resume: starting afresh"),
+        let resumed = trainer.resume()?;
+        match resumed {
+            Some(step) if lead => eprintln!("      resumed at step {step}"),
+            None if lead => eprintln!("      nothing to resume: starting afresh"),
+            _ => {}
         }
-    } else {
+    } else if lead {
         let _ = std::fs::remove_file(args.out.join(METRICS_FILE));
     }
     let summary = trainer.run()?;
+    if !lead {
+        return Ok((trainer.model, summary));
+    }
     if summary.first_loss.is_none() {
         eprintln!("      nothing left to train: the run had already reached its last step");
         return Ok((trainer.model, summary));
@@ -501,6 +558,82 @@ fn train(
         summary.skipped_steps
     );
     Ok((trainer.model, summary))
+}
+
+/// Starts `n` ranks of this program on this machine, one CUDA device each, with torchrun's
+/// variables, and waits for them; when one fails, stops the others.
+fn launch_ranks(n: usize) -> Result<()> {
+    if !cfg!(feature = "nccl") {
+        bail!(
+            "--nproc-per-node {n} needs a build with `--features nccl`: the ranks exchange \
+             gradients over NCCL, one CUDA device each"
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let env = DistEnv {
+            rank,
+            world_size: n,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        };
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .envs(env.to_vars())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"));
+        match child {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                children.iter_mut().for_each(|c| drop(c.kill()));
+                return Err(e);
+            }
+        }
+    }
+    let mut done = vec![false; n];
+    while done.iter().any(|d| !d) {
+        for rank in 0..n {
+            if done[rank] {
+                continue;
+            }
+            if let Some(status) = children[rank].try_wait()? {
+                if !status.success() {
+                    children.iter_mut().for_each(|c| drop(c.kill()));
+                    children.iter_mut().for_each(|c| drop(c.wait()));
+                    bail!("rank {rank} of {n} failed ({status})");
+                }
+                done[rank] = true;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+/// Joins the ranks of a torchrun-style launch: cuda:LOCAL_RANK and an NCCL communicator.
+#[cfg(feature = "nccl")]
+fn join_ranks(env: &DistEnv) -> Result<(Device, Box<dyn Collective + Send>)> {
+    let device = Device::new_cuda(env.local_rank)?;
+    let timeout = std::time::Duration::from_secs(300);
+    let collective = mlctl::dist::NcclCollective::new(&device, env, timeout)?;
+    Ok((device, Box::new(collective)))
+}
+
+/// Without NCCL, ranks cannot exchange gradients.
+#[cfg(not(feature = "nccl"))]
+fn join_ranks(env: &DistEnv) -> Result<(Device, Box<dyn Collective + Send>)> {
+    bail!(
+        "started as rank {} of {} (RANK and WORLD_SIZE are set), but this build has no `nccl` \
+         feature: data-parallel ranks need NCCL and one CUDA device each",
+        env.rank,
+        env.world_size
+    )
 }
 
 /// The head of `results.md`: the starting model, the objective and every hyper-parameter.

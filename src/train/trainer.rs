@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -205,7 +204,7 @@ pub struct Trainer {
 
 /// A [`Trainer`]'s data-parallel group and the layout of its gradient all-reduce.
 struct DataParallel {
-    collective: Arc<dyn Collective + Send + Sync>,
+    collective: Box<dyn Collective + Send>,
     layout: GradLayout,
 }
 
@@ -310,7 +309,9 @@ impl Trainer {
     }
 
     /// Makes this trainer rank `collective.rank()` of a data-parallel run over
-    /// `collective.world_size()` ranks (one process, or thread, per rank; see [`crate::dist`]).
+    /// `collective.world_size()` ranks (one process, or thread, per rank; see [`crate::dist`]):
+    /// a `NcclCollective` (one process per CUDA device), or a
+    /// [`LocalCollective`](crate::dist::LocalCollective) (ranks as threads).
     /// Every rank builds its trainer with the same model, objective, loader and configuration,
     /// calls this (before [`Trainer::resume`] and the first step), then trains as usual.
     ///
@@ -336,10 +337,7 @@ impl Trainer {
     ///
     /// [`Error::InvalidArgument`] when the global batch is not divisible by the world size, or
     /// when the trainer has already trained or resumed; the collective's errors.
-    pub fn with_collective(
-        mut self,
-        collective: Arc<dyn Collective + Send + Sync>,
-    ) -> Result<Self> {
+    pub fn with_collective(mut self, collective: Box<dyn Collective + Send>) -> Result<Self> {
         let world = collective.world_size();
         let batch = self.loader.config().batch_size;
         if world == 0 || batch % world != 0 {
