@@ -1334,3 +1334,10 @@ fn data_parallel_one_rank_is_bit_identical_to_no_collective() {
         }
     }
 }
+
+/// A trainer can be built on one thread and moved to the thread of its rank.
+#[test]
+fn data_parallel_trainer_is_send() {
+    fn send<T: Send>() {}
+    send::<Trainer>();
+}

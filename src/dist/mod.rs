@@ -26,6 +26,9 @@
 //!   order, all-reduces them and unflattens them; a parameter without a gradient contributes
 //!   zeros, and the ranks agree on skipping a step whose loss is non-finite on any rank.
 //! - [`broadcast_vars`]: start every rank from rank 0's parameters.
+//! - [`Trainer::with_collective`](crate::train::Trainer::with_collective): a trainer as one
+//!   rank, over [`MultiLevelLoss::forward_rank`](crate::loss::MultiLevelLoss::forward_rank) or
+//!   [`CachedLoss::forward_backward_rank`](crate::loss::CachedLoss::forward_backward_rank).
 //! - [`DistEnv`] and [`rendezvous`]: the torchrun launch protocol (`RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); rank 0 hands every other rank a byte blob (the
 //!   NCCL unique id) over TCP, so several nodes work the same way as one.
