@@ -30,7 +30,8 @@ use crate::{Error, Result};
 /// The values of a [`CachedLoss`] evaluation (f32, for logging) and the parameter gradients.
 #[derive(Debug, Clone)]
 pub struct CachedStep {
-    /// Total loss, as [`LossTerms::total`] would give it for the whole batch.
+    /// Total loss, as [`LossTerms::total`](super::LossTerms::total) would give it for the whole
+    /// batch.
     pub total: f32,
     /// Sentence-level term.
     pub sentence: Option<f32>,
