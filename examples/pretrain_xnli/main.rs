@@ -271,7 +271,9 @@ fn main() -> Result<()> {
     let dist = DistEnv::from_env()?;
     match (&dist, args.nproc_per_node) {
         (_, Some(0)) => bail!("--nproc-per-node needs at least 1"),
-        (None, Some(n)) if n > 1 => return Ok(launch_local_ranks(n)?),
+        (None, Some(n)) if n > 1 => {
+            return launch_local_ranks(n).with_context(|| format!("--nproc-per-node {n}"))
+        }
         _ => {}
     }
     // A rank joins its group first: the others wait for it while rank 0 evaluates.
