@@ -6,6 +6,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -13,7 +14,7 @@ use clap::{Parser, ValueEnum};
 use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::dist::{Collective, DistEnv};
+use mlctl::dist::{join_ranks, launch_local_ranks, Collective, DistEnv};
 use mlctl::encoder::{BertConfig, PretrainedBert};
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
 use mlctl::eval::NliFinetuneConfig;
@@ -270,7 +271,9 @@ fn main() -> Result<()> {
     let dist = DistEnv::from_env()?;
     match (&dist, args.nproc_per_node) {
         (_, Some(0)) => bail!("--nproc-per-node needs at least 1"),
-        (None, Some(n)) if n > 1 => return launch_ranks(n),
+        (None, Some(n)) if n > 1 => {
+            return launch_local_ranks(n).with_context(|| format!("--nproc-per-node {n}"))
+        }
         _ => {}
     }
     // A rank joins its group first: the others wait for it while rank 0 evaluates.
@@ -279,7 +282,7 @@ fn main() -> Result<()> {
             if args.train_tokenizer && env.world_size > 1 {
                 bail!("--train-tokenizer trains a different vocabulary in every rank: use the shipped one");
             }
-            let (device, collective) = join_ranks(env)?;
+            let (device, collective) = join_ranks(env, Duration::from_secs(300))?;
             (device, Some(collective))
         }
         _ => (select_device(args.device)?, None),
@@ -558,82 +561,6 @@ fn train(
         summary.skipped_steps
     );
     Ok((trainer.model, summary))
-}
-
-/// Starts `n` ranks of this program on this machine, one CUDA device each, with torchrun's
-/// variables, and waits for them; when one fails, stops the others.
-fn launch_ranks(n: usize) -> Result<()> {
-    if !cfg!(feature = "nccl") {
-        bail!(
-            "--nproc-per-node {n} needs a build with `--features nccl`: the ranks exchange \
-             gradients over NCCL, one CUDA device each"
-        );
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let exe = std::env::current_exe()?;
-    let args: Vec<_> = std::env::args_os().skip(1).collect();
-    let mut children = Vec::with_capacity(n);
-    for rank in 0..n {
-        let env = DistEnv {
-            rank,
-            world_size: n,
-            local_rank: rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        };
-        let child = std::process::Command::new(&exe)
-            .args(&args)
-            .envs(env.to_vars())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"));
-        match child {
-            Ok(child) => children.push(child),
-            Err(e) => {
-                children.iter_mut().for_each(|c| drop(c.kill()));
-                return Err(e);
-            }
-        }
-    }
-    let mut done = vec![false; n];
-    while done.iter().any(|d| !d) {
-        for rank in 0..n {
-            if done[rank] {
-                continue;
-            }
-            if let Some(status) = children[rank].try_wait()? {
-                if !status.success() {
-                    children.iter_mut().for_each(|c| drop(c.kill()));
-                    children.iter_mut().for_each(|c| drop(c.wait()));
-                    bail!("rank {rank} of {n} failed ({status})");
-                }
-                done[rank] = true;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    Ok(())
-}
-
-/// Joins the ranks of a torchrun-style launch: cuda:LOCAL_RANK and an NCCL communicator.
-#[cfg(feature = "nccl")]
-fn join_ranks(env: &DistEnv) -> Result<(Device, Box<dyn Collective + Send>)> {
-    let device = Device::new_cuda(env.local_rank)?;
-    let timeout = std::time::Duration::from_secs(300);
-    let collective = mlctl::dist::NcclCollective::new(&device, env, timeout)?;
-    Ok((device, Box::new(collective)))
-}
-
-/// Without NCCL, ranks cannot exchange gradients.
-#[cfg(not(feature = "nccl"))]
-fn join_ranks(env: &DistEnv) -> Result<(Device, Box<dyn Collective + Send>)> {
-    bail!(
-        "started as rank {} of {} (RANK and WORLD_SIZE are set), but this build has no `nccl` \
-         feature: data-parallel ranks need NCCL and one CUDA device each",
-        env.rank,
-        env.world_size
-    )
 }
 
 /// The head of `results.md`: the starting model, the objective and every hyper-parameter.

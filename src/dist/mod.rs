@@ -32,14 +32,19 @@
 //! - [`DistEnv`] and [`rendezvous`]: the torchrun launch protocol (`RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); rank 0 hands every other rank a byte blob (the
 //!   NCCL unique id) over TCP, so several nodes work the same way as one.
+//! - [`launch_local_ranks`] and [`join_ranks`]: a program that starts its own ranks on one
+//!   node (`--nproc-per-node`), and a rank that joins its job (a CUDA device and an NCCL
+//!   communicator).
 
 mod buckets;
+mod launch;
 mod local;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
 
 pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
+pub use launch::{join_ranks, launch_local_ranks};
 pub use local::LocalCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCollective;
