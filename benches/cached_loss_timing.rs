@@ -21,7 +21,6 @@
 //! cached run to the uncached one at the same batch.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
@@ -95,7 +94,10 @@ fn trainer(
     dir: &std::path::Path,
 ) -> Result<Trainer> {
     let device = Device::Cpu;
-    let tokenizer = Tokenizer::new(TOKENIZER.parse()?)?;
+    let parsed = TOKENIZER
+        .parse()
+        .map_err(|e| format!("embedded tokenizer: {e}"))?;
+    let tokenizer = Tokenizer::new(parsed)?;
     let config = BertConfig {
         vocab_size: tokenizer.vocab_size(),
         hidden_size: 128,
@@ -151,7 +153,7 @@ fn trainer(
         MultiLevelLoss::mlctl(),
         loader,
         config,
-        dir.join("run"),
+        &dir.join("run"),
     )?)
 }
 
