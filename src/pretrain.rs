@@ -229,15 +229,13 @@ impl AlignmentTask {
                 let pairs: Vec<AlignmentCounts> = alignments
                     .iter()
                     .zip(&self.gold)
-                    .map(|(a, g)| {
-                        AlignmentCounts::corpus(std::slice::from_ref(a), std::slice::from_ref(g))
-                    })
-                    .collect::<Result<_>>()?;
+                    .map(|(a, g)| AlignmentCounts::pair(a, g))
+                    .collect();
                 out.push(AlignmentScores {
                     task: self.name.clone(),
                     method: method.clone(),
                     token_type: token_type_name(token_type).into(),
-                    aer: AlignmentCounts::corpus(&alignments, &self.gold)?.aer(),
+                    aer: pairs.iter().copied().sum::<AlignmentCounts>().aer(),
                     pairs,
                 });
             }

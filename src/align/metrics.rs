@@ -130,6 +130,13 @@ impl AlignmentCounts {
             .count();
     }
 
+    /// Counts of one sentence pair.
+    pub fn pair(predicted: &Alignment, gold: &GoldAlignment) -> Self {
+        let mut counts = Self::default();
+        counts.add(predicted, gold);
+        counts
+    }
+
     /// Counts over a corpus; the two slices must have one entry per sentence pair.
     pub fn corpus(predicted: &[Alignment], gold: &[GoldAlignment]) -> Result<Self> {
         if predicted.len() != gold.len() {
@@ -139,11 +146,11 @@ impl AlignmentCounts {
                 actual: vec![predicted.len()],
             });
         }
-        let mut counts = Self::default();
-        for (a, g) in predicted.iter().zip(gold) {
-            counts.add(a, g);
-        }
-        Ok(counts)
+        Ok(predicted
+            .iter()
+            .zip(gold)
+            .map(|(a, g)| Self::pair(a, g))
+            .sum())
     }
 
     /// |A∩P| / |A|.
@@ -182,5 +189,17 @@ fn ratio(num: usize, denom: usize) -> f64 {
         0.0
     } else {
         num as f64 / denom as f64
+    }
+}
+
+impl std::iter::Sum for AlignmentCounts {
+    /// Corpus counts from per-pair counts.
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |t, c| Self {
+            predicted: t.predicted + c.predicted,
+            sure: t.sure + c.sure,
+            predicted_sure: t.predicted_sure + c.predicted_sure,
+            predicted_possible: t.predicted_possible + c.predicted_possible,
+        })
     }
 }

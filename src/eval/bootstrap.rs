@@ -141,15 +141,7 @@ fn mean_at(items: &[f64], idx: &[usize]) -> f64 {
 }
 
 fn aer_at(pairs: &[AlignmentCounts], idx: &[usize]) -> f64 {
-    let mut total = AlignmentCounts::default();
-    for &i in idx {
-        let c = &pairs[i];
-        total.predicted += c.predicted;
-        total.sure += c.sure;
-        total.predicted_sure += c.predicted_sure;
-        total.predicted_possible += c.predicted_possible;
-    }
-    total.aer()
+    idx.iter().map(|&i| pairs[i]).sum::<AlignmentCounts>().aer()
 }
 
 #[cfg(test)]
