@@ -79,3 +79,44 @@ impl DeviceChoice {
 pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     choice.open()
 }
+
+/// Makes the C allocator keep freed memory for reuse instead of handing it back to the
+/// operating system at every free; [`BertEncoder::load`](crate::encoder::BertEncoder::load)
+/// calls it on the CPU. Returns whether the allocator was tuned (only on Linux with glibc;
+/// elsewhere it does nothing).
+///
+/// Why: a training step allocates and frees hundreds of buffers of a few MiB. glibc's malloc
+/// returns the top of its heap to the kernel whenever more than a (dynamic) threshold is free
+/// there, and serves larger requests with fresh `mmap`s, so the next step faults every page of
+/// those buffers back in and the kernel zeroes them: at multilingual-e5-small's shape a third
+/// of a forward pass went to page faults. This sets `M_TRIM_THRESHOLD` to 2 GiB (the heap is
+/// not trimmed) and `M_MMAP_THRESHOLD` to 32 MiB (glibc's largest; bigger blocks, such as a
+/// whole embedding table's gradient, still get their own mapping). The cost is that the
+/// process keeps its peak heap size after a step, as PyTorch's caching allocators do on GPUs.
+/// It changes the whole process's allocator; it is safe to call more than once.
+pub fn retain_freed_cpu_memory() -> bool {
+    static TUNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TUNED.get_or_init(tune_malloc)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_malloc() -> bool {
+    use std::os::raw::c_int;
+    extern "C" {
+        fn mallopt(param: c_int, value: c_int) -> c_int;
+    }
+    // From glibc's <malloc.h>.
+    const M_TRIM_THRESHOLD: c_int = -1;
+    const M_MMAP_THRESHOLD: c_int = -3;
+    // SAFETY: mallopt only changes the allocator's parameters (it takes the allocator's own
+    // lock); both values are within the ranges glibc documents and accepts (it returns 0 and
+    // changes nothing otherwise).
+    unsafe {
+        mallopt(M_TRIM_THRESHOLD, c_int::MAX) == 1 && mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_malloc() -> bool {
+    false
+}

@@ -307,8 +307,14 @@ impl BertEncoder {
     /// Builds the encoder from `vb` (rooted where `embeddings.*` and `encoder.*` live).
     ///
     /// Dropout masks start from seed 0; change it with [`BertEncoder::with_dropout_seed`].
+    ///
+    /// On the CPU this also calls [`crate::device::retain_freed_cpu_memory`] (once per
+    /// process): the step's buffers are then reused instead of being faulted in afresh.
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         cfg.validate()?;
+        if vb.device().is_cpu() {
+            crate::device::retain_freed_cpu_memory();
+        }
         let rng = DropoutRng::new(0);
         let embeddings = Embeddings::load(vb.pp("embeddings"), cfg, &rng)?;
         let layers = (0..cfg.num_hidden_layers)
