@@ -13,6 +13,12 @@ Shapes (random weights, every hidden state returned, every other sequence padded
 `fwd` is an inference pass (no gradients, dropout off). `train` is a training forward (dropout
 0.1 on), the backward of `mean(h[1]) + mean(h[L])` and one AdamW step over every parameter.
 
+Paths (`--paths`): `fused` and `composite` train every parameter densely, as PyTorch's `AdamW`
+does, and are compared with the same PyTorch model. `frozen` fixes the embedding layer
+(PyTorch: `model.embeddings.requires_grad_(False)`); `sparse` updates the word-embedding table
+lazily, row by row (PyTorch: `nn.Embedding(sparse=True)` with `SparseAdam` for the table,
+`AdamW` for the rest). These two are extra rows, not the like-for-like comparison.
+
 The Rust side is `cargo bench --bench encoder_timing` (release; `--paths fused,composite` adds
 the composite twins of the fused CPU ops). Rust and PyTorch alternate, round by round, with the
 same number of threads, so that both see the same machine load; the table gives the median of the
@@ -51,13 +57,41 @@ def inputs(vocab, b, l):
     return ids, mask
 
 
-def time_torch(name, modes, reps):
+TORCH_VARIANT = {"fused": "dense", "composite": "dense", "frozen": "frozen", "sparse": "sparse"}
+
+
+class Optimizers:
+    """Several optimizers stepped as one."""
+
+    def __init__(self, *opts):
+        self.opts = opts
+
+    def step(self):
+        for o in self.opts:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.opts:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def time_torch(name, modes, reps, variant="dense"):
     layers, hidden, heads, inter, vocab, b, l = SHAPES[name]
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, intermediate_size=inter)
     model = transformers.BertModel(cfg, add_pooling_layer=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if variant == "frozen":
+        model.embeddings.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    elif variant == "sparse":
+        table = model.embeddings.word_embeddings
+        table.sparse = True
+        rest = [p for p in model.parameters() if p is not table.weight]
+        opt = Optimizers(torch.optim.SparseAdam([table.weight], lr=1e-5),
+                         torch.optim.AdamW(rest, lr=1e-5))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids, mask = inputs(vocab, b, l)
 
     def fwd():
@@ -135,27 +169,34 @@ def main():
                 x = json.loads(line)
                 runs.setdefault((x["shape"], x["mode"], x["path"]), []).append(x["ms"])
         for name in shapes:
-            out, attn = time_torch(name, modes, args.reps)
-            for mode, ms in out.items():
-                runs.setdefault((name, mode, "torch"), []).append(ms)
+            for variant in sorted({TORCH_VARIANT[p] for p in paths}):
+                # The variants differ in training only.
+                vmodes = modes if variant == "dense" else [m for m in modes if m == "train"]
+                if not vmodes:
+                    continue
+                out, attn = time_torch(name, vmodes, args.reps, variant)
+                for mode, ms in out.items():
+                    runs.setdefault((name, mode, "torch-" + variant), []).append(ms)
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads}; "
           f"torch {torch.__version__}, transformers {transformers.__version__} "
           f"(attention: {attn}); {args.rounds} rounds x {args.reps} runs; "
           f"1-min load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; "
           f"took {time.time() - t_start:.0f} s\n")
-    print("| workload | " + " | ".join(f"mlctl {p}" for p in paths)
-          + " | PyTorch | " + " | ".join(f"{p} / PyTorch" for p in paths) + " |")
-    print("|---" * (2 + 2 * len(paths)) + "|")
+    print("| workload | path | mlctl | PyTorch | mlctl / PyTorch |")
+    print("|---|---|---|---|---|")
     for name in shapes:
         layers, hidden, _, _, vocab, b, l = SHAPES[name]
         for mode in modes:
             what = "forward" if mode == "fwd" else "train step"
-            t = b * 1e3 / median(runs[(name, mode, "torch")])
-            ours = [b * 1e3 / median(runs[(name, mode, p)]) for p in paths]
-            print(f"| {name} ({layers} layers, H {hidden}, vocab {vocab}), {what}, B={b}, L={l} | "
-                  + " | ".join(f"{s:.1f} seq/s" for s in ours) + f" | {t:.1f} seq/s | "
-                  + " | ".join(f"{s / t:.2f}x" for s in ours) + " |")
+            for p in paths:
+                variant = TORCH_VARIANT[p]
+                if mode == "fwd" and variant != "dense":
+                    continue  # the same forward as `fused`
+                t = b * 1e3 / median(runs[(name, mode, "torch-" + variant)])
+                ours = b * 1e3 / median(runs[(name, mode, p)])
+                print(f"| {name} ({layers} layers, H {hidden}, vocab {vocab}), {what}, B={b}, "
+                      f"L={l} | {p} | {ours:.1f} seq/s | {t:.1f} seq/s | {ours / t:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@
 //!
 //! ```text
 //! cargo bench --bench encoder_timing -- [--shapes embedded,e5-small,mbert] [--reps 5]
-//!     [--modes fwd,train] [--paths fused,composite] [--stages]
+//!     [--modes fwd,train] [--paths fused,composite,frozen,sparse] [--stages]
 //! ```
+//!
+//! Paths: `fused` (the default kernels), `composite` (their composite twins), and two variants of
+//! the fused path that skip work on the word-embedding table in training: `frozen` (the
+//! embedding layer fixed, [`BertEncoder::with_frozen_embeddings`]) and `sparse` (AdamW's lazy
+//! row update of the table, [`AdamW::with_sparse_rows`]).
 //!
 //! Shapes: `mbert` (12 layers, H 768, vocab 119547, B 8, L 128), `e5-small` (12 layers, H 384,
 //! vocab 250037, B 32, L 64), `embedded` (4 layers, H 128, vocab 8000, B 32, L 32). Random
@@ -199,7 +204,6 @@ fn main() -> mlctl::Result<()> {
         let (cfg, b, l) = shape(name);
         let params = ParamStore::new(0);
         let enc = BertEncoder::load(params.var_builder(DType::F32, &dev), &cfg)?;
-        let mut opt = AdamW::new(params.named_vars(), AdamWConfig::default())?;
         let vars = params.named_vars();
         let ids =
             Tensor::rand(0f32, cfg.vocab_size as f32 - 1.0, (b, l), &dev)?.to_dtype(DType::U32)?;
@@ -213,11 +217,17 @@ fn main() -> mlctl::Result<()> {
         let mask = Tensor::from_vec(lens, (b, l), &dev)?;
         for path in paths.split(',') {
             let kernels = match path {
-                "fused" => Kernels::Auto,
+                "fused" | "frozen" | "sparse" => Kernels::Auto,
                 "composite" => Kernels::Composite,
-                other => panic!("unknown path {other} (fused, composite)"),
+                other => panic!("unknown path {other} (fused, composite, frozen, sparse)"),
             };
-            let enc = enc.clone().with_kernels(kernels);
+            let mut enc = enc.clone().with_kernels(kernels);
+            let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+            match path {
+                "frozen" => enc = enc.with_frozen_embeddings(),
+                "sparse" => opt = opt.with_sparse_rows("embeddings.word_embeddings.weight")?,
+                _ => {}
+            }
             let print = |mode: &str, (ms, min_ms): (f64, f64)| {
                 println!(
                     "{{\"shape\": \"{name}\", \"mode\": \"{mode}\", \"path\": \"{path}\", \"b\": {b}, \

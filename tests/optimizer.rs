@@ -646,3 +646,172 @@ fn adamw_step_time_at_the_e5_small_shape() {
         }
     }
 }
+
+/// The lazy (sparse-row) AdamW of one matrix, written out in f64: a row whose gradient is all
+/// zero is skipped entirely; the others get AdamW with the global step's bias correction.
+fn reference_lazy_adamw(
+    start: &[Vec<f64>],
+    grads: &[Vec<Vec<f64>>],
+    lr: f64,
+    cfg: AdamWConfig,
+) -> Vec<Vec<f64>> {
+    let mut p = start.to_vec();
+    let mut m = vec![vec![0.0; start[0].len()]; start.len()];
+    let mut v = m.clone();
+    for (t, g) in grads.iter().enumerate() {
+        let t = (t + 1) as i32;
+        for r in 0..p.len() {
+            if g[r].iter().all(|&x| x == 0.0) {
+                continue;
+            }
+            for j in 0..p[r].len() {
+                p[r][j] *= 1.0 - lr * cfg.weight_decay;
+                m[r][j] = cfg.beta1 * m[r][j] + (1.0 - cfg.beta1) * g[r][j];
+                v[r][j] = cfg.beta2 * v[r][j] + (1.0 - cfg.beta2) * g[r][j] * g[r][j];
+                let m_hat = m[r][j] / (1.0 - cfg.beta1.powi(t));
+                let v_hat = v[r][j] / (1.0 - cfg.beta2.powi(t));
+                p[r][j] -= lr * m_hat / (v_hat.sqrt() + cfg.eps);
+            }
+        }
+    }
+    p
+}
+
+/// Five steps on a 6 x 3 table; rows 1 and 4 are absent from every batch, row 2 from some.
+fn sparse_steps() -> (Vec<Vec<f64>>, Vec<Vec<Vec<f64>>>) {
+    let start: Vec<Vec<f64>> = (0..6)
+        .map(|r| {
+            (0..3)
+                .map(|j| 0.25 * r as f64 - 0.5 + 0.125 * j as f64)
+                .collect()
+        })
+        .collect();
+    let grads = (0..5)
+        .map(|t| {
+            (0..6)
+                .map(|r| {
+                    let absent = r == 1 || r == 4 || (r == 2 && t % 2 == 1);
+                    (0..3)
+                        .map(|j| match absent {
+                            true => 0.0,
+                            false => ((t * 7 + r * 3 + j) % 11) as f64 / 8.0 - 0.6,
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    (start, grads)
+}
+
+fn matrix(rows: &[Vec<f64>], dtype: DType) -> Tensor {
+    let flat: Vec<f32> = rows.iter().flatten().map(|&x| x as f32).collect();
+    Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+#[test]
+fn sparse_rows_follow_the_lazy_rule_and_leave_absent_rows_alone() {
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let lr = 0.05;
+    let (start, grads) = sparse_steps();
+    let want = reference_lazy_adamw(&start, &grads, lr, cfg);
+    for fused in [true, false] {
+        let table = Var::from_tensor(&matrix(&start, DType::F32)).unwrap();
+        let name = "embeddings.word_embeddings.weight".to_string();
+        let mut opt = AdamW::new([(name.clone(), table.clone())], cfg)
+            .unwrap()
+            .with_fused(fused)
+            .unwrap()
+            .with_sparse_rows(&name)
+            .unwrap();
+        for g in &grads {
+            let grads: Gradients = [(name.clone(), matrix(g, DType::F32))].into();
+            opt.step(&grads, lr).unwrap();
+        }
+        let got: Vec<Vec<f32>> = table.as_tensor().to_vec2().unwrap();
+        for (r, (got, want)) in got.iter().zip(&want).enumerate() {
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-6,
+                    "fused={fused} row {r}: {g} vs {w}"
+                );
+            }
+        }
+        // Rows 1 and 4 never had a gradient: bit for bit where they started, zero moments.
+        let start32: Vec<Vec<f32>> = matrix(&start, DType::F32).to_vec2().unwrap();
+        assert_eq!(got[1], start32[1]);
+        assert_eq!(got[4], start32[4]);
+        let state = opt.state_tensors();
+        let m: Vec<Vec<f32>> = state[&format!("m.{name}")].to_vec2().unwrap();
+        assert_eq!(m[1], [0.0; 3]);
+        assert_ne!(m[0], [0.0; 3]);
+    }
+}
+
+#[test]
+fn sparse_rows_agree_with_dense_adamw_where_the_rules_coincide_and_fused_equals_composite() {
+    let cfg = AdamWConfig {
+        weight_decay: 0.1,
+        ..Default::default()
+    };
+    let (start, grads) = sparse_steps();
+    let name = "w".to_string();
+    let run = |dtype: DType, fused: bool, sparse: bool| -> Vec<u64> {
+        let table = Var::from_tensor(&matrix(&start, dtype)).unwrap();
+        let mut opt = AdamW::new([(name.clone(), table.clone())], cfg)
+            .unwrap()
+            .with_fused(fused)
+            .unwrap();
+        if sparse {
+            opt = opt.with_sparse_rows(&name).unwrap();
+        }
+        for g in &grads {
+            let grads: Gradients = [(name.clone(), matrix(g, dtype))].into();
+            opt.step(&grads, 0.05).unwrap();
+        }
+        bits(table.as_tensor())
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let sparse = run(dtype, true, true);
+        assert_eq!(
+            sparse,
+            run(dtype, false, true),
+            "{dtype:?}: fused vs composite"
+        );
+        let dense = run(dtype, true, false);
+        // Rows 0, 3 and 5 have a gradient at every step: the two rules agree to the bit. Rows 1,
+        // 2 and 4 differ (the dense rule decays and moves them without a gradient).
+        for r in [0, 3, 5] {
+            assert_eq!(
+                sparse[3 * r..3 * r + 3],
+                dense[3 * r..3 * r + 3],
+                "{dtype:?} row {r}"
+            );
+        }
+        for r in [1, 2, 4] {
+            assert_ne!(
+                sparse[3 * r..3 * r + 3],
+                dense[3 * r..3 * r + 3],
+                "{dtype:?} row {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sparse_rows_need_a_known_matrix() {
+    let v = Var::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+    let opt = || AdamW::new([("bias".to_string(), v.clone())], AdamWConfig::default()).unwrap();
+    for name in ["bias", "nope"] {
+        match opt().with_sparse_rows(name) {
+            Err(mlctl::Error::InvalidArgument(msg)) => assert!(msg.contains(name), "{msg}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+}

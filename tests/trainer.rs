@@ -4,12 +4,13 @@ mod common;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, synthetic_tsv, tiny_model, tsv_loader};
 use mlctl::loss::MultiLevelLoss;
 use mlctl::model::MlCtlModel;
 use mlctl::train::{
-    latest_checkpoint, write_checkpoint_dir, Decay, LrSchedule, StepRecord, TrainConfig, Trainer,
+    latest_checkpoint, write_checkpoint_dir, Decay, LossScaler, LrSchedule, StepRecord,
+    TrainConfig, Trainer,
 };
 
 fn config(steps: u64, lr: f64) -> TrainConfig {
@@ -507,4 +508,136 @@ fn frozen_embeddings_get_no_gradient_and_change_no_other() {
             assert_eq!(a.is_some(), b.is_some(), "{name}");
         }
     }
+}
+
+/// Rows of the word-embedding table that differ between two copies.
+fn moved_rows(before: &Tensor, after: &Tensor) -> usize {
+    let diff: Vec<f32> = (after - before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_keepdim(1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    diff.iter().filter(|&&d| d > 0.0).count()
+}
+
+#[test]
+fn sparse_embeddings_update_only_the_rows_of_tokens_in_the_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let objective = MultiLevelLoss::mlctl().with_mlm_weight(None);
+    let run = |sparse: bool, run: &str| {
+        let mut cfg = TrainConfig {
+            sparse_embeddings: sparse,
+            ..config(3, 1e-2)
+        };
+        cfg.adamw.weight_decay = 0.1;
+        let mut trainer = Trainer::new(
+            tiny_model(4),
+            objective.clone(),
+            tsv_loader(&data, 4, 16, 9),
+            cfg,
+            &dir.path().join(run),
+        )
+        .unwrap();
+        let table = "bert.embeddings.word_embeddings.weight";
+        let before = trainer.model.named_vars()[table]
+            .as_tensor()
+            .copy()
+            .unwrap();
+        for _ in 0..3 {
+            trainer.train_step().unwrap();
+        }
+        let after = trainer.model.named_vars()[table]
+            .as_tensor()
+            .copy()
+            .unwrap();
+        (moved_rows(&before, &after), before.dim(0).unwrap())
+    };
+    let (sparse, vocab) = run(true, "sparse");
+    let (dense, _) = run(false, "dense");
+    // Dense AdamW decays every row; the lazy rule touches the few rows of the batches' tokens.
+    assert_eq!(dense, vocab);
+    assert!(
+        sparse > 0 && sparse < vocab / 2,
+        "{sparse} of {vocab} rows moved"
+    );
+
+    // With the MLM term on, the tied decoder gives every row a gradient: refused.
+    let cfg = TrainConfig {
+        sparse_embeddings: true,
+        ..config(3, 1e-2)
+    };
+    match Trainer::new(
+        tiny_model(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        cfg,
+        &dir.path().join("mlm"),
+    ) {
+        Err(mlctl::Error::InvalidArgument(msg)) => assert!(msg.contains("MLM"), "{msg}"),
+        other => panic!("expected InvalidArgument, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// The tiny model in f16.
+fn tiny_model_f16(seed: u64) -> MlCtlModel {
+    use mlctl::encoder::{BertConfig, PretrainedBert};
+    let fixture = |name: &str| common::fixture(&format!("tiny_bert/{name}"));
+    let cfg = BertConfig::from_file(fixture("config.json")).unwrap();
+    let tok = mlctl::tokenize::Tokenizer::from_file(fixture("tokenizer.json")).unwrap();
+    let bert = PretrainedBert::from_config(cfg, Some(tok), &Device::Cpu, DType::F16, seed).unwrap();
+    MlCtlModel::new(bert, Default::default(), seed).unwrap()
+}
+
+#[test]
+fn an_f16_run_scales_its_loss_skips_overflows_without_diverging_and_resumes_its_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let new_trainer = |run: &str| {
+        Trainer::new(
+            tiny_model_f16(4),
+            MultiLevelLoss::mlctl(),
+            tsv_loader(&data, 4, 16, 9),
+            config(40, 1e-3),
+            &dir.path().join(run),
+        )
+        .unwrap()
+    };
+    // An f16 model gets PyTorch's GradScaler defaults.
+    assert_eq!(
+        new_trainer("default").loss_scaler().map(LossScaler::scale),
+        Some(65536.0)
+    );
+    // 2^40 times the loss overflows f16 gradients: steps are skipped, each halving the scale,
+    // more of them in a row than `max_consecutive_bad_steps` (5) allows for a diverging loss.
+    let start = 2f64.powi(40);
+    let mut trainer = new_trainer("scaled").with_loss_scaler(Some(LossScaler::new(start).unwrap()));
+    let table = "bert.encoder.layer.0.attention.self.query.weight";
+    let before = trainer.model.named_vars()[table]
+        .as_tensor()
+        .copy()
+        .unwrap();
+    let mut skipped = 0;
+    while trainer.train_step().unwrap().skipped {
+        skipped += 1;
+        assert!(skipped < 40, "the scale never came down");
+    }
+    assert!(skipped > 5, "only {skipped} overflows");
+    let scale = trainer.loss_scaler().unwrap().scale();
+    assert_eq!(scale, start / 2f64.powi(skipped));
+    let after = trainer.model.named_vars()[table]
+        .as_tensor()
+        .copy()
+        .unwrap();
+    assert!(max_abs_diff(&before, &after) > 0.0);
+    // The loss was finite throughout: the unscaled gradient norm of the real step is too.
+    trainer.save_checkpoint().unwrap();
+    let mut resumed = new_trainer("scaled");
+    resumed.resume().unwrap();
+    assert_eq!(resumed.loss_scaler().unwrap().scale(), scale);
 }

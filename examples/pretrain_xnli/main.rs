@@ -141,6 +141,11 @@ struct Args {
     /// a tied MLM decoder stays fixed with it.
     #[arg(long)]
     freeze_embeddings: bool,
+    /// Update the word-embedding table row by row: rows of tokens absent from a batch keep
+    /// their weights and moments (PyTorch's SparseAdam rule). Needs `--mlm-weight 0` (the tied
+    /// MLM decoder gives every row a gradient) and trained embeddings.
+    #[arg(long)]
+    sparse_embeddings: bool,
     /// CZ-NCE temperature.
     #[arg(long, default_value_t = 0.07)]
     temperature: f64,
@@ -232,7 +237,8 @@ impl Objective {
         };
         MultiLevelLoss::mlctl()
             .with_sentence(sentence)
-            .with_mlm_weight(Some(mlm_weight))
+            // A zero weight turns the term off (no masked passes at all).
+            .with_mlm_weight((mlm_weight != 0.0).then_some(mlm_weight))
     }
 
     /// The head a model without one starts with: words concatenated only for ML-CTL.
@@ -522,6 +528,7 @@ fn train(
         grad_accum: args.grad_accum,
         mini_batch: args.mini_batch,
         freeze_embeddings: args.freeze_embeddings,
+        sparse_embeddings: args.sparse_embeddings,
         checkpoint_every: args.checkpoint_every,
         seed: args.seed,
         ..recipe

@@ -52,6 +52,8 @@ pub struct CachedLoss {
     pub objective: MultiLevelLoss,
     /// Pairs per encoder pass.
     pub mini_batch: usize,
+    /// Multiplies the loss before every backward pass ([`CachedLoss::with_loss_scale`]).
+    loss_scale: f64,
 }
 
 /// The whole batch's loss gradients with respect to the embeddings (step 2's result).
@@ -78,7 +80,18 @@ impl CachedLoss {
         Ok(Self {
             objective,
             mini_batch,
+            loss_scale: 1.0,
         })
+    }
+
+    /// Differentiates `scale` times the loss (a [`LossScaler`](crate::train::LossScaler)'s
+    /// scale, for f16): the returned gradients are scaled by it, the reported loss values are
+    /// not.
+    pub fn with_loss_scale(self, scale: f64) -> Self {
+        Self {
+            loss_scale: scale,
+            ..self
+        }
     }
 
     /// Evaluates the objective on `batch` and returns its value and the gradients of `vars`.
@@ -242,7 +255,10 @@ impl CachedLoss {
             }
             let loss = loss.expect("a contrastive term is on");
             total += scalar(&loss)?;
-            let store = loss.backward()?;
+            let store = match self.loss_scale {
+                1.0 => loss.backward()?,
+                scale => (loss.to_dtype(candle_core::DType::F32)? * scale)?.backward()?,
+            };
             // The loss's own parameters (a learnable temperature) get their gradient here.
             add_grads(&store)?;
             // This rank's rows of the gathered embeddings' gradient.
@@ -342,7 +358,7 @@ impl CachedLoss {
                 }
                 if let Some(term) = term {
                     mlm_sum += scalar(&term)?;
-                    add((term * weight)?)?;
+                    add((term * (weight * self.loss_scale))?)?;
                 }
             }
             if let Some(s) = surrogate {

@@ -75,6 +75,9 @@ struct Slot {
     var: Var,
     decay: bool,
     lr_scale: f64,
+    /// Lazy row update ([`AdamW::with_sparse_rows`]): rows of a matrix whose gradient is all
+    /// zero are left alone.
+    sparse_rows: bool,
     state: State,
 }
 
@@ -108,6 +111,7 @@ impl Slot {
             var,
             decay,
             lr_scale: 1.0,
+            sparse_rows: false,
             state,
         })
     }
@@ -164,10 +168,13 @@ impl Slot {
                 let op = FusedAdamW {
                     buffers: RefCell::new((m, v, master.as_deref_mut())),
                     k: Coefficients::from(h),
+                    row_len: self.sparse_rows.then(|| self.var.dims()[1]),
                 };
                 self.var.as_tensor().inplace_op2(&grad, &op)?;
             }
-            State::Tensors { m, v, master } => composite_update(&self.var, m, v, master, grad, h)?,
+            State::Tensors { m, v, master } => {
+                composite_update(&self.var, m, v, master, grad, h, self.sparse_rows)?
+            }
         }
         Ok(())
     }
@@ -188,7 +195,9 @@ struct Hyper {
 }
 
 /// The composite update: about a dozen tensor ops, each a pass over memory. It is the reference
-/// the fused pass is held to, and the update on devices without a fused kernel.
+/// the fused pass is held to, and the update on devices without a fused kernel. With
+/// `sparse_rows`, the rows of a matrix whose gradient is all zero keep their parameter, moments
+/// and master copy.
 fn composite_update(
     var: &Var,
     m: &mut Tensor,
@@ -196,10 +205,11 @@ fn composite_update(
     master: &mut Option<Tensor>,
     grad: &Tensor,
     h: &Hyper,
+    sparse_rows: bool,
 ) -> Result<()> {
     let grad = grad.to_dtype(DType::F32)?;
-    *m = ((&*m * h.beta1)? + (&grad * (1.0 - h.beta1))?)?;
-    *v = ((&*v * h.beta2)? + (grad.sqr()? * (1.0 - h.beta2))?)?;
+    let new_m = ((&*m * h.beta1)? + (&grad * (1.0 - h.beta1))?)?;
+    let new_v = ((&*v * h.beta2)? + (grad.sqr()? * (1.0 - h.beta2))?)?;
     let mut param = match master {
         Some(w) => w.clone(),
         None => var.as_tensor().to_dtype(DType::F32)?,
@@ -207,10 +217,27 @@ fn composite_update(
     if let Some(d) = h.decay {
         param = (&param * d)?;
     }
-    let denom = ((&*v * h.inv_correction2)?.sqrt()? + h.eps)?;
-    let update = ((&*m * h.inv_correction1)? / denom)?;
-    let param = (param - (update * h.lr)?)?;
-    var.set(&param.to_dtype(var.dtype())?)?;
+    let denom = ((&new_v * h.inv_correction2)?.sqrt()? + h.eps)?;
+    let update = ((&new_m * h.inv_correction1)? / denom)?;
+    let mut param = (param - (update * h.lr)?)?;
+    let mut stored = param.to_dtype(var.dtype())?;
+    if sparse_rows {
+        // 1 for rows with a non-zero (or NaN) gradient entry, as the fused pass decides.
+        let touched = grad
+            .ne(0f64)?
+            .max_keepdim(1)?
+            .broadcast_as(grad.shape())?
+            .contiguous()?;
+        *m = touched.where_cond(&new_m, m)?;
+        *v = touched.where_cond(&new_v, v)?;
+        stored = touched.where_cond(&stored, var.as_tensor())?;
+        if let Some(w) = master.as_ref() {
+            param = touched.where_cond(&param, w)?;
+        }
+    } else {
+        (*m, *v) = (new_m, new_v);
+    }
+    var.set(&stored)?;
     if let Some(w) = master {
         *w = param;
     }
@@ -310,6 +337,62 @@ impl Elem for f16 {
 /// Elements per rayon task: large enough to amortise the scheduling, small enough to balance.
 const CHUNK: usize = 1 << 14;
 
+/// The lazy row update of [`AdamW::with_sparse_rows`]: [`fused_pass`] over the rows of
+/// `row_len` elements whose gradient has a non-zero entry; the other rows are not touched.
+fn fused_rows_pass<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    m: &mut [f32],
+    v: &mut [f32],
+    master: Option<&mut [f32]>,
+    k: &Coefficients,
+    row_len: usize,
+) {
+    let touched = |g: &[G]| g.iter().any(|x| x.get() != 0.0);
+    let rows = p
+        .par_chunks_mut(row_len)
+        .zip(g.par_chunks(row_len))
+        .zip(m.par_chunks_mut(row_len).zip(v.par_chunks_mut(row_len)));
+    match master {
+        None => rows
+            .filter(|((_, g), _)| touched(g))
+            .for_each(|((p, g), (m, v))| update_elements(p, g, m, v, k)),
+        Some(w) => rows
+            .zip(w.par_chunks_mut(row_len))
+            .filter(|(((_, g), _), _)| touched(g))
+            .for_each(|(((p, g), (m, v)), w)| update_elements_master(p, g, m, v, w, k)),
+    }
+}
+
+#[inline(always)]
+fn update_elements<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &Coefficients,
+) {
+    for i in 0..p.len() {
+        let (np, nm, nv) = k.apply(p[i].get(), g[i].get(), m[i], v[i]);
+        (p[i], m[i], v[i]) = (P::put(np), nm, nv);
+    }
+}
+
+#[inline(always)]
+fn update_elements_master<P: Elem, G: Elem>(
+    p: &mut [P],
+    g: &[G],
+    m: &mut [f32],
+    v: &mut [f32],
+    w: &mut [f32],
+    k: &Coefficients,
+) {
+    for i in 0..p.len() {
+        let (nw, nm, nv) = k.apply(w[i], g[i].get(), m[i], v[i]);
+        (p[i], w[i], m[i], v[i]) = (P::put(nw), nw, nm, nv);
+    }
+}
+
 fn fused_pass<P: Elem, G: Elem>(
     p: &mut [P],
     g: &[G],
@@ -323,20 +406,10 @@ fn fused_pass<P: Elem, G: Elem>(
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)));
     match master {
-        None => moments.for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let (np, nm, nv) = k.apply(p[i].get(), g[i].get(), m[i], v[i]);
-                (p[i], m[i], v[i]) = (P::put(np), nm, nv);
-            }
-        }),
+        None => moments.for_each(|((p, g), (m, v))| update_elements(p, g, m, v, k)),
         Some(w) => moments
             .zip(w.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), (m, v)), w)| {
-                for i in 0..p.len() {
-                    let (nw, nm, nv) = k.apply(w[i], g[i].get(), m[i], v[i]);
-                    (p[i], w[i], m[i], v[i]) = (P::put(nw), nw, nm, nv);
-                }
-            }),
+            .for_each(|(((p, g), (m, v)), w)| update_elements_master(p, g, m, v, w, k)),
     }
 }
 
@@ -346,6 +419,8 @@ type HostBuffers<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>, Option<&'a mut [f32]
 struct FusedAdamW<'a> {
     buffers: RefCell<HostBuffers<'a>>,
     k: Coefficients,
+    /// `Some(row length)` for the lazy row update.
+    row_len: Option<usize>,
 }
 
 fn slice<'s, T>(data: &'s [T], layout: &Layout) -> candle_core::Result<&'s [T]> {
@@ -361,13 +436,26 @@ fn with_grad<P: Elem>(
     gl: &Layout,
     (m, v, master): &mut HostBuffers<'_>,
     k: &Coefficients,
+    row_len: Option<usize>,
 ) -> candle_core::Result<()> {
-    let master = master.as_deref_mut();
+    fn pass<P: Elem, G: Elem>(
+        p: &mut [P],
+        g: &[G],
+        (m, v, master): (&mut [f32], &mut [f32], Option<&mut [f32]>),
+        k: &Coefficients,
+        row_len: Option<usize>,
+    ) {
+        match row_len {
+            Some(n) if n > 0 => fused_rows_pass(p, g, m, v, master, k, n),
+            _ => fused_pass(p, g, m, v, master, k),
+        }
+    }
+    let state = (m.as_mut_slice(), v.as_mut_slice(), master.as_deref_mut());
     match g {
-        CpuStorage::F32(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
-        CpuStorage::F64(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
-        CpuStorage::BF16(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
-        CpuStorage::F16(g) => fused_pass(p, slice(g, gl)?, m, v, master, k),
+        CpuStorage::F32(g) => pass(p, slice(g, gl)?, state, k, row_len),
+        CpuStorage::F64(g) => pass(p, slice(g, gl)?, state, k, row_len),
+        CpuStorage::BF16(g) => pass(p, slice(g, gl)?, state, k, row_len),
+        CpuStorage::F16(g) => pass(p, slice(g, gl)?, state, k, row_len),
         other => candle_core::bail!("fused adamw: a {:?} gradient", other.dtype()),
     }
     Ok(())
@@ -389,12 +477,12 @@ impl InplaceOp2 for FusedAdamW<'_> {
             candle_core::bail!("fused adamw: a non-contiguous parameter")
         };
         let buffers = &mut *self.buffers.borrow_mut();
-        let k = &self.k;
+        let (k, rows) = (&self.k, self.row_len);
         match p {
-            CpuStorage::F32(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
-            CpuStorage::F64(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
-            CpuStorage::BF16(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
-            CpuStorage::F16(p) => with_grad(&mut p[start..end], g, gl, buffers, k),
+            CpuStorage::F32(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
+            CpuStorage::F64(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
+            CpuStorage::BF16(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
+            CpuStorage::F16(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
             other => candle_core::bail!("fused adamw: a {:?} parameter", other.dtype()),
         }
     }
@@ -451,6 +539,7 @@ impl AdamW {
             let mut fresh = Slot::new(slot.var.clone(), slot.decay, fused)?;
             fresh.set_tensors(m, v, master)?;
             fresh.lr_scale = slot.lr_scale;
+            fresh.sparse_rows = slot.sparse_rows;
             *slot = fresh;
         }
         Ok(self)
@@ -464,6 +553,38 @@ impl AdamW {
             slot.lr_scale = scale;
         }
         self
+    }
+
+    /// Updates the matrix `name` (an embedding table) lazily, row by row: a row whose gradient
+    /// is entirely zero (a token absent from the batch) keeps its weights, both moments and its
+    /// master copy, and gets no weight decay; the other rows get the dense update, bias
+    /// correction included (with the optimizer's global step count). This is the rule of
+    /// PyTorch's `SparseAdam` and of TensorFlow's `LazyAdam`, with AdamW's decoupled weight
+    /// decay on the rows present.
+    ///
+    /// Against PyTorch's dense `AdamW` (and this optimizer without the option): the dense rule
+    /// decays every row's moments at every step and keeps moving a row whose token is absent by
+    /// its remaining momentum, and decays its weights. Both rules give the same result for rows
+    /// present in every step, and for every row at the first step without weight decay. The
+    /// gradient must really be sparse: with the MLM head tied to the embeddings every row gets
+    /// a gradient and the option changes nothing.
+    ///
+    /// Errors: [`Error::InvalidArgument`] when no parameter is called `name` or it is not a
+    /// matrix.
+    pub fn with_sparse_rows(mut self, name: &str) -> Result<Self> {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return Err(Error::InvalidArgument(format!(
+                "sparse rows: the optimizer has no parameter `{name}`"
+            )));
+        };
+        if slot.var.rank() != 2 {
+            return Err(Error::InvalidArgument(format!(
+                "sparse rows: `{name}` has shape {:?}, not a matrix",
+                slot.var.dims()
+            )));
+        }
+        slot.sparse_rows = true;
+        Ok(self)
     }
 
     /// Number of updates applied so far.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::{
     checkpoint_name, latest_checkpoint, prune_checkpoints, write_checkpoint_dir,
 };
+use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, AdamWConfig, Gradients};
 use super::schedule::{Decay, LrSchedule};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
@@ -26,6 +27,8 @@ use crate::progress::Progress;
 use crate::{Error, Result};
 
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The word-embedding table among the model's variables.
+const WORD_EMBEDDINGS: &str = "bert.embeddings.word_embeddings.weight";
 const STATE_FILE: &str = "trainer_state.json";
 /// Name of the metrics log in the run directory.
 pub const METRICS_FILE: &str = "metrics.jsonl";
@@ -54,6 +57,12 @@ pub struct TrainConfig {
     pub mini_batch: Option<usize>,
     /// Keep the embeddings fixed.
     pub freeze_embeddings: bool,
+    /// Update the word-embedding table row by row, leaving the rows of tokens absent from the
+    /// batch alone ([`AdamW::with_sparse_rows`], the rule of PyTorch's `SparseAdam`). Needs the
+    /// MLM term off (its decoder, tied to the table, gives every row a gradient) and the
+    /// embeddings trained.
+    #[serde(default)]
+    pub sparse_embeddings: bool,
     /// Keep the first this-many transformer layers fixed.
     pub freeze_layers: usize,
     /// Stop with [`Error::Diverged`] after this many non-finite steps in a row (each is skipped).
@@ -90,6 +99,7 @@ impl TrainConfig {
             grad_accum: 1,
             mini_batch: None,
             freeze_embeddings: false,
+            sparse_embeddings: false,
             freeze_layers: 0,
             max_consecutive_bad_steps: 5,
             checkpoint_every: 0,
@@ -171,6 +181,9 @@ struct TrainerState {
     /// before it was saved; there it equals `step - skipped_steps`.
     #[serde(default)]
     optimizer_step: Option<u64>,
+    /// The f16 loss scaler, when the run has one.
+    #[serde(default)]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// Trains an [`MlCtlModel`] with a [`MultiLevelLoss`] on batches from a [`PairLoader`], writing
@@ -198,6 +211,8 @@ pub struct Trainer {
     mask_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
+    /// Scales the loss of an f16 model ([`Trainer::with_loss_scaler`]).
+    loss_scaler: Option<LossScaler>,
     /// The data-parallel group, when this trainer is one of its ranks.
     data_parallel: Option<DataParallel>,
 }
@@ -229,6 +244,9 @@ fn build_optimizer(
     config: &TrainConfig,
 ) -> Result<AdamW> {
     let mut optimizer = AdamW::new(trainable.to_vec(), config.adamw)?;
+    if config.sparse_embeddings {
+        optimizer = optimizer.with_sparse_rows(WORD_EMBEDDINGS)?;
+    }
     if let Some(head_lr) = config.head_lr {
         let peak = config.schedule.peak_lr;
         if !(peak > 0.0 && head_lr.is_finite() && head_lr >= 0.0) {
@@ -254,6 +272,14 @@ impl Trainer {
         if config.grad_accum == 0 {
             return Err(Error::InvalidArgument(
                 "grad_accum must be at least 1".into(),
+            ));
+        }
+        if config.sparse_embeddings && (config.freeze_embeddings || objective.mlm_weight.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "sparse embedding rows need trained embeddings and the MLM term off (its \
+                 decoder, tied to the embeddings, gives every row a gradient)"
+                    .into(),
             ));
         }
         let masking = match objective.mlm_weight {
@@ -283,6 +309,8 @@ impl Trainer {
             model.bert.model = model.bert.model.with_frozen_embeddings();
         }
         let device = model.bert.model.encoder.word_embeddings().device().clone();
+        let loss_scaler =
+            (model.bert.model.encoder.dtype() == DType::F16).then(LossScaler::default);
         let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
         model
             .bert
@@ -304,8 +332,39 @@ impl Trainer {
             mask_rng,
             skipped_steps: 0,
             consecutive_bad: 0,
+            loss_scaler,
             data_parallel: None,
         })
+    }
+
+    /// Scales the loss with `scaler` before every backward pass and the gradients back before
+    /// the update, skipping the updates whose gradients overflow ([`UpdateRule::apply_scaled`]);
+    /// `None` turns scaling off. An f16 model gets [`LossScaler::default`] (PyTorch's
+    /// `GradScaler` defaults) without this call: f16 gradients below 6e-8 would otherwise
+    /// flush to zero. The scaler is saved in checkpoints.
+    pub fn with_loss_scaler(mut self, scaler: Option<LossScaler>) -> Self {
+        self.loss_scaler = scaler;
+        self
+    }
+
+    /// The loss scaler, when the run scales its loss.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.loss_scaler.as_ref()
+    }
+
+    /// `loss / accum`, times the loss scale when there is one: the tensor to differentiate.
+    fn backward_seed(&self, loss: &Tensor) -> Result<Tensor> {
+        let accum = self.config.grad_accum as f64;
+        Ok(match &self.loss_scaler {
+            None => (loss / accum)?,
+            Some(s) => (loss.to_dtype(DType::F32)? * (s.scale() / accum))?,
+        })
+    }
+
+    /// The cached loss of this trainer's objective, with its loss scale.
+    fn cached_loss(&self, mini_batch: usize) -> Result<CachedLoss> {
+        let scale = self.loss_scaler.as_ref().map_or(1.0, LossScaler::scale);
+        Ok(CachedLoss::new(self.objective.clone(), mini_batch)?.with_loss_scale(scale))
     }
 
     /// Makes this trainer rank `collective.rank()` of a data-parallel run over
@@ -422,14 +481,13 @@ impl Trainer {
                     // One key per batch, drawn from the encoder's (checkpointed) generator:
                     // both passes over every chunk then draw the same dropout masks.
                     let key = self.model.bert.model.encoder.dropout_rng().next_key();
-                    let step = CachedLoss::new(self.objective.clone(), mini_batch)?
-                        .forward_backward(
-                            &self.model,
-                            &batch,
-                            masked.as_ref(),
-                            &self.trainable,
-                            Some(key),
-                        )?;
+                    let step = self.cached_loss(mini_batch)?.forward_backward(
+                        &self.model,
+                        &batch,
+                        masked.as_ref(),
+                        &self.trainable,
+                        Some(key),
+                    )?;
                     add_scaled(&mut grads, step.grads, accum)?;
                     [Some(step.total), step.sentence, step.word, step.mlm]
                 }
@@ -437,7 +495,7 @@ impl Trainer {
                     let terms =
                         self.objective
                             .forward(&self.model, &batch, masked.as_ref(), true)?;
-                    let store = (&terms.total / accum as f64)?.backward()?;
+                    let store = self.backward_seed(&terms.total)?.backward()?;
                     accumulate_gradients(&mut grads, &store, &self.trainable)?;
                     [
                         Some(scalar(&terms.total)?),
@@ -474,13 +532,24 @@ impl Trainer {
             skipped: self.skipped_steps,
             consecutive: self.consecutive_bad,
         };
-        let update = UpdateRule::from(&self.config).apply(
-            &mut self.optimizer,
-            &mut grads,
-            verdict,
-            self.step,
-            &mut bad,
-        );
+        let rule = UpdateRule::from(&self.config);
+        let update = match &mut self.loss_scaler {
+            Some(scaler) => rule.apply_scaled(
+                &mut self.optimizer,
+                &mut grads,
+                verdict,
+                self.step,
+                &mut bad,
+                scaler,
+            ),
+            None => rule.apply(
+                &mut self.optimizer,
+                &mut grads,
+                verdict,
+                self.step,
+                &mut bad,
+            ),
+        };
         (self.skipped_steps, self.consecutive_bad) = (bad.skipped, bad.consecutive);
         let UpdateRecord {
             lr,
@@ -544,15 +613,14 @@ impl Trainer {
             Some(mini_batch) => {
                 // As in one process: one key per global batch, shifted to this shard's rows.
                 let key = self.model.bert.model.encoder.dropout_rng().next_key();
-                let step = CachedLoss::new(self.objective.clone(), mini_batch)?
-                    .forward_backward_rank(
-                        &self.model,
-                        &local,
-                        local_masked.as_ref(),
-                        &self.trainable,
-                        Some(key),
-                        &shard,
-                    )?;
+                let step = self.cached_loss(mini_batch)?.forward_backward_rank(
+                    &self.model,
+                    &local,
+                    local_masked.as_ref(),
+                    &self.trainable,
+                    Some(key),
+                    &shard,
+                )?;
                 add_scaled(grads, step.grads, accum)?;
                 Ok([Some(step.total), step.sentence, step.word, step.mlm])
             }
@@ -564,7 +632,7 @@ impl Trainer {
                     &shard,
                     true,
                 )?;
-                let store = (&terms.total / accum as f64)?.backward()?;
+                let store = self.backward_seed(&terms.total)?.backward()?;
                 accumulate_gradients(grads, &store, &self.trainable)?;
                 Ok([
                     Some(scalar(&terms.total)?),
@@ -663,6 +731,7 @@ impl Trainer {
             skipped_steps: self.skipped_steps,
             consecutive_bad: self.consecutive_bad,
             optimizer_step: Some(self.optimizer.step_count()),
+            loss_scaler: self.loss_scaler.clone(),
         };
         let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
             self.model.save(dir)?;
@@ -728,6 +797,9 @@ impl Trainer {
         self.step = state.step;
         self.skipped_steps = state.skipped_steps;
         self.consecutive_bad = state.consecutive_bad;
+        if state.loss_scaler.is_some() {
+            self.loss_scaler = state.loss_scaler;
+        }
         if self.writes() {
             self.truncate_metrics(state.step)?;
         }

@@ -6,6 +6,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 
+use super::loss_scale::LossScaler;
 use super::optimizer::{clip_grad_norm, AdamW, Gradients};
 use super::schedule::LrSchedule;
 use super::trainer::TrainConfig;
@@ -70,6 +71,49 @@ impl UpdateRule {
         bad: &mut BadSteps,
     ) -> Result<UpdateRecord> {
         let grad_norm = clip_grad_norm(grads, self.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        self.finish(optimizer, grads, loss, grad_norm, step, bad)
+    }
+
+    /// [`UpdateRule::apply`] for gradients of a loss scaled by `scaler` (f16 training): divides
+    /// them by the scale first. A step whose loss is finite but whose gradients overflowed is
+    /// skipped as PyTorch's `GradScaler` skips it: the scale is halved and the skip is counted
+    /// in `bad.skipped` but not as a bad step in a row (a too-large scale is not divergence).
+    /// The scaler then learns whether the step was finite.
+    pub fn apply_scaled(
+        &self,
+        optimizer: &mut AdamW,
+        grads: &mut Gradients,
+        loss: f32,
+        step: u64,
+        bad: &mut BadSteps,
+        scaler: &mut LossScaler,
+    ) -> Result<UpdateRecord> {
+        scaler.unscale(grads)?;
+        let grad_norm = clip_grad_norm(grads, self.max_grad_norm.unwrap_or(f64::INFINITY))?;
+        if loss.is_finite() && !grad_norm.is_finite() {
+            scaler.update(false);
+            bad.skipped += 1;
+            return Ok(UpdateRecord {
+                lr: self.schedule.lr(step),
+                grad_norm,
+                skipped: true,
+            });
+        }
+        let record = self.finish(optimizer, grads, loss, grad_norm, step, bad);
+        scaler.update(matches!(record, Ok(UpdateRecord { skipped: false, .. })));
+        record
+    }
+
+    /// The update after clipping: the AdamW step, or the skip of a non-finite one.
+    fn finish(
+        &self,
+        optimizer: &mut AdamW,
+        grads: &Gradients,
+        loss: f32,
+        grad_norm: f64,
+        step: u64,
+        bad: &mut BadSteps,
+    ) -> Result<UpdateRecord> {
         let lr = self.schedule.lr(step);
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
         if skipped {
