@@ -122,6 +122,8 @@ fn time_ops(
     let s = candle_core::Var::randn(0f32, 1.0, (b, heads, l, l), &dev)?;
     let mask = Tensor::zeros((b, 1, 1, l), DType::F32, &dev)?;
     let g = candle_core::Var::randn(0f32, 1.0, (b, l, inter), &dev)?;
+    let x2 = candle_core::Var::randn(0f32, 1.0, (b * l, h), &dev)?;
+    let w_in = candle_core::Var::randn(0f32, 0.02, (inter, h), &dev)?;
     let key = ops::DropoutKey::new(0, 0);
     type Op<'a> = Box<dyn Fn() -> mlctl::Result<Tensor> + 'a>;
     let cases: Vec<(&str, Op)> = vec![
@@ -166,6 +168,8 @@ fn time_ops(
             }),
         ),
         ("matmul_qk", Box::new(|| Ok(s.matmul(&s.t()?)?))),
+        // The feed-forward input projection as the encoder runs it: one GEMM over all rows.
+        ("gemm_ffn_in", Box::new(|| Ok(x2.matmul(&w_in.t()?)?))),
     ];
     for (name, f) in &cases {
         print(

@@ -175,3 +175,26 @@ fn cached_loss_training_resumes_bit_identically() {
         );
     }
 }
+
+#[test]
+fn keyed_passes_restore_the_dropout_key_the_caller_had_set() {
+    let (batch, masked) = batch_of(4);
+    let model = tiny_model(7);
+    let vars: Vec<(String, Var)> = model.named_vars().into_iter().collect();
+    let rng = model.bert.model.encoder.dropout_rng().clone();
+    let callers = DropoutKey::new(9, 3).with_sample_offset(5);
+    let key = DropoutKey::new(1, 2);
+    let objective = MultiLevelLoss::mlctl();
+    for previous in [None, Some(callers)] {
+        rng.set_key(previous);
+        objective
+            .forward_keyed(&model, &batch, Some(&masked), key)
+            .unwrap();
+        assert_eq!(rng.key(), previous, "forward_keyed");
+        CachedLoss::new(objective.clone(), 2)
+            .unwrap()
+            .forward_backward(&model, &batch, Some(&masked), &vars, Some(key))
+            .unwrap();
+        assert_eq!(rng.key(), previous, "cached");
+    }
+}

@@ -110,8 +110,10 @@ impl CachedLoss {
         key: Option<DropoutKey>,
     ) -> Result<CachedStep> {
         let rng = model.bert.model.encoder.dropout_rng().clone();
+        // A key the caller had set is restored afterwards.
+        let previous = rng.key();
         let result = self.run(model, batch, masked, vars, key, &rng, None);
-        rng.set_key(None);
+        rng.set_key(previous);
         result
     }
 
@@ -139,8 +141,10 @@ impl CachedLoss {
     ) -> Result<CachedStep> {
         let key = key.map(|k| k.with_sample_offset(shard.sample_offset));
         let rng = model.bert.model.encoder.dropout_rng().clone();
+        // A key the caller had set is restored afterwards.
+        let previous = rng.key();
         let result = self.run(model, batch, masked, vars, key, &rng, Some(shard));
-        rng.set_key(None);
+        rng.set_key(previous);
         result
     }
 

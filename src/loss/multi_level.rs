@@ -183,11 +183,13 @@ impl MultiLevelLoss {
         key: DropoutKey,
     ) -> Result<LossTerms> {
         let rng = model.bert.model.encoder.dropout_rng().clone();
+        // A key the caller had set is restored afterwards.
+        let previous = rng.key();
         let result = self.forward_passes(model, batch, masked, true, &mut |pass| {
             rng.set_key(Some(pass_key(key, pass)));
             Ok(())
         });
-        rng.set_key(None);
+        rng.set_key(previous);
         result
     }
 
@@ -215,6 +217,8 @@ impl MultiLevelLoss {
         train: bool,
     ) -> Result<LossTerms> {
         let rng = model.bert.model.encoder.dropout_rng().clone();
+        // A key the caller had set is restored afterwards.
+        let previous = rng.key();
         let result = self.forward_passes_on(model, batch, masked, train, Some(shard), &mut |_| {
             if train {
                 rng.set_key(None);
@@ -223,7 +227,7 @@ impl MultiLevelLoss {
             }
             Ok(())
         });
-        rng.set_key(None);
+        rng.set_key(previous);
         result
     }
 
