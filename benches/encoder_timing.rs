@@ -124,6 +124,7 @@ fn time_ops(
     let g = candle_core::Var::randn(0f32, 1.0, (b, l, inter), &dev)?;
     let x2 = candle_core::Var::randn(0f32, 1.0, (b * l, h), &dev)?;
     let w_in = candle_core::Var::randn(0f32, 0.02, (inter, h), &dev)?;
+    let b_in = candle_core::Var::zeros(inter, DType::F32, &dev)?;
     let key = ops::DropoutKey::new(0, 0);
     type Op<'a> = Box<dyn Fn() -> mlctl::Result<Tensor> + 'a>;
     let cases: Vec<(&str, Op)> = vec![
@@ -168,6 +169,8 @@ fn time_ops(
             }),
         ),
         ("matmul_qk", Box::new(|| Ok(s.matmul(&s.t()?)?))),
+        // The bias add after that projection, the pass a fused bias + GELU would save.
+        ("bias_add", Box::new(|| Ok(g.broadcast_add(&b_in)?))),
         // The feed-forward input projection as the encoder runs it: one GEMM over all rows.
         ("gemm_ffn_in", Box::new(|| Ok(x2.matmul(&w_in.t()?)?))),
     ];

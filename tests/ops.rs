@@ -478,3 +478,57 @@ fn bad_inputs_get_typed_errors() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+/// Rows of 3 x 300 (more than one block of rows per task) and a bias.
+fn bias_inputs() -> Vec<Tensor> {
+    vec![randn(&[3, 300, 40], 11), randn(&[40], 12)]
+}
+
+#[test]
+fn fused_bias_add_equals_its_composite_twin() {
+    check_twins(
+        "bias_add",
+        &bias_inputs(),
+        &|t| ops::bias_add_fused(&t[0], &t[1]),
+        &|t| ops::bias_add_composite(&t[0], &t[1]),
+    );
+}
+
+#[test]
+fn fused_bias_add_matches_finite_differences_and_sums_the_bias_gradient_exactly() {
+    let small = vec![randn(&[2, 3, 5], 13), randn(&[5], 14)];
+    check_finite_differences("bias_add", &small, &|t| ops::bias_add_fused(&t[0], &t[1]));
+    // The bias gradient of sum(y * r) is r summed over the rows: integers add exactly, so the
+    // blocked column sum must give them to the bit, over many blocks of rows.
+    let x = Var::from_tensor(&Tensor::zeros((5000, 7), DType::F32, &DEV).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::zeros(7, DType::F32, &DEV).unwrap()).unwrap();
+    let r: Vec<f32> = (0..35_000)
+        .map(|i| ((i * 7919) % 13) as f32 - 6.0)
+        .collect();
+    let want: Vec<f32> = (0..7).map(|j| r.iter().skip(j).step_by(7).sum()).collect();
+    let r = Tensor::from_vec(r, (5000, 7), &DEV).unwrap();
+    let y = ops::bias_add_fused(x.as_tensor(), b.as_tensor()).unwrap();
+    let grads = (y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let db: Vec<f32> = grads.get(b.as_tensor()).unwrap().to_vec1().unwrap();
+    assert_eq!(db, want);
+}
+
+#[test]
+fn bias_add_rejects_a_wrong_bias() {
+    let [x, b] = <[Tensor; 2]>::try_from(bias_inputs()).unwrap();
+    assert!(matches!(
+        ops::bias_add_fused(&x, &b.narrow(0, 0, 39).unwrap()),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        ops::bias_add_fused(&x.to_dtype(DType::F32).unwrap(), &b),
+        Err(Error::Candle(
+            candle_core::Error::DTypeMismatchBinaryOp { .. }
+        ))
+    ));
+    let ints = Tensor::zeros((2, 40), DType::U32, &DEV).unwrap();
+    assert!(matches!(
+        ops::bias_add_fused(&ints, &b),
+        Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
+    ));
+}

@@ -11,13 +11,17 @@ use crate::{Error, Result};
 
 /// `xs @ weight^T + bias` with `xs` flattened to rows: one GEMM forward and one per gradient
 /// backward. (candle-nn's `Linear` broadcasts the weight over the batch instead, so its weight
-/// gradient is one GEMM per sequence followed by a sum.)
-fn dense(lin: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+/// gradient is one GEMM per sequence followed by a sum.) With the fused kernels the bias is
+/// added by [`ops::bias_add_fused`], whose bias gradient is a parallel column sum.
+fn dense(lin: &candle_nn::Linear, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let in_dim = xs.dim(candle_core::D::Minus1)?;
     let rows = xs.elem_count() / in_dim.max(1);
     let mut ys = xs.reshape((rows, in_dim))?.matmul(&lin.weight().t()?)?;
     if let Some(bias) = lin.bias() {
-        ys = ys.broadcast_add(bias)?;
+        ys = match kernels.fused_on(ys.device()) {
+            true => ops::bias_add_fused(&ys, bias)?,
+            false => ops::bias_add_composite(&ys, bias)?,
+        };
     }
     let mut dims = xs.dims().to_vec();
     if let Some(last) = dims.last_mut() {
@@ -195,7 +199,7 @@ impl SelfAttention {
             (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
             _ => None,
         };
-        let qkv = dense(&candle_nn::Linear::new(weight, bias), xs)?
+        let qkv = dense(&candle_nn::Linear::new(weight, bias), xs, self.kernels)?
             .reshape((b, l, 3, self.num_heads, self.head_size))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?;
@@ -223,7 +227,7 @@ impl SelfAttention {
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let out = self
             .output_dropout
-            .forward_keyed(&dense(&self.output, &context)?, key)?;
+            .forward_keyed(&dense(&self.output, &context, self.kernels)?, key)?;
         self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
@@ -270,10 +274,14 @@ impl FeedForward {
     }
 
     fn forward_t(&self, xs: &Tensor, key: Option<DropoutKey>) -> Result<Tensor> {
-        let inner = activate(self.act, &dense(&self.intermediate, xs)?, self.kernels)?;
+        let inner = activate(
+            self.act,
+            &dense(&self.intermediate, xs, self.kernels)?,
+            self.kernels,
+        )?;
         let out = self
             .dropout
-            .forward_keyed(&dense(&self.output, &inner)?, key)?;
+            .forward_keyed(&dense(&self.output, &inner, self.kernels)?, key)?;
         self.layer_norm.forward_ln(&(out + xs)?)
     }
 }
@@ -584,8 +592,10 @@ impl Module for MlmHead {
         let xs = activate(self.act, &self.dense.forward(hidden)?, Kernels::Auto)
             .map_err(ops::to_candle)?;
         let xs = self.layer_norm.forward(&xs)?;
-        xs.broadcast_matmul(&self.decoder_weight.t()?)?
-            .broadcast_add(&self.bias)
+        // One GEMM over all rows (the decoder's gradient is one product, not one per sequence)
+        // and the fused bias add.
+        let decoder = candle_nn::Linear::new(self.decoder_weight.clone(), Some(self.bias.clone()));
+        dense(&decoder, &xs, Kernels::Auto).map_err(ops::to_candle)
     }
 }
 

@@ -17,6 +17,7 @@
 //! whatever the thread count, and a batch split in chunks (data-parallel ranks, cached-loss
 //! chunks) gets exactly the masks of the whole batch when each chunk passes its sample offset.
 
+mod bias;
 mod dropout;
 mod gelu;
 mod kernel;
@@ -24,6 +25,7 @@ mod layer_norm;
 mod philox;
 mod softmax;
 
+pub use bias::{bias_add, bias_add_composite, bias_add_fused};
 pub use dropout::{dropout, dropout_composite, dropout_fused, dropout_mask, DropoutKey};
 pub use gelu::{gelu, gelu_composite, gelu_fused, GeluForm};
 pub use layer_norm::{layer_norm, layer_norm_composite, layer_norm_fused};
