@@ -12,14 +12,14 @@ use crate::{Error, Result};
 /// `xs @ weight^T + bias` with `xs` flattened to rows: one GEMM forward and one per gradient
 /// backward. (candle-nn's `Linear` broadcasts the weight over the batch instead, so its weight
 /// gradient is one GEMM per sequence followed by a sum.) With the fused kernels the bias is
-/// added by [`ops::bias_add_fused`], whose bias gradient is a parallel column sum.
+/// added by [`ops::bias_add`], whose CPU bias gradient is a parallel column sum.
 fn dense(lin: &candle_nn::Linear, xs: &Tensor, kernels: Kernels) -> Result<Tensor> {
     let in_dim = xs.dim(candle_core::D::Minus1)?;
     let rows = xs.elem_count() / in_dim.max(1);
     let mut ys = xs.reshape((rows, in_dim))?.matmul(&lin.weight().t()?)?;
     if let Some(bias) = lin.bias() {
         ys = match kernels.fused_on(ys.device()) {
-            true => ops::bias_add_fused(&ys, bias)?,
+            true => ops::bias_add(&ys, bias)?,
             false => ops::bias_add_composite(&ys, bias)?,
         };
     }
