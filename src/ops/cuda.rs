@@ -5,6 +5,7 @@
 //! Inputs reach these functions contiguous (the op wrappers call `contiguous()`); outputs are
 //! fresh, contiguous buffers.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
