@@ -1,26 +1,27 @@
-//! The CUDA kernels of the fused CZ-NCE op (`src/loss/cz_nce/cz_nce.cu`), run on the CPU in a
-//! small CUDA emulator (`tests/cuda_emu/`) against double-precision references, so that their
-//! indexing, masking, reductions and barriers are tested on every machine, GPU or not. The
-//! cuBLAS calls and the host code in `cuda.rs` are covered by `tests/gpu.rs` (needs a GPU).
+//! The CUDA kernels of the fused CZ-NCE op (`src/loss/cz_nce/cz_nce.cu`) and of the fused encoder
+//! ops and AdamW (`src/ops/ops.cu`), run on the CPU in a small CUDA emulator (`tests/cuda_emu/`)
+//! against double-precision references, so that their indexing, masking, reductions and barriers
+//! are tested on every machine, GPU or not. The cuBLAS calls and the host code (`cuda.rs`) are
+//! covered by `tests/gpu.rs` (needs a GPU).
 //!
-//! Needs a C++20 compiler (`$CXX`, default `c++`) and POSIX `ucontext`. Without one the test
-//! prints why and passes, unless `MLCTL_REQUIRE_CXX=1` (set by `.ci/run`), which makes it fail.
+//! Needs a C++20 compiler (`$CXX`, default `c++`) and POSIX `ucontext`. Without one the tests
+//! print why and pass, unless `MLCTL_REQUIRE_CXX=1` (set by `.ci/run`), which makes them fail.
 #![cfg(unix)]
 
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn cuda_kernels_match_references_in_the_cpu_emulator() {
+/// Builds `tests/cuda_emu/<program>.cpp` and runs it; it must report no failure.
+fn run_emulated(program: &str) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let emu = root.join("tests/cuda_emu");
     let dir = tempfile::tempdir().expect("tempdir");
-    let exe = dir.path().join("check");
+    let exe = dir.path().join(program);
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let compiled = Command::new(&cxx)
         .args(["-std=c++20", "-O1"])
         .arg(format!("-I{}", emu.join("include").display()))
-        .arg(emu.join("check.cpp"))
+        .arg(emu.join(format!("{program}.cpp")))
         .arg("-o")
         .arg(&exe)
         .status();
@@ -44,4 +45,14 @@ fn cuda_kernels_match_references_in_the_cpu_emulator() {
         "emulated CUDA kernels failed:\n{stdout}"
     );
     assert!(stdout.contains(" 0 failures"), "{stdout}");
+}
+
+#[test]
+fn cuda_kernels_match_references_in_the_cpu_emulator() {
+    run_emulated("check");
+}
+
+#[test]
+fn cuda_encoder_op_and_adamw_kernels_match_references_in_the_cpu_emulator() {
+    run_emulated("check_ops");
 }

@@ -373,3 +373,441 @@ fn cz_nce_cuda_large_batch_matches_cpu() {
     let b = eval_on(&Device::Cpu, &loss, true, (&q, &k), false, None);
     same("B=1024 cuda vs cpu", &a, &b, 1e-4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fused encoder ops and AdamW on CUDA (`src/ops/ops.cu`).
+
+use mlctl::ops::{self, DropoutKey, GeluForm};
+use mlctl::train::{AdamW, AdamWConfig, Gradients};
+
+/// A seeded normal tensor of `shape` with standard deviation `std`, f32 on the CPU.
+fn randn_shape(shape: &[usize], std: f32, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| std * rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// The three ways an op runs: fused on the GPU, composite on the GPU, fused on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Way {
+    FusedGpu,
+    CompositeGpu,
+    FusedCpu,
+}
+
+const WAYS: [Way; 3] = [Way::FusedGpu, Way::CompositeGpu, Way::FusedCpu];
+
+/// Runs `f(inputs as vars, fused)` on the way's device, then the backward of `Σ out · r` for a
+/// fixed random `r`: the output and the gradient of every input, as f32 CPU tensors.
+fn value_and_grads(
+    way: Way,
+    inputs: &[Tensor],
+    dtype: DType,
+    f: &dyn Fn(&[Tensor], bool) -> mlctl::Result<Tensor>,
+) -> Vec<Tensor> {
+    let (dev, fused) = match way {
+        Way::FusedGpu => (cuda(), true),
+        Way::CompositeGpu => (cuda(), false),
+        Way::FusedCpu => (Device::Cpu, true),
+    };
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap().to_device(&dev).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts, fused).unwrap();
+    let r = randn_shape(out.dims(), 1.0, 99)
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
+    let loss = (out.to_dtype(DType::F32).unwrap() * r.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut all = vec![host(&out)];
+    all.extend(
+        vars.iter()
+            .map(|v| host(grads.get(v.as_tensor()).expect("a gradient"))),
+    );
+    all
+}
+
+/// Holds the three ways equal on values and gradients: `max |a - b| <= tol * max(1, max |b|)`
+/// against the fused CPU op, twice the tolerance for gradients (as `tests/ops.rs` holds the CPU
+/// twins).
+fn check_three_ways(
+    what: &str,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor], bool) -> mlctl::Result<Tensor>,
+) {
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let runs: Vec<Vec<Tensor>> = WAYS
+            .iter()
+            .map(|&w| value_and_grads(w, inputs, dtype, f))
+            .collect();
+        let tol = match dtype {
+            DType::F32 => 1e-4,
+            DType::F16 => 5e-3,
+            _ => 3e-2,
+        };
+        for (k, name) in ["value"]
+            .into_iter()
+            .chain(["grad 0", "grad 1", "grad 2"])
+            .take(runs[0].len())
+            .enumerate()
+        {
+            let reference = &runs[2][k];
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .max(1.0) as f64;
+            let tol = if k == 0 { tol } else { 2.0 * tol };
+            for (i, way) in WAYS.iter().enumerate().take(2) {
+                assert_close(
+                    &format!("{what} {dtype:?} {name}: {way:?} vs FusedCpu"),
+                    &runs[i][k],
+                    reference,
+                    tol * scale,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_layer_norm_on_cuda_matches_composite_and_cpu() {
+    for hidden in [1, 37, 300, 1024] {
+        let inputs = [
+            randn_shape(&[3, 5, hidden], 2.0, 1)
+                .affine(1.0, 0.5)
+                .unwrap(),
+            randn_shape(&[hidden], 1.0, 2),
+            randn_shape(&[hidden], 1.0, 3),
+        ];
+        check_three_ways(
+            &format!("layer_norm hidden={hidden}"),
+            &inputs,
+            &|t, fused| match fused {
+                true => ops::layer_norm_fused(&t[0], &t[1], &t[2], 1e-5),
+                false => ops::layer_norm_composite(&t[0], &t[1], &t[2], 1e-5),
+            },
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_softmax_on_cuda_matches_composite_and_cpu() {
+    for keys in [1, 37, 300, 1024] {
+        let x = randn_shape(&[2, 3, 4, keys], 3.0, 4);
+        // Attention's [batch, 1, 1, keys] with padding, a [queries, keys] mask, and none.
+        let pad = Tensor::from_vec(
+            (0..2 * keys)
+                .map(|i| if i % 7 == 3 { -10_000f32 } else { 0.0 })
+                .collect::<Vec<_>>(),
+            (2, 1, 1, keys),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let per_query = randn_shape(&[4, keys], 1.0, 5);
+        for (name, mask) in [
+            ("pad", Some(pad)),
+            ("per-query", Some(per_query)),
+            ("none", None),
+        ] {
+            let scale = 1.0 / 8f64.sqrt();
+            let what = format!("softmax keys={keys} mask={name}");
+            match mask {
+                Some(m) => check_three_ways(&what, &[x.clone(), m], &|t, fused| match fused {
+                    true => ops::softmax_scaled_masked_fused(&t[0], scale, Some(&t[1])),
+                    false => ops::softmax_scaled_masked_composite(&t[0], scale, Some(&t[1])),
+                }),
+                None => {
+                    check_three_ways(&what, std::slice::from_ref(&x), &|t, fused| match fused {
+                        true => ops::softmax_scaled_masked_fused(&t[0], scale, None),
+                        false => ops::softmax_scaled_masked_composite(&t[0], scale, None),
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_gelu_on_cuda_matches_composite_and_cpu() {
+    let x = randn_shape(&[7, 333], 3.0, 6);
+    for form in [GeluForm::Erf, GeluForm::Tanh] {
+        check_three_ways(
+            &format!("gelu {form:?}"),
+            std::slice::from_ref(&x),
+            &|t, fused| match fused {
+                true => ops::gelu_fused(&t[0], form),
+                false => ops::gelu_composite(&t[0], form),
+            },
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_dropout_on_cuda_matches_composite_and_cpu() {
+    let x = randn_shape(&[6, 5, 37], 1.0, 7);
+    let key = DropoutKey::new(11, 3).with_sample_offset(5);
+    check_three_ways("dropout", &[x], &|t, fused| match fused {
+        true => ops::dropout_fused(&t[0], 0.1, key, 4),
+        false => ops::dropout_composite(&t[0], 0.1, key, 4),
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn dropout_masks_on_cuda_equal_the_cpu_masks_whole_or_split() {
+    let gpu = cuda();
+    let keys = [
+        DropoutKey::new(0, 0),
+        DropoutKey::new(0x1234_5678_9abc_def0, 0xffff_ffff_0000_0007),
+        // Samples crossing 2^32: the key's high words change inside the batch.
+        DropoutKey::new(42, 9).with_sample_offset(u32::MAX as u64 - 2),
+    ];
+    for key in keys {
+        for (shape, p) in [
+            (vec![9, 1], 0.5f32),
+            (vec![8, 3, 37], 0.1),
+            (vec![5, 1027], 0.25),
+        ] {
+            // Ones: the output is the mask itself, exact in f32.
+            let ones = Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu).unwrap();
+            let cpu = ops::dropout_fused(&ones, p, key, 3).unwrap();
+            let whole = ops::dropout_fused(&ones.to_device(&gpu).unwrap(), p, key, 3).unwrap();
+            let first = shape[0] / 2;
+            let parts = [
+                ops::dropout_fused(
+                    &ones.narrow(0, 0, first).unwrap().to_device(&gpu).unwrap(),
+                    p,
+                    key,
+                    3,
+                )
+                .unwrap(),
+                ops::dropout_fused(
+                    &ones
+                        .narrow(0, first, shape[0] - first)
+                        .unwrap()
+                        .to_device(&gpu)
+                        .unwrap(),
+                    p,
+                    key.advanced(first as u64),
+                    3,
+                )
+                .unwrap(),
+            ];
+            let split = Tensor::cat(&parts, 0).unwrap();
+            let host_mask = ops::dropout_mask(&shape, p, key, 3, DType::F32, &Device::Cpu).unwrap();
+            for (name, t) in [("whole", whole), ("split", split)] {
+                let diff = common::max_abs_diff(&t.to_device(&Device::Cpu).unwrap(), &cpu);
+                assert_eq!(
+                    diff, 0.0,
+                    "{key:?} {shape:?} {name}: CUDA mask differs from the CPU's"
+                );
+            }
+            assert_eq!(common::max_abs_diff(&cpu, &host_mask), 0.0);
+            // Half precision: the same entries dropped.
+            for dtype in [DType::BF16, DType::F16] {
+                let g = ops::dropout_fused(
+                    &ones.to_dtype(dtype).unwrap().to_device(&gpu).unwrap(),
+                    p,
+                    key,
+                    3,
+                )
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+                let zero_gpu = g.eq(0f32).unwrap();
+                let zero_cpu = cpu.eq(0f32).unwrap();
+                assert_eq!(
+                    zero_gpu
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    zero_cpu
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap(),
+                    "{dtype:?} {key:?} {shape:?}"
+                );
+            }
+        }
+    }
+}
+
+/// `steps` AdamW updates of the same parameters and gradients on `dev` (fused): the parameters
+/// and the state tensors, as f32 CPU tensors by name.
+fn adamw_run(dev: &Device, dtype: DType, steps: usize) -> Vec<(String, Tensor)> {
+    let shapes: [(&str, &[usize]); 3] = [
+        ("layer.weight", &[37, 300]),
+        ("layer.bias", &[300]),
+        ("LayerNorm.weight", &[1]),
+    ];
+    let vars: Vec<(String, Var)> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let t = randn_shape(shape, 0.5, 20 + i as u64)
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(dev)
+                .unwrap();
+            (name.to_string(), Var::from_tensor(&t).unwrap())
+        })
+        .collect();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+    for step in 0..steps {
+        let grads: Gradients = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let g = randn_shape(shape, 1.0, 100 * step as u64 + i as u64)
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap();
+                (name.to_string(), g)
+            })
+            .collect();
+        opt.step(&grads, 1e-3 * (step + 1) as f64).unwrap();
+    }
+    let host = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+    };
+    let mut out: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), host(v.as_tensor())))
+        .collect();
+    let mut state: Vec<_> = opt.state_tensors().into_iter().collect();
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    out.extend(state.into_iter().map(|(n, t)| (n, host(&t))));
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn adamw_on_cuda_matches_the_fused_cpu_update() {
+    let gpu = cuda();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let on_gpu = adamw_run(&gpu, dtype, 5);
+        let on_cpu = adamw_run(&Device::Cpu, dtype, 5);
+        assert_eq!(on_gpu.len(), on_cpu.len());
+        if dtype != DType::F32 {
+            assert!(on_gpu.iter().any(|(n, _)| n.starts_with("master.")));
+        }
+        for ((name, g), (name_cpu, c)) in on_gpu.iter().zip(&on_cpu) {
+            assert_eq!(name, name_cpu);
+            // The same f32 operations in the same order, with the same roundings: equal bits
+            // expected; the tolerance only keeps a report readable if they are not.
+            assert_close(&format!("adamw {dtype:?} {name}"), g, c, 1e-6);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_ops_on_cuda_reject_bad_inputs_with_typed_errors() {
+    use mlctl::Error;
+    let gpu = cuda();
+    let on = |t: Tensor| t.to_device(&gpu).unwrap();
+    let x = on(randn_shape(&[4, 24], 1.0, 1));
+    let w = on(randn_shape(&[24], 1.0, 2));
+    let b = on(randn_shape(&[24], 1.0, 3));
+    assert!(matches!(
+        ops::layer_norm_fused(&x, &w.narrow(0, 0, 5).unwrap(), &b, 1e-5),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        ops::layer_norm_fused(&x, &w.to_dtype(DType::BF16).unwrap(), &b, 1e-5),
+        Err(Error::Candle(
+            candle_core::Error::DTypeMismatchBinaryOp { .. }
+        ))
+    ));
+    let mask = on(Tensor::zeros((4, 5), DType::F32, &Device::Cpu).unwrap());
+    assert!(matches!(
+        ops::softmax_scaled_masked_fused(&x, 1.0, Some(&mask)),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        ops::dropout_fused(&x, 1.5, DropoutKey::default(), 0),
+        Err(Error::InvalidArgument(_))
+    ));
+    if gpu.is_cuda() {
+        // Inputs on two devices.
+        let w_cpu = w.to_device(&Device::Cpu).unwrap();
+        assert!(matches!(
+            ops::layer_norm_fused(&x, &w_cpu, &b, 1e-5),
+            Err(Error::Candle(
+                candle_core::Error::DeviceMismatchBinaryOp { .. }
+            ))
+        ));
+        // f64 has no CUDA kernel: a typed error from the fused form, the composite from the
+        // plain one.
+        let x64 = x.to_dtype(DType::F64).unwrap();
+        let (w64, b64) = (
+            w.to_dtype(DType::F64).unwrap(),
+            b.to_dtype(DType::F64).unwrap(),
+        );
+        assert!(matches!(
+            ops::layer_norm_fused(&x64, &w64, &b64, 1e-5),
+            Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
+        ));
+        assert!(matches!(
+            ops::gelu_fused(&x64, GeluForm::Erf),
+            Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
+        ));
+        assert!(matches!(
+            ops::softmax_scaled_masked_fused(&x64, 1.0, None),
+            Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
+        ));
+        assert!(matches!(
+            ops::dropout_fused(&x64, 0.1, DropoutKey::default(), 0),
+            Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
+        ));
+        let plain = ops::layer_norm(&x64, &w64, &b64, 1e-5).unwrap();
+        let composite = ops::layer_norm_composite(&x64, &w64, &b64, 1e-5).unwrap();
+        assert_eq!(
+            common::max_abs_diff(
+                &plain.to_device(&Device::Cpu).unwrap(),
+                &composite.to_device(&Device::Cpu).unwrap()
+            ),
+            0.0
+        );
+        assert!(ops::softmax_scaled_masked(&x64, 1.0, None).is_ok());
+        assert!(ops::gelu(&x64, GeluForm::Tanh).is_ok());
+        assert!(ops::dropout(&x64, 0.1, DropoutKey::default(), 0).is_ok());
+    }
+}

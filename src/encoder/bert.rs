@@ -219,7 +219,7 @@ impl SelfAttention {
         // softmax(scores / sqrt(d) + mask), in f32 for half precision.
         let scale = 1.0 / (self.head_size as f64).sqrt();
         let probs = if self.kernels.fused_on(xs.device()) {
-            ops::softmax_scaled_masked_fused(&scores, scale, Some(additive_mask))?
+            ops::softmax_scaled_masked(&scores, scale, Some(additive_mask))?
         } else {
             ops::softmax_scaled_masked_composite(&scores, scale, Some(additive_mask))?
         };

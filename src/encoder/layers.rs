@@ -64,7 +64,7 @@ impl LayerNorm {
     /// Normalises `xs` (`[..., size]`).
     pub fn forward_ln(&self, xs: &Tensor) -> Result<Tensor> {
         if self.kernels.fused_on(xs.device()) {
-            ops::layer_norm_fused(xs, &self.weight, &self.bias, self.eps)
+            ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
         } else {
             ops::layer_norm_composite(xs, &self.weight, &self.bias, self.eps)
         }
@@ -85,7 +85,7 @@ pub(crate) fn activate(act: HiddenAct, xs: &Tensor, kernels: Kernels) -> Result<
         HiddenAct::Relu => return Ok(xs.relu()?),
     };
     if kernels.fused_on(xs.device()) {
-        ops::gelu_fused(xs, form)
+        ops::gelu(xs, form)
     } else {
         ops::gelu_composite(xs, form)
     }
@@ -209,7 +209,7 @@ impl Dropout {
         match key {
             Some(key) if self.p > 0.0 => {
                 if self.kernels.fused_on(xs.device()) {
-                    ops::dropout_fused(xs, self.p, key, self.site)
+                    ops::dropout(xs, self.p, key, self.site)
                 } else {
                     ops::dropout_composite(xs, self.p, key, self.site)
                 }

@@ -13,9 +13,7 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::kernel::{
-    check_cpu, check_float, check_same, dispatch, rows_per_task, slice, Elem, Real,
-};
+use super::kernel::{check_float, check_same, dispatch, rows_per_task, slice, Elem, Real};
 use crate::{Error, Result};
 
 /// `x + bias`, the bias broadcast over every row: the fused kernel on the CPU, the composite
@@ -54,10 +52,16 @@ pub fn bias_add_composite(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// `x + bias` as one CPU pass (f32 arithmetic for half precision, one rounding), whose backward
-/// passes the gradient through to `x` and sums it over the rows for `bias` in parallel.
+/// passes the gradient through to `x` and sums it over the rows for `bias` in parallel. CPU
+/// only: on CUDA candle's own reduction of the broadcast already runs on the device.
 pub fn bias_add_fused(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     check(x, bias)?;
-    check_cpu(x, "bias_add")?;
+    if !x.device().is_cpu() {
+        return Err(Error::InvalidArgument(format!(
+            "bias_add: the fused kernel runs on the CPU; use the composite form on {:?}",
+            x.device().location()
+        )));
+    }
     Ok(x.contiguous()?
         .apply_op2_arc(&bias.contiguous()?, Arc::new(Box::new(BiasAddOp)))?)
 }

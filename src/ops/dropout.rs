@@ -6,7 +6,7 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{check_cpu, check_float, dispatch, slice, Elem, Real};
+use super::kernel::{check_device, check_float, dispatch, fused_supported, slice, Elem, Real};
 use super::philox::philox4x32_10;
 use crate::{Error, Result};
 
@@ -59,6 +59,14 @@ impl DropoutKey {
 /// Entries per task: a multiple of 4 (one Philox call serves four entries).
 const CHUNK: usize = 8192;
 
+/// Entry `j` is kept when its Philox word is at least this: `u >= p * 2^32`, so
+/// `P(keep) = 1 - p` up to 2^-32.
+fn keep_threshold(p: f32) -> u32 {
+    (f64::from(p) * 4_294_967_296.0)
+        .round()
+        .min(u32::MAX as f64) as u32
+}
+
 /// Calls `f(flat_index, keep, out_entry)` for every entry of `out`, viewed as rows of
 /// `row_len` (one row per sample), in parallel.
 fn for_each_keep<T: Send>(
@@ -72,10 +80,7 @@ fn for_each_keep<T: Send>(
     if out.is_empty() || row_len == 0 {
         return;
     }
-    // keep <=> u >= p * 2^32, so P(keep) = 1 - p up to 2^-32.
-    let threshold = (f64::from(p) * 4_294_967_296.0)
-        .round()
-        .min(u32::MAX as f64) as u32;
+    let threshold = keep_threshold(p);
     let key_words = |sample: u64| {
         [
             key.seed as u32 ^ (sample >> 32) as u32,
@@ -143,13 +148,14 @@ pub fn dropout_mask(
 }
 
 /// Inverted dropout: each entry zeroed with probability `p`, the others scaled by
-/// `1 / (1 - p)`; the fused kernel on the CPU, the composite elsewhere. `site` names the dropout
+/// `1 / (1 - p)`; the fused kernel where it runs (the CPU; CUDA for f32, f16 and bf16), the
+/// composite elsewhere. `site` names the dropout
 /// layer (each layer of a model needs its own).
 ///
 /// # Shapes
 /// - `x`: `[batch, ...]`; output: the shape of `x`
 pub fn dropout(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_supported(x) {
         dropout_fused(x, p, key, site)
     } else {
         dropout_composite(x, p, key, site)
@@ -166,11 +172,12 @@ pub fn dropout_composite(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Resu
     Ok((x.to_dtype(acc)? * mask)?.to_dtype(dtype)?)
 }
 
-/// Dropout as one CPU pass that draws the mask as it goes; its backward applies the same mask
-/// to the gradient (regenerated from the key, never stored).
+/// Dropout as one pass (CPU, or CUDA for f32, f16 and bf16) that draws the mask as it goes;
+/// its backward applies the same mask to the gradient (regenerated from the key, never stored).
+/// The CUDA kernel computes the CPU's masks bit for bit.
 pub fn dropout_fused(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
     check(x, p)?;
-    check_cpu(x, "dropout")?;
+    check_device(x, "dropout")?;
     Ok(x.contiguous()?
         .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, key, site })))?)
 }
@@ -210,6 +217,28 @@ impl CustomOp1 for DropoutOp {
             );
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let rows = l.dims().first().copied().unwrap_or(1);
+        let args = super::cuda::DropoutArgs {
+            seed: self.key.seed,
+            step: self.key.step,
+            sample_offset: self.key.sample_offset,
+            site: self.site,
+            threshold: keep_threshold(self.p),
+            // As the CPU's f32 scale (`Real::lit` of the f64 quotient).
+            scale: (1.0 / (1.0 - f64::from(self.p))) as f32,
+        };
+        Ok((
+            super::cuda::dropout((s, l), rows, &args)?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

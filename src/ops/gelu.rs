@@ -6,7 +6,7 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{check_cpu, check_float, dispatch, slice, Elem, Real};
+use super::kernel::{check_device, check_float, dispatch, fused_supported, slice, Elem, Real};
 use crate::Result;
 
 /// Which GELU: transformers' `gelu` (erf) or `gelu_new` / `gelu_pytorch_tanh` (tanh).
@@ -18,12 +18,13 @@ pub enum GeluForm {
     Tanh,
 }
 
-/// GELU: the fused kernel on the CPU, the composite elsewhere.
+/// GELU: the fused kernel where it runs (the CPU; CUDA for f32, f16 and bf16), the composite
+/// elsewhere.
 ///
 /// # Shapes
 /// - `x`: any; output: the shape of `x`
 pub fn gelu(x: &Tensor, form: GeluForm) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_supported(x) {
         gelu_fused(x, form)
     } else {
         gelu_composite(x, form)
@@ -39,11 +40,11 @@ pub fn gelu_composite(x: &Tensor, form: GeluForm) -> Result<Tensor> {
     })
 }
 
-/// GELU as one CPU pass (f32 arithmetic for half precision) with a fused backward that
-/// evaluates the exact derivative.
+/// GELU as one pass (CPU, or CUDA for f32, f16 and bf16; f32 arithmetic for half precision)
+/// with a fused backward that evaluates the exact derivative.
 pub fn gelu_fused(x: &Tensor, form: GeluForm) -> Result<Tensor> {
     check_float(x, "gelu")?;
-    check_cpu(x, "gelu")?;
+    check_device(x, "gelu")?;
     Ok(x.contiguous()?
         .apply_op1_arc(Arc::new(Box::new(GeluOp { form })))?)
 }
@@ -106,6 +107,15 @@ impl CustomOp1 for GeluOp {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::gelu_fwd((s, l), self.form)?, l.shape().clone()))
+    }
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(
             &grad.contiguous()?,
@@ -153,5 +163,17 @@ impl CustomOp2 for GeluBwd {
                 });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dx = super::cuda::gelu_bwd((s1, l1), (s2, l2), self.form)?;
+        Ok((dx, l1.shape().clone()))
     }
 }

@@ -279,14 +279,33 @@ pub(crate) fn check_same(x: &Tensor, other: &Tensor, op: &'static str) -> Result
     Ok(())
 }
 
-/// Checks that a fused op runs on the CPU.
-pub(crate) fn check_cpu(x: &Tensor, op: &'static str) -> Result<()> {
-    if x.device().is_cpu() {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "{op}: the fused kernel runs on the CPU; use the composite form on {:?}",
-            x.device().location()
-        )))
+/// Whether the fused kernels run `x` where it is: on the CPU always, on CUDA (with the `cuda`
+/// feature) for f32, f16 and bf16.
+pub(crate) fn fused_supported(x: &Tensor) -> bool {
+    match x.device() {
+        candle_core::Device::Cpu => true,
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => super::cuda::supports(x.dtype()),
+        _ => false,
     }
+}
+
+/// Checks that a fused op runs on `x`'s device and dtype ([`fused_supported`]).
+pub(crate) fn check_device(x: &Tensor, op: &'static str) -> Result<()> {
+    if fused_supported(x) {
+        return Ok(());
+    }
+    if x.device().is_cuda() {
+        // Only f64 gets here (other dtypes fail `check_float` first).
+        return Err(candle_core::Error::UnsupportedDTypeForOp(x.dtype(), op).into());
+    }
+    Err(Error::InvalidArgument(format!(
+        "{op}: the fused kernel runs on the CPU{}; use the composite form on {:?}",
+        if cfg!(feature = "cuda") {
+            " and CUDA"
+        } else {
+            ""
+        },
+        x.device().location()
+    )))
 }

@@ -7,17 +7,19 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::kernel::{
-    check_cpu, check_float, check_same, dispatch, lane_sum, rows_per_task, slice, Elem, Real,
+    check_device, check_float, check_same, dispatch, fused_supported, lane_sum, rows_per_task,
+    slice, Elem, Real,
 };
 use crate::{Error, Result};
 
-/// LayerNorm over the last dimension: the fused kernel on the CPU, the composite elsewhere.
+/// LayerNorm over the last dimension: the fused kernel where it runs (the CPU; CUDA for f32,
+/// f16 and bf16), the composite elsewhere.
 ///
 /// # Shapes
 /// - `x`: `[..., hidden]`; `weight`, `bias`: `[hidden]`, same dtype and device as `x`
 /// - output: the shape of `x`
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if fused_supported(x) {
         layer_norm_fused(x, weight, bias, eps)
     } else {
         layer_norm_composite(x, weight, bias, eps)
@@ -61,12 +63,12 @@ pub fn layer_norm_composite(
         .broadcast_add(bias)?)
 }
 
-/// LayerNorm as one CPU kernel that saves each row's mean and reciprocal standard deviation for
-/// its fused backward. Statistics and the affine part run in f32 for half precision (one rounding
-/// at the end).
+/// LayerNorm as one kernel (CPU, or CUDA for f32, f16 and bf16) that saves each row's mean and
+/// reciprocal standard deviation for its fused backward. Statistics and the affine part run in
+/// f32 for half precision (one rounding at the end).
 pub fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     check(x, weight, bias, "layer_norm")?;
-    check_cpu(x, "layer_norm")?;
+    check_device(x, "layer_norm")?;
     let op = LayerNormOp {
         eps,
         stats: Arc::new(OnceLock::new()),
@@ -78,10 +80,18 @@ pub fn layer_norm_fused(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) ->
     )?)
 }
 
-/// Per-row mean and reciprocal standard deviation, in the accumulation type.
-struct Stats {
-    mean: CpuStorage,
-    rstd: CpuStorage,
+/// Per-row mean and reciprocal standard deviation, in the accumulation type, where the forward
+/// ran.
+enum Stats {
+    Cpu {
+        mean: CpuStorage,
+        rstd: CpuStorage,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        mean: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        rstd: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    },
 }
 
 struct LayerNormOp {
@@ -156,12 +166,27 @@ impl CustomOp3 for LayerNormOp {
                 self.eps,
             );
             // A second forward through the same op value would only recompute the same stats.
-            let _ = self.stats.set(Stats {
+            let _ = self.stats.set(Stats::Cpu {
                 mean: <T as Elem>::A::to_cpu_storage_owned(mean),
                 rstd: <T as Elem>::A::to_cpu_storage_owned(rstd),
             });
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (y, mean, rstd) = super::cuda::layer_norm_fwd((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        let _ = self.stats.set(Stats::Cuda { mean, rstd });
+        Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
@@ -270,12 +295,12 @@ impl CustomOp3 for LayerNormBwd {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let hidden = l1.dims().last().copied().unwrap_or(1);
-        let Some(stats) = self.stats.get() else {
-            candle_core::bail!("fused-layer-norm: backward before forward");
+        let Some(Stats::Cpu { mean, rstd }) = self.stats.get() else {
+            candle_core::bail!("fused-layer-norm: backward before a CPU forward");
         };
         dispatch!(s1, "fused-layer-norm-bwd", |T| {
-            let mean = <T as Elem>::A::cpu_storage_as_slice(&stats.mean)?;
-            let rstd = <T as Elem>::A::cpu_storage_as_slice(&stats.rstd)?;
+            let mean = <T as Elem>::A::cpu_storage_as_slice(mean)?;
+            let rstd = <T as Elem>::A::cpu_storage_as_slice(rstd)?;
             let out = backward::<T>(
                 slice(s1, l1)?,
                 slice(s2, l2)?,
@@ -287,5 +312,23 @@ impl CustomOp3 for LayerNormBwd {
             let len = out.len();
             Ok((T::to_cpu_storage_owned(out), Shape::from(len)))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(Stats::Cuda { mean, rstd }) = self.stats.get() else {
+            candle_core::bail!("fused-layer-norm: backward before a CUDA forward");
+        };
+        let hidden = l1.dims().last().copied().unwrap_or(1);
+        let packed = super::cuda::layer_norm_bwd((s1, l1), (s2, l2), (s3, l3), mean, rstd)?;
+        Ok((packed, Shape::from(l1.shape().elem_count() + 2 * hidden)))
     }
 }

@@ -1,15 +1,24 @@
-//! Fused, differentiable CPU kernels for the encoder, each beside its composite twin.
+//! Fused, differentiable kernels for the encoder (CPU, and CUDA with the `cuda` feature), each
+//! beside its composite twin.
 //!
 //! Every op here comes in three forms:
-//! - `*_fused`: one candle custom op with an exact backward (itself a fused op), one pass over
-//!   contiguous memory, rows spread over rayon's pool. CPU only.
+//! - `*_fused`: one candle custom op with an exact backward (itself a fused op). On the CPU, one
+//!   pass over contiguous memory, rows spread over rayon's pool; on CUDA (`cuda` feature), the
+//!   kernels of `ops.cu`: one thread block per row for LayerNorm and softmax, elementwise
+//!   kernels for GELU and dropout, for f32, f16 and bf16 (f64 has no CUDA kernel: a typed
+//!   error). Other devices get an error.
 //! - `*_composite`: the same function as a chain of candle ops, differentiable on every device.
-//! - the plain name (`layer_norm`, `softmax_scaled_masked`, `gelu`, `dropout`): the fused op on
-//!   the CPU and the composite one elsewhere.
+//! - the plain name (`layer_norm`, `softmax_scaled_masked`, `gelu`, `dropout`): the fused op
+//!   where it runs (the CPU; CUDA for f32, f16 and bf16) and the composite one elsewhere.
+//!
+//! `bias_add` is fused on the CPU only, where candle's gradient of a broadcast is a slow
+//! single-threaded reduction; elsewhere `bias_add` is candle's `broadcast_add`.
 //!
 //! Half-precision inputs (`bf16`, `f16`) are read into f32 and every reduction accumulates in
-//! f32; `f64` runs in f64 (it serves the finite-difference tests). The fused and composite forms
-//! agree to rounding: tests hold them equal on values and gradients in every dtype.
+//! f32; `f64` runs in f64 on the CPU (it serves the finite-difference tests). The fused and
+//! composite forms agree to rounding: tests hold them equal on values and gradients in every
+//! dtype. The CUDA kernels reduce in a fixed order (no atomics), so they are deterministic too;
+//! the LayerNorm weight and bias gradients are per-block partial sums added in block order.
 //!
 //! Dropout draws from Philox4x32-10, a counter-based generator: each mask entry is a pure
 //! function of a [`DropoutKey`] (seed, step, the global index of the sample), a site id naming
@@ -18,6 +27,8 @@
 //! chunks) gets exactly the masks of the whole batch when each chunk passes its sample offset.
 
 mod bias;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 mod dropout;
 mod gelu;
 mod kernel;
@@ -37,7 +48,8 @@ pub use softmax::{
 /// Which implementation a module runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Kernels {
-    /// The fused kernels on the CPU, the composite twins on other devices.
+    /// The fused kernels on the CPU and on CUDA (with the `cuda` feature), the composite twins
+    /// on other devices.
     #[default]
     Auto,
     /// The composite twins everywhere (the reference the fused kernels are tested against).
@@ -45,9 +57,10 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// Whether the fused kernels run on `device`.
+    /// Whether the fused kernels run on `device` (on CUDA for f32, f16 and bf16: the plain
+    /// functions take the composite for f64).
     pub fn fused_on(self, device: &candle_core::Device) -> bool {
-        self == Kernels::Auto && device.is_cpu()
+        self == Kernels::Auto && (device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda()))
     }
 }
 

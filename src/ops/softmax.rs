@@ -7,12 +7,14 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 use super::kernel::{
-    check_cpu, check_float, check_same, dispatch, lane_sum, rows_per_task, slice, Elem, Real,
+    check_device, check_float, check_same, dispatch, fused_supported, lane_sum, rows_per_task,
+    slice, Elem, Real,
 };
 use crate::{Error, Result};
 
-/// `softmax(scale * x + mask)` over the last dimension: the fused kernel on the CPU, the
-/// composite elsewhere.
+/// `softmax(scale * x + mask)` over the last dimension: the fused kernel where it runs (the CPU;
+/// CUDA for f32, f16 and bf16 and masks whose broadcast leading dimensions merge into four),
+/// the composite elsewhere.
 ///
 /// # Shapes
 /// - `x`: `[..., n]`, for attention `[batch, heads, queries, keys]`
@@ -20,7 +22,9 @@ use crate::{Error, Result};
 ///   dimensions count as 1), for attention `[batch, 1, 1, keys]`; same dtype and device as `x`
 /// - output: the shape of `x`
 pub fn softmax_scaled_masked(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    let cuda_indexable =
+        || check(x, mask).is_ok_and(|strides| lead_index(x.dims(), &strides).is_some());
+    if x.device().is_cpu() || (fused_supported(x) && cuda_indexable()) {
         softmax_scaled_masked_fused(x, scale, mask)
     } else {
         softmax_scaled_masked_composite(x, scale, mask)
@@ -57,6 +61,35 @@ fn check(x: &Tensor, mask: Option<&Tensor>) -> Result<Vec<usize>> {
     Ok(strides)
 }
 
+/// The leading dimensions of `dims` (all but the last) as exactly four, with the mask's stride
+/// along each (the CUDA kernel's row indexing): size-1 dimensions dropped, neighbours merged
+/// where the mask's strides allow (both broadcast, or contiguous), padded with size-1 dimensions
+/// in front. `None` when more than four remain.
+pub(crate) fn lead_index(dims: &[usize], mask_strides: &[usize]) -> Option<([i64; 4], [i64; 4])> {
+    let lead = dims.len().saturating_sub(1);
+    // (size, stride) groups, fastest first.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for d in (0..lead).rev() {
+        let (size, stride) = (dims[d], mask_strides[d]);
+        if size == 1 {
+            continue;
+        }
+        match groups.last_mut() {
+            Some((gs, gt)) if stride == *gt * *gs => *gs *= size,
+            _ => groups.push((size, stride)),
+        }
+    }
+    if groups.len() > 4 {
+        return None;
+    }
+    let (mut d, mut s) = ([1i64; 4], [0i64; 4]);
+    for (k, (size, stride)) in groups.into_iter().enumerate() {
+        d[3 - k] = size as i64;
+        s[3 - k] = stride as i64;
+    }
+    Some((d, s))
+}
+
 /// The composite twin: scale, mask and softmax as candle ops, in f32 for half precision.
 pub fn softmax_scaled_masked_composite(
     x: &Tensor,
@@ -73,15 +106,24 @@ pub fn softmax_scaled_masked_composite(
     Ok(candle_nn::ops::softmax(&z, D::Minus1)?.to_dtype(dtype)?)
 }
 
-/// The attention softmax as one CPU kernel per row (scale, mask, max, exponentials, sum and
-/// normalisation in one pass over the row), with a fused backward.
+/// The attention softmax as one kernel per row (scale, mask, max, exponentials, sum and
+/// normalisation in one pass over the row; on CUDA one thread block per row), with a fused
+/// backward. On CUDA: f32, f16 and bf16, and a mask whose broadcast leading dimensions merge
+/// into four (any attention mask does).
 pub fn softmax_scaled_masked_fused(
     x: &Tensor,
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let mask_strides = check(x, mask)?;
-    check_cpu(x, "softmax_scaled_masked")?;
+    check_device(x, "softmax_scaled_masked")?;
+    if !x.device().is_cpu() && lead_index(x.dims(), &mask_strides).is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "softmax_scaled_masked: the CUDA kernel indexes the mask over at most four leading \
+             dimensions; the mask's strides {mask_strides:?} over {:?} need more",
+            x.dims()
+        )));
+    }
     let op = SoftmaxOp {
         scale,
         dims: x.dims().to_vec(),
@@ -110,6 +152,21 @@ impl SoftmaxOp {
             row /= self.dims[d];
         }
         offset
+    }
+
+    /// The CUDA forward, with or without a mask.
+    #[cfg(feature = "cuda")]
+    fn cuda_forward(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        mask: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let Some(lead) = lead_index(&self.dims, &self.mask_strides) else {
+            candle_core::bail!("fused-softmax: mask strides need more than four leading dims");
+        };
+        let col_stride = self.mask_strides.last().copied().unwrap_or(0);
+        let y = super::cuda::softmax_fwd(x, mask, (lead, col_stride), self.scale)?;
+        Ok((y, x.1.shape().clone()))
     }
 
     fn forward<T: Elem>(&self, x: &[T], mask: Option<&[T]>) -> Vec<T> {
@@ -164,6 +221,15 @@ impl CustomOp1 for SoftmaxOp {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_forward((s, l), None)
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(
             &grad.contiguous()?,
@@ -188,6 +254,17 @@ impl CustomOp2 for SoftmaxOp {
             let out = self.forward::<T>(slice(s1, l1)?, Some(slice(s2, l2)?));
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_forward((s1, l1), Some((s2, l2)))
     }
 
     fn bwd(
@@ -264,5 +341,49 @@ impl CustomOp2 for SoftmaxBwd {
             let out = backward::<T>(slice(s1, l1)?, slice(s2, l2)?, n, self.scale);
             Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dx = super::cuda::softmax_bwd((s1, l1), (s2, l2), self.scale)?;
+        Ok((dx, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lead_index;
+
+    #[test]
+    fn leading_dimensions_merge_into_four() {
+        // Attention: x [b, h, q, k], mask [b, 1, 1, k] (strides [k, 0, 0, 1]): heads and queries
+        // merge (both broadcast).
+        assert_eq!(
+            lead_index(&[2, 12, 7, 5], &[5, 0, 0, 1]),
+            Some(([1, 1, 2, 84], [0, 0, 5, 0]))
+        );
+        // A contiguous mask of x's own shape merges into one dimension.
+        assert_eq!(
+            lead_index(&[2, 3, 4, 5], &[60, 20, 5, 1]),
+            Some(([1, 1, 1, 24], [0, 0, 0, 5]))
+        );
+        // Size-1 dimensions drop out; no mask at all is one broadcast dimension.
+        assert_eq!(
+            lead_index(&[1, 3, 1, 5], &[0, 0, 0, 0]),
+            Some(([1, 1, 1, 3], [0, 0, 0, 0]))
+        );
+        assert_eq!(lead_index(&[5], &[1]), Some(([1; 4], [0; 4])));
+        // Alternating broadcast and strided dimensions do not merge: five need more than four.
+        assert_eq!(lead_index(&[2, 2, 2, 2, 2, 3], &[4, 0, 2, 0, 1, 0]), None);
+        assert_eq!(
+            lead_index(&[2, 2, 2, 2, 3], &[4, 0, 2, 0, 1]),
+            Some(([2, 2, 2, 2], [4, 0, 2, 0]))
+        );
     }
 }

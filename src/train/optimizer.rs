@@ -1,9 +1,10 @@
 //! AdamW with decoupled weight decay, two parameter groups, per-prefix learning-rate scales and
 //! f32 master weights for bf16/f16 parameters; global-norm gradient clipping.
 //!
-//! On the CPU the update is one fused pass per parameter over contiguous memory (rayon); on other
-//! devices, and on request, it is the composite of tensor ops below, which the fused pass
-//! reproduces bit for bit.
+//! On the CPU the update is one fused pass per parameter over contiguous memory (rayon), on CUDA
+//! (with the `cuda` feature, f32/bf16/f16 parameters) one kernel per parameter (`src/ops/ops.cu`);
+//! on other devices, and on request, it is the composite of tensor ops below, which the fused CPU
+//! pass reproduces bit for bit (the CUDA kernel runs the same f32 operations in the same order).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -69,6 +70,24 @@ enum State {
         v: Tensor,
         master: Option<Tensor>,
     },
+    /// Buffers on the parameter's CUDA device that the fused kernel updates in place.
+    #[cfg(feature = "cuda")]
+    Cuda(crate::ops::cuda::AdamState),
+}
+
+/// The fused CUDA state, for a contiguous f32/bf16/f16 parameter on a CUDA device.
+#[cfg(feature = "cuda")]
+fn cuda_state(var: &Var, fused: bool, master: bool) -> Result<Option<State>> {
+    use crate::ops::cuda::{supports, AdamState};
+    if !(fused && var.device().is_cuda() && var.is_contiguous() && supports(var.dtype())) {
+        return Ok(None);
+    }
+    Ok(Some(State::Cuda(AdamState::new(var.as_tensor(), master)?)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_state(_: &Var, _: bool, _: bool) -> Result<Option<State>> {
+    Ok(None)
 }
 
 struct Slot {
@@ -99,6 +118,8 @@ impl Slot {
                 v: vec![0.0; n],
                 master: master.then(|| f32_values(var.as_tensor())).transpose()?,
             }
+        } else if let Some(state) = cuda_state(&var, fused, master)? {
+            state
         } else {
             let m = Tensor::zeros(var.shape(), DType::F32, var.device())?;
             State::Tensors {
@@ -129,6 +150,8 @@ impl Slot {
                 master.as_deref().map(|w| self.tensor(w)).transpose()?,
             ),
             State::Tensors { m, v, master } => (m.clone(), v.clone(), master.clone()),
+            #[cfg(feature = "cuda")]
+            State::Cuda(state) => state.tensors(self.var.shape())?,
         })
     }
 
@@ -150,6 +173,13 @@ impl Slot {
                     master: master.as_ref().map(on).transpose()?,
                 }
             }
+            #[cfg(feature = "cuda")]
+            State::Cuda(_) => State::Cuda(crate::ops::cuda::AdamState::from_tensors(
+                self.var.as_tensor(),
+                &m,
+                &v,
+                master.as_ref(),
+            )?),
         };
         Ok(())
     }
@@ -174,6 +204,10 @@ impl Slot {
             }
             State::Tensors { m, v, master } => {
                 composite_update(&self.var, m, v, master, grad, h, self.sparse_rows)?
+            }
+            #[cfg(feature = "cuda")]
+            State::Cuda(state) => {
+                state.update(self.var.as_tensor(), grad, &Coefficients::from(h).into())?
             }
         }
         Ok(())
@@ -289,6 +323,25 @@ impl Coefficients {
         let denom = (v * self.inv_correction2 + 0.0).sqrt() + self.eps;
         let update = (m * self.inv_correction1 + 0.0) / denom;
         (p - (update * self.lr + 0.0), m, v)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<Coefficients> for crate::ops::cuda::AdamCoefficients {
+    fn from(k: Coefficients) -> Self {
+        Self {
+            values: [
+                k.beta1,
+                k.one_minus_beta1,
+                k.beta2,
+                k.one_minus_beta2,
+                k.eps,
+                k.inv_correction1,
+                k.inv_correction2,
+                k.lr,
+            ],
+            decay: k.decay,
+        }
     }
 }
 
@@ -496,8 +549,10 @@ impl InplaceOp2 for FusedAdamW<'_> {
 /// the parameter's precision accumulate instead of being lost; the master copies are taken when
 /// the optimizer is built or its state loaded.
 ///
-/// On the CPU each step is one fused pass per parameter (rayon); elsewhere, or after
-/// [`AdamW::with_fused`]`(false)`, it is a composite of tensor ops. Both give the same bits.
+/// On the CPU each step is one fused pass per parameter (rayon), on CUDA (`cuda` feature;
+/// f32/bf16/f16 parameters) one kernel per parameter, with no copy to the host; elsewhere, or
+/// after [`AdamW::with_fused`]`(false)`, it is a composite of tensor ops. The CPU's fused pass and
+/// the composite give the same bits; the CUDA kernel runs the same f32 operations.
 pub struct AdamW {
     slots: BTreeMap<String, Slot>,
     config: AdamWConfig,
@@ -530,12 +585,14 @@ impl AdamW {
         })
     }
 
-    /// Uses the fused CPU pass (`true`, the default) or the composite of tensor ops (`false`)
-    /// for the parameters on the CPU; other devices always use the composite. The state moves
-    /// with the choice.
+    /// Uses the fused update (`true`, the default: the CPU pass, the CUDA kernel) or the
+    /// composite of tensor ops (`false`); other devices, and f64 parameters on CUDA, always use
+    /// the composite. The state moves with the choice.
     pub fn with_fused(mut self, fused: bool) -> Result<Self> {
         for slot in self.slots.values_mut() {
             let (m, v, master) = slot.tensors()?;
+            // Sparse rows off the CPU run in the composite (the CUDA kernel has no row mode).
+            let fused = fused && (slot.var.device().is_cpu() || !slot.sparse_rows);
             let mut fresh = Slot::new(slot.var.clone(), slot.decay, fused)?;
             fresh.set_tensors(m, v, master)?;
             fresh.lr_scale = slot.lr_scale;
@@ -584,6 +641,15 @@ impl AdamW {
             )));
         }
         slot.sparse_rows = true;
+        if !slot.var.device().is_cpu() {
+            // The fused CUDA update has no row mode: the composite update has.
+            let (m, v, master) = slot.tensors()?;
+            let mut fresh = Slot::new(slot.var.clone(), slot.decay, false)?;
+            fresh.set_tensors(m, v, master)?;
+            fresh.lr_scale = slot.lr_scale;
+            fresh.sparse_rows = true;
+            *slot = fresh;
+        }
         Ok(self)
     }
 

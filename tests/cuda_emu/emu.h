@@ -1,5 +1,5 @@
-// A tiny CUDA execution emulator for *testing* the kernels of src/loss/cz_nce/cz_nce.cu on a
-// machine without a GPU. Every CUDA thread of a block is a coroutine (ucontext) on one OS
+// A tiny CUDA execution emulator for *testing* the kernels of src/loss/cz_nce/cz_nce.cu and
+// src/ops/ops.cu on a machine without a GPU. Every CUDA thread of a block is a coroutine (ucontext) on one OS
 // thread; a round-robin scheduler runs them until each finishes or waits at a barrier:
 // `__syncthreads` (all live threads of the block) or the two halves of `__shfl_xor_sync` (the
 // 32 lanes of a warp). A barrier that can never be released (divergent `__syncthreads`,
@@ -7,7 +7,7 @@
 // function-local statics (blocks run one after another). Deterministic.
 //
 // It checks the kernels' logic (indexing, masking, reductions, barriers) - not performance,
-// not the PTX that nvcc emits, and not the host code in cuda.rs.
+// not the PTX that nvcc emits, and not the host code (cuda.rs files).
 #pragma once
 #if defined(__APPLE__) && !defined(_XOPEN_SOURCE)
 #define _XOPEN_SOURCE 700  // macOS hides ucontext without it
@@ -142,3 +142,16 @@ inline float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
     emu::wait(emu::WARP_BARRIER);
     return r;
 }
+
+// Device intrinsics the kernels use, with their CUDA semantics on the host: the `_rn` forms are
+// single IEEE operations in round-to-nearest (C++ in ISO mode does not contract them into FMAs).
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return (unsigned)(((uint64_t)a * (uint64_t)b) >> 32);
+}
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -14,3 +14,12 @@ inline float __bfloat162float(__nv_bfloat16 b) {
     std::memcpy(&f, &u, 4);
     return f;
 }
+
+// Round to nearest even, as CUDA's __float2bfloat16_rn (NaN stays a quiet NaN).
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{(uint16_t)((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __nv_bfloat16{(uint16_t)(u >> 16)};
+}
