@@ -4,6 +4,8 @@
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    // Both kernel files include it; cudaforge watches only the files it compiles.
+    println!("cargo::rerun-if-changed=src/cuda_common.cuh");
     #[cfg(feature = "cuda")]
     {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -15,15 +15,9 @@
 // Row kernels use one thread block per row (or chunk of rows), blockDim.x a multiple of 32
 // (<= 1024), and a fixed reduction tree, so results do not depend on scheduling. No atomics.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
+#include "../cuda_common.cuh"
 
 namespace mlctl {
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Round-to-nearest-even conversions, as the `half` crate's `from_f32` on the CPU.
 template <typename T>
@@ -35,50 +29,6 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-// Block-wide sum; every thread gets the result. `shm` holds 32 floats.
-__device__ float block_sum(float v, float* shm) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = (blockDim.x + 31) >> 5;
-    v = warp_sum(v);
-    __syncthreads();  // the previous call's readers of shm[0] are done
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < warps ? shm[lane] : 0.0f;
-        w = warp_sum(w);
-        if (lane == 0) shm[0] = w;
-    }
-    __syncthreads();
-    return shm[0];
-}
-
-// Block-wide max; every thread gets the result. `shm` holds 32 floats.
-__device__ float block_max(float v, float* shm) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int warps = (blockDim.x + 31) >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < warps ? shm[lane] : -INFINITY;
-        w = warp_max(w);
-        if (lane == 0) shm[0] = w;
-    }
-    __syncthreads();
-    return shm[0];
 }
 
 // ---------------------------------------------------------------------------------------------
