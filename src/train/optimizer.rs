@@ -137,6 +137,19 @@ impl Slot {
         })
     }
 
+    /// The same parameter with its state moved to the fused (`true`) or composite update.
+    /// Sparse rows off the CPU always take the composite (the CUDA kernel has no row mode).
+    fn rebuild(&mut self, fused: bool) -> Result<()> {
+        let (m, v, master) = self.tensors()?;
+        let fused = fused && (self.var.device().is_cpu() || !self.sparse_rows);
+        let mut fresh = Slot::new(self.var.clone(), self.decay, fused)?;
+        fresh.set_tensors(m, v, master)?;
+        fresh.lr_scale = self.lr_scale;
+        fresh.sparse_rows = self.sparse_rows;
+        *self = fresh;
+        Ok(())
+    }
+
     fn tensor(&self, values: &[f32]) -> Result<Tensor> {
         Ok(Tensor::from_slice(values, self.var.shape(), &Device::Cpu)?)
     }
@@ -590,14 +603,7 @@ impl AdamW {
     /// the composite. The state moves with the choice.
     pub fn with_fused(mut self, fused: bool) -> Result<Self> {
         for slot in self.slots.values_mut() {
-            let (m, v, master) = slot.tensors()?;
-            // Sparse rows off the CPU run in the composite (the CUDA kernel has no row mode).
-            let fused = fused && (slot.var.device().is_cpu() || !slot.sparse_rows);
-            let mut fresh = Slot::new(slot.var.clone(), slot.decay, fused)?;
-            fresh.set_tensors(m, v, master)?;
-            fresh.lr_scale = slot.lr_scale;
-            fresh.sparse_rows = slot.sparse_rows;
-            *slot = fresh;
+            slot.rebuild(fused)?;
         }
         Ok(self)
     }
@@ -643,12 +649,7 @@ impl AdamW {
         slot.sparse_rows = true;
         if !slot.var.device().is_cpu() {
             // The fused CUDA update has no row mode: the composite update has.
-            let (m, v, master) = slot.tensors()?;
-            let mut fresh = Slot::new(slot.var.clone(), slot.decay, false)?;
-            fresh.set_tensors(m, v, master)?;
-            fresh.lr_scale = slot.lr_scale;
-            fresh.sparse_rows = true;
-            *slot = fresh;
+            slot.rebuild(false)?;
         }
         Ok(self)
     }
