@@ -8,6 +8,12 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+// Every kernel is launched with at most 1024 threads per block (row kernels take up to 1024).
+// Without the bound, ptxas may give a kernel more registers than 1024 threads can have (64 per
+// thread on sm_80/sm_90), and the launch fails at run time with "too many resources requested".
+#define MLCTL_MAX_THREADS 1024
+#define MLCTL_BOUNDS __launch_bounds__(MLCTL_MAX_THREADS)
+
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

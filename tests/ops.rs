@@ -467,7 +467,7 @@ fn bad_inputs_get_typed_errors() {
         Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
     ));
     let key = DropoutKey::default();
-    for p in [1.0, -0.1, f32::NAN] {
+    for p in [1.1, -0.1, f32::NAN] {
         assert!(matches!(
             ops::dropout_fused(&x, p, key, 0),
             Err(Error::InvalidArgument(_))
@@ -531,4 +531,167 @@ fn bias_add_rejects_a_wrong_bias() {
         ops::bias_add_fused(&ints, &b),
         Err(Error::Candle(candle_core::Error::UnsupportedDTypeForOp(..)))
     ));
+}
+
+/// Scores `[2, 2, 3, 5]` and a mask `[2, 1, 1, 5]`: batch 0 masked with -inf everywhere (no key
+/// to attend to), batch 1 at keys 1 and 3 only.
+fn fully_masked_inputs() -> (Tensor, Tensor) {
+    let inf = f64::NEG_INFINITY;
+    let mask = Tensor::new(
+        &[[[[inf, inf, inf, inf, inf]]], [[[0.0, inf, 0.0, inf, 0.0]]]],
+        &DEV,
+    )
+    .unwrap();
+    (randn(&[2, 2, 3, 5], 21), mask)
+}
+
+#[test]
+fn fully_masked_softmax_rows_are_zeros_with_a_zero_gradient() {
+    let (x, mask) = fully_masked_inputs();
+    type Softmax = fn(&Tensor, f64, Option<&Tensor>) -> mlctl::Result<Tensor>;
+    let versions: [(&str, Softmax); 3] = [
+        ("front door", ops::softmax_scaled_masked),
+        ("fused", ops::softmax_scaled_masked_fused),
+        ("composite", ops::softmax_scaled_masked_composite),
+    ];
+    for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16] {
+        let (x, mask) = (x.to_dtype(dtype).unwrap(), mask.to_dtype(dtype).unwrap());
+        let x64: Vec<f64> = x
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (name, f) in versions {
+            let what = format!("{name} {dtype:?}");
+            let (y, grads) =
+                value_and_grads(std::slice::from_ref(&x), 5, &|t| f(&t[0], 0.5, Some(&mask)));
+            let y: Vec<f64> = y
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let g: Vec<f64> = grads[0]
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(g.iter().all(|v| v.is_finite()), "{what}: gradient {g:?}");
+            // Batch 0: 6 rows of 5, all masked.
+            assert!(
+                y[..30].iter().chain(&g[..30]).all(|&v| v == 0.0),
+                "{what}: {y:?} {g:?}"
+            );
+            // Batch 1: a softmax over keys 0, 2 and 4 (written out in f64), 0 at keys 1 and 3.
+            for row in y[30..].chunks(5).zip(x64[30..].chunks(5)) {
+                let (y, x) = row;
+                let live = [0, 2, 4];
+                let max = live.iter().map(|&j| 0.5 * x[j]).fold(f64::MIN, f64::max);
+                let sum: f64 = live.iter().map(|&j| (0.5 * x[j] - max).exp()).sum();
+                for j in 0..5 {
+                    let want = if live.contains(&j) {
+                        (0.5 * x[j] - max).exp() / sum
+                    } else {
+                        0.0
+                    };
+                    assert!(
+                        (y[j] - want).abs() <= tol(dtype),
+                        "{what}: {} vs {want}",
+                        y[j]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_with_p_one_drops_everything_as_pytorch_does() {
+    let x = randn(&[3, 4], 31).to_dtype(DType::F32).unwrap();
+    let key = DropoutKey::new(5, 2);
+    type Dropout = fn(&Tensor, f32, DropoutKey, u32) -> mlctl::Result<Tensor>;
+    let versions: [(&str, Dropout); 3] = [
+        ("front door", ops::dropout),
+        ("fused", ops::dropout_fused),
+        ("composite", ops::dropout_composite),
+    ];
+    for (name, f) in versions {
+        let (y, grads) = value_and_grads(std::slice::from_ref(&x), 3, &|t| f(&t[0], 1.0, key, 1));
+        assert_eq!(max_abs(&y), 0.0, "{name}: output");
+        assert_eq!(max_abs(&grads[0]), 0.0, "{name}: gradient");
+    }
+    let mask = ops::dropout_mask(&[3, 4], 1.0, key, 1, DType::F32, &DEV).unwrap();
+    assert_eq!(max_abs(&mask), 0.0, "mask");
+}
+
+#[test]
+fn layer_norm_refuses_hidden_size_zero() {
+    let x = Tensor::zeros((2, 0), DType::F32, &DEV).unwrap();
+    let w = Tensor::zeros(0, DType::F32, &DEV).unwrap();
+    type Ln = fn(&Tensor, &Tensor, &Tensor, f64) -> mlctl::Result<Tensor>;
+    let versions: [(&str, Ln); 3] = [
+        ("front door", ops::layer_norm),
+        ("fused", ops::layer_norm_fused),
+        ("composite", ops::layer_norm_composite),
+    ];
+    for (name, f) in versions {
+        assert!(
+            matches!(f(&x, &w, &w, 1e-12), Err(Error::InvalidArgument(_))),
+            "{name}"
+        );
+    }
+}
+
+/// The fused ops promise the same bits whatever the thread count (row tasks and blocked
+/// reductions added in a fixed order): an encoder's training pass and its parameter gradients
+/// on 1, 2 and 3 threads.
+#[test]
+fn the_encoder_gives_the_same_bits_on_any_thread_count() {
+    let run = |threads: usize| {
+        in_pool(threads, || {
+            let params = ParamStore::new(6);
+            let cfg = BertConfig {
+                vocab_size: 50,
+                hidden_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                intermediate_size: 128,
+                max_position_embeddings: 20,
+                ..BertConfig::default()
+            };
+            let enc = BertEncoder::load(params.var_builder(DType::F32, &DEV), &cfg).unwrap();
+            let (ids, mask) = batch();
+            let out = enc
+                .forward_keyed(&ids, None, Some(&mask), Some(DropoutKey::new(3, 1)))
+                .unwrap();
+            let h = &out.hidden_states;
+            let loss = (h[1].sum_all().unwrap() + h[2].sqr().unwrap().sum_all().unwrap()).unwrap();
+            let grads = loss.backward().unwrap();
+            let mut flat = vec![out.last_hidden_state.flatten_all().unwrap()];
+            for (_, v) in params.named_vars() {
+                flat.push(grads.get(v.as_tensor()).unwrap().flatten_all().unwrap());
+            }
+            Tensor::cat(&flat, 0).unwrap().to_vec1::<f32>().unwrap()
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3] {
+        let other = run(threads);
+        let differ = one
+            .iter()
+            .zip(&other)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{threads} threads: {differ} of {} values differ from 1 thread",
+            one.len()
+        );
+    }
 }

@@ -112,9 +112,9 @@ fn for_each_keep<T: Send>(
 
 fn check(x: &Tensor, p: f32) -> Result<usize> {
     check_float(x, "dropout")?;
-    if !(0.0..1.0).contains(&p) {
+    if !(0.0..=1.0).contains(&p) {
         return Err(Error::InvalidArgument(format!(
-            "dropout probability {p} is outside [0, 1)"
+            "dropout probability {p} is outside [0, 1]"
         )));
     }
     match x.dims().first() {
@@ -137,6 +137,10 @@ pub fn dropout_mask(
 ) -> Result<Tensor> {
     let like = Tensor::zeros(shape, dtype, &Device::Cpu)?;
     check(&like, p)?;
+    if p == 1.0 {
+        // Everything dropped; the scale 1 / (1 - p) would be infinite.
+        return Ok(like.to_device(device)?);
+    }
     let n: usize = shape.iter().product();
     let row_len = n.checked_div(shape[0]).unwrap_or(0);
     let scale = (1.0 / (1.0 - f64::from(p))) as f32;
@@ -147,8 +151,8 @@ pub fn dropout_mask(
     Ok(Tensor::from_vec(mask, shape, device)?.to_dtype(dtype)?)
 }
 
-/// Inverted dropout: each entry zeroed with probability `p`, the others scaled by
-/// `1 / (1 - p)`; the fused kernel where it runs (the CPU; CUDA for f32, f16 and bf16), the
+/// Inverted dropout: each entry zeroed with probability `p` (`0 <= p <= 1`; at `p = 1` the
+/// output is `x · 0`, as PyTorch's), the others scaled by `1 / (1 - p)`; the fused kernel where it runs (the CPU; CUDA for f32, f16 and bf16), the
 /// composite elsewhere. `site` names the dropout
 /// layer (each layer of a model needs its own).
 ///
@@ -166,6 +170,9 @@ pub fn dropout(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor>
 /// device.
 pub fn dropout_composite(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
     check(x, p)?;
+    if p == 1.0 {
+        return drop_all(x);
+    }
     let dtype = x.dtype();
     let acc = crate::encoder::accumulation_dtype(dtype);
     let mask = dropout_mask(x.dims(), p, key, site, acc, x.device())?;
@@ -177,9 +184,20 @@ pub fn dropout_composite(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Resu
 /// The CUDA kernel computes the CPU's masks bit for bit.
 pub fn dropout_fused(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Result<Tensor> {
     check(x, p)?;
+    if p == 1.0 {
+        return drop_all(x);
+    }
     check_device(x, "dropout")?;
     Ok(x.contiguous()?
         .apply_op1_arc(Arc::new(Box::new(DropoutOp { p, key, site })))?)
+}
+
+/// Dropout with `p = 1`, as PyTorch's: `x · 0` (zeros, NaN where `x` is NaN), with a zero
+/// gradient.
+fn drop_all(x: &Tensor) -> Result<Tensor> {
+    // A product with zeros, not `affine(0, 0)`: candle's autograd stops at a zero affine, and
+    // the input would get no gradient at all instead of a zero one.
+    Ok((x * x.zeros_like()?)?)
 }
 
 #[derive(Clone)]

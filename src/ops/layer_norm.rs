@@ -29,6 +29,13 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 fn check(x: &Tensor, weight: &Tensor, bias: &Tensor, op: &'static str) -> Result<usize> {
     check_float(x, op)?;
     let hidden = x.dim(D::Minus1)?;
+    if hidden == 0 {
+        // The mean of no entries is undefined (and the CPU kernel would split rows of 0).
+        return Err(Error::InvalidArgument(format!(
+            "{op}: hidden size 0 (input shape {:?})",
+            x.dims()
+        )));
+    }
     for (name, t) in [("weight", weight), ("bias", bias)] {
         check_same(x, t, op)?;
         if t.dims() != [hidden] {

@@ -149,6 +149,12 @@ __device__ void softmax_fwd(const T* x, const T* mask, int has_mask, int n, int6
     float m = -INFINITY;
     for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, Z(j));
     m = block_max(m, shm);
+    if (m == -INFINITY) {
+        // Every entry masked with -inf: zeros, as the CPU kernel (m is the same in every
+        // thread, so the whole block returns here, before any barrier).
+        for (int j = threadIdx.x; j < n; j += blockDim.x) yr[j] = from_f32<T>(0.0f);
+        return;
+    }
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) sum += expf(Z(j) - m);
     const float inv = 1.0f / block_sum(sum, shm);
@@ -296,46 +302,46 @@ __device__ void adamw(P* p, const P* g, float* m, float* v, float* master, int h
 // Entry points, one per storage type.
 
 #define MLCTL_OPS_FOR_TYPE(SUFFIX, T)                                                             \
-    extern "C" __global__ void ln_fwd_##SUFFIX(const T* x, const T* w, const T* b, int hidden,  \
+    extern "C" __global__ void MLCTL_BOUNDS ln_fwd_##SUFFIX(const T* x, const T* w, const T* b, int hidden,  \
                                                float eps, T* y, float* mean, float* rstd) {     \
         mlctl::ln_fwd<T>(x, w, b, hidden, eps, y, mean, rstd);                                  \
     }                                                                                           \
-    extern "C" __global__ void ln_bwd_##SUFFIX(const T* x, const T* w, const T* g,              \
+    extern "C" __global__ void MLCTL_BOUNDS ln_bwd_##SUFFIX(const T* x, const T* w, const T* g,              \
                                                const float* mean, const float* rstd, int rows,  \
                                                int rows_per_block, int hidden, T* dx,           \
                                                float* partial) {                                \
         mlctl::ln_bwd<T>(x, w, g, mean, rstd, rows, rows_per_block, hidden, dx, partial);       \
     }                                                                                           \
-    extern "C" __global__ void ln_bwd_reduce_##SUFFIX(const float* partial, int blocks,         \
+    extern "C" __global__ void MLCTL_BOUNDS ln_bwd_reduce_##SUFFIX(const float* partial, int blocks,         \
                                                       int hidden, T* dw, T* db) {               \
         mlctl::ln_bwd_reduce<T>(partial, blocks, hidden, dw, db);                               \
     }                                                                                           \
-    extern "C" __global__ void softmax_fwd_##SUFFIX(                                            \
+    extern "C" __global__ void MLCTL_BOUNDS softmax_fwd_##SUFFIX(                                            \
         const T* x, const T* mask, int has_mask, int n, int64_t col_stride, int64_t d0,         \
         int64_t d1, int64_t d2, int64_t d3, int64_t s0, int64_t s1, int64_t s2, int64_t s3,     \
         float scale, T* y) {                                                                    \
         mlctl::softmax_fwd<T>(x, mask, has_mask, n, col_stride, d0, d1, d2, d3, s0, s1, s2, s3, \
                               scale, y);                                                        \
     }                                                                                           \
-    extern "C" __global__ void softmax_bwd_##SUFFIX(const T* y, const T* g, int n, float scale, \
+    extern "C" __global__ void MLCTL_BOUNDS softmax_bwd_##SUFFIX(const T* y, const T* g, int n, float scale, \
                                                     T* dx) {                                    \
         mlctl::softmax_bwd<T>(y, g, n, scale, dx);                                              \
     }                                                                                           \
-    extern "C" __global__ void gelu_fwd_##SUFFIX(const T* x, int64_t n, int form, T* y) {       \
+    extern "C" __global__ void MLCTL_BOUNDS gelu_fwd_##SUFFIX(const T* x, int64_t n, int form, T* y) {       \
         mlctl::gelu_fwd<T>(x, n, form, y);                                                      \
     }                                                                                           \
-    extern "C" __global__ void gelu_bwd_##SUFFIX(const T* x, const T* g, int64_t n, int form,   \
+    extern "C" __global__ void MLCTL_BOUNDS gelu_bwd_##SUFFIX(const T* x, const T* g, int64_t n, int form,   \
                                                  T* dx) {                                       \
         mlctl::gelu_bwd<T>(x, g, n, form, dx);                                                  \
     }                                                                                           \
-    extern "C" __global__ void dropout_##SUFFIX(const T* x, int64_t rows, int64_t row_len,      \
+    extern "C" __global__ void MLCTL_BOUNDS dropout_##SUFFIX(const T* x, int64_t rows, int64_t row_len,      \
                                                 uint64_t seed, uint64_t step,                   \
                                                 uint64_t sample_offset, uint32_t site,          \
                                                 uint32_t threshold, float scale, T* y) {        \
         mlctl::dropout<T>(x, rows, row_len, seed, step, sample_offset, site, threshold, scale,  \
                           y);                                                                   \
     }                                                                                           \
-    extern "C" __global__ void adamw_##SUFFIX(                                                  \
+    extern "C" __global__ void MLCTL_BOUNDS adamw_##SUFFIX(                                                  \
         T* p, const T* g, float* m, float* v, float* master, int has_master, int64_t n,         \
         float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float eps,      \
         float inv_correction1, float inv_correction2, float lr, float decay, int has_decay) {   \

@@ -21,6 +21,11 @@ use crate::{Error, Result};
 /// - `mask`: additive, broadcastable to `x` (each dimension 1 or equal, missing leading
 ///   dimensions count as 1), for attention `[batch, 1, 1, keys]`; same dtype and device as `x`
 /// - output: the shape of `x`
+///
+/// A row whose every entry is masked with `-inf` (a query with no key to attend to) gives
+/// zeros, and passes a zero gradient back, in the fused kernels (CPU and CUDA) and the
+/// composite alike. PyTorch's `softmax` gives NaN there; fused attention kernels such as
+/// FlashAttention give zeros. A finite mask (BERT's -10000) leaves such a row uniform.
 pub fn softmax_scaled_masked(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
     let cuda_indexable =
         || check(x, mask).is_ok_and(|strides| lead_index(x.dims(), &strides).is_some());
@@ -103,7 +108,15 @@ pub fn softmax_scaled_masked_composite(
     if let Some(mask) = mask {
         z = z.broadcast_add(&mask.to_dtype(acc)?)?;
     }
-    Ok(candle_nn::ops::softmax(&z, D::Minus1)?.to_dtype(dtype)?)
+    // exp(z - max) / sum, as candle's softmax, except where a row's max is -inf (every entry
+    // masked with -inf): there the shift is 0 and the divisor 1, so the row is exp(-inf) = 0.
+    let max = z.max_keepdim(D::Minus1)?.detach();
+    let live = max.ne(f64::NEG_INFINITY)?;
+    let shift = live.where_cond(&max, &max.zeros_like()?)?;
+    let e = z.broadcast_sub(&shift)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let sum = live.where_cond(&sum, &sum.ones_like()?)?;
+    Ok(e.broadcast_div(&sum)?.to_dtype(dtype)?)
 }
 
 /// The attention softmax as one kernel per row (scale, mask, max, exponentials, sum and
@@ -196,6 +209,11 @@ impl SoftmaxOp {
                         }
                     }
                     let max = z.iter().fold(z[0], |a, &b| a.max(b));
+                    if max == T::A::lit(f64::NEG_INFINITY) {
+                        // Every entry masked with -inf: zeros, not 0/0 (see the front door).
+                        y.fill(T::elem_zero());
+                        continue;
+                    }
                     for v in z.iter_mut() {
                         *v = (*v - max).exp();
                     }

@@ -512,10 +512,47 @@ static void check_adamw() {
     }
 }
 
+// Rows masked with -inf everywhere give zeros and a zero gradient (the CPU kernels' rule); the
+// other rows of the same launch (partly -inf) stay a softmax over their live entries.
+template <typename S, typename K>
+static void check_softmax_fully_masked() {
+    using T = typename S::T;
+    const int n = 40, rows = 4;
+    for (unsigned threads : {32u, 64u}) {
+        std::vector<float> xf(rows * n), mf(rows * n), gf(rows * n);
+        for (auto& v : xf) v = grid_value();
+        for (auto& v : gf) v = grid_value();
+        for (int r = 0; r < rows; ++r)
+            for (int j = 0; j < n; ++j)
+                mf[r * n + j] = (r % 2 == 0 || j % 3 == 0) ? -INFINITY : 0.0f;
+        auto x = store<S>(xf), m = store<S>(mf), g = store<S>(gf);
+        std::vector<T> y(rows * n), dx(rows * n);
+        // Mask [rows, n]: row r's mask at r * n (d3 = rows, s3 = n), columns contiguous.
+        emu::launch(rows, threads, [&] {
+            K::softmax_fwd(x.data(), m.data(), 1, n, 1, 1, 1, 1, rows, 0, 0, 0, n, 1.0f, y.data());
+        });
+        emu::launch(rows, threads, [&] { K::softmax_bwd(y.data(), g.data(), n, 1.0f, dx.data()); });
+        const std::string what = std::string("softmax fully masked ") + S::name;
+        for (int r = 0; r < rows; ++r) {
+            double sum = 0;
+            bool zeros = true;
+            for (int j = 0; j < n; ++j) {
+                const double yj = as_f32(y[r * n + j]), dj = as_f32(dx[r * n + j]);
+                sum += yj;
+                if (r % 2 == 0 || j % 3 == 0) zeros = zeros && yj == 0.0;
+                if (r % 2 == 0) zeros = zeros && dj == 0.0;
+            }
+            expect(what + " row " + std::to_string(r) + " zeros where masked", zeros);
+            if (r % 2 == 1) close(what + " row " + std::to_string(r) + " sum", sum, 1.0, S::tol * n);
+        }
+    }
+}
+
 template <typename S, typename K>
 static void check_type() {
     check_layer_norm<S, K>();
     check_softmax<S, K>();
+    check_softmax_fully_masked<S, K>();
     check_gelu<S, K>();
     check_dropout<S, K>();
     check_adamw<S, K>();

@@ -34,6 +34,7 @@ inline dim3 blockDim;
 inline dim3 gridDim;
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static

@@ -46,7 +46,7 @@ __device__ void load_normalize(const T* x, int64_t row_stride, int64_t col_strid
 }
 
 #define LOAD_NORMALIZE(NAME, T)                                                              \
-    extern "C" __global__ void NAME(const T* x, int64_t row_stride, int64_t col_stride,      \
+    extern "C" __global__ void MLCTL_BOUNDS NAME(const T* x, int64_t row_stride, int64_t col_stride,      \
                                     int d, int normalize, float eps, float* hat, float* inv, \
                                     float* active) {                                         \
         load_normalize<T>(x, row_stride, col_stride, d, normalize, eps, hat, inv, active);  \
@@ -61,7 +61,7 @@ LOAD_NORMALIZE(cz_load_normalize_bf16, __nv_bfloat16)
 // real (unused pointers may be anything valid). All blocks are b x b, row-major, unscaled
 // similarities. Writes row_loss[i] = w/B (lse_i - pos_i) and row_gx[i] = Σ_j G_ij X_ij, and
 // with want_grad the weights G into g0..g2 (same layout as x0..x2; never aliasing them).
-extern "C" __global__ void cz_row_pass(const float* x0, const float* x1, const float* x2,
+extern "C" __global__ void MLCTL_BOUNDS cz_row_pass(const float* x0, const float* x1, const float* x2,
                                        int nblk, float* g0, float* g1, float* g2,
                                        int want_grad, int b, float scale, int include_positive,
                                        float wb, float* row_loss, float* row_gx) {
@@ -126,7 +126,7 @@ extern "C" __global__ void cz_row_pass(const float* x0, const float* x1, const f
 }
 
 // One block: loss_out[0] = Σ row_loss[0..n], gx_out[0] = Σ row_gx[0..n].
-extern "C" __global__ void cz_finish(const float* row_loss, const float* row_gx, int n,
+extern "C" __global__ void MLCTL_BOUNDS cz_finish(const float* row_loss, const float* row_gx, int n,
                                      float* loss_out, float* gx_out) {
     __shared__ float shm[32];
     float l = 0.0f, g = 0.0f;
@@ -143,7 +143,7 @@ extern "C" __global__ void cz_finish(const float* row_loss, const float* row_gx,
 }
 
 // out[i, j] = a[i, j] + a[j, i] (+ c[i, j] + c[j, i] with has_c), b x b row-major.
-extern "C" __global__ void cz_sym_add(const float* a, const float* c, int has_c, int b,
+extern "C" __global__ void MLCTL_BOUNDS cz_sym_add(const float* a, const float* c, int has_c, int b,
                                       float* out) {
     const int64_t n = (int64_t)b * b;
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
@@ -157,7 +157,7 @@ extern "C" __global__ void cz_sym_add(const float* a, const float* c, int has_c,
 }
 
 // out[i, j] += a[j, i], b x b row-major.
-extern "C" __global__ void cz_add_transposed(const float* a, int b, float* out) {
+extern "C" __global__ void MLCTL_BOUNDS cz_add_transposed(const float* a, int b, float* out) {
     const int64_t n = (int64_t)b * b;
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
          idx += (int64_t)gridDim.x * blockDim.x) {
@@ -167,7 +167,7 @@ extern "C" __global__ void cz_add_transposed(const float* a, int b, float* out) 
 }
 
 // Row i, in place: dx = (dx̂ − x̂ ⟨x̂, dx̂⟩) · inv for active rows, dx̂ · inv otherwise.
-extern "C" __global__ void cz_norm_backward(const float* hat, const float* inv,
+extern "C" __global__ void MLCTL_BOUNDS cz_norm_backward(const float* hat, const float* inv,
                                             const float* active, int d, float* dx) {
     __shared__ float shm[32];
     const int i = blockIdx.x;
