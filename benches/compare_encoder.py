@@ -3,7 +3,10 @@
 Run from the repository root (needs torch and transformers; uses cargo):
 
     python benches/compare_encoder.py [--shapes embedded,e5-small,mbert] [--modes fwd,train]
-        [--reps 3] [--rounds 2] [--threads 2] [--paths fused] [--bench-bin PATH]
+        [--reps 3] [--rounds 2] [--threads 2] [--paths fused] [--device cpu|cuda] [--bench-bin PATH]
+
+With `--device cuda` both sides run on GPU 0 (the Rust side built with `--features cuda`), and
+each timing stops after a device synchronisation.
 
 Shapes (random weights, every hidden state returned, every other sequence padded to 3/4):
   mbert     12 layers, H 768, 12 heads, I 3072, vocab 119547, B 8,  L 128
@@ -75,7 +78,7 @@ class Optimizers:
             o.zero_grad(set_to_none=set_to_none)
 
 
-def time_torch(name, modes, reps, variant="dense"):
+def time_torch(name, modes, reps, variant="dense", device="cpu"):
     layers, hidden, heads, inter, vocab, b, l = SHAPES[name]
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
@@ -92,7 +95,12 @@ def time_torch(name, modes, reps, variant="dense"):
                          torch.optim.AdamW(rest, lr=1e-5))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids, mask = inputs(vocab, b, l)
+    model.to(device)
+    ids, mask = (t.to(device) for t in inputs(vocab, b, l))
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def fwd():
         model.eval()
@@ -111,10 +119,12 @@ def time_torch(name, modes, reps, variant="dense"):
         f = {"fwd": fwd, "train": train}[mode]
         for _ in range(2):
             f()  # warm-up
+        sync()
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
             f()
+            sync()
             ts.append((time.perf_counter() - t0) * 1e3)
         out[mode] = median(ts)
     return out, model.config._attn_implementation
@@ -139,6 +149,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--paths", default="fused")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--bench-bin", default=None,
                     help="a built encoder_timing binary to run instead of `cargo bench`")
     args = ap.parse_args()
@@ -150,11 +161,12 @@ def main():
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     bench_args = ["--shapes", args.shapes, "--modes", args.modes, "--reps", str(args.reps),
-                  "--paths", args.paths]
+                  "--paths", args.paths, "--device", args.device]
+    features = ["--features", "cuda"] if args.device == "cuda" else []
     if args.bench_bin:
         cmd = [args.bench_bin, "--bench"] + bench_args
     else:
-        cmd = ["cargo", "bench", "--bench", "encoder_timing", "--"] + bench_args
+        cmd = ["cargo", "bench"] + features + ["--bench", "encoder_timing", "--"] + bench_args
     torch.set_num_threads(args.threads)
 
     runs = {}  # (shape, mode, impl) -> per-round ms
@@ -174,7 +186,7 @@ def main():
                 vmodes = modes if variant == "dense" else [m for m in modes if m == "train"]
                 if not vmodes:
                     continue
-                out, attn = time_torch(name, vmodes, args.reps, variant)
+                out, attn = time_torch(name, vmodes, args.reps, variant, args.device)
                 for mode, ms in out.items():
                     runs.setdefault((name, mode, "torch-" + variant), []).append(ms)
 

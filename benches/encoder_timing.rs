@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! cargo bench --bench encoder_timing -- [--shapes embedded,e5-small,mbert] [--reps 5]
-//!     [--modes fwd,train] [--paths fused,composite,frozen,sparse] [--stages]
+//!     [--modes fwd,train] [--paths fused,composite,frozen,sparse] [--stages] [--device cpu|cuda]
 //! ```
+//!
+//! `--device cuda` needs `--features cuda`; every timing then stops after `device.synchronize()`.
 //!
 //! Paths: `fused` (the default kernels), `composite` (their composite twins), and two variants of
 //! the fused path that skip work on the word-embedding table in training: `frozen` (the
@@ -21,6 +23,7 @@
 //! Each line: `{"shape", "mode", "path", "b", "l", "ms", "min_ms", "seq_per_s", "threads", ...}`:
 //! median and minimum over `reps` runs after two warm-ups.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -49,7 +52,19 @@ fn cpu_ms() -> f64 {
     f.iter().sum::<f64>() * 10.0
 }
 
-fn time<F: FnMut() -> mlctl::Result<()>>(reps: usize, mut f: F) -> mlctl::Result<(f64, f64)> {
+/// The device the timings run on (`--device`), synchronised before each timing stops.
+static DEVICE: OnceLock<Device> = OnceLock::new();
+
+fn device() -> &'static Device {
+    DEVICE.get_or_init(|| Device::Cpu)
+}
+
+fn time<F: FnMut() -> mlctl::Result<()>>(reps: usize, f: F) -> mlctl::Result<(f64, f64)> {
+    let mut f = f;
+    let mut f = move || -> mlctl::Result<()> {
+        f()?;
+        Ok(device().synchronize()?)
+    };
     for _ in 0..2 {
         f()?; // warm-up
     }
@@ -109,7 +124,7 @@ fn time_ops(
     print: &dyn Fn(&str, (f64, f64)),
 ) -> mlctl::Result<()> {
     use mlctl::ops;
-    let dev = Device::Cpu;
+    let dev = device().clone();
     let fused = kernels == Kernels::Auto;
     let (h, heads, inter) = (
         cfg.hidden_size,
@@ -206,7 +221,12 @@ fn main() -> mlctl::Result<()> {
     let reps: usize = arg("--reps").map_or(5, |r| r.parse().expect("reps"));
     let stages = args.iter().any(|a| a == "--stages");
     let threads = rayon::current_num_threads();
-    let dev = Device::Cpu;
+    let chosen = match arg("--device").as_deref().unwrap_or("cpu") {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0)?,
+        other => panic!("unknown device {other} (cpu or cuda)"),
+    };
+    let dev = DEVICE.get_or_init(|| chosen).clone();
     for name in shapes.split(',') {
         let (cfg, b, l) = shape(name);
         let params = ParamStore::new(0);

@@ -20,7 +20,7 @@ set -euo pipefail
 nccl=0
 [ "${1:-}" = "--nccl" ] && nccl=1
 if command -v nvcc >/dev/null 2>&1 && [ -z "${MLCTL_CUDA_VENV:-}" ]; then
-  echo 'export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}'
+  echo 'export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-80}'
   exit 0
 fi
 venv=${MLCTL_CUDA_VENV:-$HOME/.cache/mlctl-cuda-13.0}
@@ -41,12 +41,17 @@ for so in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcu
   [ -e "$lib/${so%.*}" ] || ln -s "$so" "$lib/${so%.*}"
 done
 # No driver here: a stub libcuda.so with every `CUresult cuX(...)` of cuda.h, for linking only.
-if [ ! -e "$lib/libcuda.so" ] && ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1 '; then
+# Where a driver is installed (the same environment reused on a GPU machine) the stub goes, so
+# that nothing loads it in place of the real libcuda.
+if ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1 '; then
+  [ -f "$lib/.libcuda-stub" ] && rm -f "$lib/libcuda.so" "$lib/.libcuda-stub"
+elif [ ! -e "$lib/libcuda.so" ]; then
   stub=$(mktemp -d)
   echo '#include <cuda.h>' | cc -E -I"$root/include" -x c - | tr '\n' ' ' |
     grep -oE 'CUresult +cu[A-Za-z0-9_]+ *\(' | sed -E 's/CUresult +//; s/ *\($//' | sort -u |
     sed 's/.*/int &(void) { return 999; }/' >"$stub/cuda_stub.c"
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/libcuda.so" "$stub/cuda_stub.c"
+  touch "$lib/.libcuda-stub"
   rm -rf "$stub"
 fi
 if [ $nccl = 1 ]; then
@@ -61,10 +66,9 @@ if [ $nccl = 1 ]; then
   ln -sf libnccl.so.2 "$lib/libnccl.so"
   for h in "$ndir"/include/*; do ln -sfn "$h" "$root/include/$(basename "$h")"; done
 fi
-sanitizer=$(dirname "$(echo "$venv"/lib/python3*/site-packages/nvidia/cu13/compute-sanitizer/compute-sanitizer 2>/dev/null)")
 cat <<EOT
 export CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
-export PATH="$root/bin:$sanitizer:\$PATH"
+export PATH="$root/bin:\$PATH"
 export LIBRARY_PATH="$lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}"
-export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}
+export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-80}
 EOT

@@ -540,8 +540,19 @@ impl candle_core::InplaceOp2 for AdamWOp<'_> {
         let n = end - start;
         let mut guard = self.state.borrow_mut();
         let state: &mut AdamState = &mut guard;
-        if state.m.len() != n || gl.shape().elem_count() != n {
-            candle_core::bail!("fused adamw (cuda): state, parameter and gradient sizes differ");
+        // The launch below reads and writes n elements of every buffer: check each one.
+        let master_len = state.master.as_ref().map_or(n, |w| w.len());
+        let lens = [
+            gl.shape().elem_count(),
+            state.m.len(),
+            state.v.len(),
+            master_len,
+        ];
+        if lens.iter().any(|&len| len != n) {
+            candle_core::bail!(
+                "fused adamw (cuda): parameter of {n} elements, but gradient, m, v and master \
+                 hold {lens:?}"
+            );
         }
         let dtype = p.dtype();
         let dev = state.dev.clone();
@@ -568,8 +579,8 @@ impl candle_core::InplaceOp2 for AdamWOp<'_> {
                 args.arg(c);
             }
             args.arg(&has_decay);
-            // SAFETY: parameter, gradient, moments (and master weights) all hold n elements;
-            // element i is read and written by one thread only.
+            // SAFETY: parameter, gradient, moments (and master weights) all hold n elements
+            // (checked above); element i is read and written by one thread only.
             unsafe { args.launch(elementwise_cfg(n)) }.w()?;
             Ok(())
         })
