@@ -16,21 +16,32 @@ pub fn golden(path: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(path), &Device::Cpu).expect("golden fixture loads")
 }
 
-/// Largest absolute difference, computed in f64.
+/// Largest absolute difference, computed in f64; NaN where either side has a NaN (or both an
+/// infinity of the same sign) at the same place, so that no tolerance accepts it.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    let flat = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    flat(a)
+        .iter()
+        .zip(&flat(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, nan_max)
+}
+
+/// `max`, except that a NaN on either side wins (`f64::max` drops it).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 /// Asserts that `var` got a gradient with a finite, non-zero norm.
