@@ -640,4 +640,47 @@ fn an_f16_run_scales_its_loss_skips_overflows_without_diverging_and_resumes_its_
     let mut resumed = new_trainer("scaled");
     resumed.resume().unwrap();
     assert_eq!(resumed.loss_scaler().unwrap().scale(), scale);
+    // A caller who turned scaling off keeps it off through a resume.
+    let mut off = new_trainer("scaled").with_loss_scaler(None);
+    off.resume().unwrap();
+    assert!(
+        off.loss_scaler().is_none(),
+        "resume turned loss scaling back on"
+    );
+}
+
+#[test]
+fn the_loss_scale_has_a_floor_and_persistent_overflow_is_divergence() {
+    let mut scaler = LossScaler::new(8.0).unwrap();
+    scaler.min_scale = 2.0;
+    for want in [4.0, 2.0, 2.0, 2.0] {
+        scaler.update(false);
+        assert_eq!(scaler.scale(), want);
+    }
+    assert_eq!(scaler.overflows_in_a_row(), 4);
+    scaler.update(true);
+    assert_eq!(scaler.overflows_in_a_row(), 0);
+
+    // A floor of 2^40 overflows f16 gradients on every step: the third overflow in a row ends
+    // the run, where a scale without floor or limit would skip every step in silence.
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let mut scaler = LossScaler::new(2f64.powi(40)).unwrap();
+    scaler.min_scale = 2f64.powi(40);
+    scaler.max_overflows_in_a_row = 3;
+    let mut trainer = Trainer::new(
+        tiny_model_f16(4),
+        MultiLevelLoss::mlctl(),
+        tsv_loader(&data, 4, 16, 9),
+        config(40, 1e-3),
+        &dir.path().join("run"),
+    )
+    .unwrap()
+    .with_loss_scaler(Some(scaler));
+    assert!(trainer.train_step().unwrap().skipped);
+    assert!(trainer.train_step().unwrap().skipped);
+    match trainer.train_step() {
+        Err(mlctl::Error::Diverged { consecutive, .. }) => assert_eq!(consecutive, 3),
+        other => panic!("expected Diverged, got {other:?}"),
+    }
 }

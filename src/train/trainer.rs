@@ -797,8 +797,10 @@ impl Trainer {
         self.step = state.step;
         self.skipped_steps = state.skipped_steps;
         self.consecutive_bad = state.consecutive_bad;
-        if state.loss_scaler.is_some() {
-            self.loss_scaler = state.loss_scaler;
+        // The caller's choice stands: a run resumed without scaling stays without it; one
+        // with a scaler continues from the saved scale, when the checkpoint has one.
+        if let (Some(_), Some(saved)) = (&self.loss_scaler, state.loss_scaler) {
+            self.loss_scaler = Some(saved);
         }
         if self.writes() {
             self.truncate_metrics(state.step)?;

@@ -77,8 +77,9 @@ impl UpdateRule {
     /// [`UpdateRule::apply`] for gradients of a loss scaled by `scaler` (f16 training): divides
     /// them by the scale first. A step whose loss is finite but whose gradients overflowed is
     /// skipped as PyTorch's `GradScaler` skips it: the scale is halved and the skip is counted
-    /// in `bad.skipped` but not as a bad step in a row (a too-large scale is not divergence).
-    /// The scaler then learns whether the step was finite.
+    /// in `bad.skipped` but not as a bad step in a row (a too-large scale is not divergence),
+    /// until the scaler's `max_overflows_in_a_row`: that many overflows in a row are
+    /// [`Error::Diverged`]. The scaler then learns whether the step was finite.
     pub fn apply_scaled(
         &self,
         optimizer: &mut AdamW,
@@ -93,6 +94,13 @@ impl UpdateRule {
         if loss.is_finite() && !grad_norm.is_finite() {
             scaler.update(false);
             bad.skipped += 1;
+            let overflows = scaler.overflows_in_a_row();
+            if overflows >= scaler.max_overflows_in_a_row.max(1) {
+                return Err(Error::Diverged {
+                    step: step + 1,
+                    consecutive: overflows as usize,
+                });
+            }
             return Ok(UpdateRecord {
                 lr: self.schedule.lr(step),
                 grad_norm,
