@@ -16,11 +16,14 @@ const PAIRS: [&str; 2] = [
     "a bird sings ||| the bird sings today",
 ];
 
-fn aligned() -> (
+/// The pairs, each method's scored alignments, and each sentence's word vectors.
+type Aligned = (
     Vec<SentencePair>,
     Vec<Vec<ScoredAlignment>>,
     Vec<Vec<Vec<f32>>>,
-) {
+);
+
+fn aligned() -> Aligned {
     let bert =
         PretrainedBert::from_dir(&common::fixture("tiny_bert"), &Device::Cpu, DType::F32).unwrap();
     let aligner = WordAligner::new(&bert.model.encoder, bert.tokenizer().unwrap().clone())
