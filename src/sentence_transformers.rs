@@ -498,6 +498,20 @@ impl SentenceTransformerConfig {
     }
 }
 
+/// The module folders `modules.json` names (not the transformer's, which is the directory
+/// itself); none when the file cannot be read (loading reports that).
+pub(crate) fn module_folders(modules_json: &Path) -> Vec<String> {
+    let Ok(Value::Array(entries)) = read_json(modules_json) else {
+        return Vec::new();
+    };
+    entries
+        .iter()
+        .filter_map(|e| e.get("path").and_then(Value::as_str))
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The modes of a pooling config: `pooling_mode` (a name or a list), else the `pooling_mode_*`
 /// flags in their order, else the mean (sentence-transformers' default).
 fn pooling_modes(config: &Map<String, Value>, path: &Path) -> Result<Vec<PoolingMode>> {
