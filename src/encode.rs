@@ -22,37 +22,83 @@ use tokenizers::Encoding;
 use crate::encoder::{BertEncoder, EncoderOutput, PretrainedBert};
 use crate::pooling::{l2_normalize, Pooling, TokenSpan};
 use crate::progress::Progress;
+use crate::sentence_transformers::{ModuleKind, SentenceTransformerConfig};
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
 
 /// How [`encode`] batches, pools and post-processes.
+///
+/// # Defaults, in one place
+///
+/// Every setting left at `None` falls back to the model's own, then to the plain default:
+///
+/// | setting | sentence-transformers directory (`modules.json`) | plain transformers directory, or [`encode`] with a bare encoder |
+/// |---|---|---|
+/// | [`pooling`](Self::pooling) | `1_Pooling/config.json`'s modes over the last layer | [`Pooling::mlctl`]: the mean over tokens of layer 1 plus that of layer L (a sum, not an average) |
+/// | [`normalize`](Self::normalize) | where `modules.json` has a `Normalize` | no |
+/// | [`max_len`](Self::max_len) | `sentence_bert_config.json`'s `max_seq_length` | the tokenizer's limit (128 tokens unless set with [`Tokenizer::with_max_len`]) |
+/// | [`lowercase`](Self::lowercase) | `do_lower_case` | no (the tokenizer's own normalizer still applies) |
+/// | prompt ([`prefix`](Self::prefix), [`prompt_name`](Self::prompt_name)) | `default_prompt_name`'s prompt, if any | none |
+/// | [`include_prompt`](Self::include_prompt) | `1_Pooling/config.json`'s `include_prompt` | yes |
+/// | [`dense`](Self::dense) | the `Dense` modules, in order | none to apply |
+///
+/// An [`MlCtlModel`](crate::model::MlCtlModel) directory is a transformers directory with
+/// ML-CTL's head beside it: when it also has `modules.json` (a model fine-tuned from a
+/// sentence-transformers model), [`PretrainedBert::encode`] follows `modules.json`, the vectors
+/// `SentenceTransformer(dir).encode` gives; ML-CTL's pooling in `mlctl.json` is what
+/// [`MlCtlModel::embed`](crate::model::MlCtlModel::embed) (training, the projection) uses.
+/// Without `modules.json` the plain defaults apply, and ML-CTL's layers 1 and L are also
+/// `mlctl.json`'s default.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodeOptions {
     /// Texts per forward pass.
     pub batch_size: usize,
-    /// Which hidden states to average: ML-CTL's layers 1 and L ([`Pooling::mlctl`], the
-    /// default) or a model's own, e.g. the mean of the last layer ([`Pooling::layer`]`(-1)`).
-    pub pooling: Pooling,
-    /// Scale every vector to unit length (so dot products are cosines).
-    pub normalize: bool,
+    /// Which hidden states to pool and how: ML-CTL's layers 1 and L ([`Pooling::mlctl`]) or a
+    /// model's own, e.g. the mean of the last layer ([`Pooling::layer`]`(-1)`). `None`: the
+    /// model's (see the table above).
+    pub pooling: Option<Pooling>,
+    /// Scale every vector to unit length (so dot products are cosines). `None`: the model's.
+    pub normalize: Option<bool>,
+    /// Truncate inputs to this many tokens, special tokens included. `None`: the tokenizer's
+    /// limit, which loading a sentence-transformers directory sets to its `max_seq_length`.
+    pub max_len: Option<usize>,
+    /// Lower-case texts (and prompt) before tokenization. `None`: the model's `do_lower_case`.
+    pub lowercase: Option<bool>,
+    /// Prepended to every text before tokenization, e.g. `"query: "` for the e5 models
+    /// (sentence-transformers' `prompt=`); wins over [`EncodeOptions::prompt_name`]. `Some("")`
+    /// switches a model's default prompt off.
+    pub prefix: Option<String>,
+    /// The name of one of the model's prompts (`config_sentence_transformers.json`), e.g.
+    /// `"query"` (sentence-transformers' `prompt_name=`). A name the model does not have is an
+    /// [`Error::InvalidArgument`].
+    pub prompt_name: Option<String>,
+    /// Whether the prompt's tokens count in the pooling. `None`: the model's `include_prompt`
+    /// (true for a plain directory).
+    pub include_prompt: Option<bool>,
+    /// Apply the model's `Dense` modules. `None` or `Some(true)`: yes, when it has any.
+    pub dense: Option<bool>,
     /// Batch texts of similar token length together (less padding, same results up to
     /// floating-point rounding); the output keeps the input order either way.
     pub sort_by_length: bool,
-    /// Prepended to every text before tokenization, e.g. `"query: "` for the e5 models.
-    pub prefix: Option<String>,
     /// Show a progress bar on standard error.
     pub progress: bool,
 }
 
 impl Default for EncodeOptions {
-    /// Batches of 32, ML-CTL's pooling, no normalisation, sorted by length, no prefix, quiet.
+    /// Batches of 32, sorted by length, quiet; everything else the model's (see the table in
+    /// [`EncodeOptions`]).
     fn default() -> Self {
         Self {
             batch_size: 32,
-            pooling: Pooling::mlctl(),
-            normalize: false,
-            sort_by_length: true,
+            pooling: None,
+            normalize: None,
+            max_len: None,
+            lowercase: None,
             prefix: None,
+            prompt_name: None,
+            include_prompt: None,
+            dense: None,
+            sort_by_length: true,
             progress: false,
         }
     }
@@ -67,13 +113,25 @@ impl EncodeOptions {
 
     /// Sets [`EncodeOptions::pooling`].
     pub fn with_pooling(mut self, pooling: Pooling) -> Self {
-        self.pooling = pooling;
+        self.pooling = Some(pooling);
         self
     }
 
     /// Sets [`EncodeOptions::normalize`].
     pub fn with_normalize(mut self, normalize: bool) -> Self {
-        self.normalize = normalize;
+        self.normalize = Some(normalize);
+        self
+    }
+
+    /// Sets [`EncodeOptions::max_len`].
+    pub fn with_max_len(mut self, max_len: usize) -> Self {
+        self.max_len = Some(max_len);
+        self
+    }
+
+    /// Sets [`EncodeOptions::lowercase`].
+    pub fn with_lowercase(mut self, lowercase: bool) -> Self {
+        self.lowercase = Some(lowercase);
         self
     }
 
@@ -89,6 +147,24 @@ impl EncodeOptions {
         self
     }
 
+    /// Sets [`EncodeOptions::prompt_name`].
+    pub fn with_prompt_name(mut self, name: impl Into<String>) -> Self {
+        self.prompt_name = Some(name.into());
+        self
+    }
+
+    /// Sets [`EncodeOptions::include_prompt`].
+    pub fn with_include_prompt(mut self, include: bool) -> Self {
+        self.include_prompt = Some(include);
+        self
+    }
+
+    /// Sets [`EncodeOptions::dense`].
+    pub fn with_dense(mut self, dense: bool) -> Self {
+        self.dense = Some(dense);
+        self
+    }
+
     /// Sets [`EncodeOptions::progress`].
     pub fn with_progress(mut self, progress: bool) -> Self {
         self.progress = progress;
@@ -101,11 +177,44 @@ impl EncodeOptions {
                 "batch size must be at least 1".into(),
             ));
         }
+        if self.max_len.is_some_and(|n| n < 2) {
+            return Err(Error::InvalidArgument(
+                "max_len must leave room for the special tokens (at least 2)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The prompt text: the prefix, else the named prompt, else the model's default one.
+    fn prompt(&self, model: Option<&SentenceTransformerConfig>) -> Result<Option<String>> {
+        if let Some(prefix) = &self.prefix {
+            return Ok(Some(prefix.clone()).filter(|p| !p.is_empty()));
+        }
+        let name = match (&self.prompt_name, model) {
+            (Some(name), _) => name,
+            (None, Some(model)) => match &model.default_prompt_name {
+                Some(name) => name,
+                None => return Ok(None),
+            },
+            (None, None) => return Ok(None),
+        };
+        let prompts = model.map(|m| &m.prompts);
+        match prompts.and_then(|p| p.get(name)) {
+            Some(text) => Ok(Some(text.clone()).filter(|p| !p.is_empty())),
+            None => Err(Error::InvalidArgument(format!(
+                "the model has no prompt named {name:?} (its prompts: {})",
+                prompts
+                    .map(|p| p.keys().cloned().collect::<Vec<_>>().join(", "))
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "none".into())
+            ))),
+        }
     }
 }
 
-/// One vector per text, `[texts, hidden]`, f32 on the CPU, in eval mode (no dropout).
+/// One vector per text, `[texts, hidden]`, f32 on the CPU, in eval mode (no dropout), with
+/// the plain defaults for what `options` leave open (see [`EncodeOptions`]); for a model
+/// directory's own settings use [`PretrainedBert::encode`] or [`encode_with_config`].
 ///
 /// # Shapes
 /// - output: `[texts.len(), hidden]`, row `i` for `texts[i]`
@@ -115,18 +224,128 @@ pub fn encode<S: AsRef<str>>(
     texts: &[S],
     options: &EncodeOptions,
 ) -> Result<Tensor> {
+    encode_with_config(encoder, tokenizer, None, texts, options)
+}
+
+/// [`encode`] following a sentence-transformers configuration where `options` leave a setting
+/// open (`None`: the plain defaults): prompt, lower-casing, truncation, pooling modes (with
+/// the prompt's tokens left out when `include_prompt` is false), `Dense` and `Normalize`
+/// modules in `modules.json`'s order.
+///
+/// # Shapes
+/// - output: `[texts.len(), d]`, `d` the hidden size, times the number of pooling modes, or
+///   the last `Dense` module's `out_features`
+pub fn encode_with_config<S: AsRef<str>>(
+    encoder: &BertEncoder,
+    tokenizer: &Tokenizer,
+    model: Option<&SentenceTransformerConfig>,
+    texts: &[S],
+    options: &EncodeOptions,
+) -> Result<Tensor> {
     options.check()?;
-    let encodings = match &options.prefix {
-        Some(prefix) => {
-            let prefixed: Vec<String> = texts
-                .iter()
-                .map(|t| format!("{prefix}{}", t.as_ref()))
-                .collect();
-            tokenizer.encode_each(&prefixed)?
+    let prompt = options.prompt(model)?;
+    let lowercase = options
+        .lowercase
+        .unwrap_or(model.is_some_and(|m| m.do_lower_case));
+    let truncated;
+    let tokenizer = match options.max_len {
+        Some(n) if n != tokenizer.max_len() => {
+            truncated = tokenizer.clone().with_max_len(n)?;
+            &truncated
         }
-        None => tokenizer.encode_each(texts)?,
+        _ => tokenizer,
     };
-    pooled(encoder, tokenizer, encodings, options, None)
+    let prepared: Vec<String> = texts
+        .iter()
+        .map(|t| {
+            let text = match &prompt {
+                Some(p) => format!("{p}{}", t.as_ref()),
+                None => t.as_ref().to_string(),
+            };
+            if lowercase {
+                text.to_lowercase()
+            } else {
+                text
+            }
+        })
+        .collect();
+    let encodings = tokenizer.encode_each(&prepared)?;
+    let include_prompt = options
+        .include_prompt
+        .unwrap_or(model.is_none_or(|m| m.include_prompt));
+    // As sentence-transformers: the prompt's tokens with special tokens, less a closing special
+    // token (the separator), are left out of the pooling from the start of each sequence.
+    let skip = match (&prompt, include_prompt) {
+        (Some(p), false) => {
+            let p = if lowercase {
+                p.to_lowercase()
+            } else {
+                p.clone()
+            };
+            let encoded = tokenizer.encode_each(&[p])?.remove(0);
+            let closing = encoded.get_special_tokens_mask().last() == Some(&1);
+            encoded.get_ids().len() - usize::from(closing)
+        }
+        _ => 0,
+    };
+    let pooling = options
+        .pooling
+        .clone()
+        .or_else(|| model.map(|m| m.pooling.clone()))
+        .unwrap_or_else(Pooling::mlctl);
+    let post = PostProcess {
+        model,
+        normalize: options.normalize,
+        dense: options.dense.unwrap_or(true),
+    };
+    pooled(
+        encoder,
+        tokenizer,
+        encodings,
+        options,
+        &pooling,
+        Pooled::Sentences { skip },
+        &post,
+    )
+}
+
+/// What follows the pooling: a model's `Dense` and `Normalize` modules, or plain normalisation.
+struct PostProcess<'a> {
+    model: Option<&'a SentenceTransformerConfig>,
+    normalize: Option<bool>,
+    dense: bool,
+}
+
+impl PostProcess<'_> {
+    fn apply(&self, mut vectors: Tensor) -> Result<Tensor> {
+        let mut normalized = false;
+        if let Some(model) = self.model {
+            for module in &model.modules {
+                match &module.kind {
+                    ModuleKind::Dense(dense) if self.dense => {
+                        vectors = dense.forward(&vectors)?;
+                        normalized = false;
+                    }
+                    ModuleKind::Normalize if self.normalize != Some(false) => {
+                        vectors = l2_normalize(&vectors)?;
+                        normalized = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if self.normalize == Some(true) && !normalized {
+            vectors = l2_normalize(&vectors)?;
+        }
+        Ok(vectors)
+    }
+}
+
+enum Pooled<'a> {
+    /// Whole sentences, leaving out the first `skip` tokens (a prompt) from the pooling.
+    Sentences { skip: usize },
+    /// One token span per text.
+    Spans(&'a [TokenSpan]),
 }
 
 /// One vector per text over one inclusive token span of it (an anchor word), `[texts, hidden]`,
@@ -156,7 +375,21 @@ pub fn encode_spans<S: AsRef<str>>(
         ));
     }
     let encodings = tokenizer.encode_each(texts)?;
-    pooled(encoder, tokenizer, encodings, options, Some(spans))
+    let pooling = options.pooling.clone().unwrap_or_else(Pooling::mlctl);
+    let post = PostProcess {
+        model: None,
+        normalize: options.normalize,
+        dense: false,
+    };
+    pooled(
+        encoder,
+        tokenizer,
+        encodings,
+        options,
+        &pooling,
+        Pooled::Spans(spans),
+        &post,
+    )
 }
 
 fn pooled(
@@ -164,7 +397,9 @@ fn pooled(
     tokenizer: &Tokenizer,
     encodings: Vec<Encoding>,
     options: &EncodeOptions,
-    spans: Option<&[TokenSpan]>,
+    pooling: &Pooling,
+    what: Pooled<'_>,
+    post: &PostProcess<'_>,
 ) -> Result<Tensor> {
     let n = encodings.len();
     if n == 0 {
@@ -183,17 +418,29 @@ fn pooled(
         options.batch_size,
         options.sort_by_length,
         |indices, batch, out| {
-            let mut vectors = match spans {
-                None => options.pooling.sentence(out, &batch.attention_mask)?,
-                Some(spans) => {
+            let vectors = match what {
+                Pooled::Sentences { skip: 0 } => pooling.sentence(out, &batch.attention_mask)?,
+                Pooled::Sentences { skip } => {
+                    let mask = &batch.attention_mask;
+                    let (rows, len) = mask.dims2()?;
+                    let skip = skip.min(len);
+                    let kept = Tensor::cat(
+                        &[
+                            mask.narrow(1, 0, skip)?.zeros_like()?,
+                            mask.narrow(1, skip, len - skip)?,
+                        ],
+                        1,
+                    )?;
+                    debug_assert_eq!(kept.dims(), [rows, len]);
+                    pooling.sentence(out, &kept)?
+                }
+                Pooled::Spans(spans) => {
                     let chunk: Vec<TokenSpan> = indices.iter().map(|&i| spans[i]).collect();
-                    options.pooling.spans(out, &chunk)?
+                    pooling.spans(out, &chunk)?
                 }
             };
-            if options.normalize {
-                vectors = l2_normalize(&vectors)?;
-            }
             let vectors = vectors.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+            let vectors = post.apply(vectors)?;
             for (row, &i) in indices.iter().enumerate() {
                 rows[i] = Some(vectors.get(row)?);
             }
@@ -256,8 +503,9 @@ where
 }
 
 impl PretrainedBert {
-    /// [`encode`] with this model's encoder and tokenizer: one vector per text, `[texts, hidden]`,
-    /// f32 on the CPU.
+    /// [`encode`] with this model's encoder and tokenizer, following its sentence-transformers
+    /// files when the directory has them ([`PretrainedBert::sentence_transformer`]; see
+    /// [`EncodeOptions`] for every default): one vector per text, f32 on the CPU.
     ///
     /// ```no_run
     /// # fn main() -> mlctl::Result<()> {
@@ -268,7 +516,13 @@ impl PretrainedBert {
     /// # Ok(()) }
     /// ```
     pub fn encode<S: AsRef<str>>(&self, texts: &[S], options: &EncodeOptions) -> Result<Tensor> {
-        encode(&self.model.encoder, self.tokenizer()?, texts, options)
+        encode_with_config(
+            &self.model.encoder,
+            self.tokenizer()?,
+            self.sentence_transformer.as_ref(),
+            texts,
+            options,
+        )
     }
 }
 

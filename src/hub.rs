@@ -59,6 +59,15 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
     // tokenizer_config.json names its special tokens (mask, pad) when it has one.
     let _ = remote.get(TOKENIZER_FILE);
     let _ = remote.get("tokenizer_config.json");
+    // A sentence-transformers model: its modules' files, so that `encode` follows them.
+    if let Ok(modules) = remote.get(crate::sentence_transformers::MODULES_FILE) {
+        let _ = remote.get(crate::sentence_transformers::SENTENCE_BERT_CONFIG_FILE);
+        let _ = remote.get(crate::sentence_transformers::SENTENCE_TRANSFORMERS_CONFIG_FILE);
+        for folder in crate::sentence_transformers::module_folders(&modules) {
+            let _ = remote.get(&format!("{folder}/config.json"));
+            let _ = remote.get(&format!("{folder}/model.safetensors"));
+        }
+    }
     parent(model_id, config)
 }
 

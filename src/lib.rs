@@ -9,7 +9,10 @@
 //!   hidden state, applies real dropout in training, carries the MLM head and loads and saves
 //!   Hugging Face checkpoints ([`encoder::PretrainedBert`]).
 //! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
-//! - [`pooling`]: sentence and word embeddings as masked means over chosen layers.
+//! - [`pooling`]: sentence and word embeddings as masked means over chosen layers (or
+//!   sentence-transformers' other pooling modes).
+//! - [`sentence_transformers`]: sentence-transformers model directories (`modules.json`),
+//!   followed by [`encoder::PretrainedBert::encode`] and written back by `save`.
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`dist`]: data-parallel building blocks: collectives (NCCL or in-process), gradient
 //!   buckets, the torchrun-style rendezvous.
@@ -42,10 +45,35 @@ pub mod pooling;
 pub mod pretrain;
 mod progress;
 pub mod projection;
+pub mod sentence_transformers;
 pub mod tokenize;
 pub mod train;
 
 pub use error::{Error, Result};
+
+/// The candle crates whose types mlctl's public API takes and returns, re-exported at the exact
+/// versions mlctl is built with, so a program needs no candle dependency of its own:
+/// `mlctl::candle::{Device, DType, Tensor}` for the common types, `mlctl::candle::core` and
+/// `mlctl::candle::nn` for the rest (`VarMap` and `VarBuilder` from [`encoder::ParamStore`],
+/// candle's optimizers).
+///
+/// ```no_run
+/// use mlctl::candle::{DType, Device};
+/// # fn main() -> mlctl::Result<()> {
+/// let bert = mlctl::encoder::PretrainedBert::load("model", &Device::Cpu, DType::F32)?;
+/// let vars: Vec<mlctl::candle::core::Var> = bert.params.varmap().all_vars();
+/// # let _ = vars; Ok(()) }
+/// ```
+pub mod candle {
+    pub use candle_core as core;
+    pub use candle_core::{DType, Device, Module, Tensor, Var, D};
+    pub use candle_nn as nn;
+}
+
+/// The `tokenizers` crate, whose `Tokenizer` and `Encoding` [`tokenize::Tokenizer::new`],
+/// [`tokenize::Tokenizer::inner`] and [`encode::encode_batches`] use, at the version mlctl is
+/// built with.
+pub use tokenizers;
 
 // Compiles the README's Rust example as a doctest, so the documented API cannot drift.
 #[cfg(doctest)]

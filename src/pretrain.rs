@@ -300,7 +300,7 @@ pub struct SentencePooling {
 }
 
 impl SentencePooling {
-    /// The model's own pooling: ML-CTL's mean of hidden layers 1 and L.
+    /// The model's own pooling: ML-CTL's sum of the token means of hidden layers 1 and L.
     pub fn mlctl() -> Self {
         Self {
             label: "ML-CTL pooling".into(),
@@ -768,8 +768,8 @@ pub fn prepare_run_dir(dir: &Path, resume: bool) -> Result<()> {
     if !resume {
         if let Some((step, _)) = latest_checkpoint(&dir.join("checkpoints"))? {
             return Err(Error::InvalidArgument(format!(
-                "{} already holds a run (checkpoint at step {step}): resume it, or start the \
-                 new run in another directory",
+                "{} already holds a run (checkpoint at step {step}): pass --resume to continue \
+                 it, or --out DIR to start the new run in another directory",
                 dir.display()
             )));
         }

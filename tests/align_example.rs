@@ -175,3 +175,55 @@ fn several_methods_from_one_run_equal_single_runs() {
     let (ok, _, stderr) = run(&bin, &["--input", &s(&input), "--method", "argmax,match"]);
     assert!(!ok && stderr.contains("--output"), "{stderr}");
 }
+
+#[test]
+fn example_writes_word_pairs_and_link_scores_per_method() {
+    let bin = example();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.src-tgt");
+    std::fs::write(
+        &input,
+        "the cat sat on the mat ||| the dog sat on a mat\na bird sings ||| the bird sings today\n",
+    )
+    .unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let (ok, _, stderr) = run(
+        &bin,
+        &[
+            "--input",
+            &s(&input),
+            "--layer",
+            "2",
+            "--token-type",
+            "word",
+            "--method",
+            "argmax,softmax",
+            "--output",
+            &s(&d.join("out.align")),
+            "--output-word-file",
+            &s(&d.join("out.words")),
+            "--output-prob-file",
+            &s(&d.join("out.probs")),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
+    // The same lines as the library test on the tiny fixture (tests/align_outputs.rs), which
+    // aligns word units too.
+    assert_eq!(read("out.argmax.align"), "0-0 1-1 5-5\n0-0 1-1\n");
+    assert_eq!(
+        read("out.argmax.words"),
+        "the<sep>the cat<sep>dog mat<sep>mat\na<sep>the bird<sep>bird\n"
+    );
+    assert_eq!(
+        read("out.argmax.probs"),
+        "0.9868 0.9852 0.9889\n0.9735 0.9873\n"
+    );
+    let probs = read("out.softmax.probs");
+    let links = read("out.softmax.align");
+    for (p, l) in probs.lines().zip(links.lines()) {
+        assert_eq!(p.split(' ').count(), l.split(' ').count());
+    }
+    assert!(probs.ends_with("0.7271 0.3720 0.0613 0.8424 0.1122 0.2009 0.2148 0.1775 0.1775\n"));
+}

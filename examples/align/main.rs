@@ -11,10 +11,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{ArgAction, Parser};
 use indicatif::{ProgressBar, ProgressStyle};
-use mlctl::align::io::{check_gold, pharaoh_text, read_gold, read_parallel, write_pharaoh};
+use mlctl::align::io::{
+    check_gold, pharaoh_text, read_gold, read_parallel, write_pharaoh, write_scores,
+    write_word_pairs,
+};
 use mlctl::align::{
-    AlignMethod, Alignment, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, SoftmaxAlign,
-    SparsemaxAlign, TokenType, WordAligner, DEFAULT_ALIGN_LAYER,
+    AlignMethod, Alignment, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, ScoredAlignment,
+    SoftmaxAlign, SparsemaxAlign, TokenType, WordAligner, DEFAULT_ALIGN_LAYER,
 };
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::{BertConfig, BertEncoder, PretrainedBert};
@@ -49,6 +52,16 @@ struct Args {
     /// methods, one file each: `out.align` becomes `out.argmax.align`, `out.itermax.align`, ...
     #[arg(long)]
     output: Option<PathBuf>,
+    /// The aligned words, awesome-align's `--output_word_file`: `src<sep>tgt` per link, one
+    /// line per pair, written atomically; with several methods one file each, named as for
+    /// `--output`.
+    #[arg(long)]
+    output_word_file: Option<PathBuf>,
+    /// A score per link, awesome-align's `--output_prob_file`: one number per link in the order
+    /// of the Pharaoh line (the similarity for argmax, itermax and match; awesome-align's link
+    /// probability for softmax and sparsemax); with several methods one file each.
+    #[arg(long)]
+    output_prob_file: Option<PathBuf>,
     /// Gold alignments (`i-j` sure, `ipj` possible) to score against: prints P/R/F1/AER.
     #[arg(long)]
     gold: Option<PathBuf>,
@@ -185,9 +198,27 @@ fn main() -> Result<()> {
     // Batches are sorted by length within each window of pairs; windows bound the memory the
     // vectors take and pace the progress bar.
     let window = (16 * args.batch_size).max(256);
-    let mut alignments: Vec<Vec<Alignment>> = vec![Vec::with_capacity(pairs.len()); names.len()];
+    let scored = args.output_prob_file.is_some();
+    let mut alignments: Vec<Vec<ScoredAlignment>> =
+        vec![Vec::with_capacity(pairs.len()); names.len()];
     for chunk in pairs.chunks(window) {
-        let per_method = aligner.align_pairs_multi(chunk, &methods)?;
+        let per_method = if scored {
+            aligner.align_pairs_scored(chunk, &methods)?
+        } else {
+            aligner
+                .align_pairs_multi(chunk, &methods)?
+                .into_iter()
+                .map(|method| {
+                    method
+                        .into_iter()
+                        .map(|alignment| ScoredAlignment {
+                            alignment,
+                            scores: Vec::new(),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
         for (all, more) in alignments.iter_mut().zip(per_method) {
             all.extend(more);
         }
@@ -196,7 +227,15 @@ fn main() -> Result<()> {
     progress.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 
-    for (name, aligned) in names.iter().zip(&alignments) {
+    for (name, scored_links) in names.iter().zip(&alignments) {
+        let aligned: Vec<Alignment> = scored_links.iter().map(|s| s.alignment.clone()).collect();
+        let aligned = &aligned;
+        if let Some(path) = &args.output_word_file {
+            write_word_pairs(output_path(path, name, several), &pairs, aligned)?;
+        }
+        if let Some(path) = &args.output_prob_file {
+            write_scores(output_path(path, name, several), scored_links)?;
+        }
         match &args.output {
             Some(path) => write_pharaoh(output_path(path, name, several), aligned)?,
             None => {
@@ -215,8 +254,10 @@ fn main() -> Result<()> {
         args.model
     );
     if let Some(gold) = gold {
-        for (name, aligned) in names.iter().zip(&alignments) {
-            let c = AlignmentCounts::corpus(aligned, &gold)?;
+        for (name, scored_links) in names.iter().zip(&alignments) {
+            let aligned: Vec<Alignment> =
+                scored_links.iter().map(|s| s.alignment.clone()).collect();
+            let c = AlignmentCounts::corpus(&aligned, &gold)?;
             let report = format!(
                 "{name}: precision {:.4}  recall {:.4}  F1 {:.4}  AER {:.4}  (|A| {}, |S| {}, |A∩S| {}, |A∩P| {})",
                 c.precision(),

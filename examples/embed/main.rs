@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Parser;
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::encode::{encode, EncodeOptions};
+use mlctl::encode::EncodeOptions;
 use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::Pooling;
 
@@ -27,27 +27,29 @@ struct Args {
     /// writes JSONL to stdout.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Hidden layers to pool and sum (0 = embeddings, -1 = last); ML-CTL uses 1 and -1.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        allow_hyphen_values = true,
-        default_value = "1,-1"
-    )]
-    layers: Vec<isize>,
+    /// Hidden layers to pool and sum (0 = embeddings, -1 = last), with the token mean. Default:
+    /// a sentence-transformers directory's own pooling (`modules.json`), else ML-CTL's 1,-1.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    layers: Option<Vec<isize>>,
     /// Text prepended to every line before tokenization, e.g. `"query: "` for e5 models (use
-    /// `--layers -1` for their own pooling, the mean of the last layer).
+    /// `--layers -1` for their own pooling, the mean of the last layer). Wins over
+    /// `--prompt-name`; `--prefix ""` switches a model's default prompt off.
     #[arg(long)]
     prefix: Option<String>,
-    /// Scale every embedding to unit length.
+    /// One of a sentence-transformers model's named prompts (`query`, `passage`, ...).
+    #[arg(long)]
+    prompt_name: Option<String>,
+    /// Scale every embedding to unit length (a sentence-transformers model with a `Normalize`
+    /// module does so already).
     #[arg(long)]
     normalize: bool,
     /// Sentences per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Maximum tokens per sentence, special tokens included; longer ones are truncated.
-    #[arg(long, default_value_t = 128)]
-    max_len: usize,
+    /// Default: a sentence-transformers model's `max_seq_length`, else 128.
+    #[arg(long)]
+    max_len: Option<usize>,
     /// auto, cpu, cuda[:N] or metal[:N].
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
@@ -61,14 +63,23 @@ fn main() -> Result<()> {
     let device = select_device(args.device)?;
     let bert = PretrainedBert::load(&args.model, &device, DType::F32)
         .with_context(|| format!("loading {}", args.model))?;
-    let tokenizer = bert.tokenizer()?.clone().with_max_len(args.max_len)?;
     let mut options = EncodeOptions::default()
-        .with_pooling(Pooling::mlctl().with_layers(args.layers.clone()))
         .with_batch_size(args.batch_size)
-        .with_normalize(args.normalize)
         .with_progress(true);
+    if let Some(layers) = &args.layers {
+        options = options.with_pooling(Pooling::mlctl().with_layers(layers.clone()));
+    }
+    if args.normalize {
+        options = options.with_normalize(true);
+    }
+    if let Some(max_len) = args.max_len {
+        options = options.with_max_len(max_len);
+    }
     if let Some(prefix) = &args.prefix {
         options = options.with_prefix(prefix.clone());
+    }
+    if let Some(name) = &args.prompt_name {
+        options = options.with_prompt_name(name.clone());
     }
 
     let lines: Vec<String> = match &args.input {
@@ -86,7 +97,8 @@ fn main() -> Result<()> {
         bail!("no input lines");
     }
 
-    let embeddings = encode(&bert.model.encoder, &tokenizer, &lines, &options)?;
+    // Follows a sentence-transformers directory's modules where the flags leave them open.
+    let embeddings = bert.encode(&lines, &options)?;
 
     match &args.output {
         Some(path) if path.extension().is_some_and(|e| e == "npy") => {
@@ -111,10 +123,12 @@ fn main() -> Result<()> {
         )?,
     }
     let (n, dim) = embeddings.dims2()?;
-    eprintln!(
-        "embedded {n} sentences into {dim} dimensions (layers {:?})",
-        args.layers
-    );
+    let pooling = match (&args.layers, &bert.sentence_transformer) {
+        (Some(layers), _) => format!("layers {layers:?}"),
+        (None, Some(st)) => format!("the model's modules.json: {:?}", st.pooling.modes()),
+        (None, None) => format!("layers {:?}", Pooling::mlctl().layers()),
+    };
+    eprintln!("embedded {n} sentences into {dim} dimensions ({pooling})");
     Ok(())
 }
 

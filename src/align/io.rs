@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::methods::Alignment;
 use super::metrics::GoldAlignment;
+use super::words::ScoredAlignment;
 use crate::{Error, Result};
 
 /// One line of a parallel file: source and target words.
@@ -96,6 +97,76 @@ pub fn pharaoh_text(alignments: &[Alignment]) -> String {
 /// Writes a Pharaoh file atomically (a temporary file in the same directory, then a rename).
 pub fn write_pharaoh(path: impl AsRef<Path>, alignments: &[Alignment]) -> Result<()> {
     crate::encoder::write_atomic(path.as_ref(), pharaoh_text(alignments).as_bytes())
+}
+
+/// The aligned words of one pair, awesome-align's `--output_word_file` line:
+/// `source<sep>target` for each link, in the order of [`Alignment::links`], separated by
+/// single spaces. A link outside the pair is an [`Error::InvalidArgument`].
+pub fn word_pairs_line(pair: &SentencePair, alignment: &Alignment) -> Result<String> {
+    let words: Vec<String> = alignment
+        .links()
+        .iter()
+        .map(|&(i, j)| match (pair.src.get(i), pair.tgt.get(j)) {
+            (Some(s), Some(t)) => Ok(format!("{s}<sep>{t}")),
+            _ => Err(Error::InvalidArgument(format!(
+                "link {i}-{j} is outside a pair of {} and {} words",
+                pair.src.len(),
+                pair.tgt.len()
+            ))),
+        })
+        .collect::<Result<_>>()?;
+    Ok(words.join(" "))
+}
+
+/// The scores of one pair's links, awesome-align's `--output_prob_file` line: one number per
+/// link, in the order of [`Alignment::links`], with 4 decimals, separated by single spaces. A
+/// count of scores other than the count of links is an [`Error::ShapeMismatch`].
+pub fn scores_line(scored: &ScoredAlignment) -> Result<String> {
+    if scored.scores.len() != scored.alignment.len() {
+        return Err(Error::ShapeMismatch {
+            name: "link scores".into(),
+            expected: vec![scored.alignment.len()],
+            actual: vec![scored.scores.len()],
+        });
+    }
+    Ok(scored
+        .scores
+        .iter()
+        .map(|s| format!("{s:.4}"))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// Writes the aligned words of a corpus ([`word_pairs_line`], one line per pair) atomically.
+/// `pairs` and `alignments` must have the same length ([`Error::ShapeMismatch`]).
+pub fn write_word_pairs(
+    path: impl AsRef<Path>,
+    pairs: &[SentencePair],
+    alignments: &[Alignment],
+) -> Result<()> {
+    if pairs.len() != alignments.len() {
+        return Err(Error::ShapeMismatch {
+            name: "alignments".into(),
+            expected: vec![pairs.len()],
+            actual: vec![alignments.len()],
+        });
+    }
+    let mut out = String::new();
+    for (pair, alignment) in pairs.iter().zip(alignments) {
+        out.push_str(&word_pairs_line(pair, alignment)?);
+        out.push('\n');
+    }
+    crate::encoder::write_atomic(path.as_ref(), out.as_bytes())
+}
+
+/// Writes the link scores of a corpus ([`scores_line`], one line per pair) atomically.
+pub fn write_scores(path: impl AsRef<Path>, scored: &[ScoredAlignment]) -> Result<()> {
+    let mut out = String::new();
+    for s in scored {
+        out.push_str(&scores_line(s)?);
+        out.push('\n');
+    }
+    crate::encoder::write_atomic(path.as_ref(), out.as_bytes())
 }
 
 /// Reads a gold file: one line per sentence pair of `i-j` (sure) and `ipj` (possible) links,

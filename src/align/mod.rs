@@ -14,7 +14,9 @@
 //!   [`SparsemaxAlign`]); [`SimMatrix::with_distortion`] and
 //!   [`drop_below`] as optional extensions.
 //! - [`io`]: `src ||| tgt` parallel files, Pharaoh (`i-j`, 0-based) files, gold files
-//!   (`i-j` sure, `ipj` possible, 1- or 0-based).
+//!   (`i-j` sure, `ipj` possible, 1- or 0-based), and awesome-align's extra outputs: the
+//!   aligned word pairs ([`io::write_word_pairs`]) and a score per link ([`io::write_scores`],
+//!   from [`WordAligner::align_pairs_scored`], see [`ScoredAlignment`]).
 //! - [`AlignmentCounts`]: corpus-level precision, recall, F1 and AER.
 //! - [`Lexicon`] and [`find_anchor_spans`]: dictionary entries found exactly once on each side of
 //!   a pair, with token spans, written as the ML-CTL reference's TSV ([`Anchor::to_tsv`]).
@@ -52,6 +54,6 @@ pub use methods::{
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{l2_normalize_rows, SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, SentenceVectors, TextWord, TokenType,
-    WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, ScoredAlignment, SentenceVectors, TextWord,
+    TokenType, WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
 };

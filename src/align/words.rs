@@ -448,6 +448,37 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         Ok(out)
     }
 
+    /// [`WordAligner::align_pairs_multi`] with a score for every link
+    /// ([`ScoredAlignment`]): entry `m` of the result holds method `m`'s scored alignment of
+    /// every pair, in input order.
+    pub fn align_pairs_scored(
+        &self,
+        pairs: &[SentencePair],
+        methods: &[&dyn AlignMethod],
+    ) -> Result<Vec<Vec<ScoredAlignment>>> {
+        let mut sentences: Vec<Vec<&str>> = Vec::with_capacity(2 * pairs.len());
+        for p in pairs {
+            sentences.push(p.src.iter().map(String::as_str).collect());
+            sentences.push(p.tgt.iter().map(String::as_str).collect());
+        }
+        let vectors = self.embed(&sentences)?;
+        let extraction = self.extraction();
+        let per_pair: Vec<Vec<ScoredAlignment>> = vectors
+            .par_chunks(2)
+            .map(|pair| extraction.align_scored(&pair[0], &pair[1], methods, true))
+            .collect::<Result<_>>()?;
+        let mut out: Vec<Vec<ScoredAlignment>> = methods
+            .iter()
+            .map(|_| Vec::with_capacity(pairs.len()))
+            .collect();
+        for alignments in per_pair {
+            for (m, a) in alignments.into_iter().enumerate() {
+                out[m].push(a);
+            }
+        }
+        Ok(out)
+    }
+
     /// Aligns two pre-tokenized sentences.
     pub fn align_words<S: AsRef<str>>(
         &self,
@@ -499,6 +530,21 @@ impl Extraction {
         tgt: &SentenceVectors,
         methods: &[&dyn AlignMethod],
     ) -> Result<Vec<Alignment>> {
+        Ok(self
+            .align_scored(src, tgt, methods, false)?
+            .into_iter()
+            .map(|s| s.alignment)
+            .collect())
+    }
+
+    /// Each method's word links and, with `scored`, a score per link (else no scores).
+    fn align_scored(
+        self,
+        src: &SentenceVectors,
+        tgt: &SentenceVectors,
+        methods: &[&dyn AlignMethod],
+        scored: bool,
+    ) -> Result<Vec<ScoredAlignment>> {
         let mut matrices: Vec<(Similarity, SimMatrix)> = Vec::new();
         let mut out = Vec::with_capacity(methods.len());
         for method in methods {
@@ -515,21 +561,91 @@ impl Extraction {
                     matrices.len() - 1
                 }
             };
-            let sim = &matrices[k].1;
+            let (kind, sim) = &matrices[k];
             let mut links = method.align(sim);
             if let Some(t) = self.null_threshold {
                 links = drop_below(&links, sim, t);
             }
-            out.push(
-                links
-                    .links()
-                    .iter()
-                    .map(|&(i, j)| (src.words[i], tgt.words[j]))
-                    .collect(),
-            );
+            let alignment: Alignment = links
+                .links()
+                .iter()
+                .map(|&(i, j)| (src.words[i], tgt.words[j]))
+                .collect();
+            let scores = if scored {
+                let unit_score = link_scores(*kind, sim);
+                // A word link's score is the best of its unit links', as awesome-align takes it.
+                let mut best: std::collections::HashMap<(usize, usize), f32> =
+                    std::collections::HashMap::new();
+                for &(i, j) in links.links() {
+                    let score = unit_score(i, j);
+                    let entry = best
+                        .entry((src.words[i], tgt.words[j]))
+                        .or_insert(f32::NEG_INFINITY);
+                    *entry = entry.max(score);
+                }
+                alignment.links().iter().map(|link| best[link]).collect()
+            } else {
+                Vec::new()
+            };
+            out.push(ScoredAlignment { alignment, scores });
         }
         Ok(out)
     }
+}
+
+/// The score of unit link `(i, j)` for methods on similarity `kind` (see [`ScoredAlignment`]).
+fn link_scores(kind: Similarity, sim: &SimMatrix) -> Box<dyn Fn(usize, usize) -> f32 + '_> {
+    match kind {
+        Similarity::Cosine | Similarity::ScaledCosine => Box::new(move |i, j| sim.get(i, j)),
+        Similarity::Dot => {
+            // awesome-align's heuristic: the harmonic mean of the row and the column softmax of
+            // the dot products, each divided by the square root of the other side's length.
+            let (m, n) = (sim.rows(), sim.cols());
+            let softmax = |values: Vec<f64>, scale: f64| -> Vec<f64> {
+                let values: Vec<f64> = values.into_iter().map(|v| v / scale).collect();
+                let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = values.iter().map(|v| (v - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                exps.into_iter().map(|e| e / sum).collect()
+            };
+            let rows: Vec<Vec<f64>> = (0..m)
+                .map(|i| {
+                    let row = sim.row(i).iter().map(|&v| f64::from(v)).collect();
+                    softmax(row, (n as f64).sqrt())
+                })
+                .collect();
+            let cols: Vec<Vec<f64>> = (0..n)
+                .map(|j| {
+                    let col = (0..m).map(|i| f64::from(sim.get(i, j))).collect();
+                    softmax(col, (m as f64).sqrt())
+                })
+                .collect();
+            Box::new(move |i, j| {
+                let (p, q) = (rows[i][j], cols[j][i]);
+                (2.0 * p * q / (p + q + 1e-9)) as f32
+            })
+        }
+    }
+}
+
+/// One method's word links with a score for each link, in the order of
+/// [`Alignment::links`] (awesome-align's `--output_prob_file`).
+///
+/// The score of a word link is the largest of its unit links' (one unit link for
+/// [`TokenType::Word`]; several subword pairs may link one word pair for [`TokenType::Bpe`]):
+/// - argmax, itermax, match (SimAlign's methods): the similarity the method linked on,
+///   `(cos + 1) / 2` in `[0, 1]` (after the distortion prior, when one is set);
+/// - softmax, sparsemax (awesome-align's): awesome-align's link probability, the harmonic mean
+///   `2pq / (p + q)` of the source-to-target softmax `p` and the target-to-source softmax `q` of
+///   the dot products, each divided by the square root of the other sentence's length in
+///   units. awesome-align counts `[CLS]` and `[SEP]` in those softmaxes and lengths; mlctl's
+///   units leave special tokens out, so the values are close to, not equal to, awesome-align's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoredAlignment {
+    /// The links.
+    pub alignment: Alignment,
+    /// One score per link, in the order of `alignment.links()`.
+    pub scores: Vec<f32>,
 }
 
 /// The alignment units of one encoded sentence: `tokens` is its `[seq_len, dim]` slice of

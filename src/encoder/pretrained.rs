@@ -13,6 +13,7 @@ use super::checkpoint::{
 };
 use super::config::BertConfig;
 use super::params::ParamStore;
+use crate::sentence_transformers::SentenceTransformerConfig;
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
 
@@ -74,6 +75,9 @@ pub struct PretrainedBert {
     tokenizer: Option<Tokenizer>,
     /// How the checkpoint's tensors were mapped.
     pub report: LoadReport,
+    /// The directory's sentence-transformers modules, when it has a `modules.json`: what
+    /// [`PretrainedBert::encode`] follows by default and [`PretrainedBert::save`] writes back.
+    pub sentence_transformer: Option<SentenceTransformerConfig>,
     /// The `tokenizer.json` the model directory lacked, named by [`PretrainedBert::tokenizer`].
     missing_tokenizer: Option<PathBuf>,
 }
@@ -116,6 +120,10 @@ impl PretrainedBert {
     /// listed in [`LoadReport::initialized`]. A tokenizer whose vocabulary is larger than the
     /// word-embedding table is an [`Error::Checkpoint`] naming `tokenizer.json` (a smaller one is
     /// fine: some rows are never used).
+    ///
+    /// A directory with `modules.json` (saved by sentence-transformers) also has its modules
+    /// read into [`PretrainedBert::sentence_transformer`], and the tokenizer truncates at its
+    /// `max_seq_length`.
     pub fn from_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = BertConfig::from_file(dir.join(CONFIG_FILE))?;
         let checkpoint = read_checkpoint_dir(dir)?;
@@ -140,9 +148,14 @@ impl PretrainedBert {
             return Err(Error::MissingTensors { names: missing });
         }
         // After the weights: a config that disagrees with them is reported as such first.
+        let sentence_transformer =
+            SentenceTransformerConfig::from_dir(dir, config.max_sequence_length())?;
         let tokenizer_missing = !dir.join(TOKENIZER_FILE).is_file();
         let tokenizer = if !tokenizer_missing {
-            let tokenizer = Tokenizer::from_dir(dir)?;
+            let mut tokenizer = Tokenizer::from_dir(dir)?;
+            if let Some(n) = sentence_transformer.as_ref().and_then(|m| m.max_seq_length) {
+                tokenizer = tokenizer.with_max_len(n)?;
+            }
             check_vocab(&tokenizer, &config, Some(&dir.join(TOKENIZER_FILE)))?;
             Some(tokenizer)
         } else {
@@ -163,6 +176,7 @@ impl PretrainedBert {
             params,
             tokenizer,
             report,
+            sentence_transformer,
             missing_tokenizer: tokenizer_missing.then(|| dir.join(TOKENIZER_FILE)),
         })
     }
@@ -193,6 +207,7 @@ impl PretrainedBert {
             params,
             tokenizer,
             report,
+            sentence_transformer: None,
             missing_tokenizer: None,
         })
     }
@@ -226,6 +241,11 @@ impl PretrainedBert {
     /// and `tokenizer_config.json` ([`Tokenizer::save_pretrained`]) to `dir`, creating it. Tensors keep transformers' names for the model type: the result
     /// loads with `transformers.BertForMaskedLM.from_pretrained(dir)`, or
     /// `XLMRobertaForMaskedLM` for an XLM-R. Each file is written atomically.
+    ///
+    /// A model loaded from a sentence-transformers directory also gets its modules written back
+    /// ([`SentenceTransformerConfig::save`]): the saved directory loads in
+    /// `SentenceTransformer(dir)`, which then gives the vectors [`PretrainedBert::encode`] gives
+    /// with the (fine-tuned) weights.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let roberta = self.config.is_roberta();
@@ -238,6 +258,9 @@ impl PretrainedBert {
         )?;
         if let Some(tokenizer) = &self.tokenizer {
             tokenizer.save_pretrained(dir)?;
+        }
+        if let Some(modules) = &self.sentence_transformer {
+            modules.save(dir)?;
         }
         Ok(())
     }
