@@ -751,7 +751,7 @@ fn adamw_run(dev: &Device, dtype: DType, steps: usize) -> Vec<(String, Tensor)> 
         .iter()
         .map(|(n, v)| (n.clone(), host(v.as_tensor())))
         .collect();
-    let mut state: Vec<_> = opt.state_tensors().into_iter().collect();
+    let mut state: Vec<_> = opt.state_tensors().unwrap().into_iter().collect();
     state.sort_by(|a, b| a.0.cmp(&b.0));
     out.extend(state.into_iter().map(|(n, t)| (n, host(&t))));
     out

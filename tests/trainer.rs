@@ -348,6 +348,20 @@ fn non_finite_steps_are_skipped_counted_and_stop_the_run() {
         }
         other => panic!("expected Diverged, got {other:?}"),
     }
+    // The skipped steps' lines read back (JSON writes their NaN loss as null), and a resume
+    // keeps them.
+    let run = dir.path().join("run");
+    let skipped = |records: Vec<StepRecord>| {
+        assert!(records
+            .iter()
+            .all(|r| r.skipped && r.loss.is_nan() && r.grad_norm.is_nan()));
+        records.len()
+    };
+    assert_eq!(skipped(mlctl::pretrain::read_metrics(&run).unwrap()), 4);
+    trainer.save_checkpoint().unwrap();
+    let mut resumed = trainer_in(&run, &data, 10, 0);
+    assert_eq!(resumed.resume().unwrap(), Some(4));
+    assert_eq!(skipped(mlctl::pretrain::read_metrics(&run).unwrap()), 4);
 }
 
 #[test]

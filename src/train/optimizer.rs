@@ -710,33 +710,31 @@ impl AdamW {
 
     /// The state as tensors named `m.<param>` and `v.<param>`, plus `master.<param>` for the
     /// f32 master copies of bf16/f16 parameters, for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    ///
+    /// # Errors
+    ///
+    /// A failed copy of device-side state (CUDA).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for (name, slot) in &self.slots {
-            // Built from buffers of the parameter's own size: cannot fail.
-            let (m, v, master) = slot
-                .tensors()
-                .expect("optimizer state has its parameter's size");
+            let (m, v, master) = slot.tensors()?;
             out.insert(format!("m.{name}"), m);
             out.insert(format!("v.{name}"), v);
             if let Some(w) = master {
                 out.insert(format!("master.{name}"), w);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Restores the state saved by [`AdamW::state_tensors`] and the step count. Master copies
     /// absent from `tensors` (older checkpoints) are taken from the variables' current values.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, slot) in self.slots.iter_mut() {
-            let get = |kind: &str, required: bool| -> Result<Option<Tensor>> {
+            let get = |kind: &str| -> Result<Option<Tensor>> {
                 let key = format!("{kind}.{name}");
                 let Some(t) = tensors.get(&key) else {
-                    return match required {
-                        true => Err(Error::MissingTensors { names: vec![key] }),
-                        false => Ok(None),
-                    };
+                    return Ok(None);
                 };
                 if t.dims() != slot.var.dims() {
                     return Err(Error::ShapeMismatch {
@@ -747,15 +745,20 @@ impl AdamW {
                 }
                 Ok(Some(t.clone()))
             };
-            let (m, v) = (get("m", true)?, get("v", true)?);
+            let required = |kind: &str| -> Result<Tensor> {
+                get(kind)?.ok_or_else(|| Error::MissingTensors {
+                    names: vec![format!("{kind}.{name}")],
+                })
+            };
+            let (m, v) = (required("m")?, required("v")?);
             let master = match needs_master(slot.var.dtype()) {
-                true => Some(match get("master", false)? {
+                true => Some(match get("master")? {
                     Some(w) => w,
                     None => slot.var.to_dtype(DType::F32)?,
                 }),
                 false => None,
             };
-            slot.set_tensors(m.expect("required"), v.expect("required"), master)?;
+            slot.set_tensors(m, v, master)?;
         }
         self.step = step;
         Ok(())

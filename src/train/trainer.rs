@@ -124,12 +124,15 @@ impl TrainConfig {
     }
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`. JSON has no NaN or infinity: a non-finite loss or gradient
+/// norm (a skipped step) is written as `null` and read back as NaN; a non-finite term of
+/// the loss is written as `null` and read back as `None`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// 1-based update number.
     pub step: u64,
     /// Total loss (mean over micro-batches).
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f32,
     /// Sentence-level term.
     pub sentence: Option<f32>,
@@ -140,6 +143,7 @@ pub struct StepRecord {
     /// Learning rate of the update.
     pub lr: f64,
     /// Global gradient norm before clipping.
+    #[serde(deserialize_with = "nan_if_null")]
     pub grad_norm: f64,
     /// Sentence pairs per second.
     pub pairs_per_s: f64,
@@ -147,6 +151,16 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
     /// True when the update was skipped for a non-finite loss or gradient.
     pub skipped: bool,
+}
+
+/// A float that serde_json wrote as `null` (it writes every non-finite float so) comes back
+/// as NaN.
+fn nan_if_null<'de, D, T>(de: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + From<f32>,
+{
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_else(|| T::from(f32::NAN)))
 }
 
 /// What a finished run reports.
@@ -736,7 +750,7 @@ impl Trainer {
         let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
             self.model.save(dir)?;
             let optimizer = dir.join(OPTIMIZER_FILE);
-            candle_core::safetensors::save(&self.optimizer.state_tensors(), &optimizer)?;
+            candle_core::safetensors::save(&self.optimizer.state_tensors()?, &optimizer)?;
             let json = serde_json::to_string_pretty(&state).expect("state serialises");
             std::fs::write(dir.join(STATE_FILE), json).map_err(Error::io(dir.join(STATE_FILE)))
         })?;
