@@ -87,12 +87,16 @@ on_gpu() {
   dp=$(test_bin data_parallel)
   step "GPU tests"
   "$gpu" --ignored --test-threads 1 2>&1 | tee "$logs/gpu-tests.log" | tail -n 5
-  "$dp" --ignored --test-threads 1 nccl 2>&1 | tee "$logs/nccl-tests.log" | tail -n 5
+  # One GPU: the one-rank NCCL tests; two or more: the multi-GPU ones too. The rank workers
+  # run only as the children of their tests.
+  local nccl=(nccl --skip worker)
+  if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then nccl=(nccl_one_rank); fi
+  "$dp" --ignored --test-threads 1 "${nccl[@]}" 2>&1 | tee "$logs/nccl-tests.log" | tail -n 5
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$gpu" --ignored --test-threads 1 \
       >"$logs/sanitizer-$tool-gpu.log" 2>&1 && tail -n 2 "$logs/sanitizer-$tool-gpu.log"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 "$dp" --ignored --test-threads 1 nccl \
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "$dp" --ignored --test-threads 1 "${nccl[@]}" \
       >"$logs/sanitizer-$tool-nccl.log" 2>&1 && tail -n 2 "$logs/sanitizer-$tool-nccl.log"
   done
   step "timings on the GPU"

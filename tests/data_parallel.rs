@@ -538,10 +538,10 @@ fn hex(bytes: &[u8]) -> String {
 /// `data_parallel_rendezvous_processes`, which runs this test binary with
 /// `MLCTL_TEST_DIST_WORKER` and the torchrun variables set.
 #[test]
+#[ignore = "a rank process of data_parallel_rendezvous_processes, which starts it"]
 fn data_parallel_rendezvous_worker() {
-    let Ok(seed) = std::env::var("MLCTL_TEST_DIST_WORKER") else {
-        return;
-    };
+    let seed = std::env::var("MLCTL_TEST_DIST_WORKER")
+        .expect("run by data_parallel_rendezvous_processes, which sets MLCTL_TEST_DIST_WORKER");
     let env = DistEnv::from_env().unwrap().expect("launch variables set");
     let blob = rendezvous(&env, Duration::from_secs(30), || {
         Ok(test_blob(seed.parse().unwrap()))
@@ -751,9 +751,10 @@ fn data_parallel_nccl_one_rank_round_trip() {
 #[ignore = "a rank process of data_parallel_nccl_all_gpus"]
 fn data_parallel_nccl_worker() {
     use mlctl::dist::NcclCollective;
-    if std::env::var("MLCTL_TEST_DIST_WORKER").is_err() {
-        return;
-    }
+    assert!(
+        std::env::var("MLCTL_TEST_DIST_WORKER").is_ok(),
+        "run by data_parallel_nccl_all_gpus, which sets MLCTL_TEST_DIST_WORKER"
+    );
     let env = DistEnv::from_env().unwrap().expect("launch variables set");
     let (rank, world) = (env.rank, env.world_size);
     let dev = Device::new_cuda(env.local_rank).unwrap();
@@ -808,13 +809,12 @@ fn data_parallel_nccl_worker() {
 /// One process per visible GPU (at least two), as torchrun would launch them.
 #[cfg(feature = "nccl")]
 #[test]
-#[ignore = "needs CUDA GPUs and NCCL; skips below two GPUs"]
+#[ignore = "needs two or more CUDA GPUs and NCCL (fails below two)"]
 fn data_parallel_nccl_all_gpus() {
     use candle_core::cuda::cudarc::driver::CudaContext;
     let gpus = CudaContext::device_count().unwrap() as usize;
     if gpus < 2 {
-        eprintln!("skipped: data_parallel_nccl_all_gpus needs at least two GPUs, found {gpus}");
-        return;
+        panic!("data_parallel_nccl_all_gpus needs at least two GPUs, found {gpus}");
     }
     let outputs = run_rank_processes(
         "data_parallel_nccl_worker",
@@ -1524,17 +1524,16 @@ fn data_parallel_nccl_one_rank_trainer_matches_no_collective() {
 /// batch ends; the ranks stay bit-identical.
 #[cfg(feature = "nccl")]
 #[test]
-#[ignore = "needs CUDA GPUs and NCCL; skips below two GPUs"]
+#[ignore = "needs two or more CUDA GPUs and NCCL (fails below two)"]
 fn data_parallel_nccl_trainer_threads_match_one_process() {
     use candle_core::cuda::cudarc::driver::CudaContext;
     use mlctl::dist::NcclCollective;
     let gpus = CudaContext::device_count().unwrap() as usize;
     if gpus < 2 {
-        eprintln!(
-            "skipped: data_parallel_nccl_trainer_threads_match_one_process needs at least two \
-             GPUs, found {gpus}"
+        panic!(
+            "data_parallel_nccl_trainer_threads_match_one_process needs at least two GPUs, \
+             found {gpus}"
         );
-        return;
     }
     let world = gpus.min(8);
     const STEPS: u64 = 3;
