@@ -214,6 +214,61 @@ fn a_stopped_and_resumed_run_ends_with_the_same_weights() {
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
 }
 
+#[test]
+fn resume_skips_a_damaged_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let run = dir.path().join("run");
+    // Checkpoints at steps 1 and 2; the weights at step 1 are what a resume must restore.
+    let mut trainer = trainer_in(&run, &data, 2, 0);
+    trainer.train_step().unwrap();
+    trainer.save_checkpoint().unwrap();
+    let at_1: Vec<(String, Tensor)> = trainer
+        .model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+        .collect();
+    trainer.train_step().unwrap();
+    let newest = trainer.save_checkpoint().unwrap();
+    let pristine = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&newest).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, pristine.path().join(path.file_name().unwrap())).unwrap();
+    }
+    for damaged in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        let path = newest.join(damaged);
+        let bytes = std::fs::read(pristine.path().join(damaged)).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let mut resumed = trainer_in(&run, &data, 2, 0);
+        assert_eq!(resumed.resume().unwrap(), Some(1), "{damaged} truncated");
+        let now = resumed.model.named_vars();
+        for (name, want) in &at_1 {
+            assert_eq!(
+                max_abs_diff(now[name].as_tensor(), want),
+                0.0,
+                "{damaged}: {name}"
+            );
+        }
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    // Whole again: the newest checkpoint verifies and is the one resumed.
+    let mut resumed = trainer_in(&run, &data, 2, 0);
+    assert_eq!(resumed.resume().unwrap(), Some(2));
+    // A damaged file with its size kept is caught by its SHA-256.
+    let path = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = mlctl::train::verify_checkpoint(&newest).unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+}
+
 /// One update of `trainer` whose loss is made non-finite (a NaN projection bias for the step,
 /// restored afterwards), so the non-finite guard skips it.
 fn skipped_step(trainer: &mut Trainer) {
@@ -247,13 +302,16 @@ fn a_run_with_a_skipped_step_resumes_with_the_same_weights() {
     drive(&mut first, 1..5);
     first.save_checkpoint().unwrap();
     drop(first);
-    // A checkpoint written before the optimizer's own step was saved resumes the same way.
+    // A checkpoint written before the optimizer's own step was saved (and before checksums
+    // were) resumes the same way.
     let legacy = dir.path().join("legacy");
     let checkpoint = legacy.join("checkpoints/step-00000004");
     std::fs::create_dir_all(&checkpoint).unwrap();
     for entry in std::fs::read_dir(run.join("checkpoints/step-00000004")).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, checkpoint.join(path.file_name().unwrap())).unwrap();
+        if path.file_name().unwrap() != mlctl::train::CHECKSUMS_FILE {
+            std::fs::copy(&path, checkpoint.join(path.file_name().unwrap())).unwrap();
+        }
     }
     let state_path = checkpoint.join("trainer_state.json");
     let mut state: serde_json::Value =

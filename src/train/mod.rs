@@ -10,7 +10,8 @@ mod trainer;
 mod update;
 
 pub use checkpoint::{
-    checkpoint_name, latest_checkpoint, list_checkpoints, prune_checkpoints, write_checkpoint_dir,
+    checkpoint_name, latest_checkpoint, latest_verified_checkpoint, list_checkpoints,
+    prune_checkpoints, verify_checkpoint, write_checkpoint_dir, CHECKSUMS_FILE,
 };
 pub use loss_scale::LossScaler;
 pub use optimizer::{clip_grad_norm, global_grad_norm, is_no_decay, AdamW, AdamWConfig, Gradients};

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
-    checkpoint_name, latest_checkpoint, prune_checkpoints, write_checkpoint_dir,
+    checkpoint_name, latest_verified_checkpoint, prune_checkpoints, write_checkpoint_dir,
 };
 use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, AdamWConfig, Gradients};
@@ -758,10 +758,12 @@ impl Trainer {
         Ok(path)
     }
 
-    /// Continues from the latest complete checkpoint of the run directory, if there is one;
-    /// returns its step. `metrics.jsonl` is cut back to that step.
+    /// Continues from the newest checkpoint of the run directory whose files match their
+    /// checksums, if there is one; returns its step. A newer checkpoint that was damaged
+    /// (truncated or changed files) is skipped with a warning
+    /// ([`super::latest_verified_checkpoint`]). `metrics.jsonl` is cut back to that step.
     pub fn resume(&mut self) -> Result<Option<u64>> {
-        let Some((_, dir)) = latest_checkpoint(&self.checkpoint_root())? else {
+        let Some((_, dir)) = latest_verified_checkpoint(&self.checkpoint_root())? else {
             return Ok(None);
         };
         let state_path = dir.join(STATE_FILE);
