@@ -71,6 +71,80 @@ fn adamw_matches_the_written_out_update_and_skips_decay_for_biases_and_layer_nor
     }
 }
 
+/// A parameter without a gradient in some steps counts only its own updates for the bias
+/// correction, as PyTorch's optimizers do (they keep a step per parameter); the counts survive
+/// a save and load, and a state without them (older checkpoints) takes the global count.
+#[test]
+fn each_parameter_counts_its_own_steps_for_bias_correction() {
+    let cfg = AdamWConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let vars = [
+        (
+            "every.weight".to_string(),
+            Var::new(&[0.5f32], &Device::Cpu).unwrap(),
+        ),
+        (
+            "some.weight".to_string(),
+            Var::new(&[0.5f32], &Device::Cpu).unwrap(),
+        ),
+    ];
+    let grads = |names: &[&str], g: f32| -> Gradients {
+        names
+            .iter()
+            .map(|n| (n.to_string(), Tensor::new(&[g], &Device::Cpu).unwrap()))
+            .collect()
+    };
+    let (lr, every, some) = (0.01, [0.3, -0.1, 0.2], [0.3, 0.2]);
+    let mut opt = AdamW::new(vars.clone(), cfg).unwrap();
+    opt.step(&grads(&["every.weight", "some.weight"], 0.3), lr)
+        .unwrap();
+    opt.step(&grads(&["every.weight"], -0.1), lr).unwrap();
+    // A second optimizer resumes from the saved state, a third from the state of an older
+    // checkpoint (no per-parameter counts: every parameter takes the global count of 2).
+    let saved = opt.state_tensors().unwrap();
+    let legacy: std::collections::HashMap<_, _> = saved
+        .iter()
+        .filter(|(k, _)| !k.starts_with("step."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let restart = |state: &std::collections::HashMap<String, Tensor>| {
+        let vars: Vec<(String, Var)> = vars
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    Var::from_tensor(&v.as_tensor().copy().unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let mut o = AdamW::new(vars.clone(), cfg).unwrap();
+        o.load_state(state, 2).unwrap();
+        (o, vars)
+    };
+    let (mut resumed, resumed_vars) = restart(&saved);
+    let (mut old, old_vars) = restart(&legacy);
+    let last = grads(&["every.weight", "some.weight"], 0.2);
+    opt.step(&last, lr).unwrap();
+    resumed.step(&last, lr).unwrap();
+    old.step(&last, lr).unwrap();
+    let value = |v: &Var| v.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+    let want_every = reference_adamw(0.5, &every, lr, cfg, false);
+    // Two updates of its own: the second bias-corrected as t = 2, not 3.
+    let want_some = reference_adamw(0.5, &some, lr, cfg, false);
+    for (what, vars) in [("live", &vars[..]), ("resumed", &resumed_vars[..])] {
+        assert!(
+            (value(&vars[0].1) - want_every).abs() < 1e-6,
+            "{what}: every"
+        );
+        assert!((value(&vars[1].1) - want_some).abs() < 1e-6, "{what}: some");
+    }
+    // The older state corrects "some" as t = 3: a different value, by more than rounding.
+    assert!((value(&old_vars[1].1) - want_some).abs() > 1e-4);
+    assert!((value(&old_vars[0].1) - want_every).abs() < 1e-6);
+}
+
 #[test]
 fn schedules_warm_up_then_decay_to_zero() {
     let s = |decay| LrSchedule {
@@ -268,6 +342,13 @@ fn bits(t: &Tensor) -> Vec<u64> {
             .unwrap()
             .iter()
             .map(|x| x.to_bits() as u64)
+            .collect(),
+        // Step counts.
+        DType::I64 => t
+            .to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&x| x as u64)
             .collect(),
         other => panic!("{other:?}"),
     }

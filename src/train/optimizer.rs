@@ -97,6 +97,9 @@ struct Slot {
     /// Lazy row update ([`AdamW::with_sparse_rows`]): rows of a matrix whose gradient is all
     /// zero are left alone.
     sparse_rows: bool,
+    /// Updates this parameter has had (its bias correction's step, as PyTorch counts it per
+    /// parameter: a step without its gradient does not count).
+    step: u64,
     state: State,
 }
 
@@ -133,6 +136,7 @@ impl Slot {
             decay,
             lr_scale: 1.0,
             sparse_rows: false,
+            step: 0,
             state,
         })
     }
@@ -146,6 +150,7 @@ impl Slot {
         fresh.set_tensors(m, v, master)?;
         fresh.lr_scale = self.lr_scale;
         fresh.sparse_rows = self.sparse_rows;
+        fresh.step = self.step;
         *self = fresh;
         Ok(())
     }
@@ -621,7 +626,7 @@ impl AdamW {
     /// Updates the matrix `name` (an embedding table) lazily, row by row: a row whose gradient
     /// is entirely zero (a token absent from the batch) keeps its weights, both moments and its
     /// master copy, and gets no weight decay; the other rows get the dense update, bias
-    /// correction included (with the optimizer's global step count). This is the rule of
+    /// correction included (with the matrix's step count). This is the rule of
     /// PyTorch's `SparseAdam` and of TensorFlow's `LazyAdam`, with AdamW's decoupled weight
     /// decay on the rows present.
     ///
@@ -654,7 +659,8 @@ impl AdamW {
         Ok(self)
     }
 
-    /// Number of updates applied so far.
+    /// Number of updates applied so far (each parameter also counts its own: the updates it
+    /// had a gradient in, which its bias correction uses, as PyTorch's optimizers do).
     pub fn step_count(&self) -> u64 {
         self.step
     }
@@ -669,7 +675,7 @@ impl AdamW {
     }
 
     /// Applies one update with learning rate `lr` (times each parameter's scale). Parameters
-    /// without a gradient are left alone (their moments do not advance).
+    /// without a gradient are left alone (their moments and their step count do not advance).
     pub fn step(&mut self, grads: &Gradients, lr: f64) -> Result<()> {
         self.step += 1;
         let AdamWConfig {
@@ -678,12 +684,14 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.config;
-        let inv_correction1 = 1.0 / (1.0 - beta1.powi(self.step as i32));
-        let inv_correction2 = 1.0 / (1.0 - beta2.powi(self.step as i32));
         for (name, slot) in self.slots.iter_mut() {
             let Some(grad) = grads.get(name) else {
                 continue;
             };
+            slot.step += 1;
+            let t = i32::try_from(slot.step).unwrap_or(i32::MAX);
+            let inv_correction1 = 1.0 / (1.0 - beta1.powi(t));
+            let inv_correction2 = 1.0 / (1.0 - beta2.powi(t));
             let lr = lr * slot.lr_scale;
             let h = Hyper {
                 beta1,
@@ -709,7 +717,8 @@ impl AdamW {
     }
 
     /// The state as tensors named `m.<param>` and `v.<param>`, plus `master.<param>` for the
-    /// f32 master copies of bf16/f16 parameters, for a checkpoint.
+    /// f32 master copies of bf16/f16 parameters and `step.<param>` (an i64 scalar) for each
+    /// parameter's step count, for a checkpoint.
     ///
     /// # Errors
     ///
@@ -720,6 +729,8 @@ impl AdamW {
             let (m, v, master) = slot.tensors()?;
             out.insert(format!("m.{name}"), m);
             out.insert(format!("v.{name}"), v);
+            let step = i64::try_from(slot.step).unwrap_or(i64::MAX);
+            out.insert(format!("step.{name}"), Tensor::new(step, &Device::Cpu)?);
             if let Some(w) = master {
                 out.insert(format!("master.{name}"), w);
             }
@@ -728,7 +739,9 @@ impl AdamW {
     }
 
     /// Restores the state saved by [`AdamW::state_tensors`] and the step count. Master copies
-    /// absent from `tensors` (older checkpoints) are taken from the variables' current values.
+    /// absent from `tensors` (older checkpoints) are taken from the variables' current values;
+    /// a parameter's step count absent from them (checkpoints written before parameters
+    /// counted their own) is `step`, the count every parameter's bias correction used then.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (name, slot) in self.slots.iter_mut() {
             let get = |kind: &str| -> Result<Option<Tensor>> {
@@ -759,9 +772,24 @@ impl AdamW {
                 false => None,
             };
             slot.set_tensors(m, v, master)?;
+            slot.step = match tensors.get(&format!("step.{name}")) {
+                Some(t) => saved_step(t, &format!("step.{name}"))?,
+                None => step,
+            };
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// A step count saved as a scalar tensor (any integer or float dtype).
+fn saved_step(t: &Tensor, name: &str) -> Result<u64> {
+    let value = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    match value[..] {
+        [v] if v >= 0.0 && v.fract() == 0.0 => Ok(v as u64),
+        _ => Err(Error::InvalidArgument(format!(
+            "optimizer state `{name}`: expected one non-negative whole number, got {value:?}"
+        ))),
     }
 }
 
