@@ -721,6 +721,101 @@ fn an_f16_run_scales_its_loss_skips_overflows_without_diverging_and_resumes_its_
     );
 }
 
+/// An f16 run with loss scaling moves its weights as an f32 run does, on the plain and the
+/// cached path: the scaled gradients are divided by the scale exactly once.
+///
+/// The update is made linear in the gradient (AdamW with `eps` far above every gradient
+/// element is SGD with momentum at rate `lr/eps`; no clipping, no decay), so a missing or a
+/// doubled unscale moves the weights 2^10 times too far or too little. f16 keeps 11 significant
+/// bits (`u = 2⁻¹¹ ≈ 4.9e-4`): inputs, weights and every stored activation round at that
+/// relative size, which a forward and backward through two layers compound to some percent of
+/// a gradient; a tenth of the largest movement leaves room for that and none for the scale.
+#[test]
+fn an_f16_run_with_loss_scaling_moves_as_an_f32_run() {
+    use std::collections::HashMap;
+    const EPS: f64 = 1e3;
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path(), 8);
+    let sgd = |mini_batch: Option<usize>| TrainConfig {
+        schedule: LrSchedule {
+            peak_lr: 0.1 * EPS,
+            warmup_steps: 0,
+            total_steps: 3,
+            decay: Decay::Linear,
+        },
+        adamw: mlctl::train::AdamWConfig {
+            eps: EPS,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        max_grad_norm: None,
+        mini_batch,
+        progress: false,
+        ..TrainConfig::adam_linear_clipped(3)
+    };
+    let weights = |model: &MlCtlModel| -> HashMap<String, Tensor> {
+        model
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                (
+                    n,
+                    v.as_tensor().to_dtype(DType::F32).unwrap().copy().unwrap(),
+                )
+            })
+            .collect()
+    };
+    for mini_batch in [None, Some(2)] {
+        let run = |model: MlCtlModel, scaler: Option<LossScaler>, name: &str| {
+            let before = weights(&model);
+            let mut trainer = Trainer::new(
+                model,
+                MultiLevelLoss::mlctl(),
+                tsv_loader(&data, 4, 16, 9),
+                sgd(mini_batch),
+                &dir.path().join(format!("{name}-{mini_batch:?}")),
+            )
+            .unwrap()
+            .with_loss_scaler(scaler);
+            for _ in 0..3 {
+                assert!(!trainer.train_step().unwrap().skipped);
+            }
+            let after = weights(&trainer.model);
+            let moved: HashMap<String, Tensor> = after
+                .iter()
+                .map(|(n, t)| (n.clone(), (t - &before[n]).unwrap()))
+                .collect();
+            moved
+        };
+        let half = tiny_model_f16(4);
+        let full = common::tiny_model(4);
+        full.set_vars(&weights(&half)).unwrap();
+        // A fixed scale of 2^10: no growth, and no overflow at this size.
+        let mut scaler = LossScaler::new(1024.0).unwrap();
+        scaler.growth_interval = u64::MAX;
+        let want = run(full, None, "f32");
+        let got = run(half, Some(scaler), "f16");
+        let largest = want
+            .values()
+            .map(|t| max_abs_diff(t, &t.zeros_like().unwrap()))
+            .fold(0f64, common::nan_max);
+        assert!(largest > 1e-2, "the weights barely moved: {largest:e}");
+        let mut worst = 0f64;
+        for (name, w) in &want {
+            let diff = max_abs_diff(&got[name], w);
+            worst = common::nan_max(worst, diff);
+            assert!(
+                diff <= 0.1 * largest,
+                "{mini_batch:?} {name}: f16 movement off by {diff:e}, largest movement {largest:e}"
+            );
+        }
+        eprintln!(
+            "{mini_batch:?}: f16 off by {:.2e} of the largest movement",
+            worst / largest
+        );
+    }
+}
+
 #[test]
 fn the_loss_scale_has_a_floor_and_persistent_overflow_is_divergence() {
     let mut scaler = LossScaler::new(8.0).unwrap();

@@ -393,9 +393,12 @@ fn scalar(t: &Tensor) -> Result<f32> {
     Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }
 
-/// `Σ a ⊙ b` in the dtype of `a`, whose backward sends `b` to `a`.
+/// `Σ a ⊙ b` (products in the dtype of `a`, the scalar in f32 so that it adds to the f32 MLM
+/// term of a half-precision model), whose backward sends `b` to `a`.
 fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    Ok((a * b.to_dtype(a.dtype())?)?.sum_all()?)
+    Ok((a * b.to_dtype(a.dtype())?)?
+        .sum_all()?
+        .to_dtype(DType::F32)?)
 }
 
 fn cat<'a>(parts: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {
