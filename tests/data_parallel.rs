@@ -446,6 +446,7 @@ fn data_parallel_env_parsing() {
             local_rank: 3,
             master_addr: "node-a.cluster".into(),
             master_port: 29500,
+            job_id: String::new(),
         }
     );
     let back = DistEnv::from_lookup(|name| {
@@ -521,6 +522,7 @@ fn local_env(rank: usize, world: usize, port: u16) -> DistEnv {
         local_rank: rank,
         master_addr: "127.0.0.1".into(),
         master_port: port,
+        job_id: format!("test-job-{port}"),
     }
 }
 
@@ -670,6 +672,65 @@ fn data_parallel_rendezvous_failures_are_reported_in_time() {
     // One rank alone needs no network.
     let blob = rendezvous(&local_env(0, 1, 1), Duration::from_secs(1), || Ok(vec![5])).unwrap();
     assert_eq!(blob, vec![5]);
+}
+
+#[test]
+fn data_parallel_rendezvous_admits_only_the_job_and_waits_on_no_silent_peer() {
+    let port = free_port();
+    let start = Instant::now();
+    let r0 = thread::spawn(move || {
+        rendezvous(&local_env(0, 2, port), Duration::from_secs(20), || {
+            Ok(vec![7, 7])
+        })
+    });
+    // A peer that connects and never speaks: rank 0 reads hellos on their own threads, so the
+    // real rank is let in long before this one's 5 s are up.
+    let silent = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    // A process of another job (same protocol, same rank) is turned away and changes nothing.
+    let stranger = DistEnv {
+        job_id: "another job".into(),
+        ..local_env(1, 2, port)
+    };
+    let err = rendezvous(&stranger, Duration::from_secs(10), || unreachable!()).unwrap_err();
+    assert!(err.to_string().contains("job id differs"), "{err}");
+    let r1 = rendezvous(
+        &local_env(1, 2, port),
+        Duration::from_secs(10),
+        || unreachable!(),
+    );
+    assert_eq!(r1.unwrap(), vec![7, 7]);
+    assert_eq!(r0.join().unwrap().unwrap(), vec![7, 7]);
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "a silent peer held the rendezvous for {:?}",
+        start.elapsed()
+    );
+    drop(silent);
+}
+
+/// Rank 0 listens on the address it is given, not on every interface: on Linux every
+/// 127.x.y.z is a local address, and 127.0.0.2 must not reach a rank 0 told 127.0.0.1.
+#[cfg(target_os = "linux")]
+#[test]
+fn data_parallel_rendezvous_listens_on_master_addr_only() {
+    let port = free_port();
+    let r0 = thread::spawn(move || {
+        rendezvous(&local_env(0, 2, port), Duration::from_secs(3), || {
+            Ok(vec![1])
+        })
+    });
+    thread::sleep(Duration::from_millis(300));
+    let other = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 2], port)),
+        Duration::from_millis(500),
+    );
+    assert!(other.is_err(), "rank 0 accepted a connection on 127.0.0.2");
+    assert!(r0.join().unwrap().is_err(), "no rank 1 came");
 }
 
 /// One NCCL rank on GPU 0: every collective is the identity, and the data-parallel helpers

@@ -50,6 +50,8 @@ pub fn launch_local_ranks(n: usize) -> Result<()> {
         .port();
     let exe = std::env::current_exe().map_err(|e| io("locating the current program", e))?;
     let args: Vec<_> = std::env::args_os().skip(1).collect();
+    // Drawn from the OS's entropy per launch: only these children can join the rendezvous.
+    let job_id = format!("{:032x}", rand::random::<u128>());
     let mut children: Vec<Child> = Vec::with_capacity(n);
     for rank in 0..n {
         let env = DistEnv {
@@ -58,6 +60,7 @@ pub fn launch_local_ranks(n: usize) -> Result<()> {
             local_rank: rank,
             master_addr: "127.0.0.1".into(),
             master_port: port,
+            job_id: job_id.clone(),
         };
         match Command::new(&exe).args(&args).envs(env.to_vars()).spawn() {
             Ok(child) => children.push(child),

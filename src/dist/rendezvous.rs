@@ -1,8 +1,11 @@
 //! The torchrun launch protocol: ranks from the environment, a byte blob from rank 0 over TCP.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -16,6 +19,7 @@ use crate::{Error, Result};
 /// | `LOCAL_RANK` | [`DistEnv::local_rank`]: rank on this node, i.e. the CUDA device ordinal |
 /// | `MASTER_ADDR` | [`DistEnv::master_addr`]: host name or address of rank 0's node |
 /// | `MASTER_PORT` | [`DistEnv::master_port`]: a free TCP port there |
+/// | `MLCTL_JOB_ID`, else `TORCHELASTIC_RUN_ID` (optional) | [`DistEnv::job_id`] |
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DistEnv {
     /// This process's global rank.
@@ -28,6 +32,12 @@ pub struct DistEnv {
     pub master_addr: String,
     /// The TCP port rank 0 listens on for the rendezvous.
     pub master_port: u16,
+    /// A name that every rank of this launch shares and no one else knows: rank 0 hands the
+    /// rendezvous blob (the NCCL id) only to peers that present it. [`super::launch_local_ranks`]
+    /// draws a random one per launch; under torchrun, `--rdzv-id` (`TORCHELASTIC_RUN_ID`) or
+    /// `MLCTL_JOB_ID` set to a secret on every node. Empty: any peer that speaks the protocol
+    /// is let in.
+    pub job_id: String,
 }
 
 /// The variables [`DistEnv::from_env`] reads.
@@ -89,12 +99,16 @@ impl DistEnv {
                 value(4)
             ))
         })?;
+        let job_id = get("MLCTL_JOB_ID")
+            .or_else(|| get("TORCHELASTIC_RUN_ID"))
+            .unwrap_or_default();
         let env = Self {
             rank,
             world_size,
             local_rank,
             master_addr,
             master_port,
+            job_id,
         };
         env.validate()?;
         Ok(Some(env))
@@ -123,13 +137,23 @@ impl DistEnv {
 
     /// The variables that describe this process, to launch it (`Command::envs`).
     pub fn to_vars(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut vars = vec![
             (VARS[0], self.rank.to_string()),
             (VARS[1], self.world_size.to_string()),
             (VARS[2], self.local_rank.to_string()),
             (VARS[3], self.master_addr.clone()),
             (VARS[4], self.master_port.to_string()),
-        ]
+        ];
+        if !self.job_id.is_empty() {
+            vars.push(("MLCTL_JOB_ID", self.job_id.clone()));
+        }
+        vars
+    }
+
+    /// What a rank presents for [`DistEnv::job_id`]: its SHA-256 (the name itself never
+    /// crosses the network).
+    fn job_token(&self) -> [u8; 32] {
+        Sha256::digest(self.job_id.as_bytes()).into()
     }
 
     fn master_socket_addrs(&self) -> Result<Vec<SocketAddr>> {
@@ -153,7 +177,11 @@ impl DistEnv {
 }
 
 /// Marks the hello of an mlctl rank (and the protocol version).
-const MAGIC: &[u8; 8] = b"MLCTLRV1";
+const MAGIC: &[u8; 8] = b"MLCTLRV2";
+/// A hello: `MAGIC`, rank and world size (u64 little-endian each), the job token.
+const HELLO_LEN: usize = 8 + 8 + 8 + 32;
+/// How long a peer has to say who it is.
+const HELLO_TIME: Duration = Duration::from_secs(5);
 /// Bounds what a reply may announce, so a stray peer cannot make a rank allocate gigabytes.
 const MAX_BLOB: usize = 1 << 20;
 const POLL: Duration = Duration::from_millis(20);
@@ -162,10 +190,13 @@ const POLL: Duration = Duration::from_millis(20);
 /// its result to every other rank; every rank returns the same bytes. A barrier too: nobody
 /// returns before all `world_size` ranks have arrived.
 ///
-/// Rank 0 listens on `MASTER_PORT` (all interfaces); the others connect to
-/// `MASTER_ADDR:MASTER_PORT`, retrying until rank 0 is up, and say who they are. When all
-/// have arrived, rank 0 sends each of them the blob. Ranks may be on any node that reaches
-/// `MASTER_ADDR`.
+/// Rank 0 listens on `MASTER_ADDR:MASTER_PORT` (the address it is given, which must be one of
+/// its node's; not every interface); the others connect there, retrying until rank 0 is up,
+/// and say who they are: rank, world size and the job's token ([`DistEnv::job_id`]). Rank 0
+/// reads each hello on its own thread, so a peer that connects and says nothing stalls no one;
+/// a peer that does not present the job's token is turned away and the rendezvous goes on.
+/// When all have arrived, rank 0 sends each of them the blob. Ranks may be on any node that
+/// reaches `MASTER_ADDR`.
 ///
 /// # Errors
 ///
@@ -202,25 +233,8 @@ fn serve(
     if env.world_size == 1 {
         return Ok(blob);
     }
-    // Listen on every interface of the address family of MASTER_ADDR: the name other nodes
-    // use may not be an address of a local interface (NAT, DNS aliases).
-    let ip = match env
-        .master_socket_addrs()
-        .ok()
-        .and_then(|a| a.first().copied())
-    {
-        Some(SocketAddr::V6(_)) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-    };
-    let listener = TcpListener::bind((ip, env.master_port)).map_err(|e| {
-        Error::Distributed(format!(
-            "rank 0 cannot listen on port {}: {e}",
-            env.master_port
-        ))
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::Distributed(format!("rendezvous listener: {e}")))?;
+    let listener = listen(env)?;
+    let (hellos, arrivals) = mpsc::channel();
     let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
     let mut arrived = 1;
     let mut failure: Option<String> = None;
@@ -237,49 +251,57 @@ fn serve(
             ));
             break;
         }
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
-                std::thread::sleep(POLL);
-                continue;
+        match listener.accept() {
+            Ok((stream, _)) => {
+                // Each hello on its own thread: a silent peer holds only its own.
+                let hellos = hellos.clone();
+                std::thread::spawn(move || {
+                    let _ = hellos.send(read_hello(stream, deadline));
+                });
             }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::Distributed(format!("rendezvous accept: {e}"))),
-        };
+        }
         // Something that does not speak the protocol (a port scanner, a health check) is
         // dropped; the rendezvous goes on.
-        let Ok((mut stream, rank, world)) = read_hello(stream, deadline) else {
+        let Ok(hello) = arrivals.recv_timeout(POLL) else {
             continue;
         };
-        if world != env.world_size {
-            failure = Some(format!(
+        let Ok((mut stream, rank, world, token)) = hello else {
+            continue;
+        };
+        if token != env.job_token() {
+            let _ = write_reply(
+                &mut stream,
+                false,
+                b"not a rank of this job (job id differs)",
+            );
+            continue;
+        }
+        let refusal = if world != env.world_size {
+            Some(format!(
                 "rank {rank} has WORLD_SIZE={world}, rank 0 has WORLD_SIZE={}",
                 env.world_size
-            ));
-            let _ = write_reply(
-                &mut stream,
-                false,
-                failure.as_deref().unwrap_or("").as_bytes(),
-            );
+            ))
         } else if rank == 0 || rank >= env.world_size {
-            failure = Some(format!(
+            Some(format!(
                 "a process joined as rank {rank}, not in 1..{}",
                 env.world_size
-            ));
-            let _ = write_reply(
-                &mut stream,
-                false,
-                failure.as_deref().unwrap_or("").as_bytes(),
-            );
+            ))
         } else if peers[rank].is_some() {
-            failure = Some(format!("two processes joined as rank {rank}"));
-            let _ = write_reply(
-                &mut stream,
-                false,
-                failure.as_deref().unwrap_or("").as_bytes(),
-            );
+            Some(format!("two processes joined as rank {rank}"))
         } else {
-            peers[rank] = Some(stream);
-            arrived += 1;
+            None
+        };
+        match refusal {
+            Some(why) => {
+                let _ = write_reply(&mut stream, false, why.as_bytes());
+                failure = Some(why);
+            }
+            None => {
+                peers[rank] = Some(stream);
+                arrived += 1;
+            }
         }
     }
     let (ok, payload) = match &failure {
@@ -298,6 +320,30 @@ fn serve(
         (Some(why), _) | (None, Some(why)) => Err(Error::Distributed(why)),
         (None, None) => Ok(blob),
     }
+}
+
+/// A non-blocking listener on `MASTER_ADDR:MASTER_PORT` (the first of its addresses that
+/// binds).
+fn listen(env: &DistEnv) -> Result<TcpListener> {
+    let mut last_error = None;
+    for addr in env.master_socket_addrs()? {
+        match TcpListener::bind(addr) {
+            Ok(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(|e| Error::Distributed(format!("rendezvous listener: {e}")))?;
+                return Ok(listener);
+            }
+            Err(e) => last_error = Some(format!("{addr}: {e}")),
+        }
+    }
+    Err(Error::Distributed(format!(
+        "rank 0 cannot listen on MASTER_ADDR={} port {} ({}); MASTER_ADDR must be an address \
+         of rank 0's node",
+        env.master_addr,
+        env.master_port,
+        last_error.unwrap_or_default()
+    )))
 }
 
 fn join(env: &DistEnv, deadline: Instant) -> Result<Vec<u8>> {
@@ -324,10 +370,11 @@ fn join(env: &DistEnv, deadline: Instant) -> Result<Vec<u8>> {
         std::thread::sleep(POLL.max(Duration::from_millis(100)));
     };
     let io = |e: std::io::Error| Error::Distributed(format!("{who}: {e}"));
-    let mut hello = Vec::with_capacity(24);
+    let mut hello = Vec::with_capacity(HELLO_LEN);
     hello.extend_from_slice(MAGIC);
     hello.extend_from_slice(&(env.rank as u64).to_le_bytes());
     hello.extend_from_slice(&(env.world_size as u64).to_le_bytes());
+    hello.extend_from_slice(&env.job_token());
     stream.write_all(&hello).map_err(io)?;
     // The reply comes when every rank has arrived, so this waits as long as the deadline.
     set_read_deadline(&stream, deadline).map_err(io)?;
@@ -355,14 +402,16 @@ fn join(env: &DistEnv, deadline: Instant) -> Result<Vec<u8>> {
     }
 }
 
-/// Reads a rank's hello: `MAGIC`, its rank and its world size (u64 little-endian each).
-fn read_hello(stream: TcpStream, deadline: Instant) -> std::io::Result<(TcpStream, usize, usize)> {
+/// A rank's hello: its stream, rank, world size and job token.
+type Hello = (TcpStream, usize, usize, [u8; 32]);
+
+/// Reads a rank's hello ([`HELLO_LEN`] bytes), giving the peer [`HELLO_TIME`] at most.
+fn read_hello(stream: TcpStream, deadline: Instant) -> std::io::Result<Hello> {
     let mut stream = stream;
     stream.set_nonblocking(false)?;
-    // A peer gets a few seconds to say who it is, so that a silent one cannot stall the rest.
-    let hello_deadline = deadline.min(Instant::now() + Duration::from_secs(5));
+    let hello_deadline = deadline.min(Instant::now() + HELLO_TIME);
     set_read_deadline(&stream, hello_deadline)?;
-    let mut hello = [0u8; 24];
+    let mut hello = [0u8; HELLO_LEN];
     read_exact_by(&mut stream, &mut hello, hello_deadline)?;
     if &hello[..8] != MAGIC {
         return Err(std::io::Error::new(
@@ -371,7 +420,8 @@ fn read_hello(stream: TcpStream, deadline: Instant) -> std::io::Result<(TcpStrea
         ));
     }
     let num = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize;
-    Ok((stream, num(&hello[8..16]), num(&hello[16..24])))
+    let token = hello[24..].try_into().unwrap_or([0; 32]);
+    Ok((stream, num(&hello[8..16]), num(&hello[16..24]), token))
 }
 
 /// The reply: a status byte (0 ok, 1 refused), a u64 little-endian length, the payload (the
