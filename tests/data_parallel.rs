@@ -1119,6 +1119,82 @@ fn data_parallel_batch_not_divisible_by_world_is_an_error() {
     assert!(err.to_string().contains("4 ranks"), "{err}");
 }
 
+/// Ranks started with different seeds, or training different parameters, are refused on
+/// every rank before anything else crosses, naming the field.
+#[test]
+fn data_parallel_ranks_that_differ_in_seed_or_parameters_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let root = dir.path().to_path_buf();
+    for (field, differ) in [
+        (
+            "seed",
+            TrainConfig {
+                seed: 1,
+                ..dp_config(2, 1, None)
+            },
+        ),
+        (
+            "trained parameters",
+            TrainConfig {
+                freeze_embeddings: true,
+                ..dp_config(2, 1, None)
+            },
+        ),
+    ] {
+        let (root, data) = (root.clone(), data.clone());
+        let errors = run_ranks(2, move |c| {
+            // The common `seed + rank` habit, or a rank started with other options.
+            let config = match c.rank() {
+                0 => dp_config(2, 1, None),
+                _ => differ.clone(),
+            };
+            dp_trainer(&root.join("run"), &data, 4, config, 5)
+                .with_collective(Box::new(c))
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        });
+        for (rank, err) in errors.iter().enumerate() {
+            assert!(
+                err.contains(field) && err.contains("rank 1"),
+                "rank {rank}: {err}"
+            );
+        }
+    }
+}
+
+/// A resume where rank 1 sees no checkpoint (a node-local run directory) is refused on every
+/// rank: it would train other weights with the same collectives.
+#[test]
+fn data_parallel_resume_that_only_rank_zero_can_see_is_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let mut single = dp_trainer(
+        &dir.path().join("run-0"),
+        &data,
+        4,
+        dp_config(2, 1, None),
+        5,
+    );
+    single.train_step().unwrap();
+    single.save_checkpoint().unwrap();
+    let root = dir.path().to_path_buf();
+    let errors = run_ranks(2, move |c| {
+        let run = root.join(format!("run-{}", c.rank()));
+        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
+            .with_collective(Box::new(c))
+            .unwrap();
+        trainer.resume().unwrap_err().to_string()
+    });
+    for (rank, err) in errors.iter().enumerate() {
+        assert!(
+            err.contains("checkpoint to resume from") && err.contains("rank 0 has 1"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
 #[test]
 fn data_parallel_only_rank_zero_writes_the_run_directory() {
     let dir = tempfile::tempdir().unwrap();

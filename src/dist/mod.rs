@@ -93,6 +93,62 @@ pub trait Collective {
     fn broadcast(&self, x: &Tensor, root: usize) -> Result<Tensor>;
 }
 
+/// Checks that every rank holds the same value of each named field, with one all-gather;
+/// every rank gets the same verdict, so they fail (or go on) together.
+///
+/// `device` is where the collective's tensors live (the model's device). Values are 64-bit
+/// (a step, a seed, a hash of a configuration); each crosses as four 16-bit pieces in f32,
+/// which holds them exactly.
+///
+/// # Errors
+///
+/// [`Error::Distributed`] naming the first field on which ranks differ, which ranks differ
+/// from rank 0 and their values; the collective's errors.
+pub fn agree(
+    c: &dyn Collective,
+    device: &candle_core::Device,
+    fields: &[(&str, u64)],
+) -> Result<()> {
+    let world = c.world_size();
+    if world == 1 || fields.is_empty() {
+        return Ok(());
+    }
+    let mine: Vec<f32> = fields
+        .iter()
+        .flat_map(|&(_, v)| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f32))
+        .collect();
+    let n = mine.len();
+    let all: Vec<f32> = c
+        .all_gather(&Tensor::from_vec(mine, n, device)?)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1()?;
+    if all.len() != world * n {
+        return Err(Error::Distributed(format!(
+            "all_gather returned {} values for {world} ranks of {n}",
+            all.len()
+        )));
+    }
+    let value = |rank: usize, field: usize| -> u64 {
+        (0..4)
+            .map(|i| (all[rank * n + field * 4 + i] as u64) << (16 * i))
+            .sum()
+    };
+    for (f, (name, _)) in fields.iter().enumerate() {
+        let differ: Vec<String> = (1..world)
+            .filter(|&r| value(r, f) != value(0, f))
+            .map(|r| format!("rank {r} has {}", value(r, f)))
+            .collect();
+        if !differ.is_empty() {
+            return Err(Error::Distributed(format!(
+                "the ranks disagree on the {name}: rank 0 has {}, {}",
+                value(0, f),
+                differ.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// All-gathers `local` and keeps this rank's rows in the autograd graph (OpenCLIP's
 /// `gather_with_grad` restricted to the local slice): the result is
 /// `cat(rows of ranks < r (constants), local, rows of ranks > r (constants))`.

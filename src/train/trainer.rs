@@ -19,7 +19,7 @@ use super::optimizer::{AdamW, AdamWConfig, Gradients};
 use super::schedule::{Decay, LrSchedule};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
-use crate::dist::{broadcast_vars, Collective, GradLayout};
+use crate::dist::{agree, broadcast_vars, Collective, GradLayout};
 use crate::encoder::read_checkpoint_dir;
 use crate::loss::{masked_rows, pair_rows, CachedLoss, MaskedPair, MultiLevelLoss, RankShard};
 use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
@@ -424,6 +424,8 @@ impl Trainer {
                 "with_collective must come before resume and training".into(),
             ));
         }
+        // Before anything else crosses: ranks started differently fail together, by name.
+        agree(collective.as_ref(), &self.device, &self.run_fingerprints()?)?;
         broadcast_vars(collective.as_ref(), &self.model.named_vars(), 0)?;
         // AdamW's master copies (below f32) were taken from this rank's initial values.
         self.optimizer = build_optimizer(&self.trainable, &self.config)?;
@@ -431,6 +433,47 @@ impl Trainer {
         let layout = GradLayout::new(&vars)?;
         self.data_parallel = Some(DataParallel { collective, layout });
         Ok(self)
+    }
+
+    /// What every rank of a data-parallel run must share: the trained parameters' names,
+    /// shapes and dtypes, the seed, the training configuration (progress bars aside) and the
+    /// data order (the loader's configuration and corpus size), hashed where they are not
+    /// numbers.
+    fn run_fingerprints(&self) -> Result<Vec<(&'static str, u64)>> {
+        let hash = |text: &str| -> u64 {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(text.as_bytes());
+            u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
+        };
+        let json = |text: serde_json::Result<String>| {
+            text.map_err(|e| Error::Distributed(format!("cannot fingerprint the run: {e}")))
+        };
+        let params: String = self
+            .trainable
+            .iter()
+            .map(|(name, var)| format!("{name}:{:?}:{:?};", var.dims(), var.dtype()))
+            .collect();
+        let config = TrainConfig {
+            progress: false,
+            ..self.config.clone()
+        };
+        let loader = json(serde_json::to_string(self.loader.config()))?;
+        let data = format!("{loader}|{}", self.loader.corpus_len());
+        Ok(vec![
+            (
+                "trained parameters (hash of names, shapes, dtypes)",
+                hash(&params),
+            ),
+            ("seed", self.config.seed),
+            (
+                "training configuration (hash)",
+                hash(&json(serde_json::to_string(&config))?),
+            ),
+            (
+                "data order (hash of the loader's configuration and corpus size)",
+                hash(&data),
+            ),
+        ])
     }
 
     /// This rank's index and the world size; `(0, 1)` without a data-parallel group.
@@ -763,7 +806,24 @@ impl Trainer {
     /// (truncated or changed files) is skipped with a warning
     /// ([`super::latest_verified_checkpoint`]). `metrics.jsonl` is cut back to that step.
     pub fn resume(&mut self) -> Result<Option<u64>> {
-        let Some((_, dir)) = latest_verified_checkpoint(&self.checkpoint_root())? else {
+        let found = latest_verified_checkpoint(&self.checkpoint_root());
+        if let Some(dp) = &self.data_parallel {
+            // Every rank must resume from the same step: one that sees no checkpoint (a
+            // node-local run directory) would train other weights with the same collectives.
+            // The ranks refuse together; the run directory must be shared (or hold the same
+            // checkpoints on every node).
+            let step = match &found {
+                Ok(Some((step, _))) => *step,
+                Ok(None) => 0,
+                Err(_) => u64::MAX,
+            };
+            agree(
+                dp.collective.as_ref(),
+                &self.device,
+                &[("checkpoint to resume from (its step; 0: none found)", step)],
+            )?;
+        }
+        let Some((_, dir)) = found? else {
             return Ok(None);
         };
         let state_path = dir.join(STATE_FILE);
