@@ -1119,6 +1119,50 @@ fn data_parallel_batch_not_divisible_by_world_is_an_error() {
     assert!(err.to_string().contains("4 ranks"), "{err}");
 }
 
+/// A rank that hangs or dies in the middle of training makes every other rank return a typed
+/// error naming it, within the collective's timeout: no rank waits forever.
+#[test]
+fn data_parallel_a_hung_or_dead_rank_fails_every_rank_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    for hang in [true, false] {
+        let start = Instant::now();
+        let (run, data) = (dir.path().join(format!("run-{hang}")), data.clone());
+        let group = LocalCollective::group_with_timeout(3, Duration::from_secs(2)).unwrap();
+        let results = run_threads(group, HANG, move |c| {
+            let rank = c.rank();
+            let mut trainer = dp_trainer(&run, &data, 6, dp_config(3, 1, None), 5)
+                .with_collective(Box::new(c))
+                .unwrap();
+            trainer.train_step().unwrap();
+            if rank == 2 {
+                if !hang {
+                    return "dropped".to_string(); // dies: its handle goes with it
+                }
+                thread::sleep(Duration::from_secs(4)); // hangs past the timeout
+            }
+            trainer.train_step().unwrap_err().to_string()
+        });
+        let waited = start.elapsed();
+        for (rank, err) in results.iter().enumerate().take(2) {
+            assert!(
+                err.contains("distributed") && err.contains("rank"),
+                "rank {rank}: {err}"
+            );
+            assert!(err.contains("2"), "rank {rank} is told which rank: {err}");
+        }
+        if hang {
+            assert!(results[0].contains("timed out"), "{}", results[0]);
+            assert!(
+                results[2].contains("timed out"),
+                "the hung rank is told too: {}",
+                results[2]
+            );
+        }
+        assert!(waited < Duration::from_secs(20), "took {waited:?}");
+    }
+}
+
 /// Ranks started with different seeds, or training different parameters, are refused on
 /// every rank before anything else crosses, naming the field.
 #[test]

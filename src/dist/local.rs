@@ -1,6 +1,7 @@
 //! [`LocalCollective`]: ranks as threads of one process.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -14,7 +15,10 @@ use crate::{Error, Result};
 /// Each rank's handle is moved into its thread. When a handle is dropped (its thread returned,
 /// failed or panicked) while others still wait, or later call a collective, they get
 /// [`Error::Distributed`] instead of waiting forever. Ranks that call different collectives,
-/// or pass tensors of different shapes or dtypes, all get the same error.
+/// or pass tensors of different shapes or dtypes, all get the same error. A rank that hangs
+/// (never reaches a collective the others wait in) fails them all after the group's timeout
+/// ([`LocalCollective::group_with_timeout`]), with an error naming the ranks that did not come,
+/// as NCCL's watchdog would.
 ///
 /// Sums are taken in rank order, so every rank gets bit-identical results.
 ///
@@ -49,6 +53,8 @@ pub struct LocalCollective {
 #[derive(Debug)]
 struct Shared {
     world: usize,
+    /// How long a rank waits in a collective for the others.
+    timeout: Option<Duration>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -86,6 +92,22 @@ impl LocalCollective {
     ///
     /// [`Error::InvalidArgument`] when `world` is 0.
     pub fn group(world: usize) -> Result<Vec<LocalCollective>> {
+        Self::build(world, None)
+    }
+
+    /// [`LocalCollective::group`] whose collectives give up after `timeout`: a rank that
+    /// waits longer for the others fails the group with [`Error::Distributed`] naming the
+    /// ranks that did not arrive, and every rank gets that error (a hung rank, too, when it
+    /// reaches its next collective).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when `world` is 0.
+    pub fn group_with_timeout(world: usize, timeout: Duration) -> Result<Vec<LocalCollective>> {
+        Self::build(world, Some(timeout))
+    }
+
+    fn build(world: usize, timeout: Option<Duration>) -> Result<Vec<LocalCollective>> {
         if world == 0 {
             return Err(Error::InvalidArgument(
                 "LocalCollective::group: world size must be at least 1".into(),
@@ -93,6 +115,7 @@ impl LocalCollective {
         }
         let shared = Arc::new(Shared {
             world,
+            timeout,
             state: Mutex::new(State {
                 generation: 0,
                 deposits: (0..world).map(|_| None).collect(),
@@ -141,15 +164,32 @@ impl LocalCollective {
         } else {
             // Completion is checked before failure: a rank that returned from the last
             // collective and then left must not fail the ranks still reading its result.
+            let deadline = self.shared.timeout.map(|t| Instant::now() + t);
             while state.generation == generation {
                 if let Some(why) = &state.failed {
                     return Err(Error::Distributed(why.clone()));
                 }
+                let Some(deadline) = deadline else {
+                    state = self
+                        .shared
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    continue;
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    let why = timed_out(&state.deposits, self.shared.timeout, op);
+                    state.failed = Some(why.clone());
+                    self.shared.changed.notify_all();
+                    return Err(Error::Distributed(why));
+                }
                 state = self
                     .shared
                     .changed
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .0;
             }
         }
         match state.outcome.as_ref() {
@@ -160,6 +200,19 @@ impl LocalCollective {
             )),
         }
     }
+}
+
+/// Why a collective timed out: the ranks that had not deposited.
+fn timed_out(deposits: &[Option<Deposit>], timeout: Option<Duration>, op: Op) -> String {
+    let missing: Vec<String> = (0..deposits.len())
+        .filter(|&r| deposits[r].is_none())
+        .map(|r| r.to_string())
+        .collect();
+    format!(
+        "{op:?} timed out after {:?}: rank(s) {} never reached it (hung or dead)",
+        timeout.unwrap_or_default(),
+        missing.join(", ")
+    )
 }
 
 /// Computes a collective's result from every rank's deposit (in rank order), or the error
