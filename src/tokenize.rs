@@ -198,13 +198,16 @@ impl Tokenizer {
             pad_token: pad.token.clone(),
             ..Default::default()
         });
-        self.inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(Error::Tokenizer)?
-            .with_padding(padding);
+        guard(|| {
+            self.inner
+                .with_truncation(Some(TruncationParams {
+                    max_length: max_len,
+                    ..Default::default()
+                }))
+                .map(|inner| {
+                    inner.with_padding(padding);
+                })
+        })?;
         self.max_len = max_len;
         Ok(self)
     }
@@ -320,11 +323,7 @@ impl Tokenizer {
     pub fn encode_each<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoding>> {
         texts
             .iter()
-            .map(|t| {
-                self.inner
-                    .encode(t.as_ref(), true)
-                    .map_err(Error::Tokenizer)
-            })
+            .map(|t| guard(|| self.inner.encode(t.as_ref(), true)))
             .collect()
     }
 
@@ -334,7 +333,7 @@ impl Tokenizer {
             return Err(Error::InvalidArgument("cannot pad an empty batch".into()));
         }
         if let Some(params) = self.inner.get_padding() {
-            tokenizers::pad_encodings(&mut encodings, params).map_err(Error::Tokenizer)?;
+            guard(|| tokenizers::pad_encodings(&mut encodings, params))?;
         }
         self.stack(&encodings, device)
     }
@@ -354,10 +353,7 @@ impl Tokenizer {
                 "cannot encode an empty batch".into(),
             ));
         }
-        let encodings = self
-            .inner
-            .encode_batch(inputs, true)
-            .map_err(Error::Tokenizer)?;
+        let encodings = guard(|| self.inner.encode_batch(inputs, true))?;
         self.stack(&encodings, device)
     }
 
@@ -506,10 +502,34 @@ fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
             reason: "no such file: the model directory has no tokenizer".into(),
         });
     }
-    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+    guard(|| tokenizers::Tokenizer::from_file(path)).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("not a readable tokenizer.json ({e})"),
     })
+}
+
+/// Runs a call into the `tokenizers` crate, turning a panic inside it into an
+/// [`Error::Tokenizer`]: a bad file must never abort the caller, and some make the crate panic
+/// instead of returning an error. Upstream bugs found by fuzzing (`tokenizers` 0.22.2): parsing
+/// a `tokenizer.json` whose `decoder` object is malformed or cut off panics (an `expect` in
+/// `decoders/mod.rs`); a `TemplateProcessing` whose template names a special token missing from
+/// its `special_tokens` table loads, then panics on every encode (an unchecked map index in
+/// `processors/template.rs`); `with_truncation` subtracts the number of added special tokens
+/// from the maximum length unchecked (`Tokenizer::with_max_len` refuses such lengths first).
+pub(crate) fn guard<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(Error::Tokenizer),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::Tokenizer(
+                format!("the tokenizers crate panicked: {message}").into(),
+            ))
+        }
+    }
 }
 
 /// The JSON object in `path`, `None` when the file does not exist.

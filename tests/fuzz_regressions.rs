@@ -1,0 +1,58 @@
+//! Inputs found by fuzzing the readers (`fuzz/`), each of which once panicked, hung or
+//! misbehaved: every one must now give a typed error or a correct result.
+
+mod common;
+
+use candle_core::Device;
+use common::fixture;
+use mlctl::tokenize::Tokenizer;
+use mlctl::Error;
+
+/// A `tokenizer.json` cut off inside its `decoder` object (a partial download, say) made the
+/// `tokenizers` crate panic while parsing it (an `expect` on the decoder's helper): reading it
+/// is an [`Error::Checkpoint`] naming the file.
+#[test]
+fn tokenizer_json_cut_inside_the_decoder_is_a_checkpoint_error() {
+    let text = std::fs::read_to_string(fixture("tiny_bert/tokenizer.json")).unwrap();
+    let cut = text.find("\"decoder\"").unwrap() + "\"decoder\": {\"type\": \"WordPiece\",".len();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, &text[..cut]).unwrap();
+    match Tokenizer::from_file(&path) {
+        Err(Error::Checkpoint { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("tokenizer.json"), "{reason}");
+        }
+        other => panic!("{:?}", other.map(|t| t.max_len())),
+    }
+}
+
+/// A `TemplateProcessing` post-processor whose template names a special token its
+/// `special_tokens` table lacks loads, then made the `tokenizers` crate panic on every encode
+/// (an unchecked map index): encoding is an [`Error::Tokenizer`].
+#[test]
+fn template_naming_an_undeclared_special_token_is_a_tokenizer_error() {
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny_bert/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    json["post_processor"]["special_tokens"]
+        .as_object_mut()
+        .unwrap()
+        .remove("[SEP]");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    for result in [
+        tok.encode_batch(&["the cat"], &Device::Cpu).map(|_| ()),
+        tok.encode_pair_batch(&["the cat"], &["a dog"], &Device::Cpu)
+            .map(|_| ()),
+        tok.encode_each(&["the cat"]).map(|_| ()),
+    ] {
+        match result {
+            Err(Error::Tokenizer(e)) => assert!(e.to_string().contains("panicked"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
