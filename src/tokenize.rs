@@ -189,7 +189,24 @@ impl Tokenizer {
     }
 
     /// Sets the maximum length of an encoded sequence, special tokens included.
+    ///
+    /// `max_len` must leave room for at least one token of text after the special tokens the
+    /// post-processor adds to a sentence pair (3 for BERT, 4 for XLM-R): a shorter one is an
+    /// [`Error::InvalidArgument`].
     pub fn with_max_len(mut self, max_len: usize) -> Result<Self> {
+        // `tokenizers` subtracts the number of added special tokens from the maximum length
+        // unchecked (in `with_truncation`, and for pairs again when encoding): a shorter
+        // maximum panics there in a debug build and wraps to a huge length in a release one.
+        let added = self.inner.get_post_processor().map_or(0, |p| {
+            tokenizers::PostProcessor::added_tokens(p, false)
+                .max(tokenizers::PostProcessor::added_tokens(p, true))
+        });
+        if max_len <= added {
+            return Err(Error::InvalidArgument(format!(
+                "max_len {max_len} leaves no room for text: the tokenizer adds {added} special \
+                 tokens to a sentence pair"
+            )));
+        }
         // Without a pad token nothing is padded: a batch that needs padding is an error then
         // (see `Tokenizer::pad_token`), never padding with whatever id 0 is.
         let padding = self.special.pad.as_ref().map(|pad| PaddingParams {

@@ -8,6 +8,31 @@ use common::fixture;
 use mlctl::tokenize::Tokenizer;
 use mlctl::Error;
 
+fn tiny_tokenizer() -> Tokenizer {
+    Tokenizer::from_file(fixture("tiny_bert/tokenizer.json")).unwrap()
+}
+
+/// A maximum length shorter than the special tokens BERT adds (`[CLS] a [SEP] b [SEP]`: 3)
+/// overflowed an unchecked subtraction in the `tokenizers` crate (a panic in a debug build, a
+/// wrapped length in a release one).
+#[test]
+fn max_len_without_room_for_text_is_an_invalid_argument() {
+    for max_len in 0..=3 {
+        match tiny_tokenizer().with_max_len(max_len) {
+            Err(Error::InvalidArgument(msg)) => assert!(msg.contains("no room"), "{msg}"),
+            other => panic!("max_len {max_len}: {:?}", other.map(|t| t.max_len())),
+        }
+    }
+    // The shortest accepted length keeps one token of text, for single sentences and pairs.
+    let tok = tiny_tokenizer().with_max_len(4).unwrap();
+    let batch = tok
+        .encode_pair_batch(&["the cat"], &["a dog"], &Device::Cpu)
+        .unwrap();
+    assert_eq!(batch.lengths, vec![4]);
+    let batch = tok.encode_batch(&["the big cat"], &Device::Cpu).unwrap();
+    assert_eq!(batch.lengths, vec![4]);
+}
+
 /// A `tokenizer.json` cut off inside its `decoder` object (a partial download, say) made the
 /// `tokenizers` crate panic while parsing it (an `expect` on the decoder's helper): reading it
 /// is an [`Error::Checkpoint`] naming the file.
