@@ -113,6 +113,9 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` alone, with a maximum length of [`DEFAULT_MAX_LEN`]. Its special
     /// tokens come from the file itself (see [`SpecialTokens`]); use [`Tokenizer::from_dir`] for
     /// a model directory, whose other files may declare them.
+    ///
+    /// A file that is not a readable `tokenizer.json`, or whose model vocabulary gives one id to
+    /// two tokens, is an [`Error::Checkpoint`] naming it (also from [`Tokenizer::from_dir`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let inner = read_tokenizer_json(path)?;
@@ -162,7 +165,10 @@ impl Tokenizer {
 
     /// Wraps a `tokenizers` tokenizer; its own padding and truncation settings are replaced.
     /// Special tokens come from the tokenizer alone, as for [`Tokenizer::from_file`].
+    ///
+    /// A model vocabulary that gives one id to two tokens is an [`Error::InvalidArgument`].
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
+        check_vocab_ids(&inner).map_err(Error::InvalidArgument)?;
         let special = find_special_tokens(&inner, &Declared::default(), Path::new("tokenizer"))?;
         Self::with_special(inner, special, None)
     }
@@ -519,10 +525,38 @@ fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
             reason: "no such file: the model directory has no tokenizer".into(),
         });
     }
-    guard(|| tokenizers::Tokenizer::from_file(path)).map_err(|e| Error::Checkpoint {
+    let inner =
+        guard(|| tokenizers::Tokenizer::from_file(path)).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a readable tokenizer.json ({e})"),
+        })?;
+    check_vocab_ids(&inner).map_err(|reason| Error::Checkpoint {
         path: path.to_path_buf(),
-        reason: format!("not a readable tokenizer.json ({e})"),
-    })
+        reason,
+    })?;
+    Ok(inner)
+}
+
+/// Refuses a model vocabulary that gives one id to two tokens: `tokenizers` loads it, but the
+/// id means either token, and writing it back keeps only one of them, so the saved tokenizer is
+/// not the one that was loaded (and may lack its own special tokens).
+fn check_vocab_ids(inner: &tokenizers::Tokenizer) -> std::result::Result<(), String> {
+    let vocab = tokenizers::Model::get_vocab(inner.get_model());
+    let mut by_id: std::collections::HashMap<u32, &str> =
+        std::collections::HashMap::with_capacity(vocab.len());
+    for (token, &id) in &vocab {
+        if let Some(other) = by_id.insert(id, token) {
+            let (a, b) = if other < token.as_str() {
+                (other, token.as_str())
+            } else {
+                (token.as_str(), other)
+            };
+            return Err(format!(
+                "the model's vocabulary gives id {id} to both `{a}` and `{b}`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs a call into the `tokenizers` crate, turning a panic inside it into an

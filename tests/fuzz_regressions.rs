@@ -81,3 +81,26 @@ fn template_naming_an_undeclared_special_token_is_a_tokenizer_error() {
         }
     }
 }
+
+/// A model vocabulary giving one id to two tokens loaded, but the tokenizer written back by
+/// `save_pretrained` kept only one of them and no longer loaded (its `[CLS]` was gone): such a
+/// `tokenizer.json` is an [`Error::Checkpoint`] naming it.
+#[test]
+fn vocabulary_giving_one_id_to_two_tokens_is_a_checkpoint_error() {
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tiny_bert/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let sep = json["model"]["vocab"]["[SEP]"].clone();
+    json["model"]["vocab"]["[CLS]"] = sep;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    match Tokenizer::from_file(&path) {
+        Err(Error::Checkpoint { path: p, reason }) => {
+            assert_eq!(p, path);
+            assert!(reason.contains("to both `[CLS]` and `[SEP]`"), "{reason}");
+        }
+        other => panic!("{:?}", other.map(|t| t.max_len())),
+    }
+}
