@@ -104,3 +104,38 @@ fn vocabulary_giving_one_id_to_two_tokens_is_a_checkpoint_error() {
         other => panic!("{:?}", other.map(|t| t.max_len())),
     }
 }
+
+/// `config.json` with `"layer_norm_eps": 1e-25` read as one `f64`, was written back as `1e-25`
+/// and read back as the next `f64` down (serde_json's default float parsing is not correctly
+/// rounded): a saved model did not load with the configuration it was saved with.
+#[test]
+fn config_json_floats_read_back_to_the_same_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(fixture("tiny_bert/config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for eps in [
+        "1e-25",
+        "1e-12",
+        "2.2250738585072014e-308",
+        "0.30000000000000004",
+    ] {
+        json["layer_norm_eps"] = "EPS".into();
+        let text = json.to_string().replace("\"EPS\"", eps);
+        std::fs::write(&path, &text).unwrap();
+        let cfg = mlctl::encoder::BertConfig::from_file(&path).unwrap();
+        assert_eq!(
+            cfg.layer_norm_eps,
+            eps.parse::<f64>().unwrap(),
+            "{eps} as read"
+        );
+        std::fs::write(&path, cfg.to_json_string()).unwrap();
+        let back = mlctl::encoder::BertConfig::from_file(&path).unwrap();
+        assert_eq!(
+            back.layer_norm_eps.to_bits(),
+            cfg.layer_norm_eps.to_bits(),
+            "{eps} written back as {}",
+            cfg.to_json_string()
+        );
+    }
+}
