@@ -113,6 +113,9 @@ impl Tokenizer {
     /// Loads a `tokenizer.json` alone, with a maximum length of [`DEFAULT_MAX_LEN`]. Its special
     /// tokens come from the file itself (see [`SpecialTokens`]); use [`Tokenizer::from_dir`] for
     /// a model directory, whose other files may declare them.
+    ///
+    /// A file that is not a readable `tokenizer.json`, or whose model vocabulary gives one id to
+    /// two tokens, is an [`Error::Checkpoint`] naming it (also from [`Tokenizer::from_dir`]).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let inner = read_tokenizer_json(path)?;
@@ -162,7 +165,10 @@ impl Tokenizer {
 
     /// Wraps a `tokenizers` tokenizer; its own padding and truncation settings are replaced.
     /// Special tokens come from the tokenizer alone, as for [`Tokenizer::from_file`].
+    ///
+    /// A model vocabulary that gives one id to two tokens is an [`Error::InvalidArgument`].
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
+        check_vocab_ids(&inner).map_err(Error::InvalidArgument)?;
         let special = find_special_tokens(&inner, &Declared::default(), Path::new("tokenizer"))?;
         Self::with_special(inner, special, None)
     }
@@ -189,7 +195,24 @@ impl Tokenizer {
     }
 
     /// Sets the maximum length of an encoded sequence, special tokens included.
+    ///
+    /// `max_len` must leave room for at least one token of text after the special tokens the
+    /// post-processor adds to a sentence pair (3 for BERT, 4 for XLM-R): a shorter one is an
+    /// [`Error::InvalidArgument`].
     pub fn with_max_len(mut self, max_len: usize) -> Result<Self> {
+        // `tokenizers` subtracts the number of added special tokens from the maximum length
+        // unchecked (in `with_truncation`, and for pairs again when encoding): a shorter
+        // maximum panics there in a debug build and wraps to a huge length in a release one.
+        let added = self.inner.get_post_processor().map_or(0, |p| {
+            tokenizers::PostProcessor::added_tokens(p, false)
+                .max(tokenizers::PostProcessor::added_tokens(p, true))
+        });
+        if max_len <= added {
+            return Err(Error::InvalidArgument(format!(
+                "max_len {max_len} leaves no room for text: the tokenizer adds {added} special \
+                 tokens to a sentence pair"
+            )));
+        }
         // Without a pad token nothing is padded: a batch that needs padding is an error then
         // (see `Tokenizer::pad_token`), never padding with whatever id 0 is.
         let padding = self.special.pad.as_ref().map(|pad| PaddingParams {
@@ -198,13 +221,16 @@ impl Tokenizer {
             pad_token: pad.token.clone(),
             ..Default::default()
         });
-        self.inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(Error::Tokenizer)?
-            .with_padding(padding);
+        guard(|| {
+            self.inner
+                .with_truncation(Some(TruncationParams {
+                    max_length: max_len,
+                    ..Default::default()
+                }))
+                .map(|inner| {
+                    inner.with_padding(padding);
+                })
+        })?;
         self.max_len = max_len;
         Ok(self)
     }
@@ -320,11 +346,7 @@ impl Tokenizer {
     pub fn encode_each<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Encoding>> {
         texts
             .iter()
-            .map(|t| {
-                self.inner
-                    .encode(t.as_ref(), true)
-                    .map_err(Error::Tokenizer)
-            })
+            .map(|t| guard(|| self.inner.encode(t.as_ref(), true)))
             .collect()
     }
 
@@ -334,7 +356,7 @@ impl Tokenizer {
             return Err(Error::InvalidArgument("cannot pad an empty batch".into()));
         }
         if let Some(params) = self.inner.get_padding() {
-            tokenizers::pad_encodings(&mut encodings, params).map_err(Error::Tokenizer)?;
+            guard(|| tokenizers::pad_encodings(&mut encodings, params))?;
         }
         self.stack(&encodings, device)
     }
@@ -354,10 +376,7 @@ impl Tokenizer {
                 "cannot encode an empty batch".into(),
             ));
         }
-        let encodings = self
-            .inner
-            .encode_batch(inputs, true)
-            .map_err(Error::Tokenizer)?;
+        let encodings = guard(|| self.inner.encode_batch(inputs, true))?;
         self.stack(&encodings, device)
     }
 
@@ -506,10 +525,62 @@ fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
             reason: "no such file: the model directory has no tokenizer".into(),
         });
     }
-    tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Checkpoint {
+    let inner =
+        guard(|| tokenizers::Tokenizer::from_file(path)).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a readable tokenizer.json ({e})"),
+        })?;
+    check_vocab_ids(&inner).map_err(|reason| Error::Checkpoint {
         path: path.to_path_buf(),
-        reason: format!("not a readable tokenizer.json ({e})"),
-    })
+        reason,
+    })?;
+    Ok(inner)
+}
+
+/// Refuses a model vocabulary that gives one id to two tokens: `tokenizers` loads it, but the
+/// id means either token, and writing it back keeps only one of them, so the saved tokenizer is
+/// not the one that was loaded (and may lack its own special tokens).
+fn check_vocab_ids(inner: &tokenizers::Tokenizer) -> std::result::Result<(), String> {
+    let vocab = tokenizers::Model::get_vocab(inner.get_model());
+    let mut by_id: std::collections::HashMap<u32, &str> =
+        std::collections::HashMap::with_capacity(vocab.len());
+    for (token, &id) in &vocab {
+        if let Some(other) = by_id.insert(id, token) {
+            let (a, b) = if other < token.as_str() {
+                (other, token.as_str())
+            } else {
+                (token.as_str(), other)
+            };
+            return Err(format!(
+                "the model's vocabulary gives id {id} to both `{a}` and `{b}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a call into the `tokenizers` crate, turning a panic inside it into an
+/// [`Error::Tokenizer`]: a bad file must never abort the caller, and some make the crate panic
+/// instead of returning an error. Upstream bugs found by fuzzing (`tokenizers` 0.22.2): parsing
+/// a `tokenizer.json` whose `decoder` object is malformed or cut off panics (an `expect` in
+/// `decoders/mod.rs`); a `TemplateProcessing` whose template names a special token missing from
+/// its `special_tokens` table loads, then panics on every encode (an unchecked map index in
+/// `processors/template.rs`); `with_truncation` subtracts the number of added special tokens
+/// from the maximum length unchecked (`Tokenizer::with_max_len` refuses such lengths first).
+pub(crate) fn guard<T>(f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(result) => result.map_err(Error::Tokenizer),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(Error::Tokenizer(
+                format!("the tokenizers crate panicked: {message}").into(),
+            ))
+        }
+    }
 }
 
 /// The JSON object in `path`, `None` when the file does not exist.

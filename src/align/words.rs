@@ -313,7 +313,7 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
             .filter(|(_, s)| !s.is_empty())
             .map(|(k, s)| {
                 let words: Vec<&str> = s.iter().map(AsRef::as_ref).collect();
-                let enc = tokenizer.encode(words, true).map_err(Error::Tokenizer)?;
+                let enc = crate::tokenize::guard(|| tokenizer.encode(words, true))?;
                 Ok((k, enc))
             })
             .collect::<Result<_>>()?;
@@ -710,7 +710,7 @@ pub fn split_words(tokenizer: &Tokenizer, text: &str) -> Result<Vec<TextWord>> {
         .with_truncation(None)
         .map_err(Error::Tokenizer)?
         .with_padding(None);
-    let enc = inner.encode(text, false).map_err(Error::Tokenizer)?;
+    let enc = crate::tokenize::guard(|| inner.encode(text, false))?;
     let mut words: Vec<TextWord> = Vec::new();
     let mut last: Option<u32> = None;
     for (id, &(start, end)) in enc.get_word_ids().iter().zip(enc.get_offsets()) {
