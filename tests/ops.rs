@@ -332,17 +332,25 @@ fn dropout_masks_ignore_thread_count_and_batch_split() {
     }
 }
 
-fn tiny_encoder() -> BertEncoder {
-    let cfg = BertConfig {
+/// A 2-layer encoder config of width `hidden` (feed-forward twice as wide), vocabulary 50.
+fn tiny_config(hidden: usize, heads: usize) -> BertConfig {
+    BertConfig {
         vocab_size: 50,
-        hidden_size: 16,
+        hidden_size: hidden,
         num_hidden_layers: 2,
-        num_attention_heads: 2,
-        intermediate_size: 32,
+        num_attention_heads: heads,
+        intermediate_size: 2 * hidden,
         max_position_embeddings: 20,
         ..BertConfig::default()
-    };
-    BertEncoder::load(ParamStore::new(3).var_builder(DType::F32, &DEV), &cfg).unwrap()
+    }
+}
+
+fn tiny_encoder() -> BertEncoder {
+    BertEncoder::load(
+        ParamStore::new(3).var_builder(DType::F32, &DEV),
+        &tiny_config(16, 2),
+    )
+    .unwrap()
 }
 
 fn batch() -> (Tensor, Tensor) {
@@ -397,16 +405,8 @@ fn a_batch_run_in_chunks_gets_the_whole_batch_dropout() {
 #[test]
 fn fused_encoder_equals_its_composite_twin() {
     let params = ParamStore::new(4);
-    let cfg = BertConfig {
-        vocab_size: 50,
-        hidden_size: 16,
-        num_hidden_layers: 2,
-        num_attention_heads: 2,
-        intermediate_size: 32,
-        max_position_embeddings: 20,
-        ..BertConfig::default()
-    };
-    let fused = BertEncoder::load(params.var_builder(DType::F32, &DEV), &cfg).unwrap();
+    let fused =
+        BertEncoder::load(params.var_builder(DType::F32, &DEV), &tiny_config(16, 2)).unwrap();
     let composite = fused.clone().with_kernels(Kernels::Composite);
     let (ids, mask) = batch();
     let key = Some(DropoutKey::new(2, 1));
@@ -655,16 +655,8 @@ fn the_encoder_gives_the_same_bits_on_any_thread_count() {
     let run = |threads: usize| {
         in_pool(threads, || {
             let params = ParamStore::new(6);
-            let cfg = BertConfig {
-                vocab_size: 50,
-                hidden_size: 64,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                intermediate_size: 128,
-                max_position_embeddings: 20,
-                ..BertConfig::default()
-            };
-            let enc = BertEncoder::load(params.var_builder(DType::F32, &DEV), &cfg).unwrap();
+            let enc = BertEncoder::load(params.var_builder(DType::F32, &DEV), &tiny_config(64, 4))
+                .unwrap();
             let (ids, mask) = batch();
             let out = enc
                 .forward_keyed(&ids, None, Some(&mask), Some(DropoutKey::new(3, 1)))
