@@ -239,14 +239,8 @@ impl Pooling {
 /// One mode over `hidden` `[b, l, h]` with `mask` `[b, l]`, as sentence-transformers' `Pooling`
 /// computes it.
 fn pool_mode(mode: PoolingMode, hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let (batch, seq_len, _) = hidden.dims3()?;
-    if mask.dims() != [batch, seq_len] {
-        return Err(Error::ShapeMismatch {
-            name: "mask".into(),
-            expected: vec![batch, seq_len],
-            actual: mask.dims().to_vec(),
-        });
-    }
+    check_mask(hidden, mask)?;
+    let seq_len = mask.dim(1)?;
     let on = mask.ne(0f64)?.to_dtype(hidden.dtype())?;
     Ok(match mode {
         PoolingMode::Mean => masked_mean(hidden, mask)?,
@@ -302,9 +296,8 @@ fn gather_rows(hidden: &Tensor, index: &[u32]) -> Result<Tensor> {
     Ok(Tensor::stack(&rows, 0)?)
 }
 
-/// Mean over the sequence axis of `hidden` `[b, l, h]` where `mask` `[b, l]` is non-zero; rows
-/// with an empty mask give zeros rather than NaN.
-pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// `hidden` is `[b, l, h]` and `mask` `[b, l]`.
+fn check_mask(hidden: &Tensor, mask: &Tensor) -> Result<()> {
     let (batch, seq_len, _) = hidden.dims3()?;
     if mask.dims() != [batch, seq_len] {
         return Err(Error::ShapeMismatch {
@@ -313,6 +306,13 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
             actual: mask.dims().to_vec(),
         });
     }
+    Ok(())
+}
+
+/// Mean over the sequence axis of `hidden` `[b, l, h]` where `mask` `[b, l]` is non-zero; rows
+/// with an empty mask give zeros rather than NaN.
+pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    check_mask(hidden, mask)?;
     let mask = mask.ne(0f64)?.to_dtype(hidden.dtype())?;
     let summed = hidden.broadcast_mul(&mask.unsqueeze(2)?)?.sum(1)?;
     let counts = mask.sum_keepdim(1)?.clamp(1f64, f64::INFINITY)?;

@@ -421,31 +421,9 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         pairs: &[SentencePair],
         methods: &[&dyn AlignMethod],
     ) -> Result<Vec<Vec<Alignment>>> {
-        let mut sentences: Vec<&[String]> = Vec::with_capacity(2 * pairs.len());
-        for p in pairs {
-            sentences.push(&p.src);
-            sentences.push(&p.tgt);
-        }
-        let sentences: Vec<Vec<&str>> = sentences
-            .iter()
-            .map(|s| s.iter().map(String::as_str).collect())
-            .collect();
-        let vectors = self.embed(&sentences)?;
-        let extraction = self.extraction();
-        let per_pair: Vec<Vec<Alignment>> = vectors
-            .par_chunks(2)
-            .map(|pair| extraction.align(&pair[0], &pair[1], methods))
-            .collect::<Result<_>>()?;
-        let mut out: Vec<Vec<Alignment>> = methods
-            .iter()
-            .map(|_| Vec::with_capacity(pairs.len()))
-            .collect();
-        for alignments in per_pair {
-            for (m, a) in alignments.into_iter().enumerate() {
-                out[m].push(a);
-            }
-        }
-        Ok(out)
+        self.per_method(pairs, methods.len(), |x, src, tgt| {
+            x.align(src, tgt, methods)
+        })
     }
 
     /// [`WordAligner::align_pairs_multi`] with a score for every link
@@ -456,24 +434,37 @@ impl<'a, E: HiddenStates + ?Sized> WordAligner<'a, E> {
         pairs: &[SentencePair],
         methods: &[&dyn AlignMethod],
     ) -> Result<Vec<Vec<ScoredAlignment>>> {
-        let mut sentences: Vec<Vec<&str>> = Vec::with_capacity(2 * pairs.len());
-        for p in pairs {
-            sentences.push(p.src.iter().map(String::as_str).collect());
-            sentences.push(p.tgt.iter().map(String::as_str).collect());
-        }
+        self.per_method(pairs, methods.len(), |x, src, tgt| {
+            x.align_scored(src, tgt, methods, true)
+        })
+    }
+
+    /// Embeds every pair in one encoder pass, runs `align` (one result per each of `methods`
+    /// methods) on each pair in parallel, and regroups the results by method: entry `m` holds
+    /// method `m`'s result for every pair, in input order.
+    fn per_method<T: Send>(
+        &self,
+        pairs: &[SentencePair],
+        methods: usize,
+        align: impl Fn(&Extraction, &SentenceVectors, &SentenceVectors) -> Result<Vec<T>> + Sync,
+    ) -> Result<Vec<Vec<T>>> {
+        let sentences: Vec<Vec<&str>> = pairs
+            .iter()
+            .flat_map(|p| [&p.src, &p.tgt])
+            .map(|s| s.iter().map(String::as_str).collect())
+            .collect();
         let vectors = self.embed(&sentences)?;
         let extraction = self.extraction();
-        let per_pair: Vec<Vec<ScoredAlignment>> = vectors
+        let per_pair: Vec<Vec<T>> = vectors
             .par_chunks(2)
-            .map(|pair| extraction.align_scored(&pair[0], &pair[1], methods, true))
+            .map(|pair| align(&extraction, &pair[0], &pair[1]))
             .collect::<Result<_>>()?;
-        let mut out: Vec<Vec<ScoredAlignment>> = methods
-            .iter()
+        let mut out: Vec<Vec<T>> = (0..methods)
             .map(|_| Vec::with_capacity(pairs.len()))
             .collect();
-        for alignments in per_pair {
-            for (m, a) in alignments.into_iter().enumerate() {
-                out[m].push(a);
+        for results in per_pair {
+            for (m, r) in results.into_iter().enumerate() {
+                out[m].push(r);
             }
         }
         Ok(out)

@@ -164,12 +164,12 @@ impl LocalCollective {
         } else {
             // Completion is checked before failure: a rank that returned from the last
             // collective and then left must not fail the ranks still reading its result.
-            let deadline = self.shared.timeout.map(|t| Instant::now() + t);
+            let deadline = self.shared.timeout.map(|t| (Instant::now() + t, t));
             while state.generation == generation {
                 if let Some(why) = &state.failed {
                     return Err(Error::Distributed(why.clone()));
                 }
-                let Some(deadline) = deadline else {
+                let Some((deadline, timeout)) = deadline else {
                     state = self
                         .shared
                         .changed
@@ -179,7 +179,7 @@ impl LocalCollective {
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    let why = timed_out(&state.deposits, self.shared.timeout, op);
+                    let why = timed_out(&state.deposits, timeout, op);
                     state.failed = Some(why.clone());
                     self.shared.changed.notify_all();
                     return Err(Error::Distributed(why));
@@ -203,14 +203,13 @@ impl LocalCollective {
 }
 
 /// Why a collective timed out: the ranks that had not deposited.
-fn timed_out(deposits: &[Option<Deposit>], timeout: Option<Duration>, op: Op) -> String {
+fn timed_out(deposits: &[Option<Deposit>], timeout: Duration, op: Op) -> String {
     let missing: Vec<String> = (0..deposits.len())
         .filter(|&r| deposits[r].is_none())
         .map(|r| r.to_string())
         .collect();
     format!(
-        "{op:?} timed out after {:?}: rank(s) {} never reached it (hung or dead)",
-        timeout.unwrap_or_default(),
+        "{op:?} timed out after {timeout:?}: rank(s) {} never reached it (hung or dead)",
         missing.join(", ")
     )
 }
