@@ -1,6 +1,6 @@
 //! With the `cuda` feature, compiles the CUDA kernels to PTX with nvcc: the CZ-NCE kernels
-//! (`src/loss/cz_nce/cz_nce.cu`) into `ptx.rs` and the fused encoder ops and AdamW
-//! (`src/ops/ops.cu`) into `ops_ptx.rs`, both in `OUT_DIR`.
+//! (`src/ops/cuda/cz_nce.cu`) into `cz_nce_ptx.rs` and the fused encoder ops and AdamW
+//! (`src/ops/cuda/ops.cu`) into `ops_ptx.rs`, both in `OUT_DIR`.
 //!
 //! The PTX targets the virtual architecture `compute_XX` of `CUDA_COMPUTE_CAP` (default `80`):
 //! the driver compiles it for the GPU it runs on, any of that capability or newer (sm_80,
@@ -12,12 +12,12 @@
 
 /// Kernel sources, and the module each is written to.
 const KERNELS: [(&str, &str, &str); 2] = [
-    ("src/loss/cz_nce/cz_nce.cu", "ptx.rs", "CZ_NCE"),
-    ("src/ops/ops.cu", "ops_ptx.rs", "OPS"),
+    ("src/ops/cuda/cz_nce.cu", "cz_nce_ptx.rs", "CZ_NCE"),
+    ("src/ops/cuda/ops.cu", "ops_ptx.rs", "OPS"),
 ];
 
 /// Included by every kernel source.
-const HEADERS: [&str; 1] = ["src/cuda_common.cuh"];
+const HEADERS: [&str; 1] = ["src/ops/cuda/common.cuh"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -26,10 +26,11 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LoaderConfig, PairLoader, ParallelCorpus};
-use mlctl::encoder::{BertConfig, PretrainedBert};
+use mlctl::encoder::BertConfig;
 use mlctl::loss::MultiLevelLoss;
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::pretrain::{write_anchored_tsv, ParallelSet};
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::Tokenizer;
 use mlctl::train::{LrSchedule, TrainConfig, Trainer};
 

@@ -24,10 +24,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 logs=target/gpu-first-run
 mkdir -p "$logs"
-MAX_THREADS=1024               # MLCTL_MAX_THREADS in src/cuda_common.cuh
+MAX_THREADS=1024               # MLCTL_MAX_THREADS in src/ops/cuda/common.cuh
 MAX_REGS=$((65536 / MAX_THREADS))
 MAX_SHARED=$((48 * 1024))
-KERNELS=(src/ops/ops.cu src/loss/cz_nce/cz_nce.cu)
+KERNELS=(src/ops/cuda/ops.cu src/ops/cuda/cz_nce.cu)
 
 step() { printf '\n== %s\n' "$*"; }
 

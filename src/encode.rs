@@ -8,7 +8,7 @@
 //! ```no_run
 //! # fn main() -> mlctl::Result<()> {
 //! use mlctl::encode::{encode, EncodeOptions};
-//! # let bert = mlctl::encoder::PretrainedBert::load("model", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+//! # let bert = mlctl::pretrained::PretrainedBert::load("model", &candle_core::Device::Cpu, candle_core::DType::F32)?;
 //! # let tokenizer = bert.tokenizer()?;
 //! let options = EncodeOptions::default().with_batch_size(64).with_normalize(true);
 //! let vectors = encode(&bert.model.encoder, tokenizer, &["The cat sleeps.", "Le chat dort."], &options)?;
@@ -19,8 +19,9 @@
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Encoding;
 
-use crate::encoder::{BertEncoder, EncoderOutput, PretrainedBert};
+use crate::encoder::{BertEncoder, EncoderOutput};
 use crate::pooling::{l2_normalize, Pooling, TokenSpan};
+use crate::pretrained::PretrainedBert;
 use crate::progress::Progress;
 use crate::sentence_transformers::{ModuleKind, SentenceTransformerConfig};
 use crate::tokenize::{TokenBatch, Tokenizer};
@@ -510,7 +511,7 @@ impl PretrainedBert {
     /// ```no_run
     /// # fn main() -> mlctl::Result<()> {
     /// use mlctl::encode::{cosine_similarity, EncodeOptions};
-    /// let bert = mlctl::encoder::PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
+    /// let bert = mlctl::pretrained::PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
     /// let v = bert.encode(&["The cat sleeps.", "Le chat dort."], &EncodeOptions::default())?;
     /// let sim = cosine_similarity(&v, &v)?; // [2, 2]
     /// # Ok(()) }

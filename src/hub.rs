@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
-use crate::encoder::{CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
+use crate::fs::{
+    module_folders, shard_names, CONFIG_FILE, MODULES_FILE, SENTENCE_BERT_CONFIG_FILE,
+    SENTENCE_TRANSFORMERS_CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+};
 use crate::{Error, Result};
 
 /// Finds the files of a Hugging Face model, `model_id` (`org/name`, optionally `@revision`),
@@ -50,7 +53,7 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
     let config = fetch(CONFIG_FILE)?;
     if fetch(WEIGHTS_FILE).is_err() {
         let index = fetch(WEIGHTS_INDEX_FILE)?;
-        let shards = crate::encoder::shard_names(&index)?;
+        let shards = shard_names(&index)?;
         for shard in &shards {
             fetch(shard)?;
         }
@@ -60,10 +63,10 @@ pub fn resolve(model_id: &str) -> Result<PathBuf> {
     let _ = remote.get(TOKENIZER_FILE);
     let _ = remote.get("tokenizer_config.json");
     // A sentence-transformers model: its modules' files, so that `encode` follows them.
-    if let Ok(modules) = remote.get(crate::sentence_transformers::MODULES_FILE) {
-        let _ = remote.get(crate::sentence_transformers::SENTENCE_BERT_CONFIG_FILE);
-        let _ = remote.get(crate::sentence_transformers::SENTENCE_TRANSFORMERS_CONFIG_FILE);
-        for folder in crate::sentence_transformers::module_folders(&modules) {
+    if let Ok(modules) = remote.get(MODULES_FILE) {
+        let _ = remote.get(SENTENCE_BERT_CONFIG_FILE);
+        let _ = remote.get(SENTENCE_TRANSFORMERS_CONFIG_FILE);
+        for folder in module_folders(&modules) {
             let _ = remote.get(&format!("{folder}/config.json"));
             let _ = remote.get(&format!("{folder}/model.safetensors"));
         }

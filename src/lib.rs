@@ -35,6 +35,7 @@ pub mod encode;
 pub mod encoder;
 mod error;
 pub mod eval;
+pub mod fs;
 #[cfg(feature = "hub")]
 pub mod hub;
 pub mod loss;
@@ -43,6 +44,7 @@ pub mod nli;
 pub mod ops;
 pub mod pooling;
 pub mod pretrain;
+pub mod pretrained;
 mod progress;
 pub mod projection;
 pub mod sentence_transformers;
@@ -60,7 +62,7 @@ pub use error::{Error, Result};
 /// ```no_run
 /// use mlctl::candle::{DType, Device};
 /// # fn main() -> mlctl::Result<()> {
-/// let bert = mlctl::encoder::PretrainedBert::load("model", &Device::Cpu, DType::F32)?;
+/// let bert = mlctl::pretrained::PretrainedBert::load("model", &Device::Cpu, DType::F32)?;
 /// let vars: Vec<mlctl::candle::core::Var> = bert.params.varmap().all_vars();
 /// # let _ = vars; Ok(()) }
 /// ```

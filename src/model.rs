@@ -6,16 +6,14 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{save_params, write_atomic, ParamStore, PretrainedBert};
+use crate::encoder::{save_params, ParamStore};
+use crate::fs::{write_atomic, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE};
 use crate::pooling::{Pooling, TokenSpan};
+use crate::pretrained::PretrainedBert;
 use crate::projection::Projection;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
-/// Weights of the ML-CTL head, beside the transformers files.
-pub const HEAD_WEIGHTS_FILE: &str = "mlctl_head.safetensors";
-/// Configuration of the ML-CTL head.
-pub const HEAD_CONFIG_FILE: &str = "mlctl.json";
 /// Prefix of the head's parameter names in [`MlCtlModel::named_vars`].
 pub const HEAD_PREFIX: &str = "mlctl.";
 

@@ -4,8 +4,8 @@
 
 use candle_core::Tensor;
 
-use crate::encoder::accumulation_dtype;
 use crate::encoder::EncoderOutput;
+use crate::ops::num::accumulation_dtype;
 use crate::{Error, Result};
 
 /// Which hidden states to pool, and how.

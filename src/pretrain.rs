@@ -40,10 +40,10 @@ use crate::align::{find_anchor_spans, io as align_io, method_by_name, AlignMetho
 use crate::align::{AlignmentCounts, GoldAlignment, Lexicon, SentencePair, TokenType, WordAligner};
 use crate::data::{NliExample, NliReadOptions, XnliDir};
 use crate::encode::{encode, EncodeOptions};
-use crate::encoder::write_atomic;
 use crate::eval::bootstrap::{self, Interval};
 use crate::eval::{embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy};
 use crate::eval::{NliFinetuneConfig, NliReport, RetrievalScores};
+use crate::fs::write_atomic;
 use crate::model::MlCtlModel;
 use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::Tokenizer;
@@ -757,7 +757,7 @@ pub const RESULTS_FILE: &str = "results.md";
 /// interrupted run never leaves a half-written report) and returns the file's path.
 pub fn write_results(dir: &Path, markdown: &str) -> Result<std::path::PathBuf> {
     let path = dir.join(RESULTS_FILE);
-    crate::encoder::write_atomic(&path, markdown.as_bytes())?;
+    crate::fs::write_atomic(&path, markdown.as_bytes())?;
     Ok(path)
 }
 

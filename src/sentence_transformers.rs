@@ -7,9 +7,9 @@
 //! `sentence_bert_config.json` holds `max_seq_length` and `do_lower_case`, and
 //! `config_sentence_transformers.json` the named prompts (`"query": "query: "`).
 //!
-//! [`PretrainedBert::load`](crate::encoder::PretrainedBert::load) reads these files into a
+//! [`PretrainedBert::load`](crate::pretrained::PretrainedBert::load) reads these files into a
 //! [`SentenceTransformerConfig`] when `modules.json` is present, and
-//! [`PretrainedBert::encode`](crate::encoder::PretrainedBert::encode) then follows it, so the
+//! [`PretrainedBert::encode`](crate::pretrained::PretrainedBert::encode) then follows it, so the
 //! vectors are those of `SentenceTransformer(dir).encode(...)`; `save` writes the files back.
 
 use std::collections::BTreeMap;
@@ -18,16 +18,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value};
 
-use crate::encoder::write_atomic;
+use crate::fs::{
+    write_atomic, MODULES_FILE, SENTENCE_BERT_CONFIG_FILE, SENTENCE_TRANSFORMERS_CONFIG_FILE,
+};
 use crate::pooling::{Pooling, PoolingMode};
 use crate::{Error, Result};
-
-/// The file that makes a directory a sentence-transformers model.
-pub const MODULES_FILE: &str = "modules.json";
-/// The Transformer module's settings: `max_seq_length`, `do_lower_case`.
-pub const SENTENCE_BERT_CONFIG_FILE: &str = "sentence_bert_config.json";
-/// The model-wide settings: `prompts`, `default_prompt_name`, `similarity_fn_name`.
-pub const SENTENCE_TRANSFORMERS_CONFIG_FILE: &str = "config_sentence_transformers.json";
 
 const DENSE_WEIGHTS_FILE: &str = "model.safetensors";
 const MODULE_CONFIG_FILE: &str = "config.json";
@@ -399,7 +394,7 @@ impl SentenceTransformerConfig {
     /// `SentenceTransformer(dir)` with the same modules. Unknown keys of the files read are
     /// kept. The transformer's own files are [`PretrainedBert::save`]'s.
     ///
-    /// [`PretrainedBert::save`]: crate::encoder::PretrainedBert::save
+    /// [`PretrainedBert::save`]: crate::pretrained::PretrainedBert::save
     pub fn save(&self, dir: &Path) -> Result<()> {
         let mut entries = Vec::with_capacity(self.modules.len());
         for (idx, module) in self.modules.iter().enumerate() {
@@ -496,20 +491,6 @@ impl SentenceTransformerConfig {
             &Value::Object(model),
         )
     }
-}
-
-/// The module folders `modules.json` names (not the transformer's, which is the directory
-/// itself); none when the file cannot be read (loading reports that).
-pub(crate) fn module_folders(modules_json: &Path) -> Vec<String> {
-    let Ok(Value::Array(entries)) = read_json(modules_json) else {
-        return Vec::new();
-    };
-    entries
-        .iter()
-        .filter_map(|e| e.get("path").and_then(Value::as_str))
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 /// The modes of a pooling config: `pooling_mode` (a name or a list), else the `pooling_mode_*`

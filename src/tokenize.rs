@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use tokenizers::{EncodeInput, Encoding, PaddingParams, PaddingStrategy, TruncationParams};
 
+use crate::fs::{write_atomic, CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE};
 use crate::{Error, Result};
 
 /// Default maximum sequence length, special tokens included (the ML-CTL setting).
@@ -70,9 +71,6 @@ pub struct SpecialTokens {
     pub ids: Vec<u32>,
 }
 
-/// The file of a model directory that declares its special tokens.
-const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
-
 /// Key of each special token in `tokenizer_config.json` / `special_tokens_map.json`, with the
 /// spellings accepted as a last resort.
 const SPECIAL_KEYS: [(&str, [&str; 2]); 5] = [
@@ -131,7 +129,7 @@ impl Tokenizer {
     /// file.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let json_path = dir.join(crate::encoder::TOKENIZER_FILE);
+        let json_path = dir.join(TOKENIZER_FILE);
         let inner = read_tokenizer_json(&json_path)?;
         let mut declared = Declared::default();
         let mut source = json_path.clone();
@@ -149,7 +147,7 @@ impl Tokenizer {
                 tokenizer_config = map;
             }
         }
-        let config = dir.join(crate::encoder::CONFIG_FILE);
+        let config = dir.join(CONFIG_FILE);
         if let Some(map) = read_json_object(&config)? {
             declared.pad_id = map
                 .get("pad_token_id")
@@ -384,7 +382,7 @@ impl Tokenizer {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let json = self.inner.to_string(true).map_err(Error::Tokenizer)?;
-        crate::encoder::write_atomic(path, json.as_bytes())
+        write_atomic(path, json.as_bytes())
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` to `dir`: the model's own
@@ -393,7 +391,7 @@ impl Tokenizer {
     /// transformers' `AutoTokenizer` find the same ones again. Each file is written atomically.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
-        self.save(dir.join(crate::encoder::TOKENIZER_FILE))?;
+        self.save(dir.join(TOKENIZER_FILE))?;
         let mut config = self.config.clone();
         config
             .entry("tokenizer_class")
@@ -409,7 +407,7 @@ impl Tokenizer {
         }
         // Serialising a JSON map cannot fail.
         let json = serde_json::to_string_pretty(&config).expect("JSON map serialises");
-        crate::encoder::write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), json.as_bytes())
+        write_atomic(&dir.join(TOKENIZER_CONFIG_FILE), json.as_bytes())
     }
 }
 

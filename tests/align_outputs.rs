@@ -9,7 +9,7 @@ use mlctl::align::io::{scores_line, word_pairs_line, write_scores, write_word_pa
 use mlctl::align::{
     AlignMethod, ArgMax, ScoredAlignment, SentencePair, SoftmaxAlign, TokenType, WordAligner,
 };
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 
 const PAIRS: [&str; 2] = [
     "the cat sat on the mat ||| the dog sat on a mat",

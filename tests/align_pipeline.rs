@@ -8,8 +8,8 @@ use mlctl::align::{
     method_by_name, split_words, word_spans, Alignment, AlignmentCounts, ArgMax, SentencePair,
     SimMatrix, Similarity, TokenType, WordAligner, METHOD_NAMES,
 };
-use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::{Pooling, TokenSpan};
+use mlctl::pretrained::PretrainedBert;
 
 fn tiny() -> PretrainedBert {
     PretrainedBert::load(

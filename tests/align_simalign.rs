@@ -17,7 +17,7 @@ use mlctl::align::{
     AlignMethod, Alignment, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, TokenType,
     WordAligner,
 };
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 
 const METHODS: [&str; 3] = ["argmax", "itermax", "match"];
 

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, golden, max_abs_diff};
-use mlctl::encoder::{BertConfig, PretrainedBert};
+use mlctl::encoder::BertConfig;
+use mlctl::pretrained::PretrainedBert;
 use mlctl::Error;
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {

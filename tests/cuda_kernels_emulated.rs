@@ -1,5 +1,5 @@
-//! The CUDA kernels of the fused CZ-NCE op (`src/loss/cz_nce/cz_nce.cu`) and of the fused encoder
-//! ops and AdamW (`src/ops/ops.cu`), run on the CPU in a small CUDA emulator (`tests/cuda_emu/`)
+//! The CUDA kernels of the fused CZ-NCE op (`src/ops/cuda/cz_nce.cu`) and of the fused encoder
+//! ops and AdamW (`src/ops/cuda/ops.cu`), run on the CPU in a small CUDA emulator (`tests/cuda_emu/`)
 //! against double-precision references, so that their indexing, masking, reductions and barriers
 //! are tested on every machine, GPU or not. The cuBLAS calls and the host code (`cuda.rs`) are
 //! covered by `tests/gpu.rs` (needs a GPU).

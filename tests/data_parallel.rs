@@ -1605,7 +1605,8 @@ fn dp_trainer_on(
     config: TrainConfig,
     init: u64,
 ) -> Trainer {
-    use mlctl::encoder::{BertConfig, PretrainedBert};
+    use mlctl::encoder::BertConfig;
+    use mlctl::pretrained::PretrainedBert;
     let cfg = BertConfig::from_file(common::fixture("tiny_bert/config.json")).unwrap();
     let tok =
         mlctl::tokenize::Tokenizer::from_file(common::fixture("tiny_bert/tokenizer.json")).unwrap();

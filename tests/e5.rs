@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use common::{assert_close, fixture, golden};
 use mlctl::data::MlmMasking;
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::{TokenBatch, Tokenizer};
 use serde_json::Value;
 

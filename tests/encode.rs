@@ -6,8 +6,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture, golden};
 use mlctl::encode::{encode, encode_spans, EncodeOptions};
-use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::{Pooling, TokenSpan};
+use mlctl::pretrained::PretrainedBert;
 
 /// The golden's two single sentences (rows 0 and 1; row 2 is a sentence pair).
 const SENTENCES: [&str; 2] = ["the dogs sat on the [MASK]", "a bird sings"];

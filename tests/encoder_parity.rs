@@ -4,7 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Module};
 use common::{assert_close, fixture, golden};
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 
 const TOL: f64 = 1e-5;
 

@@ -9,9 +9,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, fixture, golden};
-use mlctl::encoder::PretrainedBert;
 use mlctl::loss::cz_nce::BackwardMode;
 use mlctl::loss::CzNce;
+use mlctl::pretrained::PretrainedBert;
 
 fn cuda() -> Device {
     if std::env::var("MLCTL_GPU_TESTS_ON_CPU").is_ok_and(|v| v == "1") {
@@ -414,7 +414,7 @@ fn cz_nce_cuda_large_batch_matches_cpu() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused encoder ops and AdamW on CUDA (`src/ops/ops.cu`).
+// The fused encoder ops and AdamW on CUDA (`src/ops/cuda/ops.cu`).
 
 use mlctl::ops::{self, DropoutKey, GeluForm};
 use mlctl::train::{AdamW, AdamWConfig, Gradients};

@@ -3,7 +3,7 @@
 
 mod common;
 
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 
 /// One test, because it sets process-wide environment variables.
 #[test]

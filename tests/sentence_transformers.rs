@@ -17,8 +17,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture, max_abs_diff};
 use mlctl::encode::EncodeOptions;
-use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::{Pooling, PoolingMode};
+use mlctl::pretrained::PretrainedBert;
 use mlctl::sentence_transformers::{ModuleKind, SentenceTransformerConfig};
 use mlctl::Error;
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use common::fixture;
 use mlctl::data::MlmMasking;
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::Tokenizer;
 use mlctl::Error;
 use serde_json::Value;

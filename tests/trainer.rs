@@ -658,7 +658,8 @@ fn sparse_embeddings_update_only_the_rows_of_tokens_in_the_batches() {
 
 /// The tiny model in f16.
 fn tiny_model_f16(seed: u64) -> MlCtlModel {
-    use mlctl::encoder::{BertConfig, PretrainedBert};
+    use mlctl::encoder::BertConfig;
+    use mlctl::pretrained::PretrainedBert;
     let fixture = |name: &str| common::fixture(&format!("tiny_bert/{name}"));
     let cfg = BertConfig::from_file(fixture("config.json")).unwrap();
     let tok = mlctl::tokenize::Tokenizer::from_file(fixture("tokenizer.json")).unwrap();

@@ -5,7 +5,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use common::{assert_gradient_reaches, fixture, forward_golden, golden, max_abs_diff};
-use mlctl::encoder::{Dropout, DropoutRng, PretrainedBert};
+use mlctl::encoder::{Dropout, DropoutRng};
+use mlctl::pretrained::PretrainedBert;
 
 /// MLM cross-entropy on every attended position of the golden inputs.
 fn mlm_loss(bert: &PretrainedBert, train: bool) -> Tensor {

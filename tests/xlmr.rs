@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 use common::{assert_close, fixture, golden};
 use mlctl::data::MlmMasking;
-use mlctl::encoder::PretrainedBert;
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::{TokenBatch, Tokenizer};
 use rand::SeedableRng;
 use serde_json::Value;

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, WORDS};
-use mlctl::encoder::{BertConfig, PretrainedBert};
+use mlctl::encoder::BertConfig;
 use mlctl::nli::{
     evaluate_nli, finetune_nli, read_nli_jsonl, read_nli_tsv, LanguageCounts, NliClassifier,
     NliData, NliExample, NliFinetuneConfig, NliFormat, NliLabel, NliPooling, NliPredictor,
     NliReadOptions, NliReadStats, NliReport, XnliDir, XnliSplit,
 };
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::Tokenizer;
 use mlctl::Error;
 use rand::{Rng, SeedableRng};

@@ -20,8 +20,9 @@ use mlctl::align::{
     SoftmaxAlign, SparsemaxAlign, TokenType, WordAligner, DEFAULT_ALIGN_LAYER,
 };
 use mlctl::device::{select_device, DeviceChoice};
-use mlctl::encoder::{BertConfig, BertEncoder, PretrainedBert};
+use mlctl::encoder::{BertConfig, BertEncoder};
 use mlctl::pooling::Pooling;
+use mlctl::pretrained::PretrainedBert;
 
 /// Align the words of tokenized sentence pairs (`source ||| target`, one pair per line).
 #[derive(Parser, Debug)]

@@ -10,8 +10,8 @@ use candle_core::{DType, Tensor};
 use clap::Parser;
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encode::EncodeOptions;
-use mlctl::encoder::PretrainedBert;
 use mlctl::pooling::Pooling;
+use mlctl::pretrained::PretrainedBert;
 
 /// Embed sentences (one per line) with a BERT checkpoint and write .npy or JSONL.
 #[derive(Parser, Debug)]

@@ -15,7 +15,7 @@ use mlctl::align::Lexicon;
 use mlctl::data::{CorpusFormat, LexiconAnchors, LoaderConfig, PairLoader, ParallelCorpus};
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::dist::{join_ranks, launch_local_ranks, Collective, DistEnv};
-use mlctl::encoder::{BertConfig, PretrainedBert};
+use mlctl::encoder::BertConfig;
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
 use mlctl::eval::NliFinetuneConfig;
 use mlctl::loss::{CzNce, MultiLevelLoss};
@@ -25,6 +25,7 @@ use mlctl::pretrain::{
     write_results, AlignmentTask, EvalSuite, Evaluation, ParallelSet, RunEvaluations,
     SentencePooling, XnliTask,
 };
+use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
 use mlctl::train::{LrSchedule, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
 

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use super::methods::Alignment;
+use super::methods::ScoredAlignment;
 use super::metrics::GoldAlignment;
-use super::words::ScoredAlignment;
 use crate::{Error, Result};
 
 /// One line of a parallel file: source and target words.
@@ -96,7 +96,7 @@ pub fn pharaoh_text(alignments: &[Alignment]) -> String {
 
 /// Writes a Pharaoh file atomically (a temporary file in the same directory, then a rename).
 pub fn write_pharaoh(path: impl AsRef<Path>, alignments: &[Alignment]) -> Result<()> {
-    crate::encoder::write_atomic(path.as_ref(), pharaoh_text(alignments).as_bytes())
+    crate::fs::write_atomic(path.as_ref(), pharaoh_text(alignments).as_bytes())
 }
 
 /// The aligned words of one pair, awesome-align's `--output_word_file` line:
@@ -156,7 +156,7 @@ pub fn write_word_pairs(
         out.push_str(&word_pairs_line(pair, alignment)?);
         out.push('\n');
     }
-    crate::encoder::write_atomic(path.as_ref(), out.as_bytes())
+    crate::fs::write_atomic(path.as_ref(), out.as_bytes())
 }
 
 /// Writes the link scores of a corpus ([`scores_line`], one line per pair) atomically.
@@ -166,7 +166,7 @@ pub fn write_scores(path: impl AsRef<Path>, scored: &[ScoredAlignment]) -> Resul
         out.push_str(&scores_line(s)?);
         out.push('\n');
     }
-    crate::encoder::write_atomic(path.as_ref(), out.as_bytes())
+    crate::fs::write_atomic(path.as_ref(), out.as_bytes())
 }
 
 /// Reads a gold file: one line per sentence pair of `i-j` (sure) and `ipj` (possible) links,

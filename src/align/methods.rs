@@ -428,3 +428,23 @@ pub fn drop_below(alignment: &Alignment, sim: &SimMatrix, threshold: f32) -> Ali
         .filter(|&(i, j)| i < sim.rows() && j < sim.cols() && sim.get(i, j) >= threshold)
         .collect()
 }
+
+/// One method's word links with a score for each link, in the order of
+/// [`Alignment::links`] (awesome-align's `--output_prob_file`).
+///
+/// The score of a word link is the largest of its unit links' (one unit link for
+/// `TokenType::Word`; several subword pairs may link one word pair for `TokenType::Bpe`):
+/// - argmax, itermax, match (SimAlign's methods): the similarity the method linked on,
+///   `(cos + 1) / 2` in `[0, 1]` (after the distortion prior, when one is set);
+/// - softmax, sparsemax (awesome-align's): awesome-align's link probability, the harmonic mean
+///   `2pq / (p + q)` of the source-to-target softmax `p` and the target-to-source softmax `q` of
+///   the dot products, each divided by the square root of the other sentence's length in
+///   units. awesome-align counts `[CLS]` and `[SEP]` in those softmaxes and lengths; mlctl's
+///   units leave special tokens out, so the values are close to, not equal to, awesome-align's.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoredAlignment {
+    /// The links.
+    pub alignment: Alignment,
+    /// One score per link, in the order of `alignment.links()`.
+    pub scores: Vec<f32>,
+}

@@ -25,7 +25,7 @@
 //! # fn main() -> mlctl::Result<()> {
 //! use candle_core::{DType, Device};
 //! use mlctl::align::{IterMax, WordAligner};
-//! use mlctl::encoder::PretrainedBert;
+//! use mlctl::pretrained::PretrainedBert;
 //!
 //! let bert = PretrainedBert::load("bert-base-multilingual-cased", &Device::Cpu, DType::F32)?;
 //! let tok = bert.tokenizer()?.clone();
@@ -49,11 +49,11 @@ pub use anchors::{
 pub use io::SentencePair;
 pub use methods::{
     drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch,
-    SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
+    ScoredAlignment, SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{l2_normalize_rows, SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, ScoredAlignment, SentenceVectors, TextWord,
-    TokenType, WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, SentenceVectors, TextWord, TokenType,
+    WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
 };

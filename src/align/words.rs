@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use tokenizers::Encoding;
 
 use super::io::SentencePair;
-use super::methods::{drop_below, AlignMethod, Alignment};
+use super::methods::{drop_below, AlignMethod, Alignment, ScoredAlignment};
 use super::sim::{SimMatrix, Similarity};
 use crate::encoder::BertEncoder;
 use crate::pooling::{Pooling, TokenSpan};
@@ -617,26 +617,6 @@ fn link_scores(kind: Similarity, sim: &SimMatrix) -> Box<dyn Fn(usize, usize) ->
             })
         }
     }
-}
-
-/// One method's word links with a score for each link, in the order of
-/// [`Alignment::links`] (awesome-align's `--output_prob_file`).
-///
-/// The score of a word link is the largest of its unit links' (one unit link for
-/// [`TokenType::Word`]; several subword pairs may link one word pair for [`TokenType::Bpe`]):
-/// - argmax, itermax, match (SimAlign's methods): the similarity the method linked on,
-///   `(cos + 1) / 2` in `[0, 1]` (after the distortion prior, when one is set);
-/// - softmax, sparsemax (awesome-align's): awesome-align's link probability, the harmonic mean
-///   `2pq / (p + q)` of the source-to-target softmax `p` and the target-to-source softmax `q` of
-///   the dot products, each divided by the square root of the other sentence's length in
-///   units. awesome-align counts `[CLS]` and `[SEP]` in those softmaxes and lengths; mlctl's
-///   units leave special tokens out, so the values are close to, not equal to, awesome-align's.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ScoredAlignment {
-    /// The links.
-    pub alignment: Alignment,
-    /// One score per link, in the order of `alignment.links()`.
-    pub scores: Vec<f32>,
 }
 
 /// The alignment units of one encoded sentence: `tokens` is its `[seq_len, dim]` slice of

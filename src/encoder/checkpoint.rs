@@ -1,23 +1,14 @@
 //! Hugging Face checkpoints on disk: reading safetensors (single or sharded) with the key
 //! variants real checkpoints use, and writing them back under transformers' names.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
 use super::params::ParamStore;
+use crate::fs::{shard_names, write_atomic_with, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use crate::{Error, Result};
-
-/// Single-file weights.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// Index of sharded weights.
-pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
-/// Model configuration.
-pub const CONFIG_FILE: &str = "config.json";
-/// Tokenizer in the `tokenizers` format.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// How a checkpoint's tensor name maps onto this crate's parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,23 +131,6 @@ pub fn read_checkpoint_dir(dir: &Path) -> Result<CheckpointTensors> {
     Ok(out)
 }
 
-/// The shard file names listed in a `model.safetensors.index.json`, sorted and deduplicated.
-pub(crate) fn shard_names(index: &Path) -> Result<Vec<String>> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: BTreeMap<String, String>,
-    }
-    let text = std::fs::read_to_string(index).map_err(Error::io(index))?;
-    let parsed: Index = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let mut files: Vec<String> = parsed.weight_map.into_values().collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
-}
-
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {
@@ -203,35 +177,12 @@ pub(crate) fn save_params_as(
         .map(|(name, var)| Ok((rename(&name), var.as_tensor().contiguous()?)))
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = temp_path(path);
-    safetensors::serialize_to_file(tensors, Some(metadata), &tmp).map_err(|e| {
-        Error::Checkpoint {
-            path: tmp.clone(),
-            reason: format!("could not write safetensors: {e}"),
-        }
-    })?;
-    sync_and_rename(&tmp, path)
-}
-
-/// Writes `bytes` to `path` through a synced temporary file and a rename, so that `path` is
-/// either its old content or the complete new one, never a truncated file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    let mut file = std::fs::File::create(&tmp).map_err(Error::io(&tmp))?;
-    file.write_all(bytes).map_err(Error::io(&tmp))?;
-    drop(file);
-    sync_and_rename(&tmp, path)
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io(tmp))?;
-    std::fs::rename(tmp, path).map_err(Error::io(path))
+    write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| {
+            Error::Checkpoint {
+                path: tmp.to_path_buf(),
+                reason: format!("could not write safetensors: {e}"),
+            }
+        })
+    })
 }

@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -14,14 +14,6 @@ use rand_chacha::ChaCha8Rng;
 use super::config::HiddenAct;
 use crate::ops::{self, DropoutKey, GeluForm, Kernels};
 use crate::Result;
-
-/// The dtype reductions run in: f16 and bf16 are widened to f32.
-pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
-    }
-}
 
 /// Layer normalisation over the last dimension, `(x - mean) / sqrt(var + eps) * weight + bias`,
 /// computed in f32 for half-precision inputs ([`ops::layer_norm`]).

@@ -10,17 +10,11 @@ mod checkpoint;
 mod config;
 mod layers;
 mod params;
-mod pretrained;
 
 pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
-#[cfg(feature = "hub")]
-pub(crate) use checkpoint::shard_names;
-pub(crate) use checkpoint::{read_checkpoint_dir, save_params, write_atomic};
-pub use checkpoint::{
-    CheckpointTensors, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
-};
+pub use checkpoint::CheckpointTensors;
+pub(crate) use checkpoint::{checkpoint_name, read_checkpoint_dir, save_params, save_params_as};
 pub use config::{BertConfig, HiddenAct};
-pub(crate) use layers::{accumulation_dtype, linear, LinearInit};
+pub(crate) use layers::{linear, LinearInit};
 pub use layers::{Dropout, DropoutRng, LayerNorm};
 pub use params::ParamStore;
-pub use pretrained::{LoadReport, PretrainedBert};

@@ -78,7 +78,7 @@ pub fn plot_training(records: &[StepRecord], path: &Path) -> Result<()> {
             .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
-    crate::encoder::write_atomic(path, svg.as_bytes())
+    crate::fs::write_atomic(path, svg.as_bytes())
 }
 
 /// One language's retrieval accuracy before and after training.
@@ -159,5 +159,5 @@ pub fn plot_before_after(title: &str, rows: &[BeforeAfter], path: &Path) -> Resu
             .map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
-    crate::encoder::write_atomic(path, svg.as_bytes())
+    crate::fs::write_atomic(path, svg.as_bytes())
 }

@@ -3,7 +3,8 @@
 use candle_core::{Module, Tensor, D};
 
 use crate::data::MaskedTokens;
-use crate::encoder::{accumulation_dtype, MlmHead};
+use crate::encoder::MlmHead;
+use crate::ops::num::accumulation_dtype;
 use crate::Result;
 
 /// Mean cross-entropy of the MLM head's predictions at the masked positions.

@@ -11,11 +11,24 @@ use candle_nn::{Init, Linear, Module};
 
 use super::data::{NliExample, NliLabel};
 use super::evaluate::NliPredictor;
-use super::finetune::NliFinetuneSummary;
-use crate::encoder::{BertForMaskedLm, Dropout, DropoutRng, ParamStore, PretrainedBert};
+use crate::encoder::{BertForMaskedLm, Dropout, DropoutRng, ParamStore};
 use crate::pooling::masked_mean;
+use crate::pretrained::PretrainedBert;
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
+
+/// What [`finetune_nli`](super::finetune_nli) did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NliFinetuneSummary {
+    /// Training examples used (after `max_examples`).
+    pub examples: usize,
+    /// Updates made.
+    pub steps: u64,
+    /// Mean cross-entropy of the first epoch.
+    pub first_epoch_loss: f32,
+    /// Mean cross-entropy of the last epoch.
+    pub last_epoch_loss: f32,
+}
 
 /// Number of NLI classes.
 const NUM_LABELS: usize = 3;

@@ -6,9 +6,11 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::classifier::{copy_pretrained, model_dtype_device, NliClassifier, NliPooling};
+use super::classifier::{
+    copy_pretrained, model_dtype_device, NliClassifier, NliFinetuneSummary, NliPooling,
+};
 use super::data::NliExample;
-use crate::encoder::PretrainedBert;
+use crate::pretrained::PretrainedBert;
 use crate::progress::Progress;
 use crate::train::{
     accumulate_gradients, AdamW, AdamWConfig, BadSteps, Decay, Gradients, LrSchedule, UpdateRule,
@@ -52,19 +54,6 @@ impl Default for NliFinetuneConfig {
             progress: false,
         }
     }
-}
-
-/// What [`finetune_nli`] did.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NliFinetuneSummary {
-    /// Training examples used (after `max_examples`).
-    pub examples: usize,
-    /// Updates made.
-    pub steps: u64,
-    /// Mean cross-entropy of the first epoch.
-    pub first_epoch_loss: f32,
-    /// Mean cross-entropy of the last epoch.
-    pub last_epoch_loss: f32,
 }
 
 fn validate(config: &NliFinetuneConfig, train: &[NliExample]) -> Result<()> {

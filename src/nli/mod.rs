@@ -14,7 +14,7 @@
 //! ```no_run
 //! # fn main() -> mlctl::Result<()> {
 //! use candle_core::{DType, Device};
-//! use mlctl::encoder::PretrainedBert;
+//! use mlctl::pretrained::PretrainedBert;
 //! use mlctl::nli::{evaluate_nli, finetune_nli, NliFinetuneConfig, NliReadOptions, XnliDir};
 //!
 //! let bert = PretrainedBert::load("bert-base-multilingual-cased", &Device::Cpu, DType::F32)?;
@@ -36,10 +36,10 @@ mod data;
 mod evaluate;
 mod finetune;
 
-pub use classifier::{copy_pretrained, NliClassifier, NliPooling};
+pub use classifier::{copy_pretrained, NliClassifier, NliFinetuneSummary, NliPooling};
 pub use data::{
     read_nli_jsonl, read_nli_tsv, NliData, NliExample, NliFile, NliFormat, NliLabel,
     NliReadOptions, NliReadStats, XnliDir, XnliEval, XnliSplit,
 };
 pub use evaluate::{evaluate_nli, LanguageCounts, NliPredictor, NliReport};
-pub use finetune::{finetune_nli, NliFinetuneConfig, NliFinetuneSummary};
+pub use finetune::{finetune_nli, NliFinetuneConfig};

@@ -13,7 +13,8 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::kernel::{check_float, check_same, dispatch, rows_per_task, slice, Elem, Real};
+use super::kernel::{check_float, check_same, dispatch, rows_per_task, slice};
+use super::num::{Elem, Real};
 use crate::{Error, Result};
 
 /// `x + bias`, the bias broadcast over every row: the fused kernel on the CPU, the composite

@@ -6,7 +6,8 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{check_device, check_float, dispatch, fused_supported, slice, Elem, Real};
+use super::kernel::{check_device, check_float, dispatch, fused_supported, slice};
+use super::num::{Elem, Real};
 use super::philox::philox4x32_10;
 use crate::{Error, Result};
 
@@ -174,7 +175,7 @@ pub fn dropout_composite(x: &Tensor, p: f32, key: DropoutKey, site: u32) -> Resu
         return drop_all(x);
     }
     let dtype = x.dtype();
-    let acc = crate::encoder::accumulation_dtype(dtype);
+    let acc = super::num::accumulation_dtype(dtype);
     let mask = dropout_mask(x.dims(), p, key, site, acc, x.device())?;
     Ok((x.to_dtype(acc)? * mask)?.to_dtype(dtype)?)
 }

@@ -6,7 +6,8 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{check_device, check_float, dispatch, fused_supported, slice, Elem, Real};
+use super::kernel::{check_device, check_float, dispatch, fused_supported, slice};
+use super::num::{Elem, Real};
 use crate::Result;
 
 /// Which GELU: transformers' `gelu` (erf) or `gelu_new` / `gelu_pytorch_tanh` (tanh).
@@ -16,6 +17,17 @@ pub enum GeluForm {
     Erf,
     /// `0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`.
     Tanh,
+}
+
+impl GeluForm {
+    /// The form's number in `cuda/ops.cu`'s GELU kernels.
+    #[cfg(feature = "cuda")]
+    fn kernel_arg(self) -> i32 {
+        match self {
+            GeluForm::Erf => 0,
+            GeluForm::Tanh => 1,
+        }
+    }
 }
 
 /// GELU: the fused kernel where it runs (the CPU; CUDA for f32, f16 and bf16), the composite
@@ -113,7 +125,10 @@ impl CustomOp1 for GeluOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::gelu_fwd((s, l), self.form)?, l.shape().clone()))
+        Ok((
+            super::cuda::gelu_fwd((s, l), self.form.kernel_arg())?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -173,7 +188,7 @@ impl CustomOp2 for GeluBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dx = super::cuda::gelu_bwd((s1, l1), (s2, l2), self.form)?;
+        let dx = super::cuda::gelu_bwd((s1, l1), (s2, l2), self.form.kernel_arg())?;
         Ok((dx, l1.shape().clone()))
     }
 }

@@ -1,9 +1,9 @@
-//! What the fused kernels share: element types with their accumulation type, branch-free math
-//! that the compiler can vectorise, contiguous views of CPU storage and argument checks.
+//! What the fused kernels share besides their numbers ([`super::num`]): row partitioning, a
+//! vectorising sum, contiguous views of CPU storage and argument checks.
 
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 
-use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+use super::num::{Elem, Real};
 
 use crate::{Error, Result};
 
@@ -28,187 +28,6 @@ pub(crate) fn lane_sum<A: Real>(len: usize, f: impl Fn(usize) -> A) -> A {
         rest += f(i);
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest
-}
-
-/// The arithmetic a kernel accumulates in: f32 for f32 and half types, f64 for f64.
-pub(crate) trait Real:
-    WithDType
-    + Copy
-    + Send
-    + Sync
-    + PartialOrd
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
-    + 'static
-{
-    const ZERO: Self;
-    const ONE: Self;
-    fn lit(x: f64) -> Self;
-    fn exp(self) -> Self;
-    fn sqrt(self) -> Self;
-    fn tanh(self) -> Self;
-    fn erf(self) -> Self;
-    fn max(self, other: Self) -> Self;
-}
-
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn lit(x: f64) -> Self {
-        x
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn tanh(self) -> Self {
-        f64::tanh(self)
-    }
-    fn erf(self) -> Self {
-        candle_core::cpu::erf::erf_f64(self)
-    }
-    fn max(self, other: Self) -> Self {
-        f64::max(self, other)
-    }
-}
-
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    fn lit(x: f64) -> Self {
-        x as f32
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    #[inline(always)]
-    fn tanh(self) -> Self {
-        // tanh(y) = 1 - 2 / (exp(2y) + 1); the clamp keeps exp finite, tanh(±9) is ±1 in f32.
-        let y = self.clamp(-9.0, 9.0);
-        1.0 - 2.0 / (exp_f32(2.0 * y) + 1.0)
-    }
-    #[inline(always)]
-    fn erf(self) -> Self {
-        erf_f32(self)
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        if self > other {
-            self
-        } else {
-            other
-        }
-    }
-}
-
-/// `e^x` in f32 without a libm call, so that loops over it vectorise: `x = n ln 2 + r` with
-/// `|r| <= ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial (truncation below 1e-8 relative),
-/// `2^n` built in the exponent bits. Within 2 ulp of `f32::exp`; 0 below `-87.3`.
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    let underflow = x < -87.3;
-    let x = x.clamp(-87.3, 88.7);
-    // Round to nearest by the 1.5 * 2^23 trick: `f32::round` is a libm call that blocks
-    // vectorisation on baseline x86-64.
-    const MAGIC: f32 = 12_582_912.0;
-    let n = (x * LOG2E + MAGIC) - MAGIC;
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if underflow {
-        0.0
-    } else {
-        p * scale
-    }
-}
-
-/// `erf(x)` in f32 by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, f32's own
-/// resolution near 1), branch-free so that it vectorises.
-#[inline(always)]
-pub(crate) fn erf_f32(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp_f32(-a * a);
-    y.copysign(x)
-}
-
-/// A storage element type and the type it is computed in.
-pub(crate) trait Elem: WithDType + Send + Sync {
-    type A: Real;
-    fn load(self) -> Self::A;
-    fn store(a: Self::A) -> Self;
-    fn elem_zero() -> Self {
-        Self::store(Self::A::ZERO)
-    }
-}
-
-impl Elem for f32 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        a
-    }
-}
-
-impl Elem for f64 {
-    type A = f64;
-    #[inline(always)]
-    fn load(self) -> f64 {
-        self
-    }
-    #[inline(always)]
-    fn store(a: f64) -> Self {
-        a
-    }
-}
-
-impl Elem for half::bf16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::bf16::from_f32(a)
-    }
-}
-
-impl Elem for half::f16 {
-    type A = f32;
-    #[inline(always)]
-    fn load(self) -> f32 {
-        self.to_f32()
-    }
-    #[inline(always)]
-    fn store(a: f32) -> Self {
-        half::f16::from_f32(a)
-    }
 }
 
 /// The contiguous elements of a CPU storage under `layout` (the wrappers make inputs
@@ -279,13 +98,19 @@ pub(crate) fn check_same(x: &Tensor, other: &Tensor, op: &'static str) -> Result
     Ok(())
 }
 
+/// Whether the CUDA kernels (`cuda` feature) handle `dtype`: they store f32, f16 and bf16.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_supports(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// Whether the fused kernels run `x` where it is: on the CPU always, on CUDA (with the `cuda`
 /// feature) for f32, f16 and bf16.
 pub(crate) fn fused_supported(x: &Tensor) -> bool {
     match x.device() {
         candle_core::Device::Cpu => true,
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(_) => super::cuda::supports(x.dtype()),
+        candle_core::Device::Cuda(_) => cuda_supports(x.dtype()),
         _ => false,
     }
 }

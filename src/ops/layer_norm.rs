@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use super::kernel::{
     check_device, check_float, check_same, dispatch, fused_supported, lane_sum, rows_per_task,
-    slice, Elem, Real,
+    slice,
 };
+use super::num::{Elem, Real};
 use crate::{Error, Result};
 
 /// LayerNorm over the last dimension: the fused kernel where it runs (the CPU; CUDA for f32,
@@ -59,7 +60,7 @@ pub fn layer_norm_composite(
 ) -> Result<Tensor> {
     check(x, weight, bias, "layer_norm")?;
     let dtype = x.dtype();
-    let xs = x.to_dtype(crate::encoder::accumulation_dtype(dtype))?;
+    let xs = x.to_dtype(super::num::accumulation_dtype(dtype))?;
     let mean = xs.mean_keepdim(D::Minus1)?;
     let centered = xs.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;

@@ -26,13 +26,16 @@
 //! whatever the thread count, and a batch split in chunks (data-parallel ranks, cached-loss
 //! chunks) gets exactly the masks of the whole batch when each chunk passes its sample offset.
 
+pub(crate) mod adamw;
 mod bias;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub(crate) mod cz_nce;
 mod dropout;
 mod gelu;
-mod kernel;
+pub(crate) mod kernel;
 mod layer_norm;
+pub(crate) mod num;
 mod philox;
 mod softmax;
 

@@ -8,8 +8,9 @@ use rayon::prelude::*;
 
 use super::kernel::{
     check_device, check_float, check_same, dispatch, fused_supported, lane_sum, rows_per_task,
-    slice, Elem, Real,
+    slice,
 };
+use super::num::{Elem, Real};
 use crate::{Error, Result};
 
 /// `softmax(scale * x + mask)` over the last dimension: the fused kernel where it runs (the CPU;
@@ -103,7 +104,7 @@ pub fn softmax_scaled_masked_composite(
 ) -> Result<Tensor> {
     check(x, mask)?;
     let dtype = x.dtype();
-    let acc = crate::encoder::accumulation_dtype(dtype);
+    let acc = super::num::accumulation_dtype(dtype);
     let mut z = (x.to_dtype(acc)? * scale)?;
     if let Some(mask) = mask {
         z = z.broadcast_add(&mask.to_dtype(acc)?)?;

@@ -3,6 +3,7 @@
 //! trainer that resumes bit-exactly.
 
 mod checkpoint;
+mod config;
 mod loss_scale;
 mod optimizer;
 mod schedule;
@@ -13,8 +14,9 @@ pub use checkpoint::{
     checkpoint_name, latest_checkpoint, latest_verified_checkpoint, list_checkpoints,
     prune_checkpoints, verify_checkpoint, write_checkpoint_dir, CHECKSUMS_FILE,
 };
+pub use config::TrainConfig;
 pub use loss_scale::LossScaler;
 pub use optimizer::{clip_grad_norm, global_grad_norm, is_no_decay, AdamW, AdamWConfig, Gradients};
 pub use schedule::{Decay, LrSchedule};
-pub use trainer::{StepRecord, TrainConfig, TrainSummary, Trainer, METRICS_FILE};
+pub use trainer::{StepRecord, TrainSummary, Trainer, METRICS_FILE};
 pub use update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};

@@ -2,18 +2,18 @@
 //! f32 master weights for bf16/f16 parameters; global-norm gradient clipping.
 //!
 //! On the CPU the update is one fused pass per parameter over contiguous memory (rayon), on CUDA
-//! (with the `cuda` feature, f32/bf16/f16 parameters) one kernel per parameter (`src/ops/ops.cu`);
+//! (with the `cuda` feature, f32/bf16/f16 parameters) one kernel per parameter (`src/ops/cuda/ops.cu`);
 //! on other devices, and on request, it is the composite of tensor ops below, which the fused CPU
 //! pass reproduces bit for bit (the CUDA kernel runs the same f32 operations in the same order).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Storage, Tensor, Var};
-use half::{bf16, f16};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::ops::adamw::{Coefficients, FusedAdamW};
+use crate::ops::num::Elem;
 use crate::{Error, Result};
 
 /// Gradients by parameter name.
@@ -72,13 +72,14 @@ enum State {
     },
     /// Buffers on the parameter's CUDA device that the fused kernel updates in place.
     #[cfg(feature = "cuda")]
-    Cuda(crate::ops::cuda::AdamState),
+    Cuda(crate::ops::cuda::adamw::AdamState),
 }
 
 /// The fused CUDA state, for a contiguous f32/bf16/f16 parameter on a CUDA device.
 #[cfg(feature = "cuda")]
 fn cuda_state(var: &Var, fused: bool, master: bool) -> Result<Option<State>> {
-    use crate::ops::cuda::{supports, AdamState};
+    use crate::ops::cuda::adamw::AdamState;
+    use crate::ops::kernel::cuda_supports as supports;
     if !(fused && var.device().is_cuda() && var.is_contiguous() && supports(var.dtype())) {
         return Ok(None);
     }
@@ -192,7 +193,7 @@ impl Slot {
                 }
             }
             #[cfg(feature = "cuda")]
-            State::Cuda(_) => State::Cuda(crate::ops::cuda::AdamState::from_tensors(
+            State::Cuda(_) => State::Cuda(crate::ops::cuda::adamw::AdamState::from_tensors(
                 self.var.as_tensor(),
                 &m,
                 &v,
@@ -215,7 +216,7 @@ impl Slot {
                 let grad = grad.to_device(&Device::Cpu)?.contiguous()?;
                 let op = FusedAdamW {
                     buffers: RefCell::new((m, v, master.as_deref_mut())),
-                    k: Coefficients::from(h),
+                    k: h.coefficients(),
                     row_len: self.sparse_rows.then(|| self.var.dims()[1]),
                 };
                 self.var.as_tensor().inplace_op2(&grad, &op)?;
@@ -224,9 +225,7 @@ impl Slot {
                 composite_update(&self.var, m, v, master, grad, h, self.sparse_rows)?
             }
             #[cfg(feature = "cuda")]
-            State::Cuda(state) => {
-                state.update(self.var.as_tensor(), grad, &Coefficients::from(h).into())?
-            }
+            State::Cuda(state) => state.update(self.var.as_tensor(), grad, &h.coefficients())?,
         }
         Ok(())
     }
@@ -246,8 +245,16 @@ struct Hyper {
     decay: Option<f64>,
 }
 
-/// The composite update: about a dozen tensor ops, each a pass over memory. It is the reference
-/// the fused pass is held to, and the update on devices without a fused kernel. With
+impl Hyper {
+    /// These numbers rounded to f32, as the fused updates use them.
+    fn coefficients(&self) -> Coefficients {
+        let inv = [self.inv_correction1, self.inv_correction2];
+        Coefficients::new(self.beta1, self.beta2, self.eps, inv, self.lr, self.decay)
+    }
+}
+
+/// The composite update: about a dozen tensor ops, each a pass over memory, one per line of
+/// the fused pass's formula (`ops::adamw`). It is the reference the fused pass is held to, and the update on devices without a fused kernel. With
 /// `sparse_rows`, the rows of a matrix whose gradient is all zero keep their parameter, moments
 /// and master copy.
 fn composite_update(
@@ -294,269 +301,6 @@ fn composite_update(
         *w = param;
     }
     Ok(())
-}
-
-/// [`Hyper`] rounded to f32, as candle's CPU scalar ops round them.
-#[derive(Debug, Clone, Copy)]
-struct Coefficients {
-    beta1: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    inv_correction1: f32,
-    inv_correction2: f32,
-    lr: f32,
-    decay: Option<f32>,
-}
-
-impl From<&Hyper> for Coefficients {
-    fn from(h: &Hyper) -> Self {
-        Self {
-            beta1: h.beta1 as f32,
-            one_minus_beta1: (1.0 - h.beta1) as f32,
-            beta2: h.beta2 as f32,
-            one_minus_beta2: (1.0 - h.beta2) as f32,
-            eps: h.eps as f32,
-            inv_correction1: h.inv_correction1 as f32,
-            inv_correction2: h.inv_correction2 as f32,
-            lr: h.lr as f32,
-            decay: h.decay.map(|d| d as f32),
-        }
-    }
-}
-
-impl Coefficients {
-    /// One element: returns the new `(param, m, v)`. Each line is one op of
-    /// [`composite_update`], in its order; the `+ 0.0` of candle's `affine` is kept because it
-    /// turns `-0.0` into `0.0`, so the two agree to the bit.
-    #[inline(always)]
-    fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
-        let m = (m * self.beta1 + 0.0) + (g * self.one_minus_beta1 + 0.0);
-        let v = (v * self.beta2 + 0.0) + ((g * g) * self.one_minus_beta2 + 0.0);
-        let p = match self.decay {
-            Some(d) => p * d + 0.0,
-            None => p,
-        };
-        let denom = (v * self.inv_correction2 + 0.0).sqrt() + self.eps;
-        let update = (m * self.inv_correction1 + 0.0) / denom;
-        (p - (update * self.lr + 0.0), m, v)
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl From<Coefficients> for crate::ops::cuda::AdamCoefficients {
-    fn from(k: Coefficients) -> Self {
-        Self {
-            values: [
-                k.beta1,
-                k.one_minus_beta1,
-                k.beta2,
-                k.one_minus_beta2,
-                k.eps,
-                k.inv_correction1,
-                k.inv_correction2,
-                k.lr,
-            ],
-            decay: k.decay,
-        }
-    }
-}
-
-/// A float element a parameter or gradient can be stored as, with candle's conversions.
-trait Elem: Copy + Send + Sync {
-    fn get(self) -> f32;
-    fn put(x: f32) -> Self;
-}
-
-impl Elem for f32 {
-    fn get(self) -> f32 {
-        self
-    }
-    fn put(x: f32) -> Self {
-        x
-    }
-}
-
-impl Elem for f64 {
-    fn get(self) -> f32 {
-        self as f32
-    }
-    fn put(x: f32) -> Self {
-        x as f64
-    }
-}
-
-impl Elem for bf16 {
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    fn put(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-}
-
-impl Elem for f16 {
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    fn put(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-}
-
-/// Elements per rayon task: large enough to amortise the scheduling, small enough to balance.
-const CHUNK: usize = 1 << 14;
-
-/// The lazy row update of [`AdamW::with_sparse_rows`]: [`fused_pass`] over the rows of
-/// `row_len` elements whose gradient has a non-zero entry; the other rows are not touched.
-fn fused_rows_pass<P: Elem, G: Elem>(
-    p: &mut [P],
-    g: &[G],
-    m: &mut [f32],
-    v: &mut [f32],
-    master: Option<&mut [f32]>,
-    k: &Coefficients,
-    row_len: usize,
-) {
-    let touched = |g: &[G]| g.iter().any(|x| x.get() != 0.0);
-    let rows = p
-        .par_chunks_mut(row_len)
-        .zip(g.par_chunks(row_len))
-        .zip(m.par_chunks_mut(row_len).zip(v.par_chunks_mut(row_len)));
-    match master {
-        None => rows
-            .filter(|((_, g), _)| touched(g))
-            .for_each(|((p, g), (m, v))| update_elements(p, g, m, v, k)),
-        Some(w) => rows
-            .zip(w.par_chunks_mut(row_len))
-            .filter(|(((_, g), _), _)| touched(g))
-            .for_each(|(((p, g), (m, v)), w)| update_elements_master(p, g, m, v, w, k)),
-    }
-}
-
-#[inline(always)]
-fn update_elements<P: Elem, G: Elem>(
-    p: &mut [P],
-    g: &[G],
-    m: &mut [f32],
-    v: &mut [f32],
-    k: &Coefficients,
-) {
-    for i in 0..p.len() {
-        let (np, nm, nv) = k.apply(p[i].get(), g[i].get(), m[i], v[i]);
-        (p[i], m[i], v[i]) = (P::put(np), nm, nv);
-    }
-}
-
-#[inline(always)]
-fn update_elements_master<P: Elem, G: Elem>(
-    p: &mut [P],
-    g: &[G],
-    m: &mut [f32],
-    v: &mut [f32],
-    w: &mut [f32],
-    k: &Coefficients,
-) {
-    for i in 0..p.len() {
-        let (nw, nm, nv) = k.apply(w[i], g[i].get(), m[i], v[i]);
-        (p[i], w[i], m[i], v[i]) = (P::put(nw), nw, nm, nv);
-    }
-}
-
-fn fused_pass<P: Elem, G: Elem>(
-    p: &mut [P],
-    g: &[G],
-    m: &mut [f32],
-    v: &mut [f32],
-    master: Option<&mut [f32]>,
-    k: &Coefficients,
-) {
-    let moments = p
-        .par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK))
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)));
-    match master {
-        None => moments.for_each(|((p, g), (m, v))| update_elements(p, g, m, v, k)),
-        Some(w) => moments
-            .zip(w.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), (m, v)), w)| update_elements_master(p, g, m, v, w, k)),
-    }
-}
-
-type HostBuffers<'a> = (&'a mut Vec<f32>, &'a mut Vec<f32>, Option<&'a mut [f32]>);
-
-/// The fused update as an in-place op on the parameter, reading the gradient.
-struct FusedAdamW<'a> {
-    buffers: RefCell<HostBuffers<'a>>,
-    k: Coefficients,
-    /// `Some(row length)` for the lazy row update.
-    row_len: Option<usize>,
-}
-
-fn slice<'s, T>(data: &'s [T], layout: &Layout) -> candle_core::Result<&'s [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused adamw: a non-contiguous gradient"),
-    }
-}
-
-fn with_grad<P: Elem>(
-    p: &mut [P],
-    g: &CpuStorage,
-    gl: &Layout,
-    (m, v, master): &mut HostBuffers<'_>,
-    k: &Coefficients,
-    row_len: Option<usize>,
-) -> candle_core::Result<()> {
-    fn pass<P: Elem, G: Elem>(
-        p: &mut [P],
-        g: &[G],
-        (m, v, master): (&mut [f32], &mut [f32], Option<&mut [f32]>),
-        k: &Coefficients,
-        row_len: Option<usize>,
-    ) {
-        match row_len {
-            Some(n) if n > 0 => fused_rows_pass(p, g, m, v, master, k, n),
-            _ => fused_pass(p, g, m, v, master, k),
-        }
-    }
-    let state = (m.as_mut_slice(), v.as_mut_slice(), master.as_deref_mut());
-    match g {
-        CpuStorage::F32(g) => pass(p, slice(g, gl)?, state, k, row_len),
-        CpuStorage::F64(g) => pass(p, slice(g, gl)?, state, k, row_len),
-        CpuStorage::BF16(g) => pass(p, slice(g, gl)?, state, k, row_len),
-        CpuStorage::F16(g) => pass(p, slice(g, gl)?, state, k, row_len),
-        other => candle_core::bail!("fused adamw: a {:?} gradient", other.dtype()),
-    }
-    Ok(())
-}
-
-impl InplaceOp2 for FusedAdamW<'_> {
-    fn name(&self) -> &'static str {
-        "fused-adamw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        p: &mut CpuStorage,
-        pl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        let Some((start, end)) = pl.contiguous_offsets() else {
-            candle_core::bail!("fused adamw: a non-contiguous parameter")
-        };
-        let buffers = &mut *self.buffers.borrow_mut();
-        let (k, rows) = (&self.k, self.row_len);
-        match p {
-            CpuStorage::F32(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
-            CpuStorage::F64(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
-            CpuStorage::BF16(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
-            CpuStorage::F16(p) => with_grad(&mut p[start..end], g, gl, buffers, k, rows),
-            other => candle_core::bail!("fused adamw: a {:?} parameter", other.dtype()),
-        }
-    }
 }
 
 /// AdamW (Loshchilov & Hutter) as PyTorch implements it: `p -= lr * wd * p` for the decay group,
@@ -792,6 +536,9 @@ fn saved_step(t: &Tensor, name: &str) -> Result<u64> {
         ))),
     }
 }
+
+/// Elements per rayon task of the norm: large enough to amortise the scheduling.
+const CHUNK: usize = 1 << 14;
 
 /// Sum of the squares of every element of the CPU gradients, accumulated in f64: one rayon
 /// reduction over fixed chunks of all of them, summed in a fixed order, so the result does not

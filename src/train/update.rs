@@ -6,10 +6,10 @@
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 
+use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
 use super::optimizer::{clip_grad_norm, AdamW, Gradients};
 use super::schedule::LrSchedule;
-use super::trainer::TrainConfig;
 use crate::{Error, Result};
 
 /// How accumulated gradients become an update.

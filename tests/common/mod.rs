@@ -118,7 +118,8 @@ pub fn synthetic_tsv(n: usize, seed: u64) -> String {
 
 /// A freshly initialised tiny model (the fixture's config) with the fixture's tokenizer.
 pub fn tiny_model(seed: u64) -> mlctl::model::MlCtlModel {
-    use mlctl::encoder::{BertConfig, PretrainedBert};
+    use mlctl::encoder::BertConfig;
+    use mlctl::pretrained::PretrainedBert;
     let cfg = BertConfig::from_file(fixture("tiny_bert/config.json")).unwrap();
     let tok = mlctl::tokenize::Tokenizer::from_file(fixture("tiny_bert/tokenizer.json")).unwrap();
     let bert = PretrainedBert::from_config(cfg, Some(tok), &Device::Cpu, DType::F32, seed).unwrap();
@@ -152,7 +153,7 @@ pub fn tsv_loader(
 
 /// The tiny model's forward pass on the golden inputs of `tiny_bert/golden.safetensors`.
 pub fn forward_golden(
-    bert: &mlctl::encoder::PretrainedBert,
+    bert: &mlctl::pretrained::PretrainedBert,
     train: bool,
 ) -> mlctl::encoder::MaskedLmOutput {
     let g = golden("tiny_bert/golden.safetensors");

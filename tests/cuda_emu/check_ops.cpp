@@ -1,4 +1,4 @@
-// Runs every kernel of src/ops/ops.cu (LayerNorm, scaled masked softmax, GELU, dropout, AdamW) in
+// Runs every kernel of src/ops/cuda/ops.cu (LayerNorm, scaled masked softmax, GELU, dropout, AdamW) in
 // the CPU emulator (emu.h) against double-precision references written from the formulas of the
 // CPU kernels in src/ops/*.rs and src/train/optimizer.rs, and the dropout masks against a host
 // Philox4x32-10 in the CPU kernel's counter/key layout. Built and run by
@@ -7,7 +7,7 @@
 //   /tmp/check_ops
 #include "emu.h"
 // The kernels under test, compiled for the host.
-#include "../../src/ops/ops.cu"
+#include "../../src/ops/cuda/ops.cu"
 
 #include <algorithm>
 #include <cstdio>

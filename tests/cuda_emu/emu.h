@@ -1,5 +1,5 @@
-// A tiny CUDA execution emulator for *testing* the kernels of src/loss/cz_nce/cz_nce.cu and
-// src/ops/ops.cu on a machine without a GPU. Every CUDA thread of a block is a coroutine (ucontext) on one OS
+// A tiny CUDA execution emulator for *testing* the kernels of src/ops/cuda/cz_nce.cu and
+// src/ops/cuda/ops.cu on a machine without a GPU. Every CUDA thread of a block is a coroutine (ucontext) on one OS
 // thread; a round-robin scheduler runs them until each finishes or waits at a barrier:
 // `__syncthreads` (all live threads of the block) or the two halves of `__shfl_xor_sync` (the
 // 32 lanes of a warp). A barrier that can never be released (divergent `__syncthreads`,

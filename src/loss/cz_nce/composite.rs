@@ -12,8 +12,7 @@
 //!   exactly), built from `max_keepdim`, `exp`, `sum_keepdim`, `log`: ops that all have a
 //!   backward in candle (no `softmax_last_dim` fast path).
 
-use super::cpu::{Spec, NORM_EPS};
-use super::LogitScale;
+use crate::ops::cz_nce::{LogitScale, Spec, NORM_EPS};
 use candle_core::{DType, Tensor, D};
 
 fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {

@@ -97,28 +97,13 @@
 //! on inputs that track gradients pays for the gradient even if `backward` is never called:
 //! detach the inputs for evaluation-only losses.
 
-mod blas_layout;
 mod composite;
-mod cpu;
-#[cfg(feature = "cuda")]
-mod cuda;
-mod dispatch;
-mod op;
 
+use crate::ops::cz_nce::{CzNceOp, LogitScale, Spec};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
-use cpu::Spec;
 
-/// The fused op's memory/compute trade-off for the backward pass.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum BackwardMode {
-    /// Compute the gradients during the forward (only when the inputs track gradients) and keep
-    /// them (`2·B·D` values) until the backward rescales them. Fastest.
-    #[default]
-    GradInForward,
-    /// Keep nothing; the backward reruns the kernel (two to three extra `B²D` GEMMs).
-    Recompute,
-}
+pub use crate::ops::cz_nce::BackwardMode;
 
 /// The temperature of the loss.
 #[derive(Clone, Debug)]
@@ -170,34 +155,6 @@ pub struct CzNce {
     max_logit_scale: f64,
 }
 
-/// The logit scale `1/t` a forward uses, resolved (and for a learnable temperature, clamped)
-/// once on the host so that the fused op and the composite twin make the same decision.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct LogitScale {
-    /// `1/t`: the fixed scale, or `min(exp(θ), max)`.
-    pub value: f64,
-    /// Whether the clamp is active (`exp(θ) > max`): then `∂L/∂θ = 0`.
-    pub clamped: bool,
-}
-
-impl LogitScale {
-    /// `min(exp(θ), max)`, computed in f64 from `θ` as stored.
-    fn learnable(log_scale: f64, max: f64) -> Self {
-        let s = log_scale.exp();
-        if s > max {
-            Self {
-                value: max,
-                clamped: true,
-            }
-        } else {
-            Self {
-                value: s,
-                clamped: false,
-            }
-        }
-    }
-}
-
 impl Default for CzNce {
     fn default() -> Self {
         Self::new()
@@ -208,7 +165,7 @@ impl CzNce {
     /// The default temperature, 0.07.
     pub const DEFAULT_TEMPERATURE: f64 = 0.07;
     /// The epsilon of the row normalization `x / max(‖x‖, ε)`.
-    pub const NORM_EPS: f64 = cpu::NORM_EPS;
+    pub const NORM_EPS: f64 = crate::ops::cz_nce::NORM_EPS;
     /// The default bound on a learnable logit scale `1/t`, 100 (CLIP's).
     pub const DEFAULT_MAX_LOGIT_SCALE: f64 = 100.0;
 
@@ -473,7 +430,7 @@ impl CzNce {
         Ok(match &self.temperature {
             Temperature::Fixed(_) => {
                 let tracks = q.track_op() || k.track_op();
-                let op = op::CzNceOp::new(spec, scale, tracks, self.backward_mode);
+                let op = CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
                     q.apply_op2(k, op)?
                 } else {
@@ -484,7 +441,7 @@ impl CzNce {
             // already in `scale`.
             Temperature::LearnableLogScale(ls) => {
                 let tracks = q.track_op() || k.track_op() || ls.track_op();
-                let op = op::CzNceOp::new(spec, scale, tracks, self.backward_mode);
+                let op = CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
                     q.apply_op3(k, ls, op)?
                 } else {

@@ -15,7 +15,7 @@
 // Row kernels use one thread block per row (or chunk of rows), blockDim.x a multiple of 32
 // (<= 1024), and a fixed reduction tree, so results do not depend on scheduling. No atomics.
 
-#include "../cuda_common.cuh"
+#include "common.cuh"
 
 namespace mlctl {
 

@@ -1,18 +1,130 @@
-//! Where the fused op runs: the custom-op entry points candle calls for the inputs' device,
-//! each reading the storages through their layouts and calling that device's kernel
-//! ([`super::cpu`]; [`super::cuda`] with the `cuda` feature). What the op computes and keeps
-//! for the backward is [`super::op`].
+//! What the fused op computes, whatever the device: its options, the state its forward leaves
+//! for the backward, and the backward's chain rule. Where it runs (the custom-op entry points
+//! candle calls per device, and the kernels behind them) is further down this file.
 //!
-//! Metal has no fused kernel: [`super::CzNce::forward`] sends Metal inputs to the composite
-//! twin (candle's Metal kernels), and [`super::CzNce::forward_fused`] rejects them before an op
-//! is built.
+//! The op is `CustomOp2(q, k)` for a fixed temperature and `CustomOp3(q, k, log_scale)` for a
+//! learnable one. Its logit scale is resolved (and clamped) on the host before the op is built
+//! ([`LogitScale`]); `log_scale` is an argument only so that autograd routes `∂L/∂θ` to it.
+//!
+//! # The forward
+//!
+//! The loss `L`: an f32 scalar (f64 for f64 inputs), computed in f32 from f16/bf16/f32 inputs
+//! and in f64 from f64 ones, reading the inputs through their layouts (any strides / offset).
+//!
+//! # The saved state
+//!
+//! When the graph will need gradients and the mode is [`BackwardMode::GradInForward`], the
+//! kernel computes [`UnitGrads`] in the same pass and the forward hands them to
+//! [`CzNceOp::save`]. With [`BackwardMode::Recompute`], or when the inputs tracked no gradient,
+//! nothing is saved. Candle builds one op per forward call and runs its `bwd` at most once per
+//! backward pass, so [`CzNceOp::backward`] *takes* the saved gradients (freeing them) and, when
+//! there are none (recompute mode, or a second backward over the same graph), reruns the kernel
+//! on the inputs. Either way the result is the same.
+//!
+//! # The backward
+//!
+//! The loss is a scalar, so the chain rule only scales the unit gradients by the upstream
+//! gradient; `∂L/∂θ` is zero while the scale is clamped (like `torch.clamp`); and the gradients
+//! are cast to the inputs' dtypes, f16 saturating instead of overflowing ([`cast_grad`]).
 
-use super::cpu::{self, Real};
-use super::op::{CzNceOp, UnitGrads};
+use super::cpu;
+use super::spec::{BackwardMode, LogitScale, Spec};
+use crate::ops::num::Real;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::sync::Mutex;
+
+/// `∂L/∂q`, `∂L/∂k` (`[B, D]`) and `∂L/∂log s` (`[1]`) for an upstream gradient of 1, in the
+/// accumulation dtype (f32, or f64 for f64 inputs), on the inputs' device. `∂L/∂log s` is
+/// `s ∂L/∂s` at the scale used, whether or not it is clamped.
+pub(super) struct UnitGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dlog_scale: Tensor,
+}
+
+pub(crate) struct CzNceOp {
+    pub(crate) spec: Spec,
+    pub(crate) scale: LogitScale,
+    /// Whether the forward computes the gradients too: the inputs track gradients and the mode
+    /// is [`BackwardMode::GradInForward`].
+    grad_in_forward: bool,
+    saved: Mutex<Option<UnitGrads>>,
+}
+
+impl CzNceOp {
+    /// `tracks`: whether any input tracks gradients.
+    pub(crate) fn new(spec: Spec, scale: LogitScale, tracks: bool, mode: BackwardMode) -> Self {
+        Self {
+            spec,
+            scale,
+            grad_in_forward: tracks && mode == BackwardMode::GradInForward,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// Whether the forward should compute the gradients as well as the loss.
+    pub(super) fn grad_in_forward(&self) -> bool {
+        self.grad_in_forward
+    }
+
+    /// Keeps the forward's gradients for the backward.
+    pub(super) fn save(&self, grads: Option<UnitGrads>) {
+        if let Some(g) = grads {
+            *self.slot() = Some(g);
+        }
+    }
+
+    /// The slot of the saved gradients. A poisoned lock only means another thread panicked
+    /// between two assignments of an `Option`, which leaves it valid.
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<UnitGrads>> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `(∂L/∂q, ∂L/∂k, ∂L/∂θ)` for the upstream gradient `grad_res`: `dq` and `dk` in the
+    /// inputs' dtypes, `∂L/∂θ` a one-element tensor in the accumulation dtype.
+    pub(super) fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let saved = self.slot().take();
+        let unit = match saved {
+            Some(g) => g,
+            None => recompute(self, q, k)?,
+        };
+        let g = grad_res.to_dtype(unit.dq.dtype())?.reshape((1, 1))?;
+        let dq = cast_grad(unit.dq.broadcast_mul(&g)?, q.dtype())?;
+        let dk = cast_grad(unit.dk.broadcast_mul(&g)?, k.dtype())?;
+        let dlog_scale = if self.scale.clamped {
+            unit.dlog_scale.zeros_like()?
+        } else {
+            unit.dlog_scale.broadcast_mul(&g.reshape(1)?)?
+        };
+        Ok((dq, dk, dlog_scale))
+    }
+}
+
+/// Casts a gradient to the input dtype. For f16, values beyond its range (e.g. the `1/ε`-sized
+/// gradient of an all-zero row) saturate to `±f16::MAX` instead of becoming `±inf`.
+fn cast_grad(g: Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if dtype == DType::F16 {
+        let max = half::f16::MAX.to_f64();
+        g.clamp(-max, max)?.to_dtype(dtype)
+    } else {
+        g.to_dtype(dtype)
+    }
+}
+
+// ---------------------------------------------------------------- where the op runs
+//
+// The custom-op entry points candle calls for the inputs' device, each reading the storages
+// through their layouts and calling that device's kernel (`cpu`; `ops::cuda::cz_nce` with the
+// `cuda` feature). Metal has no fused kernel: `loss::CzNce::forward` sends Metal inputs to the
+// composite twin (candle's Metal kernels), and `forward_fused` rejects them before an op is built.
 
 impl CustomOp2 for CzNceOp {
     fn name(&self) -> &'static str {
@@ -139,7 +251,7 @@ fn on_cpu(
         (b, d): (usize, usize),
         want_grad: bool,
     ) -> candle_core::Result<(T, Option<UnitGrads>)> {
-        let out = cpu::cz_nce(q, k, b, d, T::from_f64(op.scale.value), op.spec, want_grad);
+        let out = cpu::cz_nce(q, k, b, d, T::lit(op.scale.value), op.spec, want_grad);
         let grads = match out.grads {
             None => None,
             Some(g) => Some(UnitGrads {
@@ -191,7 +303,7 @@ fn gather<T: Real>(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<T>, u
     let g = (b, d, s0, s1, off);
     let out = match s {
         CpuStorage::F32(v) => read(v, g, |x| T::from_f32(x)),
-        CpuStorage::F64(v) => read(v, g, |x| T::from_f64(x)),
+        CpuStorage::F64(v) => read(v, g, |x| T::lit(x)),
         CpuStorage::F16(v) => read(v, g, |x| T::from_f32(x.to_f32())),
         CpuStorage::BF16(v) => read(v, g, |x| T::from_f32(x.to_f32())),
         other => candle_core::bail!(
@@ -227,7 +339,8 @@ fn on_cuda(
     want_grad: bool,
 ) -> candle_core::Result<(candle_core::CudaStorage, Option<UnitGrads>)> {
     let (b, d) = q.1.shape().dims2()?;
-    let (loss, packed) = super::cuda::cz_nce(q, k, op.scale.value as f32, op.spec, want_grad)?;
+    let (loss, packed) =
+        crate::ops::cuda::cz_nce::cz_nce(q, k, op.scale.value as f32, op.spec, want_grad)?;
     let grads = match packed {
         None => None,
         Some(p) => {

@@ -5,8 +5,8 @@
 //! The forward returns the loss and, when asked for, the gradients packed in one f32 buffer
 //! `[∂L/∂q (B·D) | ∂L/∂k (B·D) | ∂L/∂log s (1)]` for an upstream gradient of 1.
 
-use super::blas_layout::row_major_gemm;
-use super::cpu::{Spec, NORM_EPS};
+use super::{elementwise_cfg, Ptx};
+use crate::ops::cz_nce::{row_major_gemm, Spec, NORM_EPS};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{
     sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig,
@@ -17,11 +17,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
-}
-
-const MODULE: &str = "mlctl_cz_nce";
 /// Threads per block of the row kernels (a multiple of 32).
 const ROW_THREADS: u32 = 256;
 
@@ -29,16 +24,6 @@ fn rows_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (ROW_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-fn elementwise_cfg(n: usize) -> LaunchConfig {
-    let threads = 256u32;
-    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -107,7 +92,7 @@ fn load_normalize(
     macro_rules! launch {
         ($slice:expr, $name:literal) => {{
             let src = $slice.slice(off..);
-            let f = dev.get_or_load_custom_func($name, MODULE, ptx::CZ_NCE)?;
+            let f = load_func!(dev, Ptx::CzNce, $name)?;
             let mut args = f.builder();
             args.arg(&src)
                 .arg(&rs)
@@ -160,7 +145,7 @@ fn row_pass(
             &mut scratch
         }
     };
-    let f = dev.get_or_load_custom_func("cz_row_pass", MODULE, ptx::CZ_NCE)?;
+    let f = load_func!(dev, Ptx::CzNce, "cz_row_pass")?;
     let mut args = f.builder();
     let (x0, x1, x2) = (x(0), x(1), x(2));
     args.arg(x0).arg(x1).arg(x2).arg(&nblk);
@@ -200,7 +185,7 @@ fn sym_add(
 ) -> Result<CudaSlice<f32>> {
     // SAFETY: the kernel writes all B·B elements.
     let mut out = unsafe { dev.alloc::<f32>(b * b)? };
-    let f = dev.get_or_load_custom_func("cz_sym_add", MODULE, ptx::CZ_NCE)?;
+    let f = load_func!(dev, Ptx::CzNce, "cz_sym_add")?;
     let mut args = f.builder();
     let (has_c, b_i) = (c.is_some() as i32, b as i32);
     args.arg(a)
@@ -319,7 +304,7 @@ pub(crate) fn cz_nce(
     };
     {
         let mut gx_scratch = dev.alloc_zeros::<f32>(1)?;
-        let f = dev.get_or_load_custom_func("cz_finish", MODULE, ptx::CZ_NCE)?;
+        let f = load_func!(dev, Ptx::CzNce, "cz_finish")?;
         let mut args = f.builder();
         let n = (dirs * b) as i32;
         args.arg(&row_loss).arg(&row_gx).arg(&n).arg(&mut loss);
@@ -355,7 +340,7 @@ pub(crate) fn cz_nce(
     }
     if spec.symmetric {
         let cross = g_kq.next().expect("cross block");
-        let f = dev.get_or_load_custom_func("cz_add_transposed", MODULE, ptx::CZ_NCE)?;
+        let f = load_func!(dev, Ptx::CzNce, "cz_add_transposed")?;
         let mut args = f.builder();
         let b_i = b as i32;
         args.arg(&cross).arg(&b_i).arg(&mut g_out);
@@ -406,7 +391,7 @@ pub(crate) fn cz_nce(
                 1.0,
             )?;
         }
-        let f = dev.get_or_load_custom_func("cz_norm_backward", MODULE, ptx::CZ_NCE)?;
+        let f = load_func!(dev, Ptx::CzNce, "cz_norm_backward")?;
         let mut args = f.builder();
         let d_i = d as i32;
         args.arg(&own.hat)

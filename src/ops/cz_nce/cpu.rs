@@ -36,121 +36,9 @@
 //! buffers; they are freed before the kernel returns: what outlives it is the `O(B·D)` gradient
 //! (see [`super::BackwardMode`]).
 
+use super::spec::{Spec, NORM_EPS};
+use crate::ops::num::Real;
 use rayon::prelude::*;
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
-
-/// Accumulation type of the kernel: `f32` (for f32/f16/bf16 inputs) or `f64`.
-pub(crate) trait Real:
-    Copy
-    + Send
-    + Sync
-    + 'static
-    + PartialOrd
-    + Add<Output = Self>
-    + AddAssign
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-{
-    const ZERO: Self;
-    const ONE: Self;
-    const NEG_INFINITY: Self;
-    /// The value masked logits are overwritten with: the most negative finite number, so that
-    /// `exp(masked · s − m)` is exactly 0 and `0 · masked` is 0, never NaN.
-    const MASKED: Self;
-    fn from_f64(x: f64) -> Self;
-    fn from_f32(x: f32) -> Self;
-    /// `eˣ` for `x ≤ 0` (the row pass only exponentiates max-subtracted logits); exactly 0 for
-    /// `x` below the smallest normal result, including `-inf`.
-    fn exp_nonpos(self) -> Self;
-    fn ln(self) -> Self;
-    fn sqrt(self) -> Self;
-    /// Wraps a row-major `rows × cols` buffer as a CPU tensor of this dtype.
-    fn into_tensor(
-        v: Vec<Self>,
-        rows: usize,
-        cols: usize,
-    ) -> candle_core::Result<candle_core::Tensor>;
-}
-
-macro_rules! impl_real {
-    ($t:ty, $exp:expr) => {
-        impl Real for $t {
-            const ZERO: Self = 0.0;
-            const ONE: Self = 1.0;
-            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
-            const MASKED: Self = <$t>::MIN;
-            fn from_f64(x: f64) -> Self {
-                x as $t
-            }
-            fn from_f32(x: f32) -> Self {
-                x as $t
-            }
-            #[inline(always)]
-            fn exp_nonpos(self) -> Self {
-                $exp(self)
-            }
-            fn ln(self) -> Self {
-                <$t>::ln(self)
-            }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn into_tensor(
-                v: Vec<Self>,
-                rows: usize,
-                cols: usize,
-            ) -> candle_core::Result<candle_core::Tensor> {
-                candle_core::Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu)
-            }
-        }
-    };
-}
-impl_real!(f32, exp_nonpos_f32);
-impl_real!(f64, f64::exp);
-
-/// Branch-free `eˣ` for `x ≤ 0` in f32 (Cephes' `expf` polynomial; relative error below
-/// 2.5e-7, see the test). Unlike libm's `expf` it inlines, so the row pass vectorizes.
-#[inline(always)]
-fn exp_nonpos_f32(x: f32) -> f32 {
-    // Below ln(f32::MIN_POSITIVE) the result would be subnormal: flush to 0 (and -inf to 0).
-    const LO: f32 = -87.336_55;
-    let xc = if x < LO { LO } else { x };
-    // n = round(x / ln 2) via the 1.5·2²³ trick (no `round` call, which would not vectorize).
-    const SHIFTER: f32 = 12_582_912.0;
-    let n = (xc * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
-    // r = x − n ln 2, with ln 2 split in two for precision.
-    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 0.166_666_65;
-    let p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < LO {
-        0.0
-    } else {
-        p * two_n
-    }
-}
-
-/// Which logits enter the partition function. Mirrors the options of [`super::CzNce`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Spec {
-    /// InfoNCE (`true`) or CZ-NCE (`false`).
-    pub include_positive: bool,
-    /// Same-side-as-anchor negatives (`sim_in` for q→k).
-    pub anchor_negatives: bool,
-    /// Target-side negatives (`sim_kk` for q→k).
-    pub target_negatives: bool,
-    /// Average q→k and k→q.
-    pub symmetric: bool,
-    /// L2-normalize the rows (cosine similarity) or use raw dot products.
-    pub normalize: bool,
-}
 
 /// Gradients of the loss (for an upstream gradient of 1).
 pub(crate) struct Grads<T> {
@@ -164,9 +52,6 @@ pub(crate) struct Output<T> {
     pub loss: T,
     pub grads: Option<Grads<T>>,
 }
-
-/// Epsilon of the row normalization `x / max(‖x‖, ε)`.
-pub(crate) const NORM_EPS: f64 = 1e-8;
 
 /// `⟨a, b⟩` with 8 independent accumulators (lets the compiler vectorize the reduction).
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
@@ -204,7 +89,7 @@ fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool) -> Normed<T>
             active: vec![false; b],
         };
     }
-    let eps2 = T::from_f64(NORM_EPS * NORM_EPS);
+    let eps2 = T::lit(NORM_EPS * NORM_EPS);
     let mut hat = vec![T::ZERO; b * d];
     let mut inv = vec![T::ZERO; b];
     let mut active = vec![false; b];
@@ -422,7 +307,7 @@ fn direction_pass<T: Real>(
     want_grad: bool,
 ) -> (T, T) {
     let nb = blocks.len();
-    let wb = weight / T::from_f64(b as f64);
+    let wb = weight / T::lit(b as f64);
     let row_fn = |i: usize, mut r: Vec<&mut [T]>| -> (T, T) {
         let pos = r[0][i] * scale;
         for (blk, row) in r.iter_mut().enumerate() {
@@ -490,11 +375,7 @@ pub(crate) fn cz_nce<T: Real>(
     let s_out = gram(&qn.hat, &kn.hat, b, d);
     let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d));
     let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d));
-    let weight = if spec.symmetric {
-        T::from_f64(0.5)
-    } else {
-        T::ONE
-    };
+    let weight = if spec.symmetric { T::lit(0.5) } else { T::ONE };
     // The row pass turns its blocks into gradient blocks in place, so a block that both
     // directions read (symmetric with both kinds of negatives) is copied for the first one.
     let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
@@ -671,6 +552,7 @@ fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::num::exp_nonpos_f32;
 
     /// Plain O(B²D) loop reference in f64, straight from the definition (CZ-NCE, q→k only).
     fn naive_cz(q: &[f64], k: &[f64], b: usize, d: usize, t: f64) -> f64 {

@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels of `src/loss/cz_nce/cz_nce.cu` and `src/ops/ops.cu`:
+// Device helpers shared by the CUDA kernels of `src/ops/cuda/cz_nce.cu` and `src/ops/cuda/ops.cu`:
 // f32 loads of f32/f16/bf16 storage, and warp- and block-wide sums and maxima with a fixed
 // reduction tree. Included by both (and by the CPU emulator's checks, through them).
 #ifndef MLCTL_CUDA_COMMON_CUH

@@ -1,4 +1,6 @@
-//! The fused ops on CUDA: launches the kernels of `ops.cu` (compiled to PTX by `build.rs`) for
+//! Every CUDA kernel of the crate: one loader for the PTX of this folder's `.cu` files ([`Ptx`]),
+//! the launch configurations, and the host side of each op. This file launches the fused
+//! encoder ops, the kernels of `ops.cu` (compiled to PTX by `build.rs`) for
 //! f32, f16 and bf16 storage, computing in f32. f64 has no CUDA kernel: the plain functions run
 //! the composite twin for it and the `*_fused` ones return a typed error.
 //!
@@ -13,13 +15,39 @@ use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::gelu::GeluForm;
-
+/// The PTX that `build.rs` compiles from each `.cu` file of this folder.
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ops_ptx.rs"));
+    include!(concat!(env!("OUT_DIR"), "/cz_nce_ptx.rs"));
 }
 
-const MODULE: &str = "mlctl_ops";
+/// The compiled `.cu` files: each is its own CUDA module, loaded once per device.
+#[derive(Clone, Copy)]
+pub(crate) enum Ptx {
+    /// `ops.cu`: the fused encoder ops and AdamW.
+    Ops,
+    /// `cz_nce.cu`: the fused CZ-NCE op.
+    CzNce,
+}
+
+impl Ptx {
+    /// The module's name and PTX text.
+    pub(crate) fn module(self) -> (&'static str, &'static str) {
+        match self {
+            Ptx::Ops => ("mlctl_ops", ptx::OPS),
+            Ptx::CzNce => ("mlctl_cz_nce", ptx::CZ_NCE),
+        }
+    }
+}
+
+/// Loads kernel `$name` of `$ptx` (a [`Ptx`]) on `$dev`; the module is loaded on first use.
+/// (A macro: candle does not export the type of the loaded function.)
+macro_rules! load_func {
+    ($dev:expr, $ptx:expr, $name:expr) => {{
+        let (module, text) = $ptx.module();
+        $dev.get_or_load_custom_func($name, module, text)
+    }};
+}
 
 /// The storage types with kernels, with the suffix of their kernel names.
 pub(crate) trait Kernel: CudaDType + DeviceRepr {
@@ -36,11 +64,6 @@ impl Kernel for half::f16 {
 
 impl Kernel for half::bf16 {
     const SUFFIX: &'static str = "bf16";
-}
-
-/// Whether the CUDA kernels handle `dtype`.
-pub(crate) fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// Runs `$body` with `$T` bound to the storage type of `$dtype` (f32, f16, bf16).
@@ -67,13 +90,17 @@ macro_rules! dispatch_cuda {
 /// Loads kernel `$name` for storage type `$T` (the module is loaded once per device).
 macro_rules! func {
     ($dev:expr, $name:literal, $T:ty) => {
-        $dev.get_or_load_custom_func(
-            &format!("{}_{}", $name, <$T as Kernel>::SUFFIX),
-            MODULE,
-            ptx::OPS,
+        load_func!(
+            $dev,
+            Ptx::Ops,
+            &format!("{}_{}", $name, <$T as Kernel>::SUFFIX)
         )
     };
 }
+
+// Declared after the macros above, which they use.
+pub(crate) mod adamw;
+pub(crate) mod cz_nce;
 
 /// The contiguous elements of `s` under `l`.
 pub(crate) fn view<'a, T: Kernel>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
@@ -98,7 +125,7 @@ fn rows_cfg(rows: usize, n: usize) -> LaunchConfig {
 }
 
 /// A grid-stride launch over `n` work items.
-fn elementwise_cfg(n: usize) -> LaunchConfig {
+pub(crate) fn elementwise_cfg(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
     LaunchConfig {
@@ -109,7 +136,7 @@ fn elementwise_cfg(n: usize) -> LaunchConfig {
 }
 
 /// An output buffer of `n` elements that the kernel writes entirely.
-fn output<T: Kernel>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+pub(crate) fn output<T: Kernel>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every caller launches a kernel that writes all `n` elements before any read (or
     // `n` is 0).
     unsafe { dev.alloc::<T>(n) }
@@ -303,22 +330,15 @@ pub(crate) fn softmax_bwd(
     })
 }
 
-fn form_arg(form: GeluForm) -> i32 {
-    match form {
-        GeluForm::Erf => 0,
-        GeluForm::Tanh => 1,
-    }
-}
-
 /// GELU forward.
-pub(crate) fn gelu_fwd((x, xl): (&CudaStorage, &Layout), form: GeluForm) -> Result<CudaStorage> {
+pub(crate) fn gelu_fwd((x, xl): (&CudaStorage, &Layout), form: i32) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let n = xl.shape().elem_count();
     dispatch_cuda!(x.dtype(), "fused-gelu", |T| {
         let mut y = output::<T>(&dev, n)?;
         if n > 0 {
             let xv = view::<T>(x, xl)?;
-            let (len, f_i) = (n as i64, form_arg(form));
+            let (len, f_i) = (n as i64, form);
             let f = func!(dev, "gelu_fwd", T)?;
             let mut args = f.builder();
             args.arg(&xv).arg(&len).arg(&f_i).arg(&mut y);
@@ -333,7 +353,7 @@ pub(crate) fn gelu_fwd((x, xl): (&CudaStorage, &Layout), form: GeluForm) -> Resu
 pub(crate) fn gelu_bwd(
     (x, xl): (&CudaStorage, &Layout),
     (g, gl): (&CudaStorage, &Layout),
-    form: GeluForm,
+    form: i32,
 ) -> Result<CudaStorage> {
     let dev = x.device.clone();
     let n = xl.shape().elem_count();
@@ -341,7 +361,7 @@ pub(crate) fn gelu_bwd(
         let mut dx = output::<T>(&dev, n)?;
         if n > 0 {
             let (xv, gv) = (view::<T>(x, xl)?, view::<T>(g, gl)?);
-            let (len, f_i) = (n as i64, form_arg(form));
+            let (len, f_i) = (n as i64, form);
             let f = func!(dev, "gelu_bwd", T)?;
             let mut args = f.builder();
             args.arg(&xv).arg(&gv).arg(&len).arg(&f_i).arg(&mut dx);
@@ -395,194 +415,4 @@ pub(crate) fn dropout(
         }
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     })
-}
-
-/// The coefficients of one AdamW update, rounded to f32 as the CPU's fused pass uses them:
-/// `[beta1, 1 - beta1, beta2, 1 - beta2, eps, 1/correction1, 1/correction2, lr]` and the
-/// decay factor of the decay group.
-pub(crate) struct AdamCoefficients {
-    pub values: [f32; 8],
-    pub decay: Option<f32>,
-}
-
-/// The moments (and f32 master weights) of one parameter on its CUDA device, updated in place
-/// by the fused kernel.
-pub(crate) struct AdamState {
-    dev: CudaDevice,
-    m: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    master: Option<CudaSlice<f32>>,
-}
-
-fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
-    match t.device() {
-        candle_core::Device::Cuda(dev) => Ok(dev.clone()),
-        other => candle_core::bail!("fused adamw (cuda): a tensor on {:?}", other.location()),
-    }
-}
-
-/// A copy of `t`'s elements as an f32 buffer on `dev`.
-fn f32_buffer(t: &Tensor, dev: &CudaDevice) -> Result<CudaSlice<f32>> {
-    let t = t
-        .to_device(&candle_core::Device::Cuda(dev.clone()))?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(s) = &*storage else {
-        candle_core::bail!("fused adamw (cuda): expected a CUDA tensor");
-    };
-    let src = view::<f32>(s, layout)?;
-    let mut dst = output::<f32>(dev, t.elem_count())?;
-    dev.memcpy_dtod(&src, &mut dst)?;
-    Ok(dst)
-}
-
-impl AdamState {
-    /// Zero moments, and a master copy of `param` when `master`.
-    pub(crate) fn new(param: &Tensor, master: bool) -> Result<Self> {
-        let dev = cuda_device(param)?;
-        let n = param.elem_count();
-        Ok(Self {
-            m: dev.alloc_zeros::<f32>(n)?,
-            v: dev.alloc_zeros::<f32>(n)?,
-            master: master.then(|| f32_buffer(param, &dev)).transpose()?,
-            dev,
-        })
-    }
-
-    /// The state from tensors of the parameter's size (any float dtype, any device).
-    pub(crate) fn from_tensors(
-        param: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        master: Option<&Tensor>,
-    ) -> Result<Self> {
-        let dev = cuda_device(param)?;
-        Ok(Self {
-            m: f32_buffer(m, &dev)?,
-            v: f32_buffer(v, &dev)?,
-            master: master.map(|w| f32_buffer(w, &dev)).transpose()?,
-            dev,
-        })
-    }
-
-    /// Copies of `(m, v, master)` as f32 tensors of `shape` on the parameter's device.
-    pub(crate) fn tensors(&self, shape: &Shape) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let tensor = |s: &CudaSlice<f32>| -> Result<Tensor> {
-            let mut copy = output::<f32>(&self.dev, s.len())?;
-            self.dev.memcpy_dtod(s, &mut copy)?;
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(copy, self.dev.clone()));
-            Ok(Tensor::from_storage(
-                storage,
-                shape.clone(),
-                BackpropOp::none(),
-                false,
-            ))
-        };
-        Ok((
-            tensor(&self.m)?,
-            tensor(&self.v)?,
-            self.master.as_ref().map(tensor).transpose()?,
-        ))
-    }
-
-    /// One update of `param` (contiguous, on this state's device) from `grad` (any layout and
-    /// float dtype: it is brought to the parameter's dtype and made contiguous on the device).
-    pub(crate) fn update(
-        &mut self,
-        param: &Tensor,
-        grad: &Tensor,
-        k: &AdamCoefficients,
-    ) -> Result<()> {
-        let grad = grad
-            .to_device(param.device())?
-            .to_dtype(param.dtype())?
-            .contiguous()?;
-        let op = AdamWOp {
-            state: std::cell::RefCell::new(self),
-            k,
-        };
-        param.inplace_op2(&grad, &op)
-    }
-}
-
-/// The fused update as an in-place op on the parameter, reading the gradient.
-struct AdamWOp<'a> {
-    state: std::cell::RefCell<&'a mut AdamState>,
-    k: &'a AdamCoefficients,
-}
-
-impl candle_core::InplaceOp2 for AdamWOp<'_> {
-    fn name(&self) -> &'static str {
-        "fused-adamw-cuda"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &mut candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<()> {
-        candle_core::bail!("fused adamw (cuda): a CPU parameter")
-    }
-
-    fn cuda_fwd(
-        &self,
-        p: &mut CudaStorage,
-        pl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let Some((start, end)) = pl.contiguous_offsets() else {
-            candle_core::bail!("fused adamw (cuda): a non-contiguous parameter")
-        };
-        let n = end - start;
-        let mut guard = self.state.borrow_mut();
-        let state: &mut AdamState = &mut guard;
-        // The launch below reads and writes n elements of every buffer: check each one.
-        let master_len = state.master.as_ref().map_or(n, |w| w.len());
-        let lens = [
-            gl.shape().elem_count(),
-            state.m.len(),
-            state.v.len(),
-            master_len,
-        ];
-        if lens.iter().any(|&len| len != n) {
-            candle_core::bail!(
-                "fused adamw (cuda): parameter of {n} elements, but gradient, m, v and master \
-                 hold {lens:?}"
-            );
-        }
-        let dtype = p.dtype();
-        let dev = state.dev.clone();
-        let [b1, omb1, b2, omb2, eps, ic1, ic2, lr] = self.k.values;
-        let (decay, has_decay) = (self.k.decay.unwrap_or(1.0), self.k.decay.is_some() as i32);
-        let (len, has_master) = (n as i64, state.master.is_some() as i32);
-        dispatch_cuda!(dtype, "fused-adamw", |T| {
-            let gv = view::<T>(g, gl)?;
-            let mut pv = p.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
-            let f = func!(dev, "adamw", T)?;
-            let mut args = f.builder();
-            args.arg(&mut pv)
-                .arg(&gv)
-                .arg(&mut state.m)
-                .arg(&mut state.v);
-            // Without master weights the kernel never touches that pointer; it still needs a
-            // valid one (the gradient's, which is not aliased by a mutable argument).
-            match state.master.as_mut() {
-                Some(w) => args.arg(w),
-                None => args.arg(&gv),
-            };
-            args.arg(&has_master).arg(&len);
-            for c in [&b1, &omb1, &b2, &omb2, &eps, &ic1, &ic2, &lr, &decay] {
-                args.arg(c);
-            }
-            args.arg(&has_decay);
-            // SAFETY: parameter, gradient, moments (and master weights) all hold n elements
-            // (checked above); element i is read and written by one thread only.
-            unsafe { args.launch(elementwise_cfg(n)) }.w()?;
-            Ok(())
-        })
-    }
 }

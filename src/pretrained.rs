@@ -1,18 +1,16 @@
-//! `PretrainedBert`: a BERT with MLM head, its parameters and tokenizer, loaded from or saved
-//! to a Hugging Face model directory.
+//! [`PretrainedBert`]: a BERT with its MLM head, parameters, tokenizer and (for a
+//! sentence-transformers directory) its modules, loaded from or saved to a Hugging Face model
+//! directory.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::bert::BertForMaskedLm;
-use super::checkpoint::{
-    checkpoint_name, read_checkpoint_dir, save_params_as, write_atomic, CONFIG_FILE,
-    TOKENIZER_FILE, WEIGHTS_FILE,
+use crate::encoder::{
+    checkpoint_name, read_checkpoint_dir, save_params_as, BertConfig, BertForMaskedLm, ParamStore,
 };
-use super::config::BertConfig;
-use super::params::ParamStore;
+use crate::fs::{write_atomic, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use crate::sentence_transformers::SentenceTransformerConfig;
 use crate::tokenize::Tokenizer;
 use crate::{Error, Result};
@@ -55,7 +53,7 @@ impl fmt::Display for LoadReport {
 ///
 /// ```no_run
 /// # fn main() -> mlctl::Result<()> {
-/// use mlctl::encoder::PretrainedBert;
+/// use mlctl::pretrained::PretrainedBert;
 /// let bert = PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
 /// let batch = bert.tokenizer()?.encode_batch(&["Hello world"], bert.model.encoder.device())?;
 /// let out = bert.model.encoder.forward_batch(&batch, false)?;

@@ -11,7 +11,7 @@
 // All kernels that reduce use one thread block per row, blockDim.x a multiple of 32 (<= 1024),
 // and a fixed reduction tree, so results do not depend on scheduling.
 
-#include "../../cuda_common.cuh"
+#include "common.cuh"
 
 // Row i of x (any strides, already offset to the first element) -> row i of hat (b x d,
 // contiguous f32); inv[i] = 1 / max(‖x_i‖, eps); active[i] = 1 if ‖x_i‖ > eps.

@@ -1,0 +1,297 @@
+//! The numbers the kernels compute with: [`Real`], the arithmetic a kernel accumulates in (f32
+//! for f32 and half types, f64 for f64), with branch-free `exp` and `erf` that vectorise;
+//! [`Elem`], a storage type and its accumulation type; and [`accumulation_dtype`], the same rule
+//! for tensors.
+
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+
+use candle_core::{DType, Tensor, WithDType};
+
+/// The dtype reductions run in: f16 and bf16 are widened to f32.
+pub(crate) fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
+/// The arithmetic a kernel accumulates in: f32 for f32 and half types, f64 for f64.
+pub(crate) trait Real:
+    WithDType
+    + Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    /// The value masked logits are overwritten with: the most negative finite number, so that
+    /// `exp(masked · s − m)` is exactly 0 and `0 · masked` is 0, never NaN.
+    const MASKED: Self;
+    fn lit(x: f64) -> Self;
+    fn from_f32(x: f32) -> Self;
+    /// `eˣ` for `x ≤ 0` (a softmax row pass only exponentiates max-subtracted logits); exactly
+    /// 0 for `x` below the smallest normal result, including `-inf`.
+    fn exp_nonpos(self) -> Self;
+    fn ln(self) -> Self;
+    /// Wraps a row-major `rows × cols` buffer as a CPU tensor of this type.
+    fn into_tensor(v: Vec<Self>, rows: usize, cols: usize) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu)
+    }
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn tanh(self) -> Self;
+    fn erf(self) -> Self;
+    fn max(self, other: Self) -> Self;
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
+    const MASKED: Self = f64::MIN;
+    fn lit(x: f64) -> Self {
+        x
+    }
+    fn from_f32(x: f32) -> Self {
+        x as f64
+    }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        f64::exp(self)
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
+    const MASKED: Self = f32::MIN;
+    fn lit(x: f64) -> Self {
+        x as f32
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn exp_nonpos(self) -> Self {
+        exp_nonpos_f32(self)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    #[inline(always)]
+    fn tanh(self) -> Self {
+        // tanh(y) = 1 - 2 / (exp(2y) + 1); the clamp keeps exp finite, tanh(±9) is ±1 in f32.
+        let y = self.clamp(-9.0, 9.0);
+        1.0 - 2.0 / (exp_f32(2.0 * y) + 1.0)
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        erf_f32(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        if self > other {
+            self
+        } else {
+            other
+        }
+    }
+}
+
+/// `e^x` in f32 without a libm call, so that loops over it vectorise: `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial (truncation below 1e-8 relative),
+/// `2^n` built in the exponent bits. Within 2 ulp of `f32::exp`; 0 below `-87.3`.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let underflow = x < -87.3;
+    let x = x.clamp(-87.3, 88.7);
+    // Round to nearest by the 1.5 * 2^23 trick: `f32::round` is a libm call that blocks
+    // vectorisation on baseline x86-64.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// `erf(x)` in f32 by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7, f32's own
+/// resolution near 1), branch-free so that it vectorises.
+#[inline(always)]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_f32(-a * a);
+    y.copysign(x)
+}
+
+/// A storage element type and the type it is computed in.
+pub(crate) trait Elem: WithDType + Send + Sync {
+    type A: Real;
+    fn load(self) -> Self::A;
+    fn store(a: Self::A) -> Self;
+    /// The value in f32 (AdamW computes in f32 whatever the storage).
+    fn get(self) -> f32;
+    /// `x` rounded to this type.
+    fn put(x: f32) -> Self;
+    fn elem_zero() -> Self {
+        Self::store(Self::A::ZERO)
+    }
+}
+
+impl Elem for f32 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        a
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        x
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    #[inline(always)]
+    fn load(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn store(a: f64) -> Self {
+        a
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        x as f64
+    }
+}
+
+impl Elem for half::bf16 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        half::bf16::from_f32(a)
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl Elem for half::f16 {
+    type A = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(a: f32) -> Self {
+        half::f16::from_f32(a)
+    }
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn put(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+/// Branch-free `eˣ` for `x ≤ 0` in f32 (Cephes' `expf` polynomial; relative error below
+/// 2.5e-7, see the test). Unlike libm's `expf` it inlines, so the row pass vectorizes.
+#[inline(always)]
+pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
+    // Below ln(f32::MIN_POSITIVE) the result would be subnormal: flush to 0 (and -inf to 0).
+    const LO: f32 = -87.336_55;
+    let xc = if x < LO { LO } else { x };
+    // n = round(x / ln 2) via the 1.5·2²³ trick (no `round` call, which would not vectorize).
+    const SHIFTER: f32 = 12_582_912.0;
+    let n = (xc * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    // r = x − n ln 2, with ln 2 split in two for precision.
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 0.166_666_65;
+    let p = p * r + 0.5;
+    let p = p * r * r + r + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else {
+        p * two_n
+    }
+}
