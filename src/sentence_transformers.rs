@@ -79,6 +79,24 @@ pub struct Dense {
 }
 
 impl Dense {
+    /// Writes the module's `config.json` and its weights (`linear.weight`, `linear.bias`) into
+    /// `folder`.
+    fn save(&self, folder: &Path) -> Result<()> {
+        write_json(
+            &folder.join(MODULE_CONFIG_FILE),
+            &Value::Object(self.config.clone()),
+        )?;
+        let mut tensors = vec![("linear.weight".to_string(), &self.weight)];
+        if let Some(bias) = &self.bias {
+            tensors.push(("linear.bias".to_string(), bias));
+        }
+        let path = folder.join(DENSE_WEIGHTS_FILE);
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let bytes = safetensors::tensor::serialize(tensors, Some(metadata))
+            .map_err(|e| bad(&path, format!("cannot serialise ({e})")))?;
+        write_atomic(&path, &bytes)
+    }
+
     /// Applies the module to `[n, in_features]` vectors.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
@@ -220,79 +238,12 @@ impl SentenceTransformerConfig {
         if !modules_path.is_file() {
             return Ok(None);
         }
-        let entries = match read_json(&modules_path)? {
-            Value::Array(entries) => entries,
-            _ => return Err(bad(&modules_path, "expected a JSON list of modules")),
-        };
-        let mut modules = Vec::with_capacity(entries.len());
-        let mut pooling = None;
-        for (i, entry) in entries.iter().enumerate() {
-            let field = |key: &str| -> Result<String> {
-                entry
-                    .get(key)
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .ok_or_else(|| bad(&modules_path, format!("module {i} has no \"{key}\"")))
-            };
-            let type_name = field("type")?;
-            let path = field("path")?;
-            let name = entry
-                .get("name")
-                .and_then(Value::as_str)
-                .map_or_else(|| i.to_string(), str::to_string);
-            let folder = dir.join(&path);
-            let short = type_name.rsplit('.').next().unwrap_or(&type_name);
-            let kind = match short {
-                "Transformer" if i == 0 && path.is_empty() => ModuleKind::Transformer,
-                "Transformer" => {
-                    return Err(bad(
-                        &modules_path,
-                        format!(
-                            "the Transformer must be the first module and live in the \
-                             directory itself (path \"\"), not module {i} at \"{path}\""
-                        ),
-                    ))
-                }
-                "Pooling" if pooling.is_none() => {
-                    pooling = Some(read_object(&folder.join(MODULE_CONFIG_FILE))?);
-                    ModuleKind::Pooling
-                }
-                "Dense" => ModuleKind::Dense(read_dense(&folder)?),
-                "Normalize" => ModuleKind::Normalize,
-                _ => {
-                    return Err(bad(
-                        &modules_path,
-                        format!("module {i} ({type_name}) is not supported: mlctl follows Transformer, one Pooling, Dense and Normalize modules"),
-                    ))
-                }
-            };
-            modules.push(Module {
-                name,
-                path,
-                type_name,
-                kind,
-            });
-        }
-        if !matches!(
-            modules.first().map(|m| &m.kind),
-            Some(ModuleKind::Transformer)
-        ) {
-            return Err(bad(
-                &modules_path,
-                "the first module must be the Transformer (path \"\")",
-            ));
-        }
-        let Some(pooling_config) = pooling else {
-            return Err(bad(
-                &modules_path,
-                "no Pooling module: mlctl needs one to make a sentence vector",
-            ));
-        };
+        let (modules, pooling_config) = read_modules(dir, &modules_path)?;
         let pooling_path = modules
             .iter()
             .find(|m| matches!(m.kind, ModuleKind::Pooling))
             .map(|m| dir.join(&m.path).join(MODULE_CONFIG_FILE))
-            .expect("a pooling module");
+            .ok_or_else(|| bad(&modules_path, "no Pooling module"))?;
         let modes = pooling_modes(&pooling_config, &pooling_path)?;
         let include_prompt = match pooling_config.get("include_prompt") {
             None | Some(Value::Null) => true,
@@ -306,58 +257,11 @@ impl SentenceTransformerConfig {
         };
         let sbert_path = dir.join(SENTENCE_BERT_CONFIG_FILE);
         let sentence_bert_config = read_optional_object(&sbert_path)?;
-        if let Some(output) = sentence_bert_config
-            .get("modality_config")
-            .and_then(|m| m.get("text"))
-            .and_then(|t| t.get("method_output_name"))
-        {
-            if output != "last_hidden_state" {
-                return Err(bad(
-                    &sbert_path,
-                    format!(
-                        "the transformer's text output is {output}; mlctl pools last_hidden_state"
-                    ),
-                ));
-            }
-        }
-        let max_seq_length = match sentence_bert_config.get("max_seq_length") {
-            None | Some(Value::Null) => tokenizer_max_length(dir, max_positions)?,
-            Some(v) => match v.as_u64() {
-                Some(n) if n >= 2 => Some(n as usize),
-                _ => {
-                    return Err(bad(
-                        &sbert_path,
-                        format!("max_seq_length must be a whole number of at least 2, not {v}"),
-                    ))
-                }
-            },
-        };
+        let max_seq_length = input_limit(&sentence_bert_config, &sbert_path, dir, max_positions)?;
         let do_lower_case = flag(&sentence_bert_config, "do_lower_case", &sbert_path)?;
         let model_path = dir.join(SENTENCE_TRANSFORMERS_CONFIG_FILE);
         let model_config = read_optional_object(&model_path)?;
-        let mut prompts = BTreeMap::new();
-        match model_config.get("prompts") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(map)) => {
-                for (name, text) in map {
-                    let text = text.as_str().ok_or_else(|| {
-                        bad(&model_path, format!("prompt \"{name}\" is not a string"))
-                    })?;
-                    prompts.insert(name.clone(), text.to_string());
-                }
-            }
-            Some(_) => return Err(bad(&model_path, "prompts must be an object")),
-        }
-        let default_prompt_name = match model_config.get("default_prompt_name") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(name)) if prompts.contains_key(name) => Some(name.clone()),
-            Some(other) => {
-                return Err(bad(
-                    &model_path,
-                    format!("default_prompt_name {other} is not one of the prompts"),
-                ))
-            }
-        };
+        let (prompts, default_prompt_name) = read_prompts(&model_config, &model_path)?;
         Ok(Some(Self {
             modules,
             pooling: Pooling::layer(-1).with_modes(modes),
@@ -410,56 +314,11 @@ impl SentenceTransformerConfig {
             }
             match &module.kind {
                 ModuleKind::Transformer | ModuleKind::Normalize => {}
-                ModuleKind::Pooling => {
-                    let mut config = self.pooling_config.clone();
-                    let modes = self.pooling.modes();
-                    let flags_in_order = modes.windows(2).all(|w| w[0] < w[1]);
-                    if config.contains_key("pooling_mode") || !flags_in_order {
-                        for mode in PoolingMode::ALL {
-                            config.remove(mode.config_key());
-                        }
-                        let names: Vec<Value> =
-                            modes.iter().map(|m| Value::from(m.name())).collect();
-                        config.insert(
-                            "pooling_mode".into(),
-                            match names.len() {
-                                1 => names.into_iter().next().expect("one mode"),
-                                _ => Value::Array(names),
-                            },
-                        );
-                    } else {
-                        for mode in PoolingMode::ALL {
-                            config.insert(
-                                mode.config_key().into(),
-                                Value::Bool(modes.contains(&mode)),
-                            );
-                        }
-                    }
-                    config.insert("include_prompt".into(), Value::Bool(self.include_prompt));
-                    write_json(&folder.join(MODULE_CONFIG_FILE), &Value::Object(config))?;
-                }
-                ModuleKind::Dense(dense) => {
-                    write_json(
-                        &folder.join(MODULE_CONFIG_FILE),
-                        &Value::Object(dense.config.clone()),
-                    )?;
-                    let mut tensors = vec![("linear.weight", dense.weight.clone())];
-                    if let Some(bias) = &dense.bias {
-                        tensors.push(("linear.bias", bias.clone()));
-                    }
-                    let path = folder.join(DENSE_WEIGHTS_FILE);
-                    let mut metadata = std::collections::HashMap::new();
-                    metadata.insert("format".to_string(), "pt".to_string());
-                    let bytes = safetensors::tensor::serialize(
-                        tensors
-                            .iter()
-                            .map(|(name, t)| (name.to_string(), t))
-                            .collect::<Vec<_>>(),
-                        Some(metadata),
-                    )
-                    .map_err(|e| bad(&path, format!("cannot serialise ({e})")))?;
-                    write_atomic(&path, &bytes)?;
-                }
+                ModuleKind::Pooling => write_json(
+                    &folder.join(MODULE_CONFIG_FILE),
+                    &Value::Object(self.pooling_json()),
+                )?,
+                ModuleKind::Dense(dense) => dense.save(&folder)?,
             }
         }
         write_json(&dir.join(MODULES_FILE), &Value::Array(entries))?;
@@ -471,15 +330,9 @@ impl SentenceTransformerConfig {
         sbert.insert("do_lower_case".into(), Value::Bool(self.do_lower_case));
         write_json(&dir.join(SENTENCE_BERT_CONFIG_FILE), &Value::Object(sbert))?;
         let mut model = self.model_config.clone();
-        model.insert(
-            "prompts".into(),
-            Value::Object(
-                self.prompts
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                    .collect(),
-            ),
-        );
+        let prompts = self.prompts.iter();
+        let prompts = prompts.map(|(k, v)| (k.clone(), Value::String(v.clone())));
+        model.insert("prompts".into(), Value::Object(prompts.collect()));
         model.insert(
             "default_prompt_name".into(),
             self.default_prompt_name
@@ -491,6 +344,179 @@ impl SentenceTransformerConfig {
             &Value::Object(model),
         )
     }
+
+    /// The pooling module's `config.json`: the keys read, with the current modes written the
+    /// way the file wrote them (a `pooling_mode` list, or the `pooling_mode_*` flags when they
+    /// can express the modes' order).
+    fn pooling_json(&self) -> Map<String, Value> {
+        let mut config = self.pooling_config.clone();
+        let modes = self.pooling.modes();
+        let flags_in_order = modes.windows(2).all(|w| w[0] < w[1]);
+        if config.contains_key("pooling_mode") || !flags_in_order {
+            for mode in PoolingMode::ALL {
+                config.remove(mode.config_key());
+            }
+            let mut names: Vec<Value> = modes.iter().map(|m| Value::from(m.name())).collect();
+            let value = match names.len() {
+                1 => names.remove(0),
+                _ => Value::Array(names),
+            };
+            config.insert("pooling_mode".into(), value);
+        } else {
+            for mode in PoolingMode::ALL {
+                let on = Value::Bool(modes.contains(&mode));
+                config.insert(mode.config_key().into(), on);
+            }
+        }
+        config.insert("include_prompt".into(), Value::Bool(self.include_prompt));
+        config
+    }
+}
+
+/// Reads `modules.json`'s entries and each module's files; returns the modules and the pooling
+/// module's configuration.
+fn read_modules(dir: &Path, modules_path: &Path) -> Result<(Vec<Module>, Map<String, Value>)> {
+    let entries = match read_json(modules_path)? {
+        Value::Array(entries) => entries,
+        _ => return Err(bad(modules_path, "expected a JSON list of modules")),
+    };
+    let mut modules = Vec::with_capacity(entries.len());
+    let mut pooling = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let field = |key: &str| -> Result<String> {
+            entry
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| bad(modules_path, format!("module {i} has no \"{key}\"")))
+        };
+        let (type_name, path) = (field("type")?, field("path")?);
+        let name = entry
+            .get("name")
+            .and_then(Value::as_str)
+            .map_or_else(|| i.to_string(), str::to_string);
+        let kind = module_kind((i, &type_name, &path), dir, modules_path, &mut pooling)?;
+        modules.push(Module {
+            name,
+            path,
+            type_name,
+            kind,
+        });
+    }
+    if !matches!(
+        modules.first().map(|m| &m.kind),
+        Some(ModuleKind::Transformer)
+    ) {
+        return Err(bad(
+            modules_path,
+            "the first module must be the Transformer (path \"\")",
+        ));
+    }
+    let Some(pooling_config) = pooling else {
+        return Err(bad(
+            modules_path,
+            "no Pooling module: mlctl needs one to make a sentence vector",
+        ));
+    };
+    Ok((modules, pooling_config))
+}
+
+/// Module `i`'s kind, reading its folder's files (the first pooling module's configuration
+/// into `pooling`); a module mlctl does not follow is an error naming `modules_path`.
+fn module_kind(
+    (i, type_name, path): (usize, &str, &str),
+    dir: &Path,
+    modules_path: &Path,
+    pooling: &mut Option<Map<String, Value>>,
+) -> Result<ModuleKind> {
+    let folder = dir.join(path);
+    let short = type_name.rsplit('.').next().unwrap_or(type_name);
+    match short {
+        "Transformer" if i == 0 && path.is_empty() => Ok(ModuleKind::Transformer),
+        "Transformer" => Err(bad(
+            modules_path,
+            format!(
+                "the Transformer must be the first module and live in the directory itself \
+                 (path \"\"), not module {i} at \"{path}\""
+            ),
+        )),
+        "Pooling" if pooling.is_none() => {
+            *pooling = Some(read_object(&folder.join(MODULE_CONFIG_FILE))?);
+            Ok(ModuleKind::Pooling)
+        }
+        "Dense" => read_dense(&folder).map(ModuleKind::Dense),
+        "Normalize" => Ok(ModuleKind::Normalize),
+        _ => Err(bad(
+            modules_path,
+            format!(
+                "module {i} ({type_name}) is not supported: mlctl follows Transformer, one \
+                 Pooling, Dense and Normalize modules"
+            ),
+        )),
+    }
+}
+
+/// The input limit: `max_seq_length` in `sentence_bert_config.json` (`sbert`, read from
+/// `sbert_path`), else the tokenizer's `model_max_length` capped at `max_positions`. Also
+/// checks that the transformer's pooled output is `last_hidden_state`.
+fn input_limit(
+    sbert: &Map<String, Value>,
+    sbert_path: &Path,
+    dir: &Path,
+    max_positions: usize,
+) -> Result<Option<usize>> {
+    if let Some(output) = sbert
+        .get("modality_config")
+        .and_then(|m| m.get("text"))
+        .and_then(|t| t.get("method_output_name"))
+    {
+        if output != "last_hidden_state" {
+            let reason =
+                format!("the transformer's text output is {output}; mlctl pools last_hidden_state");
+            return Err(bad(sbert_path, reason));
+        }
+    }
+    match sbert.get("max_seq_length") {
+        None | Some(Value::Null) => tokenizer_max_length(dir, max_positions),
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 2 => Ok(Some(n as usize)),
+            _ => Err(bad(
+                sbert_path,
+                format!("max_seq_length must be a whole number of at least 2, not {v}"),
+            )),
+        },
+    }
+}
+
+/// The prompts and the default prompt's name of `config_sentence_transformers.json`.
+fn read_prompts(
+    config: &Map<String, Value>,
+    path: &Path,
+) -> Result<(BTreeMap<String, String>, Option<String>)> {
+    let mut prompts = BTreeMap::new();
+    match config.get("prompts") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (name, text) in map {
+                let text = text
+                    .as_str()
+                    .ok_or_else(|| bad(path, format!("prompt \"{name}\" is not a string")))?;
+                prompts.insert(name.clone(), text.to_string());
+            }
+        }
+        Some(_) => return Err(bad(path, "prompts must be an object")),
+    }
+    let default_prompt_name = match config.get("default_prompt_name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) if prompts.contains_key(name) => Some(name.clone()),
+        Some(other) => {
+            return Err(bad(
+                path,
+                format!("default_prompt_name {other} is not one of the prompts"),
+            ))
+        }
+    };
+    Ok((prompts, default_prompt_name))
 }
 
 /// The modes of a pooling config: `pooling_mode` (a name or a list), else the `pooling_mode_*`

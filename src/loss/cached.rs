@@ -69,6 +69,18 @@ struct Cached {
     word: Option<Var>,
 }
 
+impl CachedStep {
+    /// The loss values, as [`LossTerms::values`](super::LossTerms::values) reports them.
+    pub fn terms(&self) -> super::LossTerms<f32> {
+        super::LossTerms {
+            total: self.total,
+            sentence: self.sentence,
+            word: self.word,
+            mlm: self.mlm,
+        }
+    }
+}
+
 impl CachedLoss {
     /// Caches `objective` in mini-batches of `mini_batch` pairs.
     pub fn new(objective: MultiLevelLoss, mini_batch: usize) -> Result<Self> {
@@ -109,12 +121,7 @@ impl CachedLoss {
         vars: &[(String, Var)],
         key: Option<DropoutKey>,
     ) -> Result<CachedStep> {
-        let rng = model.bert.model.encoder.dropout_rng().clone();
-        // A key the caller had set is restored afterwards.
-        let previous = rng.key();
-        let result = self.run(model, batch, masked, vars, key, &rng, None);
-        rng.set_key(previous);
-        result
+        self.run_restoring_key(model, batch, masked, vars, key, None)
     }
 
     /// This rank's part of a data-parallel evaluation of a global batch, chunk by chunk:
@@ -140,251 +147,347 @@ impl CachedLoss {
         shard: &RankShard<'_>,
     ) -> Result<CachedStep> {
         let key = key.map(|k| k.with_sample_offset(shard.sample_offset));
-        let rng = model.bert.model.encoder.dropout_rng().clone();
-        // A key the caller had set is restored afterwards.
-        let previous = rng.key();
-        let result = self.run(model, batch, masked, vars, key, &rng, Some(shard));
-        rng.set_key(previous);
-        result
+        self.run_restoring_key(model, batch, masked, vars, key, Some(shard))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn run(
+    /// [`CachedLoss::run`] with the encoder's dropout key restored afterwards (a key the
+    /// caller had set).
+    fn run_restoring_key(
         &self,
         model: &MlCtlModel,
         batch: &PairBatch,
         masked: Option<&MaskedPair>,
         vars: &[(String, Var)],
         key: Option<DropoutKey>,
-        rng: &DropoutRng,
         shard: Option<&RankShard<'_>>,
     ) -> Result<CachedStep> {
-        let train = key.is_some();
-        let before_pass = |pass: Pass, start: usize| {
-            if let Some(key) = key {
-                rng.set_key(Some(pass_key(key, pass).advanced(start as u64)));
-            }
+        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let previous = rng.key();
+        let mut run = Run {
+            model,
+            batch,
+            masked,
+            vars,
+            key,
+            rng: &rng,
+            shard,
+            mini_batch: self.mini_batch,
+            grads: BTreeMap::new(),
         };
-        let n = batch.len();
-        if n == 0 {
+        let result = self.run(&mut run);
+        rng.set_key(previous);
+        result
+    }
+
+    /// The three steps of the module docs.
+    fn run(&self, run: &mut Run<'_>) -> Result<CachedStep> {
+        if run.batch.is_empty() {
             return Err(Error::InvalidArgument("an empty batch has no loss".into()));
         }
-        let chunks: Vec<(usize, usize)> = (0..n)
-            .step_by(self.mini_batch)
-            .map(|start| (start, self.mini_batch.min(n - start)))
-            .collect();
         let contrastive = self.objective.sentence.is_some() || self.objective.word.is_some();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut add_grads = |store: &candle_core::backprop::GradStore| -> Result<()> {
-            for (name, var) in vars {
-                if let Some(g) = store.get(var) {
-                    let g = match grads.remove(name) {
-                        Some(acc) => (acc + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.clone(), g);
-                }
-            }
-            Ok(())
-        };
-
-        // Steps 1 and 2: embeddings without graph, the contrastive terms on the whole batch.
-        let (mut sentence, mut word) = (None, None);
-        let mut total = 0f32;
-        let mut cached_grads: Option<EmbeddingGrads> = None;
-        if contrastive {
-            let (mut src, mut tgt) = (Vec::new(), Vec::new());
-            for &(start, len) in &chunks {
-                let chunk = pair_rows(batch, start, len)?;
-                before_pass(Pass::Source, start);
-                src.push(detached(model.embed(
-                    &chunk.src,
-                    chunk.src_spans().as_deref(),
-                    train,
-                )?)?);
-                before_pass(Pass::Target, start);
-                tgt.push(detached(model.embed(
-                    &chunk.tgt,
-                    chunk.tgt_spans().as_deref(),
-                    train,
-                )?)?);
-            }
-            // Over a shard: every rank's rows, of which this rank differentiates its own.
-            let all = |t: Tensor| -> Result<Var> {
-                Ok(Var::from_tensor(&match shard {
-                    Some(s) => s.collective.all_gather(&t)?,
-                    None => t,
-                })?)
-            };
-            let on_rank = |loss: &super::CzNce| -> Result<super::CzNce> {
-                match shard {
-                    Some(s) => s.per_rank(loss),
-                    None => Ok(loss.clone()),
-                }
-            };
-            let q = all(cat(src.iter().map(|s| s.projected.as_tensor()))?)?;
-            let k = all(cat(tgt.iter().map(|s| s.projected.as_tensor()))?)?;
-            let words = match (
-                src.iter()
-                    .map(|s| s.word.as_ref())
-                    .collect::<Option<Vec<_>>>(),
-                tgt.iter()
-                    .map(|s| s.word.as_ref())
-                    .collect::<Option<Vec<_>>>(),
-            ) {
-                (Some(sw), Some(tw)) if self.objective.word.is_some() => Some((
-                    all(cat(sw.iter().map(|v| v.as_tensor()))?)?,
-                    all(cat(tw.iter().map(|v| v.as_tensor()))?)?,
-                )),
-                _ => None,
-            };
-            let mut loss: Option<Tensor> = None;
-            if let Some(l) = &self.objective.sentence {
-                let value = on_rank(l)?.forward(q.as_tensor(), k.as_tensor())?;
-                sentence = Some(scalar(&value)?);
-                loss = Some(value);
-            }
-            if let Some(l) = &self.objective.word {
-                let Some((wq, wk)) = &words else {
-                    return Err(Error::InvalidArgument(
-                        "the word-level term needs anchor spans in the batch".into(),
-                    ));
-                };
-                let value = on_rank(l)?.forward(wq.as_tensor(), wk.as_tensor())?;
-                word = Some(scalar(&value)?);
-                loss = Some(match loss {
-                    Some(s) => (s + value)?,
-                    None => value,
-                });
-            }
-            let loss = loss.expect("a contrastive term is on");
-            total += scalar(&loss)?;
-            let store = match self.loss_scale {
-                1.0 => loss.backward()?,
-                scale => (loss.to_dtype(candle_core::DType::F32)? * scale)?.backward()?,
-            };
-            // The loss's own parameters (a learnable temperature) get their gradient here.
-            add_grads(&store)?;
-            // This rank's rows of the gathered embeddings' gradient.
-            let rows = shard.map(|s| (s.collective.rank() * n, n));
-            let grad_of = |v: &Var| -> Result<Tensor> {
-                let g = match store.get(v) {
-                    Some(g) => g.clone(),
-                    None => v.as_tensor().zeros_like()?,
-                };
-                Ok(match rows {
-                    Some((start, len)) => g.narrow(0, start, len)?,
-                    None => g,
-                })
-            };
-            cached_grads = Some(EmbeddingGrads {
-                q: grad_of(&q)?,
-                k: grad_of(&k)?,
-                words: match &words {
-                    Some((wq, wk)) => Some((grad_of(wq)?, grad_of(wk)?)),
-                    None => None,
-                },
-            });
-        }
-
-        // Step 3: each chunk again with its graph; its share of the MLM term rides along.
-        let mlm_counts = match (self.objective.mlm_weight, masked) {
-            (Some(_), Some(m)) => Some(match shard {
-                Some(s) => s.global_masked,
-                None => (m.src.len(), m.tgt.len()),
-            }),
-            (Some(_), None) => {
-                return Err(Error::InvalidArgument(
-                    "the MLM term needs masked copies of the batch".into(),
-                ))
-            }
-            (None, _) => None,
-        };
-        let mut mlm_sum = 0f32;
-        for &(start, len) in &chunks {
-            let chunk = pair_rows(batch, start, len)?;
-            let mut surrogate: Option<Tensor> = None;
-            let mut add = |t: Tensor| -> Result<()> {
-                surrogate = Some(match surrogate.take() {
-                    Some(s) => (s + t)?,
-                    None => t,
-                });
-                Ok(())
-            };
-            if let Some(EmbeddingGrads {
-                q: dq,
-                k: dk,
-                words: dw,
-            }) = &cached_grads
-            {
-                before_pass(Pass::Source, start);
-                let src = model.embed(&chunk.src, chunk.src_spans().as_deref(), train)?;
-                before_pass(Pass::Target, start);
-                let tgt = model.embed(&chunk.tgt, chunk.tgt_spans().as_deref(), train)?;
-                add(dot(&src.projected, &dq.narrow(0, start, len)?)?)?;
-                add(dot(&tgt.projected, &dk.narrow(0, start, len)?)?)?;
-                if let (Some((dwq, dwk)), Some(sw), Some(tw)) = (dw, &src.word, &tgt.word) {
-                    add(dot(sw, &dwq.narrow(0, start, len)?)?)?;
-                    add(dot(tw, &dwk.narrow(0, start, len)?)?)?;
-                }
-            }
-            if let (Some(weight), Some(masked), Some((n_src, n_tgt))) =
-                (self.objective.mlm_weight, masked, mlm_counts)
-            {
-                let mut term: Option<Tensor> = None;
-                for (tokens, side, n_side, pass) in [
-                    (&chunk.src, &masked.src, n_src, Pass::MaskedSource),
-                    (&chunk.tgt, &masked.tgt, n_tgt, Pass::MaskedTarget),
-                ] {
-                    let part = masked_rows(side, &tokens.input_ids, start, len)?;
-                    if part.is_empty() || n_side == 0 {
-                        continue;
-                    }
-                    before_pass(pass, start);
-                    // mean over the chunk's tokens × their share = sum / whole-batch count (the
-                    // global batch's, over a shard).
-                    let share = part.len() as f64 / n_side as f64 / 2.0;
-                    let out = model.bert.model.encoder.forward_t(
-                        &part.input_ids,
-                        Some(&tokens.token_type_ids),
-                        Some(&tokens.attention_mask),
-                        train,
-                    )?;
-                    let side_loss = (masked_lm_loss(
-                        &model.bert.model.mlm_head,
-                        &out.last_hidden_state,
-                        &part,
-                    )? * share)?;
-                    term = Some(match term {
-                        Some(t) => (t + side_loss)?,
-                        None => side_loss,
-                    });
-                }
-                if let Some(term) = term {
-                    mlm_sum += scalar(&term)?;
-                    add((term * (weight * self.loss_scale))?)?;
-                }
-            }
-            if let Some(s) = surrogate {
-                add_grads(&s.backward()?)?;
-            }
-        }
-        let mlm = self.objective.mlm_weight.map(|_| mlm_sum);
-        if let (Some(weight), Some(m)) = (self.objective.mlm_weight, mlm) {
-            total += weight as f32 * m;
-        }
-        if !contrastive && mlm.is_none() {
+        let mlm_counts = self.mlm_counts(run)?;
+        if !contrastive && mlm_counts.is_none() {
             return Err(Error::InvalidArgument(
                 "every term of the objective is off".into(),
             ));
         }
+        // Steps 1 and 2: embeddings without graph, the contrastive terms on the whole batch.
+        let mut values = Values::default();
+        let cached = match contrastive {
+            true => {
+                let (src, tgt) = run.embed_detached()?;
+                Some(self.contrastive_grads(run, &src, &tgt, &mut values)?)
+            }
+            false => None,
+        };
+        // Step 3: each chunk again with its graph; its share of the MLM term rides along.
+        let mut mlm_sum = 0f32;
+        for (start, len) in run.chunks() {
+            mlm_sum += self.chunk_backward(run, (start, len), cached.as_ref(), mlm_counts)?;
+        }
+        let mlm = self.objective.mlm_weight.map(|_| mlm_sum);
+        if let (Some(weight), Some(m)) = (self.objective.mlm_weight, mlm) {
+            values.total += weight as f32 * m;
+        }
         Ok(CachedStep {
-            total,
-            sentence,
-            word,
+            total: values.total,
+            sentence: values.sentence,
+            word: values.word,
             mlm,
-            grads,
+            grads: std::mem::take(&mut run.grads),
         })
+    }
+
+    /// The masked-token counts the MLM sums are divided by (the global batch's, over a
+    /// shard); `None` when the term is off.
+    fn mlm_counts(&self, run: &Run<'_>) -> Result<Option<(usize, usize)>> {
+        match (self.objective.mlm_weight, run.masked) {
+            (Some(_), Some(m)) => Ok(Some(match run.shard {
+                Some(s) => s.global_masked,
+                None => (m.src.len(), m.tgt.len()),
+            })),
+            (Some(_), None) => Err(Error::InvalidArgument(
+                "the MLM term needs masked copies of the batch".into(),
+            )),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// Step 2: the contrastive terms on the whole batch (every rank's rows, over a shard) from
+    /// the detached embeddings, their values into `values`, the gradients of the loss's own
+    /// parameters into `run`; returns the gradient of each of this rank's embeddings.
+    fn contrastive_grads(
+        &self,
+        run: &mut Run<'_>,
+        src: &[Cached],
+        tgt: &[Cached],
+        values: &mut Values,
+    ) -> Result<EmbeddingGrads> {
+        let q = run.gathered(src.iter().map(|s| s.projected.as_tensor()))?;
+        let k = run.gathered(tgt.iter().map(|s| s.projected.as_tensor()))?;
+        let words = match (words_of(src), words_of(tgt)) {
+            (Some(sw), Some(tw)) if self.objective.word.is_some() => {
+                Some((run.gathered(sw.into_iter())?, run.gathered(tw.into_iter())?))
+            }
+            _ => None,
+        };
+        let mut loss: Option<Tensor> = None;
+        if let Some(l) = &self.objective.sentence {
+            let value = run.on_rank(l)?.forward(q.as_tensor(), k.as_tensor())?;
+            values.sentence = Some(scalar(&value)?);
+            loss = Some(value);
+        }
+        if let Some(l) = &self.objective.word {
+            let Some((wq, wk)) = &words else {
+                return Err(Error::InvalidArgument(
+                    "the word-level term needs anchor spans in the batch".into(),
+                ));
+            };
+            let value = run.on_rank(l)?.forward(wq.as_tensor(), wk.as_tensor())?;
+            values.word = Some(scalar(&value)?);
+            loss = Some(match loss {
+                Some(s) => (s + value)?,
+                None => value,
+            });
+        }
+        let loss = loss.ok_or_else(|| Error::InvalidArgument("no contrastive term".into()))?;
+        values.total += scalar(&loss)?;
+        let store = match self.loss_scale {
+            1.0 => loss.backward()?,
+            scale => (loss.to_dtype(DType::F32)? * scale)?.backward()?,
+        };
+        // The loss's own parameters (a learnable temperature) get their gradient here.
+        run.add_grads(&store)?;
+        let grad_of = |v: &Var| run.own_rows_of_grad(&store, v);
+        Ok(EmbeddingGrads {
+            q: grad_of(&q)?,
+            k: grad_of(&k)?,
+            words: match &words {
+                Some((wq, wk)) => Some((grad_of(wq)?, grad_of(wk)?)),
+                None => None,
+            },
+        })
+    }
+
+    /// Step 3 for the chunk of rows `start..start + len`: its embeddings again, with graph,
+    /// dotted with their cached gradients, plus its share of the MLM term; back-propagates
+    /// their sum into `run` and returns the chunk's (unweighted) MLM share.
+    fn chunk_backward(
+        &self,
+        run: &mut Run<'_>,
+        (start, len): (usize, usize),
+        cached: Option<&EmbeddingGrads>,
+        mlm_counts: Option<(usize, usize)>,
+    ) -> Result<f32> {
+        let chunk = pair_rows(run.batch, start, len)?;
+        let mut surrogate = Sum::default();
+        if let Some(EmbeddingGrads { q, k, words }) = cached {
+            let (src, tgt) = run.embed(&chunk, start)?;
+            surrogate.add(dot(&src.projected, &q.narrow(0, start, len)?)?)?;
+            surrogate.add(dot(&tgt.projected, &k.narrow(0, start, len)?)?)?;
+            if let (Some((dwq, dwk)), Some(sw), Some(tw)) = (words, &src.word, &tgt.word) {
+                surrogate.add(dot(sw, &dwq.narrow(0, start, len)?)?)?;
+                surrogate.add(dot(tw, &dwk.narrow(0, start, len)?)?)?;
+            }
+        }
+        let mut mlm = 0f32;
+        if let (Some(weight), Some(counts)) = (self.objective.mlm_weight, mlm_counts) {
+            if let Some(term) = run.mlm_share(&chunk, (start, len), counts)? {
+                mlm = scalar(&term)?;
+                surrogate.add((term * (weight * self.loss_scale))?)?;
+            }
+        }
+        if let Some(s) = surrogate.0 {
+            run.add_grads(&s.backward()?)?;
+        }
+        Ok(mlm)
+    }
+}
+
+/// The reported values of the contrastive terms (step 2) and the running total.
+#[derive(Default)]
+struct Values {
+    total: f32,
+    sentence: Option<f32>,
+    word: Option<f32>,
+}
+
+/// A sum of tensors, empty until the first one.
+#[derive(Default)]
+struct Sum(Option<Tensor>);
+
+impl Sum {
+    fn add(&mut self, t: Tensor) -> Result<()> {
+        self.0 = Some(match self.0.take() {
+            Some(s) => (s + t)?,
+            None => t,
+        });
+        Ok(())
+    }
+}
+
+/// One evaluation's inputs and the gradients it has summed so far.
+struct Run<'a> {
+    model: &'a MlCtlModel,
+    batch: &'a PairBatch,
+    masked: Option<&'a MaskedPair>,
+    vars: &'a [(String, Var)],
+    key: Option<DropoutKey>,
+    rng: &'a DropoutRng,
+    shard: Option<&'a RankShard<'a>>,
+    mini_batch: usize,
+    grads: BTreeMap<String, Tensor>,
+}
+
+impl Run<'_> {
+    fn train(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The chunks of the batch: `(start row, rows)`.
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        let n = self.batch.len();
+        (0..n)
+            .step_by(self.mini_batch)
+            .map(|start| (start, self.mini_batch.min(n - start)))
+            .collect()
+    }
+
+    /// Sets the dropout key of `pass` over the chunk starting at row `start`.
+    fn before_pass(&self, pass: Pass, start: usize) {
+        if let Some(key) = self.key {
+            self.rng
+                .set_key(Some(pass_key(key, pass).advanced(start as u64)));
+        }
+    }
+
+    /// Adds the gradients of the variables in `store` to those summed so far.
+    fn add_grads(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
+        for (name, var) in self.vars {
+            if let Some(g) = store.get(var) {
+                let g = match self.grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                self.grads.insert(name.clone(), g);
+            }
+        }
+        Ok(())
+    }
+
+    /// Both sides of `chunk` (rows from `start`), with graph.
+    fn embed(&self, chunk: &PairBatch, start: usize) -> Result<(SideEmbeddings, SideEmbeddings)> {
+        self.before_pass(Pass::Source, start);
+        let src = self
+            .model
+            .embed(&chunk.src, chunk.src_spans().as_deref(), self.train())?;
+        self.before_pass(Pass::Target, start);
+        let tgt = self
+            .model
+            .embed(&chunk.tgt, chunk.tgt_spans().as_deref(), self.train())?;
+        Ok((src, tgt))
+    }
+
+    /// Step 1: every chunk's embeddings of both sides, without graph.
+    fn embed_detached(&self) -> Result<(Vec<Cached>, Vec<Cached>)> {
+        let (mut src, mut tgt) = (Vec::new(), Vec::new());
+        for (start, len) in self.chunks() {
+            let (s, t) = self.embed(&pair_rows(self.batch, start, len)?, start)?;
+            src.push(detached(s)?);
+            tgt.push(detached(t)?);
+        }
+        Ok((src, tgt))
+    }
+
+    /// The chunks' embeddings as one leaf variable: every rank's rows over a shard (of which
+    /// this rank differentiates its own).
+    fn gathered<'t>(&self, parts: impl Iterator<Item = &'t Tensor>) -> Result<Var> {
+        let t = cat(parts)?;
+        Ok(Var::from_tensor(&match self.shard {
+            Some(s) => s.collective.all_gather(&t)?,
+            None => t,
+        })?)
+    }
+
+    /// `loss` as this rank evaluates it (its parameters' gradient shared over the ranks).
+    fn on_rank(&self, loss: &super::CzNce) -> Result<super::CzNce> {
+        match self.shard {
+            Some(s) => s.per_rank(loss),
+            None => Ok(loss.clone()),
+        }
+    }
+
+    /// This rank's rows of the gradient of `v` in `store` (zeros when it got none).
+    fn own_rows_of_grad(
+        &self,
+        store: &candle_core::backprop::GradStore,
+        v: &Var,
+    ) -> Result<Tensor> {
+        let g = match store.get(v) {
+            Some(g) => g.clone(),
+            None => v.as_tensor().zeros_like()?,
+        };
+        let n = self.batch.len();
+        Ok(match self.shard {
+            Some(s) => g.narrow(0, s.collective.rank() * n, n)?,
+            None => g,
+        })
+    }
+
+    /// The chunk's share of the MLM term: per side, the mean over its masked tokens times
+    /// their share of the whole batch's `counts` (the global batch's, over a shard), that is
+    /// their sum divided by the whole-batch count; `None` when the chunk has no masked token.
+    fn mlm_share(
+        &self,
+        chunk: &PairBatch,
+        (start, len): (usize, usize),
+        (n_src, n_tgt): (usize, usize),
+    ) -> Result<Option<Tensor>> {
+        let masked = self
+            .masked
+            .ok_or_else(|| Error::InvalidArgument("the MLM term needs masked copies".into()))?;
+        let mut term = Sum::default();
+        for (tokens, side, n_side, pass) in [
+            (&chunk.src, &masked.src, n_src, Pass::MaskedSource),
+            (&chunk.tgt, &masked.tgt, n_tgt, Pass::MaskedTarget),
+        ] {
+            let part = masked_rows(side, &tokens.input_ids, start, len)?;
+            if part.is_empty() || n_side == 0 {
+                continue;
+            }
+            self.before_pass(pass, start);
+            let share = part.len() as f64 / n_side as f64 / 2.0;
+            let bert = &self.model.bert.model;
+            let out = bert.encoder.forward_t(
+                &part.input_ids,
+                Some(&tokens.token_type_ids),
+                Some(&tokens.attention_mask),
+                self.train(),
+            )?;
+            let side_loss = masked_lm_loss(&bert.mlm_head, &out.last_hidden_state, &part)?;
+            term.add((side_loss * share)?)?;
+        }
+        Ok(term.0)
     }
 }
 
@@ -404,6 +507,13 @@ fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 fn cat<'a>(parts: impl Iterator<Item = &'a Tensor>) -> Result<Tensor> {
     let parts: Vec<&Tensor> = parts.collect();
     Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The anchor-word embeddings of every chunk of a side, if every chunk has them.
+fn words_of(side: &[Cached]) -> Option<Vec<&Tensor>> {
+    side.iter()
+        .map(|s| s.word.as_ref().map(Var::as_tensor))
+        .collect()
 }
 
 /// Drops the graph behind a side's embeddings, keeping the values.

@@ -13,17 +13,52 @@ use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
-/// The terms of one evaluation of [`MultiLevelLoss`], each reported separately.
-#[derive(Debug, Clone)]
-pub struct LossTerms {
+/// The terms of one evaluation of [`MultiLevelLoss`], each reported separately: tensors to
+/// differentiate (`LossTerms<Tensor>`, the default) or their values (`LossTerms<f32>`, see
+/// [`LossTerms::values`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LossTerms<T = Tensor> {
     /// `sentence + word + mlm_weight * mlm`, the tensor to differentiate.
-    pub total: Tensor,
+    pub total: T,
     /// Sentence-level contrastive loss (on the projections).
-    pub sentence: Option<Tensor>,
+    pub sentence: Option<T>,
     /// Word-level contrastive loss (on the anchor-word embeddings).
-    pub word: Option<Tensor>,
+    pub word: Option<T>,
     /// MLM loss, the mean over the source and target masked copies (unweighted).
-    pub mlm: Option<Tensor>,
+    pub mlm: Option<T>,
+}
+
+impl LossTerms<Tensor> {
+    /// The terms' values, in f32.
+    pub fn values(&self) -> Result<LossTerms<f32>> {
+        let value = |t: &Tensor| -> Result<f32> {
+            Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+        };
+        Ok(LossTerms {
+            total: value(&self.total)?,
+            sentence: self.sentence.as_ref().map(value).transpose()?,
+            word: self.word.as_ref().map(value).transpose()?,
+            mlm: self.mlm.as_ref().map(value).transpose()?,
+        })
+    }
+}
+
+impl LossTerms<f32> {
+    /// Adds `other / n` term by term (a term absent here starts from 0): the mean over `n`
+    /// evaluations, summed one at a time.
+    pub fn add_mean(&mut self, other: &LossTerms<f32>, n: usize) {
+        let n = n as f32;
+        self.total += other.total / n;
+        for (mine, theirs) in [
+            (&mut self.sentence, other.sentence),
+            (&mut self.word, other.word),
+            (&mut self.mlm, other.mlm),
+        ] {
+            if let Some(v) = theirs {
+                *mine = Some(mine.unwrap_or(0.0) + v / n);
+            }
+        }
+    }
 }
 
 /// One rank's part of a data-parallel evaluation: what it needs so that the gradients of its
@@ -302,19 +337,7 @@ impl MultiLevelLoss {
             let masked = masked.ok_or_else(|| {
                 Error::InvalidArgument("the MLM term needs masked copies of the batch".into())
             })?;
-            before_pass(Pass::MaskedSource)?;
-            let src = mlm_side(model, &batch.src, &masked.src, train)?;
-            before_pass(Pass::MaskedTarget)?;
-            let tgt = mlm_side(model, &batch.tgt, &masked.tgt, train)?;
-            let value = match shard {
-                None => ((src + tgt)? / 2.0)?,
-                // mean over local tokens × local / global count = local sum / global count.
-                Some(s) => {
-                    let src_share = RankShard::mlm_share(masked.src.len(), s.global_masked.0);
-                    let tgt_share = RankShard::mlm_share(masked.tgt.len(), s.global_masked.1);
-                    (((src * src_share)? + (tgt * tgt_share)?)? / 2.0)?
-                }
-            };
+            let value = mlm_term(model, batch, masked, train, shard, before_pass)?;
             add(&(&value * weight)?)?;
             mlm = Some(value);
         }
@@ -327,6 +350,30 @@ impl MultiLevelLoss {
             mlm,
         })
     }
+}
+
+/// The MLM term: the mean of both sides' losses (over a shard, this rank's share of it).
+fn mlm_term(
+    model: &MlCtlModel,
+    batch: &PairBatch,
+    masked: &MaskedPair,
+    train: bool,
+    shard: Option<&RankShard<'_>>,
+    before_pass: &mut dyn FnMut(Pass) -> Result<()>,
+) -> Result<Tensor> {
+    before_pass(Pass::MaskedSource)?;
+    let src = mlm_side(model, &batch.src, &masked.src, train)?;
+    before_pass(Pass::MaskedTarget)?;
+    let tgt = mlm_side(model, &batch.tgt, &masked.tgt, train)?;
+    Ok(match shard {
+        None => ((src + tgt)? / 2.0)?,
+        // mean over local tokens × local / global count = local sum / global count.
+        Some(s) => {
+            let src_share = RankShard::mlm_share(masked.src.len(), s.global_masked.0);
+            let tgt_share = RankShard::mlm_share(masked.tgt.len(), s.global_masked.1);
+            (((src * src_share)? + (tgt * tgt_share)?)? / 2.0)?
+        }
+    })
 }
 
 /// The four encoder passes of one evaluation, each with its own dropout masks.

@@ -95,14 +95,7 @@ pub fn finetune_nli(
 ) -> Result<NliClassifier> {
     validate(config, train)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    if let Some(max) = config.max_examples {
-        if max < order.len() {
-            order.shuffle(&mut rng);
-            order.truncate(max);
-            order.sort_unstable();
-        }
-    }
+    let mut order = chosen_examples(train.len(), config.max_examples, &mut rng);
     let copy = copy_pretrained(bert)?;
     copy.model
         .encoder
@@ -114,18 +107,7 @@ pub fn finetune_nli(
     let mut optimizer = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let steps_per_epoch = order.len().div_ceil(config.batch_size) as u64;
     let total_steps = steps_per_epoch * config.epochs as u64;
-    let rule = UpdateRule {
-        schedule: LrSchedule {
-            peak_lr: config.lr,
-            warmup_steps: total_steps / 10,
-            total_steps,
-            decay: Decay::Linear,
-        },
-        max_grad_norm: Some(1.0),
-        // An evaluation must follow its protocol: a skipped update would silently make this
-        // run differ from the one reported, so the first non-finite update is an error.
-        max_consecutive_bad_steps: 1,
-    };
+    let rule = update_rule(config.lr, total_steps);
     let mut bad = BadSteps::default();
     let bar = Progress::new(
         config.progress,
@@ -138,19 +120,8 @@ pub fn finetune_nli(
         order.shuffle(&mut rng);
         let mut loss_sum = 0f64;
         for chunk in order.chunks(config.batch_size) {
-            let premises: Vec<&str> = chunk.iter().map(|&i| train[i].premise.as_str()).collect();
-            let hypotheses: Vec<&str> = chunk
-                .iter()
-                .map(|&i| train[i].hypothesis.as_str())
-                .collect();
-            let labels: Vec<u32> = chunk
-                .iter()
-                .map(|&i| train[i].label.index() as u32)
-                .collect();
-            let batch = classifier.encode(&premises, &hypotheses)?;
-            let labels = Tensor::from_vec(labels, chunk.len(), &device)?;
-            let logits = classifier.forward_t(&batch, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let examples: Vec<&NliExample> = chunk.iter().map(|&i| &train[i]).collect();
+            let loss = batch_loss(&classifier, &examples, &device)?;
             let value = loss.to_scalar::<f32>()?;
             let mut grads = Gradients::new();
             accumulate_gradients(&mut grads, &loss.backward()?, &vars)?;
@@ -181,4 +152,48 @@ pub fn finetune_nli(
         last_epoch_loss,
     });
     Ok(classifier)
+}
+
+/// The indices of the examples to train on: all, or `max` of them drawn at random (in order).
+fn chosen_examples(len: usize, max: Option<usize>, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    if let Some(max) = max {
+        if max < order.len() {
+            order.shuffle(rng);
+            order.truncate(max);
+            order.sort_unstable();
+        }
+    }
+    order
+}
+
+/// The update rule: linear decay after 10% warm-up, clipping at 1.
+fn update_rule(peak_lr: f64, total_steps: u64) -> UpdateRule {
+    UpdateRule {
+        schedule: LrSchedule {
+            peak_lr,
+            warmup_steps: total_steps / 10,
+            total_steps,
+            decay: Decay::Linear,
+        },
+        max_grad_norm: Some(1.0),
+        // An evaluation must follow its protocol: a skipped update would silently make this
+        // run differ from the one reported, so the first non-finite update is an error.
+        max_consecutive_bad_steps: 1,
+    }
+}
+
+/// The mean cross-entropy of `classifier` (in training mode) on `examples`.
+fn batch_loss(
+    classifier: &NliClassifier,
+    examples: &[&NliExample],
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let premises: Vec<&str> = examples.iter().map(|e| e.premise.as_str()).collect();
+    let hypotheses: Vec<&str> = examples.iter().map(|e| e.hypothesis.as_str()).collect();
+    let labels: Vec<u32> = examples.iter().map(|e| e.label.index() as u32).collect();
+    let batch = classifier.encode(&premises, &hypotheses)?;
+    let labels = Tensor::from_vec(labels, examples.len(), device)?;
+    let logits = classifier.forward_t(&batch, true)?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &labels)?)
 }

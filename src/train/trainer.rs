@@ -22,7 +22,9 @@ use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
 use crate::dist::{agree, broadcast_vars, Collective, GradLayout};
 use crate::encoder::read_checkpoint_dir;
 use crate::fs::HEAD_WEIGHTS_FILE;
-use crate::loss::{masked_rows, pair_rows, CachedLoss, MaskedPair, MultiLevelLoss, RankShard};
+use crate::loss::{
+    masked_rows, pair_rows, CachedLoss, LossTerms, MaskedPair, MultiLevelLoss, RankShard,
+};
 use crate::model::{MlCtlModel, HEAD_PREFIX};
 use crate::progress::Progress;
 use crate::{Error, Result};
@@ -425,113 +427,33 @@ impl Trainer {
         let accum = self.config.grad_accum;
         let mut grads = Gradients::new();
         let (mut pairs, mut tokens) = (0usize, 0usize);
-        let mut sums = [0f32; 4];
-        let mut present = [false; 4];
+        let mut mean = LossTerms::<f32>::default();
         for _ in 0..accum {
             let batch = self.loader.next_batch(&self.device)?;
             pairs += batch.len();
-            tokens += batch
-                .src
-                .lengths
-                .iter()
-                .chain(&batch.tgt.lengths)
-                .sum::<usize>();
+            let lengths = batch.src.lengths.iter().chain(&batch.tgt.lengths);
+            tokens += lengths.sum::<usize>();
             let masked = match &self.masking {
                 Some(m) => Some(MaskedPair::draw(m, &batch, &mut self.mask_rng)?),
                 None => None,
             };
-            let values = match (&self.data_parallel, self.config.mini_batch) {
-                (Some(dp), mini_batch) => {
-                    self.rank_micro_batch(dp, &batch, masked.as_ref(), mini_batch, &mut grads)?
-                }
-                (None, Some(mini_batch)) => {
-                    // One key per batch, drawn from the encoder's (checkpointed) generator:
-                    // both passes over every chunk then draw the same dropout masks.
-                    let key = self.model.bert.model.encoder.dropout_rng().next_key();
-                    let step = self.cached_loss(mini_batch)?.forward_backward(
-                        &self.model,
-                        &batch,
-                        masked.as_ref(),
-                        &self.trainable,
-                        Some(key),
-                    )?;
-                    add_scaled(&mut grads, step.grads, accum)?;
-                    [Some(step.total), step.sentence, step.word, step.mlm]
-                }
-                (None, None) => {
-                    let terms =
-                        self.objective
-                            .forward(&self.model, &batch, masked.as_ref(), true)?;
-                    let store = self.backward_seed(&terms.total)?.backward()?;
-                    accumulate_gradients(&mut grads, &store, &self.trainable)?;
-                    [
-                        Some(scalar(&terms.total)?),
-                        terms.sentence.as_ref().map(scalar).transpose()?,
-                        terms.word.as_ref().map(scalar).transpose()?,
-                        terms.mlm.as_ref().map(scalar).transpose()?,
-                    ]
-                }
-            };
-            for (i, v) in values.into_iter().enumerate() {
-                if let Some(v) = v {
-                    sums[i] += v / accum as f32;
-                    present[i] = true;
-                }
-            }
+            let values = self.micro_batch(&batch, masked.as_ref(), &mut grads)?;
+            mean.add_mean(&values, accum);
         }
-        // The value the update rule checks: a non-finite loss on any rank skips everywhere.
-        let mut verdict = sums[0];
-        if let Some(dp) = &self.data_parallel {
-            let reduced =
-                dp.layout
-                    .all_reduce(dp.collective.as_ref(), &grads, sums[0].is_finite())?;
-            grads = reduced.grads;
-            if let (true, Some(weight)) = (present[3], self.objective.mlm_weight) {
-                // The ranks' MLM parts add up to the global batch's term; the contrastive terms
-                // are already the global batch's on every rank.
-                let part = Tensor::new(&[sums[3]], &self.device)?;
-                sums[3] = dp.collective.all_reduce_sum(&part)?.to_vec1::<f32>()?[0];
-                sums[0] = sums[1] + sums[2] + weight as f32 * sums[3];
-            }
-            verdict = if reduced.skip { f32::NAN } else { sums[0] };
-        }
-        let mut bad = BadSteps {
-            skipped: self.skipped_steps,
-            consecutive: self.consecutive_bad,
-        };
-        let rule = UpdateRule::from(&self.config);
-        let update = match &mut self.loss_scaler {
-            Some(scaler) => rule.apply_scaled(
-                &mut self.optimizer,
-                &mut grads,
-                verdict,
-                self.step,
-                &mut bad,
-                scaler,
-            ),
-            None => rule.apply(
-                &mut self.optimizer,
-                &mut grads,
-                verdict,
-                self.step,
-                &mut bad,
-            ),
-        };
-        (self.skipped_steps, self.consecutive_bad) = (bad.skipped, bad.consecutive);
+        let verdict = self.reduce_over_ranks(&mut grads, &mut mean)?;
         let UpdateRecord {
             lr,
             grad_norm,
             skipped,
-        } = update?;
+        } = self.update(&mut grads, verdict)?;
         self.step += 1;
         let seconds = started.elapsed().as_secs_f64().max(1e-9);
-        let pick = |i: usize| present[i].then_some(sums[i]);
         let record = StepRecord {
             step: self.step,
-            loss: sums[0],
-            sentence: pick(1),
-            word: pick(2),
-            mlm: pick(3),
+            loss: mean.total,
+            sentence: mean.sentence,
+            word: mean.word,
+            mlm: mean.mlm,
             lr,
             grad_norm,
             pairs_per_s: pairs as f64 / seconds,
@@ -542,9 +464,90 @@ impl Trainer {
         Ok(record)
     }
 
+    /// Forward and backward of one micro-batch (`masked`: its masked copies), by the trainer's
+    /// strategy: plain autograd, the cached loss (`mini_batch`), or this rank's shard of it
+    /// (with a collective, either way). Adds the gradients scaled by `1 / grad_accum` to
+    /// `grads` and returns the loss values as the strategy reports them.
+    fn micro_batch(
+        &self,
+        batch: &PairBatch,
+        masked: Option<&MaskedPair>,
+        grads: &mut Gradients,
+    ) -> Result<LossTerms<f32>> {
+        match (&self.data_parallel, self.config.mini_batch) {
+            (Some(dp), mini_batch) => self.rank_micro_batch(dp, batch, masked, mini_batch, grads),
+            (None, Some(mini_batch)) => {
+                // One key per batch, drawn from the encoder's (checkpointed) generator: both
+                // passes over every chunk then draw the same dropout masks.
+                let key = self.model.bert.model.encoder.dropout_rng().next_key();
+                let step = self.cached_loss(mini_batch)?.forward_backward(
+                    &self.model,
+                    batch,
+                    masked,
+                    &self.trainable,
+                    Some(key),
+                )?;
+                let terms = step.terms();
+                add_scaled(grads, step.grads, self.config.grad_accum)?;
+                Ok(terms)
+            }
+            (None, None) => {
+                let terms = self.objective.forward(&self.model, batch, masked, true)?;
+                self.backward_into(&terms, grads)
+            }
+        }
+    }
+
+    /// Back-propagates `terms.total` (loss-scaled) and accumulates the trainable gradients.
+    fn backward_into(&self, terms: &LossTerms, grads: &mut Gradients) -> Result<LossTerms<f32>> {
+        let store = self.backward_seed(&terms.total)?.backward()?;
+        accumulate_gradients(grads, &store, &self.trainable)?;
+        terms.values()
+    }
+
+    /// With a collective: sums the gradients over the ranks (in place) and the ranks' MLM
+    /// parts in `mean`. Returns the value the update rule checks: a non-finite loss on any rank
+    /// skips the update everywhere.
+    fn reduce_over_ranks(&self, grads: &mut Gradients, mean: &mut LossTerms<f32>) -> Result<f32> {
+        let Some(dp) = &self.data_parallel else {
+            return Ok(mean.total);
+        };
+        let collective = dp.collective.as_ref();
+        let reduced = dp
+            .layout
+            .all_reduce(collective, grads, mean.total.is_finite())?;
+        *grads = reduced.grads;
+        if let (Some(mlm), Some(weight)) = (mean.mlm, self.objective.mlm_weight) {
+            // The ranks' MLM parts add up to the global batch's term; the contrastive terms
+            // are already the global batch's on every rank.
+            let part = Tensor::new(&[mlm], &self.device)?;
+            let mlm = collective.all_reduce_sum(&part)?.to_vec1::<f32>()?[0];
+            mean.mlm = Some(mlm);
+            let contrastive = mean.sentence.unwrap_or(0.0) + mean.word.unwrap_or(0.0);
+            mean.total = contrastive + weight as f32 * mlm;
+        }
+        Ok(if reduced.skip { f32::NAN } else { mean.total })
+    }
+
+    /// The update rule on `grads` (loss-scaled when a scaler is set), counting bad steps.
+    fn update(&mut self, grads: &mut Gradients, verdict: f32) -> Result<UpdateRecord> {
+        let mut bad = BadSteps {
+            skipped: self.skipped_steps,
+            consecutive: self.consecutive_bad,
+        };
+        let rule = UpdateRule::from(&self.config);
+        let (optimizer, step) = (&mut self.optimizer, self.step);
+        let update = match &mut self.loss_scaler {
+            Some(scaler) => rule.apply_scaled(optimizer, grads, verdict, step, &mut bad, scaler),
+            None => rule.apply(optimizer, grads, verdict, step, &mut bad),
+        };
+        (self.skipped_steps, self.consecutive_bad) = (bad.skipped, bad.consecutive);
+        update
+    }
+
     /// Forward and backward of this rank's slice of one global micro-batch (`masked`: the whole
     /// batch's masked copies), adding its gradients scaled by `1 / grad_accum` to `grads`.
-    /// Returns `[total, sentence, word, mlm]` as [`MultiLevelLoss::forward_rank`] reports them.
+    /// Returns the loss values as [`MultiLevelLoss::forward_rank`] reports them.
     fn rank_micro_batch(
         &self,
         dp: &DataParallel,
@@ -552,8 +555,7 @@ impl Trainer {
         masked: Option<&MaskedPair>,
         mini_batch: Option<usize>,
         grads: &mut Gradients,
-    ) -> Result<[Option<f32>; 4]> {
-        let accum = self.config.grad_accum;
+    ) -> Result<LossTerms<f32>> {
         let collective = dp.collective.as_ref();
         let (rank, world) = (collective.rank(), collective.world_size());
         let n = batch.len();
@@ -576,39 +578,26 @@ impl Trainer {
             sample_offset: start as u64,
             global_masked: masked.map_or((0, 0), |m| (m.src.len(), m.tgt.len())),
         };
-        match mini_batch {
-            Some(mini_batch) => {
-                // As in one process: one key per global batch, shifted to this shard's rows.
-                let key = self.model.bert.model.encoder.dropout_rng().next_key();
-                let step = self.cached_loss(mini_batch)?.forward_backward_rank(
-                    &self.model,
-                    &local,
-                    local_masked.as_ref(),
-                    &self.trainable,
-                    Some(key),
-                    &shard,
-                )?;
-                add_scaled(grads, step.grads, accum)?;
-                Ok([Some(step.total), step.sentence, step.word, step.mlm])
-            }
-            None => {
-                let terms = self.objective.forward_rank(
-                    &self.model,
-                    &local,
-                    local_masked.as_ref(),
-                    &shard,
-                    true,
-                )?;
-                let store = self.backward_seed(&terms.total)?.backward()?;
-                accumulate_gradients(grads, &store, &self.trainable)?;
-                Ok([
-                    Some(scalar(&terms.total)?),
-                    terms.sentence.as_ref().map(scalar).transpose()?,
-                    terms.word.as_ref().map(scalar).transpose()?,
-                    terms.mlm.as_ref().map(scalar).transpose()?,
-                ])
-            }
-        }
+        let local_masked = local_masked.as_ref();
+        let Some(mini_batch) = mini_batch else {
+            let terms =
+                self.objective
+                    .forward_rank(&self.model, &local, local_masked, &shard, true)?;
+            return self.backward_into(&terms, grads);
+        };
+        // As in one process: one key per global batch, shifted to this shard's rows.
+        let key = self.model.bert.model.encoder.dropout_rng().next_key();
+        let step = self.cached_loss(mini_batch)?.forward_backward_rank(
+            &self.model,
+            &local,
+            local_masked,
+            &self.trainable,
+            Some(key),
+            &shard,
+        )?;
+        let terms = step.terms();
+        add_scaled(grads, step.grads, self.config.grad_accum)?;
+        Ok(terms)
     }
 
     fn append_metrics(&self, record: &StepRecord) -> Result<()> {
@@ -819,9 +808,4 @@ fn add_scaled(grads: &mut Gradients, new: Gradients, accum: usize) -> Result<()>
         grads.insert(name, g);
     }
     Ok(())
-}
-
-/// The value of a scalar loss as f32.
-fn scalar(t: &candle_core::Tensor) -> Result<f32> {
-    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }

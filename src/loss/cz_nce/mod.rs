@@ -293,47 +293,8 @@ impl CzNce {
 
     /// Validates the inputs and the temperature; returns the logit scale to use.
     fn validate(&self, q: &Tensor, k: &Tensor) -> Result<LogitScale> {
-        for (name, x) in [("q", q), ("k", k)] {
-            if x.rank() != 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "cz_nce: {name} must be rank 2 [B, D], got shape {:?}",
-                    x.dims()
-                )));
-            }
-            if !x.dtype().is_float() {
-                return Err(Error::InvalidArgument(format!(
-                    "cz_nce: {name} must be a float tensor, got {:?}",
-                    x.dtype()
-                )));
-            }
-        }
-        if q.dims() != k.dims() {
-            return Err(Error::ShapeMismatch {
-                name: "k".into(),
-                expected: q.dims().to_vec(),
-                actual: k.dims().to_vec(),
-            });
-        }
-        let (b, d) = (q.dims()[0], q.dims()[1]);
-        if b == 0 || d == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "cz_nce: empty batch, q has shape {:?}",
-                q.dims()
-            )));
-        }
-        if q.dtype() != k.dtype() {
-            return Err(Error::InvalidArgument(format!(
-                "cz_nce: q and k dtypes differ ({:?} vs {:?})",
-                q.dtype(),
-                k.dtype()
-            )));
-        }
-        if !q.device().same_device(k.device()) {
-            return Err(Error::InvalidArgument(
-                "cz_nce: q and k are on different devices".into(),
-            ));
-        }
-        if b == 1 && !self.include_positive {
+        check_inputs(q, k)?;
+        if q.dims()[0] == 1 && !self.include_positive {
             return Err(Error::InvalidArgument(
                 "cz_nce: CZ-NCE with B = 1 has no negatives (use B >= 2 or InfoNCE mode)".into(),
             ));
@@ -350,39 +311,7 @@ impl CzNce {
                     clamped: false,
                 })
             }
-            Temperature::LearnableLogScale(ls) => {
-                let max = self.max_logit_scale;
-                if max.is_nan() || max <= 0.0 {
-                    return Err(Error::InvalidArgument(format!(
-                        "cz_nce: max_logit_scale must be > 0, got {max}"
-                    )));
-                }
-                if ls.elem_count() != 1 || ls.rank() > 1 || !ls.dtype().is_float() {
-                    return Err(Error::InvalidArgument(format!(
-                        "cz_nce: log_scale must be a float scalar, got {:?} {:?}",
-                        ls.dtype(),
-                        ls.dims()
-                    )));
-                }
-                if !ls.device().same_device(q.device()) {
-                    return Err(Error::InvalidArgument(
-                        "cz_nce: log_scale is on another device than q".into(),
-                    ));
-                }
-                // Read on the host: Metal has no f64.
-                let v = ls
-                    .to_device(&candle_core::Device::Cpu)?
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?[0];
-                let scale = LogitScale::learnable(v, max);
-                if !(v.is_finite() && scale.value.is_finite() && scale.value > 0.0) {
-                    return Err(Error::InvalidArgument(format!(
-                        "cz_nce: log_scale must give a finite, positive 1/t, got log_scale = {v}"
-                    )));
-                }
-                Ok(scale)
-            }
+            Temperature::LearnableLogScale(ls) => learnable_scale(ls, self.max_logit_scale, q),
         }
     }
 
@@ -450,4 +379,82 @@ impl CzNce {
             }
         })
     }
+}
+
+/// Checks that `q` and `k` are non-empty float matrices of one shape, dtype and device.
+fn check_inputs(q: &Tensor, k: &Tensor) -> Result<()> {
+    for (name, x) in [("q", q), ("k", k)] {
+        if x.rank() != 2 {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: {name} must be rank 2 [B, D], got shape {:?}",
+                x.dims()
+            )));
+        }
+        if !x.dtype().is_float() {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: {name} must be a float tensor, got {:?}",
+                x.dtype()
+            )));
+        }
+    }
+    if q.dims() != k.dims() {
+        return Err(Error::ShapeMismatch {
+            name: "k".into(),
+            expected: q.dims().to_vec(),
+            actual: k.dims().to_vec(),
+        });
+    }
+    if q.dims().contains(&0) {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: empty batch, q has shape {:?}",
+            q.dims()
+        )));
+    }
+    if q.dtype() != k.dtype() {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: q and k dtypes differ ({:?} vs {:?})",
+            q.dtype(),
+            k.dtype()
+        )));
+    }
+    if !q.device().same_device(k.device()) {
+        return Err(Error::InvalidArgument(
+            "cz_nce: q and k are on different devices".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The clamped scale `min(exp(θ), max)` of a learnable log-scale `ls`, checked.
+fn learnable_scale(ls: &Tensor, max: f64, q: &Tensor) -> Result<LogitScale> {
+    if max.is_nan() || max <= 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: max_logit_scale must be > 0, got {max}"
+        )));
+    }
+    if ls.elem_count() != 1 || ls.rank() > 1 || !ls.dtype().is_float() {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: log_scale must be a float scalar, got {:?} {:?}",
+            ls.dtype(),
+            ls.dims()
+        )));
+    }
+    if !ls.device().same_device(q.device()) {
+        return Err(Error::InvalidArgument(
+            "cz_nce: log_scale is on another device than q".into(),
+        ));
+    }
+    // Read on the host: Metal has no f64.
+    let v = ls
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?[0];
+    let scale = LogitScale::learnable(v, max);
+    if !(v.is_finite() && scale.value.is_finite() && scale.value > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: log_scale must give a finite, positive 1/t, got log_scale = {v}"
+        )));
+    }
+    Ok(scale)
 }

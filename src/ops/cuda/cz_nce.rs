@@ -1,6 +1,6 @@
 //! The fused op on CUDA: the `B²D` products run in cuBLAS (f32, no TF32), everything else in
 //! the kernels of `cz_nce.cu` (compiled to PTX by `build.rs`). Same algorithm and formulas as
-//! the CPU kernel ([`super::cpu`]), always accumulating in f32.
+//! the CPU kernel (`ops::cz_nce::cpu`), always accumulating in f32.
 //!
 //! The forward returns the loss and, when asked for, the gradients packed in one f32 buffer
 //! `[∂L/∂q (B·D) | ∂L/∂k (B·D) | ∂L/∂log s (1)]` for an upstream gradient of 1.
@@ -211,69 +211,19 @@ pub(crate) fn cz_nce(
     let qn = load_normalize(&dev, q, spec.normalize)?;
     let kn = load_normalize(&dev, k, spec.normalize)?;
     let blas = dev.cublas_handle();
-    let gram = |x: &CudaSlice<f32>, y: &CudaSlice<f32>| -> Result<CudaSlice<f32>> {
-        // SAFETY: the GEMM (β = 0) writes all B·B elements.
-        let mut out = unsafe { dev.alloc::<f32>(b * b)? };
-        gemm(
-            &blas,
-            (b, b, d),
-            (x, false, d),
-            (y, true, d),
-            (&mut out, b),
-            1.0,
-            0.0,
-        )?;
-        Ok(out)
-    };
-    let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-    let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
-    let s_out = gram(&qn.hat, &kn.hat)?;
-    let s_in = need_in.then(|| gram(&qn.hat, &qn.hat)).transpose()?;
-    let s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat)).transpose()?;
-    // The k→q cross block Ŝ_outᵀ = k̂ q̂ᵀ, from cuBLAS rather than a transpose kernel.
-    let s_out_t = spec.symmetric.then(|| gram(&kn.hat, &qn.hat)).transpose()?;
-
+    let sims = Similarities::new(&dev, &blas, (&qn, &kn), (b, d), spec)?;
     let dirs = if spec.symmetric { 2 } else { 1 };
     let weight = if spec.symmetric { 0.5 } else { 1.0 };
     let wb = weight / b as f32;
     let mut row_loss = dev.alloc_zeros::<f32>(dirs * b)?;
     let mut row_gx = dev.alloc_zeros::<f32>(dirs * b)?;
+    let (qk, kq) = sims.directions(spec);
     let alloc_grads = |n: usize| -> Result<Vec<CudaSlice<f32>>> {
         // SAFETY: cz_row_pass writes every element of its gradient blocks.
         (0..n).map(|_| unsafe { dev.alloc::<f32>(b * b) }).collect()
     };
-
-    // q→k rows: [Ŝ_out | Ŝ_in | Ŝ_kk]; k→q rows: [Ŝ_outᵀ | Ŝ_kk | Ŝ_in].
-    fn pick(x: &Option<CudaSlice<f32>>) -> &CudaSlice<f32> {
-        x.as_ref().expect("block computed")
-    }
-    let mut qk: Vec<&CudaSlice<f32>> = vec![&s_out];
-    let mut kq: Vec<&CudaSlice<f32>> = Vec::new();
-    if spec.anchor_negatives {
-        qk.push(pick(&s_in));
-    }
-    if spec.target_negatives {
-        qk.push(pick(&s_kk));
-    }
-    if let Some(t) = &s_out_t {
-        kq.push(t);
-        if spec.anchor_negatives {
-            kq.push(pick(&s_kk));
-        }
-        if spec.target_negatives {
-            kq.push(pick(&s_in));
-        }
-    }
-    let mut g_qk = if want_grad {
-        alloc_grads(qk.len())?
-    } else {
-        vec![]
-    };
-    let mut g_kq = if want_grad {
-        alloc_grads(kq.len())?
-    } else {
-        vec![]
-    };
+    let mut g_qk = alloc_grads(if want_grad { qk.len() } else { 0 })?;
+    let mut g_kq = alloc_grads(if want_grad { kq.len() } else { 0 })?;
     for (dir, (blocks, grads)) in [(&qk, &mut g_qk), (&kq, &mut g_kq)]
         .into_iter()
         .enumerate()
@@ -294,52 +244,152 @@ pub(crate) fn cz_nce(
     }
     // The similarity blocks are no longer needed: free them before the gradient products.
     drop((qk, kq));
-    drop((s_out, s_in, s_kk, s_out_t));
-
-    let mut loss = dev.alloc_zeros::<f32>(1)?;
-    let mut packed = if want_grad {
-        Some(dev.alloc_zeros::<f32>(2 * b * d + 1)?)
-    } else {
-        None
-    };
-    {
-        let mut gx_scratch = dev.alloc_zeros::<f32>(1)?;
-        let f = load_func!(dev, Ptx::CzNce, "cz_finish")?;
-        let mut args = f.builder();
-        let n = (dirs * b) as i32;
-        args.arg(&row_loss).arg(&row_gx).arg(&n).arg(&mut loss);
-        let mut gx_slot = match packed.as_mut() {
-            Some(p) => p.slice_mut(2 * b * d..),
-            None => gx_scratch.slice_mut(..),
-        };
-        args.arg(&mut gx_slot);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: row_loss/row_gx hold `n` floats; both outputs hold at least one.
-        unsafe { args.launch(cfg) }.w()?;
-    }
+    drop(sims);
+    let mut packed = want_grad
+        .then(|| dev.alloc_zeros::<f32>(2 * b * d + 1))
+        .transpose()?;
+    let loss = finish(
+        &dev,
+        (&row_loss, &row_gx),
+        dirs * b,
+        packed.as_mut(),
+        2 * b * d,
+    )?;
     let loss = CudaStorage::wrap_cuda_slice(loss, dev.clone());
     let Some(mut packed) = packed else {
         return Ok((loss, None));
     };
+    let (g_out, g_in, g_kk) = logit_grads(&dev, g_qk, g_kq, spec, b)?;
+    // ∂L/∂q̂ = s (G_out k̂ + G_in,sym q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + G_kk,sym k̂).
+    for (side, own, other, g_own, cross_t) in [
+        (0, &qn, &kn, g_in.as_ref(), false),
+        (1, &kn, &qn, g_kk.as_ref(), true),
+    ] {
+        let mut dst = packed.slice_mut(side * b * d..(side + 1) * b * d);
+        let gemm_cfg = ((b, d), scale);
+        input_grad(
+            &dev,
+            &blas,
+            gemm_cfg,
+            (&g_out, cross_t),
+            g_own,
+            (own, other),
+            &mut dst,
+        )?;
+    }
+    Ok((loss, Some(CudaStorage::wrap_cuda_slice(packed, dev))))
+}
 
-    // Gradient blocks of the three similarity matrices, both directions summed:
-    // G_out = G_qk,out + G_kq,crossᵀ; G_in,sym and G_kk,sym = G + Gᵀ over both directions.
+/// The similarity blocks: `Ŝ_out = q̂ k̂ᵀ`, and as the spec needs them `Ŝ_in = q̂ q̂ᵀ`,
+/// `Ŝ_kk = k̂ k̂ᵀ` and the k→q cross block `Ŝ_outᵀ = k̂ q̂ᵀ` (from cuBLAS rather than a transpose
+/// kernel).
+struct Similarities {
+    s_out: CudaSlice<f32>,
+    s_in: Option<CudaSlice<f32>>,
+    s_kk: Option<CudaSlice<f32>>,
+    s_out_t: Option<CudaSlice<f32>>,
+}
+
+impl Similarities {
+    fn new(
+        dev: &CudaDevice,
+        blas: &CudaBlas,
+        (qn, kn): (&Normed, &Normed),
+        (b, d): (usize, usize),
+        spec: Spec,
+    ) -> Result<Self> {
+        let gram = |x: &CudaSlice<f32>, y: &CudaSlice<f32>| -> Result<CudaSlice<f32>> {
+            // SAFETY: the GEMM (β = 0) writes all B·B elements.
+            let mut out = unsafe { dev.alloc::<f32>(b * b)? };
+            let (a, bt) = ((x, false, d), (y, true, d));
+            gemm(blas, (b, b, d), a, bt, (&mut out, b), 1.0, 0.0)?;
+            Ok(out)
+        };
+        let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
+        let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
+        Ok(Self {
+            s_out: gram(&qn.hat, &kn.hat)?,
+            s_in: need_in.then(|| gram(&qn.hat, &qn.hat)).transpose()?,
+            s_kk: need_kk.then(|| gram(&kn.hat, &kn.hat)).transpose()?,
+            s_out_t: spec.symmetric.then(|| gram(&kn.hat, &qn.hat)).transpose()?,
+        })
+    }
+
+    /// The blocks of each direction's rows: q→k `[Ŝ_out | Ŝ_in | Ŝ_kk]`, k→q
+    /// `[Ŝ_outᵀ | Ŝ_kk | Ŝ_in]` (empty unless symmetric), each with the negatives asked for.
+    fn directions(&self, spec: Spec) -> (Vec<&CudaSlice<f32>>, Vec<&CudaSlice<f32>>) {
+        let mut qk = vec![&self.s_out];
+        let mut kq = Vec::new();
+        let (s_in, s_kk) = (self.s_in.as_ref(), self.s_kk.as_ref());
+        qk.extend(s_in.filter(|_| spec.anchor_negatives));
+        qk.extend(s_kk.filter(|_| spec.target_negatives));
+        if let Some(t) = &self.s_out_t {
+            kq.push(t);
+            kq.extend(s_kk.filter(|_| spec.anchor_negatives));
+            kq.extend(s_in.filter(|_| spec.target_negatives));
+        }
+        (qk, kq)
+    }
+}
+
+/// Runs `cz_finish` over the `n` per-row losses and `∂/∂log s` parts: returns the loss, and
+/// writes `∂L/∂log s` at `packed[gx_at]` (when there are gradients).
+fn finish(
+    dev: &CudaDevice,
+    (row_loss, row_gx): (&CudaSlice<f32>, &CudaSlice<f32>),
+    n: usize,
+    packed: Option<&mut CudaSlice<f32>>,
+    gx_at: usize,
+) -> Result<CudaSlice<f32>> {
+    let mut loss = dev.alloc_zeros::<f32>(1)?;
+    let mut gx_scratch = dev.alloc_zeros::<f32>(1)?;
+    let f = load_func!(dev, Ptx::CzNce, "cz_finish")?;
+    let mut args = f.builder();
+    let n = n as i32;
+    args.arg(row_loss).arg(row_gx).arg(&n).arg(&mut loss);
+    let mut gx_slot = match packed {
+        Some(p) => p.slice_mut(gx_at..),
+        None => gx_scratch.slice_mut(..),
+    };
+    args.arg(&mut gx_slot);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: row_loss/row_gx hold `n` floats; both outputs hold at least one.
+    unsafe { args.launch(cfg) }.w()?;
+    drop(args);
+    Ok(loss)
+}
+
+/// Gradient blocks of the three similarity matrices, both directions summed:
+/// `G_out = G_qk,out + G_kq,crossᵀ`; `G_in,sym` and `G_kk,sym` = `G + Gᵀ` over both directions.
+#[allow(clippy::type_complexity)]
+fn logit_grads(
+    dev: &CudaDevice,
+    g_qk: Vec<CudaSlice<f32>>,
+    g_kq: Vec<CudaSlice<f32>>,
+    spec: Spec,
+    b: usize,
+) -> Result<(
+    CudaSlice<f32>,
+    Option<CudaSlice<f32>>,
+    Option<CudaSlice<f32>>,
+)> {
+    let missing = || candle_core::Error::Msg("cz_nce (cuda): a gradient block is missing".into());
     let mut g_qk = g_qk.into_iter();
     let mut g_kq = g_kq.into_iter();
-    let mut g_out = g_qk.next().expect("cross block");
+    let mut g_out = g_qk.next().ok_or_else(missing)?;
     let (mut in_parts, mut kk_parts) = (Vec::new(), Vec::new());
     if spec.anchor_negatives {
-        in_parts.push(g_qk.next().expect("anchor block"));
+        in_parts.push(g_qk.next().ok_or_else(missing)?);
     }
     if spec.target_negatives {
-        kk_parts.push(g_qk.next().expect("target block"));
+        kk_parts.push(g_qk.next().ok_or_else(missing)?);
     }
     if spec.symmetric {
-        let cross = g_kq.next().expect("cross block");
+        let cross = g_kq.next().ok_or_else(missing)?;
         let f = load_func!(dev, Ptx::CzNce, "cz_add_transposed")?;
         let mut args = f.builder();
         let b_i = b as i32;
@@ -347,60 +397,51 @@ pub(crate) fn cz_nce(
         // SAFETY: both buffers hold B·B floats.
         unsafe { args.launch(elementwise_cfg(b * b)) }.w()?;
         if spec.anchor_negatives {
-            kk_parts.push(g_kq.next().expect("anchor block"));
+            kk_parts.push(g_kq.next().ok_or_else(missing)?);
         }
         if spec.target_negatives {
-            in_parts.push(g_kq.next().expect("target block"));
+            in_parts.push(g_kq.next().ok_or_else(missing)?);
         }
     }
     let sym = |parts: &[CudaSlice<f32>]| -> Result<Option<CudaSlice<f32>>> {
         match parts {
             [] => Ok(None),
-            [a] => sym_add(&dev, a, None, b).map(Some),
-            [a, c] => sym_add(&dev, a, Some(c), b).map(Some),
-            _ => unreachable!("at most one block per direction"),
+            [a] => sym_add(dev, a, None, b).map(Some),
+            [a, c] => sym_add(dev, a, Some(c), b).map(Some),
+            _ => Err(candle_core::Error::Msg(
+                "cz_nce (cuda): too many gradient blocks".into(),
+            )),
         }
     };
-    let g_in = sym(&in_parts)?;
-    let g_kk = sym(&kk_parts)?;
-    drop((in_parts, kk_parts));
+    Ok((g_out, sym(&in_parts)?, sym(&kk_parts)?))
+}
 
-    // ∂L/∂q̂ = s (G_out k̂ + G_in,sym q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + G_kk,sym k̂).
-    for (side, own, other, g_own, cross_t) in [
-        (0, &qn, &kn, g_in.as_ref(), false),
-        (1, &kn, &qn, g_kk.as_ref(), true),
-    ] {
-        let mut dst = packed.slice_mut(side * b * d..(side + 1) * b * d);
-        gemm(
-            &blas,
-            (b, d, b),
-            (&g_out, cross_t, b),
-            (&other.hat, false, d),
-            (&mut dst, d),
-            scale,
-            0.0,
-        )?;
-        if let Some(g) = g_own {
-            gemm(
-                &blas,
-                (b, d, b),
-                (g, false, b),
-                (&own.hat, false, d),
-                (&mut dst, d),
-                scale,
-                1.0,
-            )?;
-        }
-        let f = load_func!(dev, Ptx::CzNce, "cz_norm_backward")?;
-        let mut args = f.builder();
-        let d_i = d as i32;
-        args.arg(&own.hat)
-            .arg(&own.inv)
-            .arg(&own.active)
-            .arg(&d_i)
-            .arg(&mut dst);
-        // SAFETY: hat and dst hold B·D floats, inv and active B.
-        unsafe { args.launch(rows_cfg(b)) }.w()?;
+/// One side's input gradient into `dst`: `s (G_out other̂ + G_own own̂)` (`G_outᵀ` for the k side,
+/// `cross_t`), then the normalisation's backward.
+fn input_grad(
+    dev: &CudaDevice,
+    blas: &CudaBlas,
+    ((b, d), scale): ((usize, usize), f32),
+    (g_out, cross_t): (&CudaSlice<f32>, bool),
+    g_own: Option<&CudaSlice<f32>>,
+    (own, other): (&Normed, &Normed),
+    dst: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (g, o) = ((g_out, cross_t, b), (&other.hat, false, d));
+    gemm(blas, (b, d, b), g, o, (&mut *dst, d), scale, 0.0)?;
+    if let Some(g) = g_own {
+        let (g, o) = ((g, false, b), (&own.hat, false, d));
+        gemm(blas, (b, d, b), g, o, (&mut *dst, d), scale, 1.0)?;
     }
-    Ok((loss, Some(CudaStorage::wrap_cuda_slice(packed, dev))))
+    let f = load_func!(dev, Ptx::CzNce, "cz_norm_backward")?;
+    let mut args = f.builder();
+    let d_i = d as i32;
+    args.arg(&own.hat)
+        .arg(&own.inv)
+        .arg(&own.active)
+        .arg(&d_i)
+        .arg(dst);
+    // SAFETY: hat and dst hold B·D floats, inv and active B.
+    unsafe { args.launch(rows_cfg(b)) }.w()?;
+    Ok(())
 }

@@ -375,7 +375,6 @@ pub(crate) fn cz_nce<T: Real>(
     let s_out = gram(&qn.hat, &kn.hat, b, d);
     let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d));
     let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d));
-    let weight = if spec.symmetric { T::lit(0.5) } else { T::ONE };
     // The row pass turns its blocks into gradient blocks in place, so a block that both
     // directions read (symmetric with both kinds of negatives) is copied for the first one.
     let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
@@ -388,77 +387,110 @@ pub(crate) fn cz_nce<T: Real>(
         }
     };
     let s_out_t = spec.symmetric.then(|| transpose(&s_out, b));
-
-    // Gradient accumulators w.r.t. the scaled logits of each block.
-    let mut g_out: Option<Vec<T>> = None;
-    let mut g_in: Option<Vec<T>> = None;
-    let mut g_kk: Option<Vec<T>> = None;
-    let mut loss = T::ZERO;
-    let mut dlog_scale = T::ZERO;
+    let mut acc = Accumulators::new(b, scale, spec, want_grad);
 
     // Direction q→k: [S_out | S_in | S_kk].
-    {
-        let mut blocks = vec![s_out];
-        if spec.anchor_negatives {
-            blocks.push(take(&mut s_in));
-        }
-        if spec.target_negatives {
-            blocks.push(take(&mut s_kk));
-        }
-        let (l, gx) = direction_pass(
-            &mut blocks,
-            b,
-            scale,
-            spec.include_positive,
-            weight,
-            want_grad,
-        );
-        loss += l;
-        dlog_scale += gx;
-        if want_grad {
-            let mut it = blocks.into_iter();
-            accumulate(&mut g_out, it.next().expect("blk"));
-            if spec.anchor_negatives {
-                accumulate(&mut g_in, it.next().expect("blk"));
-            }
-            if spec.target_negatives {
-                accumulate(&mut g_kk, it.next().expect("blk"));
-            }
-        }
+    let mut blocks = vec![(Block::Out, s_out)];
+    if spec.anchor_negatives {
+        blocks.push((Block::In, take(&mut s_in)));
     }
+    if spec.target_negatives {
+        blocks.push((Block::Kk, take(&mut s_kk)));
+    }
+    acc.direction(blocks);
     // Direction k→q: [S_outᵀ | S_kk | S_in].
     if let Some(s_out_t) = s_out_t {
-        let mut blocks = vec![s_out_t];
+        let mut blocks = vec![(Block::OutT, s_out_t)];
         if spec.anchor_negatives {
-            blocks.push(s_kk.take().expect("s_kk"));
+            blocks.push((Block::Kk, s_kk.take().expect("s_kk")));
         }
         if spec.target_negatives {
-            blocks.push(s_in.take().expect("s_in"));
+            blocks.push((Block::In, s_in.take().expect("s_in")));
         }
-        let (l, gx) = direction_pass(
-            &mut blocks,
+        acc.direction(blocks);
+    }
+    drop((s_in, s_kk));
+    let loss = acc.loss;
+    let grads = acc.input_grads(&qn, &kn, d);
+    Output { loss, grads }
+}
+
+/// Which gradient accumulator a block of a direction's row pass feeds.
+#[derive(Clone, Copy)]
+enum Block {
+    /// `S_out` (q→k).
+    Out,
+    /// `S_outᵀ` (k→q): its gradient is transposed back.
+    OutT,
+    /// `S_in` (q·q).
+    In,
+    /// `S_kk` (k·k).
+    Kk,
+}
+
+/// The loss, `∂L/∂log s` and the gradients w.r.t. the scaled logits of each block, summed
+/// over the directions.
+struct Accumulators<T> {
+    b: usize,
+    scale: T,
+    spec: Spec,
+    /// 1/2 for a symmetric loss (the mean of the two directions), else 1.
+    weight: T,
+    want_grad: bool,
+    loss: T,
+    dlog_scale: T,
+    g_out: Option<Vec<T>>,
+    g_in: Option<Vec<T>>,
+    g_kk: Option<Vec<T>>,
+}
+
+impl<T: Real> Accumulators<T> {
+    fn new(b: usize, scale: T, spec: Spec, want_grad: bool) -> Self {
+        let weight = if spec.symmetric { T::lit(0.5) } else { T::ONE };
+        Self {
             b,
             scale,
-            spec.include_positive,
+            spec,
             weight,
             want_grad,
+            loss: T::ZERO,
+            dlog_scale: T::ZERO,
+            g_out: None,
+            g_in: None,
+            g_kk: None,
+        }
+    }
+
+    /// One direction's row pass over `blocks` (its positives' block first), added in.
+    fn direction(&mut self, blocks: Vec<(Block, Vec<T>)>) {
+        let (kinds, mut mats): (Vec<Block>, Vec<Vec<T>>) = blocks.into_iter().unzip();
+        let (b, positive) = (self.b, self.spec.include_positive);
+        let (l, gx) = direction_pass(
+            &mut mats,
+            b,
+            self.scale,
+            positive,
+            self.weight,
+            self.want_grad,
         );
-        loss += l;
-        dlog_scale += gx;
-        if want_grad {
-            let mut it = blocks.into_iter();
-            accumulate(&mut g_out, transpose(&it.next().expect("blk"), b));
-            if spec.anchor_negatives {
-                accumulate(&mut g_kk, it.next().expect("blk"));
-            }
-            if spec.target_negatives {
-                accumulate(&mut g_in, it.next().expect("blk"));
+        self.loss += l;
+        self.dlog_scale += gx;
+        if self.want_grad {
+            for (kind, g) in kinds.into_iter().zip(mats) {
+                match kind {
+                    Block::Out => accumulate(&mut self.g_out, g),
+                    Block::OutT => accumulate(&mut self.g_out, transpose(&g, b)),
+                    Block::In => accumulate(&mut self.g_in, g),
+                    Block::Kk => accumulate(&mut self.g_kk, g),
+                }
             }
         }
     }
-    drop((s_in, s_kk));
 
-    let grads = g_out.map(|g_out| {
+    /// `∂L/∂q` and `∂L/∂k` from the logit gradients (none unless `want_grad`).
+    fn input_grads(self, qn: &Normed<T>, kn: &Normed<T>, d: usize) -> Option<Grads<T>> {
+        let (b, scale, dlog_scale) = (self.b, self.scale, self.dlog_scale);
+        let g_out = self.g_out?;
         // ∂L/∂q̂ = s (G_out k̂ + (G_in + G_inᵀ) q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + (G_kk + G_kkᵀ) k̂).
         let vq = View::rows(&qn.hat, b, d);
         let vk = View::rows(&kn.hat, b, d);
@@ -467,19 +499,18 @@ pub(crate) fn cz_nce<T: Real>(
         let mut dk = vec![T::ZERO; b * d];
         gemm_into(&mut dq, vg, vk, scale, false);
         gemm_into(&mut dk, vg.t(), vq, scale, false);
-        if let Some(mut g) = g_in {
+        if let Some(mut g) = self.g_in {
             symmetrize_in_place(&mut g, b);
             gemm_into(&mut dq, View::rows(&g, b, b), vq, scale, true);
         }
-        if let Some(mut g) = g_kk {
+        if let Some(mut g) = self.g_kk {
             symmetrize_in_place(&mut g, b);
             gemm_into(&mut dk, View::rows(&g, b, b), vk, scale, true);
         }
-        norm_backward(&mut dq, &qn, d);
-        norm_backward(&mut dk, &kn, d);
-        Grads { dq, dk, dlog_scale }
-    });
-    Output { loss, grads }
+        norm_backward(&mut dq, qn, d);
+        norm_backward(&mut dk, kn, d);
+        Some(Grads { dq, dk, dlog_scale })
+    }
 }
 
 /// `slot += v`, or `slot = v` when empty.
