@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use mlctl::loss::cz_nce::CzNce;
+use mlctl::loss::CzNce;
 use std::time::Duration;
 
 fn inputs(b: usize, d: usize, dtype: DType, dev: &Device) -> (Var, Var) {

@@ -13,7 +13,7 @@
 //! "fwd_bwd_min_ms", "threads"}`: median and minimum over `reps` runs after two warm-ups.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mlctl::loss::cz_nce::CzNce;
+use mlctl::loss::CzNce;
 use std::time::Instant;
 
 /// `(median, min)` of the timings.

@@ -12,7 +12,11 @@ strings and character literals, then follows `crate::`, `super::` and `self::` p
 declarations and in code) to the file that defines the named item. It knows nothing about macros
 that build paths, so a path spelled inside a macro's string input is not seen.
 
-Usage: scripts/check_layout.py [--graph]   (--graph prints the top-level module graph)
+4. Each public item of the crate is reachable by exactly one public path.
+
+Usage: scripts/check_layout.py [--graph] [--api]
+  --graph  prints the top-level module graph
+  --api    prints every public path of the crate's own items
 """
 import os
 import re
@@ -93,6 +97,11 @@ class Crate:
                 found[alias] = (self.absolute(module, path), path[-1])
         return found
 
+    def is_local(self, module, path):
+        """Whether `path`, written in `module`, names something of this crate (`crate::`,
+        `super::`, `self::`, or a child module of `module`), not an external crate."""
+        return path[0] in ("crate", "super", "self") or tuple(module) + (path[0],) in self.files
+
     def absolute(self, module, path):
         """A path as written in `module`, made absolute (a tuple starting at the crate root)."""
         if path[0] == "crate":
@@ -125,6 +134,7 @@ class Crate:
 
 def expand_use(body):
     """`a::{b, c::d as e, f::*}` -> [(path list, bound name)]."""
+    body = re.sub(r"\s+as\s+", "@", body)
     body = re.sub(r"\s+", "", body)
     results = []
 
@@ -136,7 +146,7 @@ def expand_use(body):
                 head = [p for p in head.split("::") if p]
                 walk(prefix + head, inner[:-1])
             else:
-                name, alias = (part.split("as") + [None])[:2] if "as" in part.split("::")[-1] else (part, None)
+                name, _, alias = part.partition("@")
                 segs = [p for p in name.split("::") if p]
                 if segs == ["self"]:
                     segs = []
@@ -170,7 +180,7 @@ def dependencies(crate):
         code = re.sub(r"\bpub(?:\([^)]*\))?\s+use\s+[^;]+;", "", text)
         paths = []
         for body in re.findall(r"\buse\s+([^;]+);", code):
-            paths += [p for p, _ in expand_use(body) if p[0] in ("crate", "super", "self")]
+            paths += [p for p, _ in expand_use(body) if crate.is_local(module, p)]
         code = re.sub(r"\buse\s+[^;]+;", "", code)
         paths += [p.split("::") for p in re.findall(r"\b(?:crate|super|self)(?:::\w+)+", code)]
         for path in paths:
@@ -252,6 +262,37 @@ def long_functions(crate):
     return sorted(found)
 
 
+def public_paths(crate):
+    """Every public path to an item the crate defines, with the item's (file, name)."""
+    top = r"^pub\s+(?:unsafe\s+)?(?:fn|struct|enum|trait|type|const|static|union)\s+(\w+)"
+    paths = {}
+    def visit(module):
+        if module not in crate.files:
+            return
+        text = crate.files[module][1]
+        for item in re.findall(top, text, re.M):
+            paths[module + (item,)] = (module, item)
+        for sub in re.findall(r"^pub\s+mod\s+(\w+)\s*;", text, re.M):
+            visit(module + (sub,))
+        for body in re.findall(r"^pub\s+use\s+([^;]+);", text, re.M):
+            for path, alias in expand_use(body):
+                if not crate.is_local(module, path) or path[-1] == "*":
+                    continue
+                target = crate.absolute(module, path)
+                if target in crate.files:
+                    continue  # a module re-exported under another name
+                owner = crate.defining_file(target)
+                if owner is not None:
+                    item = target[-1]
+                    # follow a chain of re-exports to the defining name
+                    while item in crate.reexports.get(owner, {}) and item not in crate.defs[owner]:
+                        nxt, item = crate.reexports[owner][item]
+                        owner = crate.defining_file(nxt) or owner
+                    paths[module + (alias,)] = (owner, item)
+    visit(())
+    return paths
+
+
 def name(module):
     return "::".join(module) or "lib"
 
@@ -278,6 +319,17 @@ def main():
                     problems.append(f"ops uses more than Error/Result: {name(src)} -> {name(t)}")
     for path, line, fn, n in long_functions(crate):
         problems.append(f"function longer than {MAX_FN_LINES} lines: {path}:{line} {fn} ({n} lines)")
+    paths = public_paths(crate)
+    by_item = {}
+    for path, item in paths.items():
+        by_item.setdefault(item, []).append(path)
+    for item, ps in sorted(by_item.items()):
+        if len(ps) > 1:
+            problems.append("public item with several paths: " + ", ".join(sorted(name(p) for p in ps)))
+    if "--api" in sys.argv:
+        for path in sorted(paths):
+            print("mlctl::" + name(path))
+        print(f"{len(paths)} public paths to {len(by_item)} items")
     if "--graph" in sys.argv:
         for k in sorted(top):
             print(f"{k} -> {', '.join(sorted(top[k]))}")

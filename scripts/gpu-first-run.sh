@@ -74,7 +74,7 @@ builds() {
   cargo build --release --features nccl --tests 2>&1 | tee "$logs/build-nccl.log" | tail -n 3
 }
 
-# The test binary of tests/NAME.rs built with the nccl feature.
+# The test binary NAME (tests/gpu.rs, or tests/it/ for `it`) built with the nccl feature.
 test_bin() {
   cargo test --release --features nccl --test "$1" --no-run 2>&1 |
     grep -oE "target/release/deps/$1-[0-9a-f]+" | head -n 1
@@ -84,13 +84,13 @@ on_gpu() {
   step "GPU: $(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader | head -n 1)"
   local gpu dp
   gpu=$(test_bin gpu)
-  dp=$(test_bin data_parallel)
+  dp=$(test_bin it)
   step "GPU tests"
   "$gpu" --ignored --test-threads 1 2>&1 | tee "$logs/gpu-tests.log" | tail -n 5
   # One GPU: the one-rank NCCL tests; two or more: the multi-GPU ones too. The rank workers
   # run only as the children of their tests.
-  local nccl=(nccl --skip worker)
-  if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then nccl=(nccl_one_rank); fi
+  local nccl=(data_parallel::data_parallel_nccl --skip worker)
+  if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then nccl=(data_parallel::data_parallel_nccl_one_rank); fi
   "$dp" --ignored --test-threads 1 "${nccl[@]}" 2>&1 | tee "$logs/nccl-tests.log" | tail -n 5
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer --tool $tool"

@@ -11,7 +11,7 @@
 //! # let bert = mlctl::pretrained::PretrainedBert::load("model", &candle_core::Device::Cpu, candle_core::DType::F32)?;
 //! # let tokenizer = bert.tokenizer()?;
 //! let options = EncodeOptions::default().with_batch_size(64).with_normalize(true);
-//! let vectors = encode(&bert.model.encoder, tokenizer, &["The cat sleeps.", "Le chat dort."], &options)?;
+//! let vectors = encode(bert.encoder(), tokenizer, &["The cat sleeps.", "Le chat dort."], &options)?;
 //! assert_eq!(vectors.dims()[0], 2);
 //! # Ok(()) }
 //! ```

@@ -63,7 +63,7 @@ pub(crate) fn module_folders(modules_json: &Path) -> Vec<String> {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename, so that `path` is
 /// either its old content or the complete new one, never a truncated file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
         let mut file = std::fs::File::create(tmp).map_err(Error::io(tmp))?;
         file.write_all(bytes).map_err(Error::io(tmp))

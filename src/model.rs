@@ -73,6 +73,11 @@ pub struct MlCtlModel {
 }
 
 impl MlCtlModel {
+    /// The encoder (the BERT body under the MLM head).
+    pub fn encoder(&self) -> &crate::encoder::BertEncoder {
+        self.bert.encoder()
+    }
+
     /// Adds a freshly initialised head (from `seed`) to an encoder.
     pub fn new(bert: PretrainedBert, config: HeadConfig, seed: u64) -> Result<Self> {
         Self::with_head_params(bert, config, ParamStore::new(seed))
@@ -83,8 +88,8 @@ impl MlCtlModel {
         config: HeadConfig,
         head_params: ParamStore,
     ) -> Result<Self> {
-        let device = bert.model.encoder.word_embeddings().device().clone();
-        let dtype = bert.model.encoder.word_embeddings().dtype();
+        let device = bert.encoder().word_embeddings().device().clone();
+        let dtype = bert.encoder().word_embeddings().dtype();
         let h = bert.config.hidden_size;
         let d = if config.concat_word { 2 * h } else { h };
         let projection = Projection::load(
@@ -231,7 +236,7 @@ impl MlCtlModel {
         spans: Option<&[TokenSpan]>,
         train: bool,
     ) -> Result<SideEmbeddings> {
-        let out = self.bert.model.encoder.forward_t(
+        let out = self.bert.encoder().forward_t(
             &tokens.input_ids,
             Some(&tokens.token_type_ids),
             Some(&tokens.attention_mask),
@@ -259,7 +264,7 @@ impl MlCtlModel {
     }
 
     fn head_dtype(&self) -> DType {
-        self.bert.model.encoder.word_embeddings().dtype()
+        self.bert.encoder().word_embeddings().dtype()
     }
 }
 

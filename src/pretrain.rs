@@ -38,13 +38,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::{find_anchor_spans, io as align_io, method_by_name, AlignMethod};
 use crate::align::{AlignmentCounts, GoldAlignment, Lexicon, SentencePair, TokenType, WordAligner};
-use crate::data::{NliExample, NliReadOptions, XnliDir};
 use crate::encode::{encode, EncodeOptions};
 use crate::eval::bootstrap::{self, Interval};
-use crate::eval::{embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy};
-use crate::eval::{NliFinetuneConfig, NliReport, RetrievalScores};
+use crate::eval::{embed_spans, retrieval_accuracy, RetrievalScores};
 use crate::fs::write_atomic;
 use crate::model::MlCtlModel;
+use crate::nli::{evaluate_nli, finetune_nli, NliFinetuneConfig, NliReport};
+use crate::nli::{NliExample, NliReadOptions, XnliDir};
 use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::Tokenizer;
 use crate::train::{latest_checkpoint, StepRecord, METRICS_FILE};
@@ -200,7 +200,7 @@ impl AlignmentTask {
         model: &MlCtlModel,
         tokenizer: &Tokenizer,
     ) -> Result<Vec<AlignmentScores>> {
-        let encoder = &model.bert.model.encoder;
+        let encoder = model.encoder();
         let layers = model.bert.config.num_hidden_layers as isize;
         let layer = self.layer.unwrap_or(8.min(layers));
         let tokenizer = tokenizer
@@ -480,7 +480,7 @@ impl EvalSuite {
     /// Measures `model`, its sentences tokenized by `tokenizer` at the encoder's full length
     /// (whatever the truncation training used).
     pub fn evaluate(&self, model: &MlCtlModel, tokenizer: &Tokenizer) -> Result<Evaluation> {
-        let max_len = model.bert.model.encoder.config().max_sequence_length();
+        let max_len = model.encoder().config().max_sequence_length();
         let tokenizer = &tokenizer.clone().with_max_len(max_len)?;
         let mut sentence = BTreeMap::new();
         for pooling in &self.poolings {
@@ -529,7 +529,7 @@ impl EvalSuite {
         if let Some(prefix) = &pooling.prefix {
             options = options.with_prefix(prefix.clone());
         }
-        let encoder = &model.bert.model.encoder;
+        let encoder = model.encoder();
         let embed = |texts: &[String]| encode(encoder, tokenizer, texts, &options);
         retrieval_accuracy(&embed(&set.src)?, &embed(&set.tgt)?)
     }
@@ -556,7 +556,7 @@ impl EvalSuite {
             return Ok(None);
         }
         let words = |t: &[&str], s: &[TokenSpan]| {
-            let encoder = &model.bert.model.encoder;
+            let encoder = model.encoder();
             embed_spans(encoder, tokenizer, &model.pooling, t, s, self.batch_size)
         };
         let (src, tgt) = (words(&texts.0, &spans.0)?, words(&texts.1, &spans.1)?);

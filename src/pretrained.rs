@@ -55,8 +55,8 @@ impl fmt::Display for LoadReport {
 /// # fn main() -> mlctl::Result<()> {
 /// use mlctl::pretrained::PretrainedBert;
 /// let bert = PretrainedBert::load("bert-base-multilingual-cased", &candle_core::Device::Cpu, candle_core::DType::F32)?;
-/// let batch = bert.tokenizer()?.encode_batch(&["Hello world"], bert.model.encoder.device())?;
-/// let out = bert.model.encoder.forward_batch(&batch, false)?;
+/// let batch = bert.tokenizer()?.encode_batch(&["Hello world"], bert.encoder().device())?;
+/// let out = bert.encoder().forward_batch(&batch, false)?;
 /// assert_eq!(out.hidden_states.len(), 13);
 /// # Ok(()) }
 /// ```
@@ -208,6 +208,11 @@ impl PretrainedBert {
             sentence_transformer: None,
             missing_tokenizer: None,
         })
+    }
+
+    /// The encoder (the BERT body under the MLM head).
+    pub fn encoder(&self) -> &crate::encoder::BertEncoder {
+        &self.model.encoder
     }
 
     /// The tokenizer, or an [`Error::Checkpoint`] naming the `tokenizer.json` the model

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, fixture, golden};
-use mlctl::loss::cz_nce::BackwardMode;
+use mlctl::loss::BackwardMode;
 use mlctl::loss::CzNce;
 use mlctl::pretrained::PretrainedBert;
 
@@ -484,7 +484,7 @@ fn value_and_grads(
 }
 
 /// Holds the three ways equal on values and gradients: `max |a - b| <= tol * max(1, max |b|)`
-/// against the fused CPU op, twice the tolerance for gradients (as `tests/ops.rs` holds the CPU
+/// against the fused CPU op, twice the tolerance for gradients (as `tests/it/ops.rs` holds the CPU
 /// twins), and the fused GPU op's every element within its own size ([`close_each`]).
 fn check_three_ways(
     what: &str,

@@ -16,8 +16,8 @@ use mlctl::align::io::{
     write_word_pairs,
 };
 use mlctl::align::{
-    AlignMethod, Alignment, AlignmentCounts, ArgMax, IterMax, MaxWeightMatch, ScoredAlignment,
-    SoftmaxAlign, SparsemaxAlign, TokenType, WordAligner, DEFAULT_ALIGN_LAYER,
+    method_by_name, AlignMethod, Alignment, AlignmentCounts, ScoredAlignment, SoftmaxAlign,
+    TokenType, WordAligner, DEFAULT_ALIGN_LAYER, METHOD_NAMES,
 };
 use mlctl::device::{select_device, DeviceChoice};
 use mlctl::encoder::{BertConfig, BertEncoder};
@@ -36,7 +36,7 @@ struct Args {
     input: PathBuf,
     /// Extraction methods, comma-separated (argmax, itermax, match, softmax, sparsemax): one
     /// encoder pass serves them all, one output file each.
-    #[arg(long, default_value = "argmax", value_delimiter = ',', value_parser = ["argmax", "itermax", "match", "softmax", "sparsemax"])]
+    #[arg(long, default_value = "argmax", value_delimiter = ',', value_parser = METHOD_NAMES)]
     method: Vec<String>,
     /// What the methods link: `bpe` (subwords, then a word pair is linked when any of its
     /// subwords are; SimAlign's default) or `word` (words as the mean of their subwords).
@@ -108,7 +108,7 @@ fn output_path(path: &Path, name: &str, several: bool) -> PathBuf {
 /// The encoder up to the deepest layer the vectors need: layers above it cannot change them.
 /// The layers share their weights with `bert`'s encoder.
 fn encoder_up_to(bert: &PretrainedBert, device: &Device, layers: &[isize]) -> Result<BertEncoder> {
-    let full = bert.model.encoder.config().num_hidden_layers;
+    let full = bert.encoder().config().num_hidden_layers;
     let deepest = layers
         .iter()
         .map(|&l| usize::try_from(l).ok())
@@ -117,14 +117,14 @@ fn encoder_up_to(bert: &PretrainedBert, device: &Device, layers: &[isize]) -> Re
         Some(deepest) if (1..full).contains(&deepest) => {
             let config = BertConfig {
                 num_hidden_layers: deepest,
-                ..bert.model.encoder.config().clone()
+                ..bert.encoder().config().clone()
             };
             Ok(BertEncoder::load(
                 bert.params.var_builder(DType::F32, device).pp("bert"),
                 &config,
             )?)
         }
-        _ => Ok(bert.model.encoder.clone()),
+        _ => Ok(bert.encoder().clone()),
     }
 }
 
@@ -153,20 +153,16 @@ fn main() -> Result<()> {
         }
         None => None,
     };
-    let methods: Vec<Box<dyn AlignMethod>> = names
+    // The library's parser, but softmax with the threshold asked for.
+    let methods = names
         .iter()
-        .map(|&name| -> Box<dyn AlignMethod> {
-            match name {
-                "argmax" => Box::new(ArgMax),
-                "itermax" => Box::new(IterMax::default()),
-                "match" => Box::new(MaxWeightMatch),
-                "sparsemax" => Box::new(SparsemaxAlign::default()),
-                _ => Box::new(SoftmaxAlign {
-                    threshold: args.softmax_threshold,
-                }),
-            }
+        .map(|&name| match name {
+            "softmax" => Ok(Box::new(SoftmaxAlign {
+                threshold: args.softmax_threshold,
+            }) as Box<dyn AlignMethod>),
+            other => method_by_name(other),
         })
-        .collect();
+        .collect::<mlctl::Result<Vec<_>>>()?;
     let methods: Vec<&dyn AlignMethod> = methods.iter().map(AsRef::as_ref).collect();
     let token_type: TokenType = args.token_type.parse()?;
 
@@ -175,9 +171,9 @@ fn main() -> Result<()> {
         .with_context(|| format!("loading {}", args.model))?;
     let tokenizer = bert.tokenizer()?.clone().with_max_len(
         args.max_len
-            .unwrap_or(bert.model.encoder.config().max_sequence_length()),
+            .unwrap_or(bert.encoder().config().max_sequence_length()),
     )?;
-    let num_layers = bert.model.encoder.config().num_hidden_layers as isize;
+    let num_layers = bert.encoder().config().num_hidden_layers as isize;
     let pooling = if args.mlctl_pooling {
         Pooling::mlctl()
     } else {

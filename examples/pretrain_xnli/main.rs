@@ -17,9 +17,9 @@ use mlctl::device::{select_device, DeviceChoice};
 use mlctl::dist::{join_ranks, launch_local_ranks, Collective, DistEnv};
 use mlctl::encoder::BertConfig;
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
-use mlctl::eval::NliFinetuneConfig;
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
+use mlctl::nli::NliFinetuneConfig;
 use mlctl::pretrain::{
     comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, write_evaluations,
     write_results, AlignmentTask, EvalSuite, Evaluation, ParallelSet, RunEvaluations,

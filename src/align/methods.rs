@@ -250,7 +250,7 @@ impl AlignMethod for IterMax {
 pub struct MaxWeightMatch;
 
 /// Number of integer steps the value range of a matrix is mapped onto for [`MaxWeightMatch`].
-pub const MATCH_SCALE: f64 = (1u64 << 30) as f64;
+pub(crate) const MATCH_SCALE: f64 = (1u64 << 30) as f64;
 
 impl AlignMethod for MaxWeightMatch {
     fn name(&self) -> &'static str {

@@ -29,7 +29,7 @@
 //!
 //! let bert = PretrainedBert::load("bert-base-multilingual-cased", &Device::Cpu, DType::F32)?;
 //! let tok = bert.tokenizer()?.clone();
-//! let aligner = WordAligner::new(&bert.model.encoder, tok).with_layer(8);
+//! let aligner = WordAligner::new(bert.encoder(), tok).with_layer(8);
 //! let links = aligner.align_words(&["the", "cat", "sleeps"], &["le", "chat", "dort"], &IterMax::default())?;
 //! println!("{links}"); // e.g. 0-0 1-1 2-2
 //! # Ok(()) }
@@ -46,14 +46,13 @@ pub use anchors::{
     find_anchor_spans, script_kind, token_span, Anchor, AnchorMatch, Lexicon, ScriptKind,
     LEXICON_LANGS,
 };
-pub use io::SentencePair;
 pub use methods::{
     drop_below, method_by_name, AlignMethod, Alignment, ArgMax, IterMax, MaxWeightMatch,
-    ScoredAlignment, SoftmaxAlign, SparsemaxAlign, MATCH_SCALE, METHOD_NAMES,
+    ScoredAlignment, SoftmaxAlign, SparsemaxAlign, METHOD_NAMES,
 };
 pub use metrics::{AlignmentCounts, GoldAlignment};
 pub use sim::{l2_normalize_rows, SimMatrix, Similarity};
 pub use words::{
-    split_words, word_spans, word_tokens, HiddenStates, SentenceVectors, TextWord, TokenType,
-    WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
+    split_words, word_spans, word_tokens, HiddenStates, SentencePair, SentenceVectors, TextWord,
+    TokenType, WordAligner, WordVectors, DEFAULT_ALIGN_BATCH, DEFAULT_ALIGN_LAYER,
 };

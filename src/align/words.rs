@@ -4,13 +4,53 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use tokenizers::Encoding;
 
-use super::io::SentencePair;
 use super::methods::{drop_below, AlignMethod, Alignment, ScoredAlignment};
 use super::sim::{SimMatrix, Similarity};
 use crate::encoder::BertEncoder;
 use crate::pooling::{Pooling, TokenSpan};
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
+
+/// One line of a parallel file: source and target words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SentencePair {
+    /// Source words.
+    pub src: Vec<String>,
+    /// Target words.
+    pub tgt: Vec<String>,
+}
+
+impl SentencePair {
+    /// A pair from tokenized source and target text, words separated by ASCII whitespace
+    /// (space, tab, CR, LF, FF) only: other Unicode spaces, e.g. the ideographic space U+3000
+    /// that the ja-en gold set counts as a word, are words.
+    pub fn from_text(src: &str, tgt: &str) -> Self {
+        let words = |s: &str| s.split_ascii_whitespace().map(str::to_owned).collect();
+        Self {
+            src: words(src),
+            tgt: words(tgt),
+        }
+    }
+
+    /// Parses `source words ||| target words`. A blank line is the empty pair; a non-blank line
+    /// needs exactly one `|||`.
+    pub fn parse(line: &str) -> std::result::Result<Self, String> {
+        if line.trim_ascii().is_empty() {
+            return Ok(Self::default());
+        }
+        let mut parts = line.split("|||");
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(src), Some(tgt), None) => Ok(Self::from_text(src, tgt)),
+            (_, None, _) => Err("no ` ||| ` separator between source and target".into()),
+            _ => Err("more than one `|||` separator".into()),
+        }
+    }
+
+    /// Whether either side has no word.
+    pub fn is_empty(&self) -> bool {
+        self.src.is_empty() || self.tgt.is_empty()
+    }
+}
 
 /// SimAlign's layer for mBERT word alignment.
 pub const DEFAULT_ALIGN_LAYER: isize = 8;

@@ -1,16 +1,12 @@
 //! Training data: parallel corpora (ML-CTL's TSV, `src ||| tgt`, line-aligned files), a seeded
 //! resumable loader that batches and checks anchor spans, and MLM masking. The XNLI and
-//! MultiNLI readers live in [`nli`](crate::nli) and are re-exported here.
+//! MultiNLI readers live in [`nli`](crate::nli).
 
 mod anchors;
 mod loader;
 mod masking;
 mod parallel;
 
-pub use crate::nli::{
-    read_nli_jsonl, read_nli_tsv, NliData, NliExample, NliFile, NliFormat, NliLabel,
-    NliReadOptions, NliReadStats, XnliDir,
-};
 pub use anchors::LexiconAnchors;
 pub use loader::{AnchorFinder, LoaderConfig, LoaderCursor, LoaderStats, PairBatch, PairLoader};
 pub use masking::{MaskedTokens, MlmMasking};

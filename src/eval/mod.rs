@@ -10,12 +10,6 @@
 pub mod bootstrap;
 #[cfg(feature = "plots")]
 pub mod plots;
-pub mod retrieval;
+mod retrieval;
 
-pub use bootstrap::Interval;
 pub use retrieval::{embed_sentences, embed_spans, retrieval_accuracy, RetrievalScores};
-
-pub use crate::nli::{
-    copy_pretrained, evaluate_nli, finetune_nli, LanguageCounts, NliClassifier, NliFinetuneConfig,
-    NliFinetuneSummary, NliPooling, NliPredictor, NliReport,
-};

@@ -110,9 +110,10 @@ impl CachedLoss {
     ///
     /// `masked` (required when the MLM term is on) holds masked copies of the whole batch, drawn
     /// once; each chunk uses its rows. With a dropout `key` (training), every pass over a chunk
-    /// starting at row `r` uses [`pass_key`]`(key, pass)` advanced by `r`: both passes over a
-    /// chunk draw the same masks, and they are the masks [`MultiLevelLoss::forward_keyed`] draws
-    /// for the whole batch. `None` evaluates without dropout.
+    /// starting at row `r` uses that pass's key (`key` with a stream of its own per pass)
+    /// advanced by `r`: both passes over a chunk draw the same masks, and they are the masks
+    /// [`MultiLevelLoss::forward_keyed`] draws for the whole batch. `None` evaluates without
+    /// dropout.
     pub fn forward_backward(
         &self,
         model: &MlCtlModel,
@@ -161,7 +162,7 @@ impl CachedLoss {
         key: Option<DropoutKey>,
         shard: Option<&RankShard<'_>>,
     ) -> Result<CachedStep> {
-        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let rng = model.encoder().dropout_rng().clone();
         let previous = rng.key();
         let mut run = Run {
             model,

@@ -1,12 +1,12 @@
 //! Training objectives.
 
 mod cached;
-pub mod cz_nce;
+mod cz_nce;
 mod mlm;
 mod multi_level;
 
 pub(crate) use cached::{masked_rows, pair_rows};
 pub use cached::{CachedLoss, CachedStep};
-pub use cz_nce::CzNce;
+pub use cz_nce::{BackwardMode, CzNce, Temperature};
 pub use mlm::masked_lm_loss;
-pub use multi_level::{pass_key, LossTerms, MaskedPair, MultiLevelLoss, Pass, RankShard};
+pub use multi_level::{LossTerms, MaskedPair, MultiLevelLoss, RankShard};

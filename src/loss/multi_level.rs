@@ -207,8 +207,8 @@ impl MultiLevelLoss {
     }
 
     /// [`MultiLevelLoss::forward`] in training mode with dropout keyed by `key`: the pass over
-    /// each side (and each masked copy) gets [`pass_key`]`(key, pass)`, so its masks depend only
-    /// on the key, the pass and each row's global sample index. [`CachedLoss`](super::CachedLoss)
+    /// each side (and each masked copy) gets `key` with a stream of its own, so its masks depend
+    /// only on the key, the pass and each row's global sample index. [`CachedLoss`](super::CachedLoss)
     /// given the same key draws the same masks chunk by chunk.
     pub fn forward_keyed(
         &self,
@@ -217,7 +217,7 @@ impl MultiLevelLoss {
         masked: Option<&MaskedPair>,
         key: DropoutKey,
     ) -> Result<LossTerms> {
-        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let rng = model.encoder().dropout_rng().clone();
         // A key the caller had set is restored afterwards.
         let previous = rng.key();
         let result = self.forward_passes(model, batch, masked, true, &mut |pass| {
@@ -251,7 +251,7 @@ impl MultiLevelLoss {
         shard: &RankShard<'_>,
         train: bool,
     ) -> Result<LossTerms> {
-        let rng = model.bert.model.encoder.dropout_rng().clone();
+        let rng = model.encoder().dropout_rng().clone();
         // A key the caller had set is restored afterwards.
         let previous = rng.key();
         let result = self.forward_passes_on(model, batch, masked, train, Some(shard), &mut |_| {
@@ -378,7 +378,7 @@ fn mlm_term(
 
 /// The four encoder passes of one evaluation, each with its own dropout masks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pass {
+pub(crate) enum Pass {
     /// The source sentences.
     Source = 0,
     /// The target sentences.
@@ -391,7 +391,7 @@ pub enum Pass {
 
 /// The dropout key of `pass` in an evaluation keyed by `key`: distinct passes get distinct
 /// steps (`4 * step + pass`), so the two sides of a pair never share a mask.
-pub fn pass_key(key: DropoutKey, pass: Pass) -> DropoutKey {
+pub(crate) fn pass_key(key: DropoutKey, pass: Pass) -> DropoutKey {
     DropoutKey {
         step: key.step.wrapping_mul(4).wrapping_add(pass as u64),
         ..key
@@ -405,7 +405,7 @@ fn mlm_side(
     masked: &MaskedTokens,
     train: bool,
 ) -> Result<Tensor> {
-    let out = model.bert.model.encoder.forward_t(
+    let out = model.encoder().forward_t(
         &masked.input_ids,
         Some(&tokens.token_type_ids),
         Some(&tokens.attention_mask),

@@ -101,7 +101,7 @@ pub fn copy_pretrained(bert: &PretrainedBert) -> Result<PretrainedBert> {
     model
         .encoder
         .dropout_rng()
-        .set_state(bert.model.encoder.dropout_rng().state());
+        .set_state(bert.encoder().dropout_rng().state());
     let mut copy = bert.clone();
     copy.model = model;
     copy.params = params;
@@ -109,7 +109,7 @@ pub fn copy_pretrained(bert: &PretrainedBert) -> Result<PretrainedBert> {
 }
 
 pub(super) fn model_dtype_device(bert: &PretrainedBert) -> (DType, Device) {
-    let embeddings = bert.model.encoder.word_embeddings();
+    let embeddings = bert.encoder().word_embeddings();
     (embeddings.dtype(), embeddings.device().clone())
 }
 
@@ -220,7 +220,7 @@ impl NliClassifier {
     ///   `[batch, seq_len]`
     /// - output: `[batch, 3]`, f32
     pub fn forward_t(&self, batch: &TokenBatch, train: bool) -> Result<Tensor> {
-        let out = self.bert.model.encoder.forward_t(
+        let out = self.bert.encoder().forward_t(
             &batch.input_ids,
             Some(&batch.token_type_ids),
             Some(&batch.attention_mask),

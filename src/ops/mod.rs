@@ -43,7 +43,6 @@ pub use bias::{bias_add, bias_add_composite, bias_add_fused};
 pub use dropout::{dropout, dropout_composite, dropout_fused, dropout_mask, DropoutKey};
 pub use gelu::{gelu, gelu_composite, gelu_fused, GeluForm};
 pub use layer_norm::{layer_norm, layer_norm_composite, layer_norm_fused};
-pub use philox::philox4x32_10;
 pub use softmax::{
     softmax_scaled_masked, softmax_scaled_masked_composite, softmax_scaled_masked_fused,
 };

@@ -234,9 +234,8 @@ impl Trainer {
         if config.freeze_embeddings {
             model.bert.model = model.bert.model.with_frozen_embeddings();
         }
-        let device = model.bert.model.encoder.word_embeddings().device().clone();
-        let loss_scaler =
-            (model.bert.model.encoder.dtype() == DType::F16).then(LossScaler::default);
+        let device = model.encoder().word_embeddings().device().clone();
+        let loss_scaler = (model.encoder().dtype() == DType::F16).then(LossScaler::default);
         let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
         model
             .bert
@@ -479,7 +478,7 @@ impl Trainer {
             (None, Some(mini_batch)) => {
                 // One key per batch, drawn from the encoder's (checkpointed) generator: both
                 // passes over every chunk then draw the same dropout masks.
-                let key = self.model.bert.model.encoder.dropout_rng().next_key();
+                let key = self.model.encoder().dropout_rng().next_key();
                 let step = self.cached_loss(mini_batch)?.forward_backward(
                     &self.model,
                     batch,
@@ -586,7 +585,7 @@ impl Trainer {
             return self.backward_into(&terms, grads);
         };
         // As in one process: one key per global batch, shifted to this shard's rows.
-        let key = self.model.bert.model.encoder.dropout_rng().next_key();
+        let key = self.model.encoder().dropout_rng().next_key();
         let step = self.cached_loss(mini_batch)?.forward_backward_rank(
             &self.model,
             &local,
@@ -683,7 +682,7 @@ impl Trainer {
             cursor: self.loader.cursor(),
             loader_stats: self.loader.stats(),
             mask_rng: self.mask_rng.clone(),
-            dropout_rng: self.model.bert.model.encoder.dropout_rng().state(),
+            dropout_rng: self.model.encoder().dropout_rng().state(),
             skipped_steps: self.skipped_steps,
             consecutive_bad: self.consecutive_bad,
             optimizer_step: Some(self.optimizer.step_count()),

@@ -189,3 +189,10 @@ pub fn assert_special_tokens(special: &mlctl::tokenize::SpecialTokens, exp: &ser
         .collect();
     assert_eq!(special.ids, all);
 }
+
+/// Held by every test that sets `HF_HOME` or `HF_HUB_OFFLINE`: the tests of a binary share one
+/// environment and run on parallel threads.
+pub fn hf_env_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

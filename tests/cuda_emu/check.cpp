@@ -1,6 +1,6 @@
 // Runs every kernel of src/ops/cuda/cz_nce.cu in the CPU emulator (emu.h) against plain
 // double-precision references written from the formulas in src/ops/cz_nce/cpu.rs.
-// Built and run by tests/cuda_kernels_emulated.rs; by hand:
+// Built and run by tests/it/cuda_kernels_emulated.rs; by hand:
 //   c++ -std=c++20 -O1 -Itests/cuda_emu/include tests/cuda_emu/check.cpp -o /tmp/check
 //   /tmp/check
 #include "emu.h"

@@ -2,7 +2,7 @@
 // the CPU emulator (emu.h) against double-precision references written from the formulas of the
 // CPU kernels in src/ops/*.rs and src/train/optimizer.rs, and the dropout masks against a host
 // Philox4x32-10 in the CPU kernel's counter/key layout. Built and run by
-// tests/cuda_kernels_emulated.rs; by hand:
+// tests/it/cuda_kernels_emulated.rs; by hand:
 //   c++ -std=c++20 -O1 -Itests/cuda_emu/include tests/cuda_emu/check_ops.cpp -o /tmp/check_ops
 //   /tmp/check_ops
 #include "emu.h"
@@ -355,7 +355,7 @@ static bool keep_ref(uint64_t seed, uint64_t step, uint64_t sample, uint32_t sit
 }
 
 static void check_philox_known_answers() {
-    // Random123's known-answer vectors (kat_vectors, philox4x32_10), as in tests/ops.rs.
+    // Random123's known-answer vectors (kat_vectors, philox4x32_10), as in tests/it/ops.rs.
     const uint32_t cases[3][10] = {
         {0, 0, 0, 0, 0, 0, 0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8},
         {~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd},

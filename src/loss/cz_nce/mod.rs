@@ -128,7 +128,7 @@ pub enum Temperature {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use mlctl::loss::cz_nce::CzNce;
+/// use mlctl::loss::CzNce;
 ///
 /// # fn main() -> mlctl::Result<()> {
 /// let dev = Device::Cpu;

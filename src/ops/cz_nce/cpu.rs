@@ -279,13 +279,13 @@ fn scale_row<T: Real>(x: &mut [T], c: T) -> T {
     let mut chunks = x.chunks_exact_mut(8);
     for ch in &mut chunks {
         for l in 0..8 {
-            ch[l] = ch[l] * c;
+            ch[l] *= c;
             acc[l] += ch[l];
         }
     }
     let mut s = T::ZERO;
     for v in chunks.into_remainder() {
-        *v = *v * c;
+        *v *= c;
         s += *v;
     }
     for a in acc {
@@ -574,7 +574,7 @@ fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize) {
             }
         } else {
             for g in g.iter_mut() {
-                *g = *g * r;
+                *g *= r;
             }
         }
     });

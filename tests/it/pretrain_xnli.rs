@@ -2,7 +2,7 @@
 //! holds a loadable checkpoint, parseable metrics, a results table with every language and
 //! valid SVG plots.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,6 +1,6 @@
 //! The word alignment pipeline end to end on the tiny model (library, not the example binary).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use mlctl::align::io::{check_links, read_gold, read_parallel};
@@ -28,7 +28,7 @@ fn roen_lines_give_one_valid_alignment_each() {
         read_parallel(common::fixture("align/roen.src-tgt")).unwrap()[..6].to_vec();
     let gold = read_gold(common::fixture("align/roen.gold"), true).unwrap()[..6].to_vec();
     for pooling in [Pooling::layer(2), Pooling::mlctl()] {
-        let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_pooling(&pooling);
+        let aligner = WordAligner::new(bert.encoder(), tok.clone()).with_pooling(&pooling);
         for name in METHOD_NAMES {
             let method = method_by_name(name).unwrap();
             let aligns = aligner.align_pairs(&pairs, method.as_ref()).unwrap();
@@ -71,7 +71,7 @@ fn word_vectors_are_subword_means() {
         (vec![1isize], Pooling::layer(1), 1.0),
         (vec![1, -1], Pooling::mlctl(), 0.5),
     ] {
-        let aligner = WordAligner::new(&bert.model.encoder, tok.clone())
+        let aligner = WordAligner::new(bert.encoder(), tok.clone())
             .with_pooling(&Pooling::layer(0).with_layers(layers));
         let vectors = aligner.embed_words(std::slice::from_ref(&words)).unwrap();
         for (w, span) in spans.iter().enumerate() {
@@ -96,7 +96,7 @@ fn word_vectors_are_subword_means() {
 fn a_sentence_aligns_with_itself_on_the_diagonal() {
     let bert = tiny();
     let tok = bert.tokenizer().unwrap().clone();
-    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(-1);
+    let aligner = WordAligner::new(bert.encoder(), tok.clone()).with_layer(-1);
     let s = [
         "the", "quick", "brown", "fox", "jumped", "over", "a", "lazy", "dog",
     ];
@@ -109,7 +109,7 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
         assert_eq!(a.links(), diagonal.as_slice(), "{name}");
     }
     // Truncation: with 5 tokens ([CLS] + 3 words + [SEP]) words 3.. have no vector and no link.
-    let short = WordAligner::new(&bert.model.encoder, tok.with_max_len(5).unwrap()).with_layer(-1);
+    let short = WordAligner::new(bert.encoder(), tok.with_max_len(5).unwrap()).with_layer(-1);
     let v = short.embed_words(&[s.to_vec()]).unwrap();
     assert_eq!(
         v[0].iter().map(Option::is_some).collect::<Vec<_>>(),
@@ -124,7 +124,7 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
         .flatten()
         .collect();
     let default =
-        WordAligner::new(&bert.model.encoder, bert.tokenizer().unwrap().clone()).with_layer(-1);
+        WordAligner::new(bert.encoder(), bert.tokenizer().unwrap().clone()).with_layer(-1);
     let v = default.embed_words(std::slice::from_ref(&long)).unwrap();
     assert_eq!(v[0].iter().filter(|w| w.is_some()).count(), 62);
     let a = default.align_words(&long, &long[..5], &ArgMax).unwrap();
@@ -135,7 +135,7 @@ fn a_sentence_aligns_with_itself_on_the_diagonal() {
 fn empty_sides_missing_layers_and_raw_text() {
     let bert = tiny();
     let tok = bert.tokenizer().unwrap().clone();
-    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(2);
+    let aligner = WordAligner::new(bert.encoder(), tok.clone()).with_layer(2);
     let pairs = vec![
         SentencePair::from_text("", "the cat"),
         SentencePair::default(),
@@ -154,7 +154,7 @@ fn empty_sides_missing_layers_and_raw_text() {
         .all(|a| a.is_empty()));
 
     // The tiny model has hidden states 0..=2: SimAlign's layer 8 does not exist.
-    let deep = WordAligner::new(&bert.model.encoder, tok.clone());
+    let deep = WordAligner::new(bert.encoder(), tok.clone());
     assert_eq!(deep.layers(), &[8]);
     let err = deep.align_pairs(&pairs, &ArgMax).unwrap_err();
     assert!(matches!(err, mlctl::Error::InvalidArgument(_)), "{err:?}");
@@ -199,7 +199,7 @@ fn subword_links_become_word_links() {
         SentencePair::from_text("the playing dogs ran !", "a dog was playing"),
         SentencePair::from_text("unknownword cats sat", "the cats sat down quickly"),
     ];
-    let aligner = WordAligner::new(&bert.model.encoder, tok.clone()).with_layer(2);
+    let aligner = WordAligner::new(bert.encoder(), tok.clone()).with_layer(2);
     assert_eq!(aligner.token_type(), TokenType::Bpe, "SimAlign's default");
     let subwords = |words: &[String]| -> (Vec<Vec<f32>>, Vec<usize>) {
         let batch = tok
@@ -264,7 +264,7 @@ fn one_pass_serves_several_methods_in_any_batching() {
         .collect();
     let methods: Vec<&dyn mlctl::align::AlignMethod> = methods.iter().map(AsRef::as_ref).collect();
     for token_type in [TokenType::Bpe, TokenType::Word] {
-        let base = WordAligner::new(&bert.model.encoder, tok.clone())
+        let base = WordAligner::new(bert.encoder(), tok.clone())
             .with_layer(2)
             .with_token_type(token_type);
         let all = base.align_pairs_multi(&pairs, &methods).unwrap();
@@ -280,7 +280,7 @@ fn one_pass_serves_several_methods_in_any_batching() {
             }
         }
         for batch in [1, 3] {
-            let small = WordAligner::new(&bert.model.encoder, tok.clone())
+            let small = WordAligner::new(bert.encoder(), tok.clone())
                 .with_layer(2)
                 .with_token_type(token_type)
                 .with_batch_size(batch);
@@ -288,7 +288,7 @@ fn one_pass_serves_several_methods_in_any_batching() {
         }
     }
     // Word units are the words' mean vectors: aligning them is aligning embed_words' vectors.
-    let word = WordAligner::new(&bert.model.encoder, tok)
+    let word = WordAligner::new(bert.encoder(), tok)
         .with_layer(2)
         .with_token_type(TokenType::Word);
     let got = word.align_pairs(&pairs[..2], &ArgMax).unwrap();

@@ -1,6 +1,6 @@
 //! Gradients reach every weight, and dropout is real.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -121,9 +121,9 @@ fn dropout_is_stochastic_in_training_and_off_in_eval() {
     );
 
     // Reseeding replays the same masks: training on the CPU is reproducible.
-    bert.model.encoder.dropout_rng().reseed(7);
+    bert.encoder().dropout_rng().reseed(7);
     let seeded_a = run(true);
-    bert.model.encoder.dropout_rng().reseed(7);
+    bert.encoder().dropout_rng().reseed(7);
     let seeded_b = run(true);
     assert_eq!(max_abs_diff(&seeded_a, &seeded_b), 0.0);
 }

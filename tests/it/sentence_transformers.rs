@@ -10,7 +10,7 @@
 //! 6.9e-7 (CLS, Dense). 1e-5 holds every case with room, and stays far below what ignoring a
 //! setting moves (asserted below: above 1e-2).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! `encode`, the embedding front door, against sentence vectors pooled by hand from
 //! transformers' hidden states (`tests/fixtures/tiny_bert/golden.safetensors`).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixture, golden};
@@ -63,7 +63,7 @@ fn encode_equals_mlctl_pooling_of_transformers_hidden_states_in_input_order() {
             let options = EncodeOptions::default()
                 .with_batch_size(batch_size)
                 .with_sort_by_length(sort);
-            let got = encode(&bert.model.encoder, &tok, &texts, &options).unwrap();
+            let got = encode(bert.encoder(), &tok, &texts, &options).unwrap();
             assert_eq!(got.dims(), [3, bert.config.hidden_size]);
             for (i, golden_row) in [1usize, 0, 1].into_iter().enumerate() {
                 let want = pooled_by_hand(golden_row, &[1, layers], 0..=8);
@@ -83,7 +83,7 @@ fn encode_normalizes_pools_the_chosen_layer_and_prefixes() {
     let options = EncodeOptions::default()
         .with_pooling(Pooling::layer(-1))
         .with_normalize(true);
-    let got = encode(&bert.model.encoder, &tok, &SENTENCES, &options).unwrap();
+    let got = encode(bert.encoder(), &tok, &SENTENCES, &options).unwrap();
     for i in 0..2 {
         let want = pooled_by_hand(i, &[last], 0..=8);
         let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
@@ -97,14 +97,14 @@ fn encode_normalizes_pools_the_chosen_layer_and_prefixes() {
     }
     // A prefix is the same as writing it in front of every text.
     let prefixed = encode(
-        &bert.model.encoder,
+        bert.encoder(),
         &tok,
         &["bird sings"],
         &EncodeOptions::default().with_prefix("a "),
     )
     .unwrap();
     let written = encode(
-        &bert.model.encoder,
+        bert.encoder(),
         &tok,
         &["a bird sings"],
         &EncodeOptions::default(),
@@ -124,7 +124,7 @@ fn encode_spans_pools_the_anchor_tokens() {
         TokenSpan { start: 2, end: 3 },
     ];
     let got = encode_spans(
-        &bert.model.encoder,
+        bert.encoder(),
         &tok,
         &SENTENCES,
         &spans,
@@ -146,7 +146,7 @@ fn encode_spans_pools_the_anchor_tokens() {
 fn encode_rejects_bad_arguments_with_typed_errors() {
     let bert = load();
     let tok = bert.tokenizer().unwrap().clone();
-    let enc = &bert.model.encoder;
+    let enc = bert.encoder();
     let zero = EncodeOptions::default().with_batch_size(0);
     assert!(matches!(
         encode(enc, &tok, &SENTENCES, &zero),
@@ -181,7 +181,7 @@ fn model_encode_and_cosine_similarity_agree_with_hand_computed_cosines() {
     let options = EncodeOptions::default();
     let v = bert.encode(&SENTENCES, &options).unwrap();
     let tok = bert.tokenizer().unwrap().clone();
-    let direct = encode(&bert.model.encoder, &tok, &SENTENCES, &options).unwrap();
+    let direct = encode(bert.encoder(), &tok, &SENTENCES, &options).unwrap();
     assert_close("model.encode", &v, &direct, 0.0);
     let sim = mlctl::encode::cosine_similarity(&v, &v).unwrap();
     let rows: Vec<Vec<f32>> = v.to_vec2().unwrap();
@@ -212,7 +212,7 @@ fn forward_detached_equals_forward_and_keeps_no_graph() {
     let bert = load();
     let tok = bert.tokenizer().unwrap().clone();
     let batch = tok.encode_batch(&SENTENCES, &Device::Cpu).unwrap();
-    let enc = &bert.model.encoder;
+    let enc = bert.encoder();
     let args = (
         &batch.input_ids,
         Some(&batch.token_type_ids),

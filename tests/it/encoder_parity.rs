@@ -1,6 +1,6 @@
 //! The encoder against golden outputs of PyTorch transformers (`tests/fixtures/make_fixtures.py`).
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Module};
 use common::{assert_close, fixture, golden};

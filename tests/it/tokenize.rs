@@ -1,6 +1,6 @@
 //! Batch encoding against transformers' tokenizer output (`tests/fixtures/tiny_bert/tokenization.json`).
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use common::fixture;

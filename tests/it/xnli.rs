@@ -2,7 +2,7 @@
 //! (`tests/fixtures/xnli/`), sentence-pair tokenization, and the NLI classifier: fine-tuning
 //! on a synthetic task, per-language accounting, the caller's model left untouched.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

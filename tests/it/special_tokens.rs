@@ -1,7 +1,7 @@
 //! Special tokens come from the model's files, and a model directory that lacks one the crate
 //! needs, or whose tokenizer outgrows the embedding table, is a typed error naming the file.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

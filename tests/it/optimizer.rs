@@ -625,7 +625,7 @@ fn loss_scaling_keeps_small_f16_gradients_from_underflowing() {
 /// Step time of AdamW at multilingual-e5-small's shape (a 250037 x 384 word-embedding table and
 /// the ~21M parameters of 12 layers), fused and composite, and of the global norm. Prints
 /// times; run by hand in release:
-/// `cargo test --release --test optimizer -- --ignored --nocapture e5_small`.
+/// `cargo test --release --test it optimizer::adamw_step_time -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn adamw_step_time_at_the_e5_small_shape() {

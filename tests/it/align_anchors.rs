@@ -1,6 +1,6 @@
 //! ML-CTL dictionary anchors: matching rules per script and token spans.
 
-mod common;
+use crate::common;
 
 use mlctl::align::{
     find_anchor_spans, script_kind, token_span, word_spans, AnchorMatch, Lexicon, ScriptKind,

@@ -1,7 +1,7 @@
 //! Resolving hub ids offline: the local cache first, a clear error when the model is absent.
 #![cfg(feature = "hub")]
 
-mod common;
+use crate::common;
 
 use mlctl::pretrained::PretrainedBert;
 
@@ -18,6 +18,7 @@ fn cached_models_resolve_offline_and_missing_ones_are_clear_errors() {
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(common::fixture("tiny_bert").join(file), snapshot.join(file)).unwrap();
     }
+    let _env = common::hf_env_lock();
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
 

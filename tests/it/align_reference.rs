@@ -2,7 +2,7 @@
 //! awesome-align's softmax rule, on fixed random matrices
 //! (tests/fixtures/align/make_align_golden.py writes tests/fixtures/align/golden.json).
 
-mod common;
+use crate::common;
 
 use mlctl::align::{
     AlignMethod, ArgMax, IterMax, MaxWeightMatch, SimMatrix, SoftmaxAlign, SparsemaxAlign,

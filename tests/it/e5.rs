@@ -3,7 +3,7 @@
 //! Ignored: they need the model. Run them with
 //! `MLCTL_E5_DIR=/path/to/e5 cargo test --release e5 -- --ignored`.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 
@@ -64,7 +64,7 @@ fn e5_every_hidden_state_matches_transformers() {
             "{name} differ from transformers'"
         );
     }
-    let out = bert.model.encoder.forward_batch(&batch, false).unwrap();
+    let out = bert.encoder().forward_batch(&batch, false).unwrap();
     assert_eq!(out.hidden_states.len(), 13);
     for (i, h) in out.hidden_states.iter().enumerate() {
         assert_close(

@@ -1,13 +1,14 @@
 //! `MlCtlModel` on disk: what `save` writes is what `load` reads, from a directory or the hub's
 //! cache, and a head that is announced but absent is an error, never a random head.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use mlctl::model::{MlCtlModel, HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE};
+use mlctl::fs::{HEAD_CONFIG_FILE, HEAD_WEIGHTS_FILE};
+use mlctl::model::MlCtlModel;
 use mlctl::pooling::Pooling;
 use mlctl::Error;
 
@@ -106,6 +107,7 @@ fn a_hub_id_loads_the_head_from_the_hub_cache() {
         saved.path(),
         &[HEAD_WEIGHTS_FILE],
     );
+    let _env = common::hf_env_lock();
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
 

@@ -1,6 +1,6 @@
 //! Parallel, Pharaoh and gold files; AER / precision / recall / F1 on the shared gold sets.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! The multi-level objective: its total is the sum of its terms, and gradients reach every part.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use common::{assert_gradient_reaches, synthetic_tsv, tiny_model, tsv_loader};
@@ -51,7 +51,7 @@ fn total_is_the_sum_of_terms_computed_separately_and_gradients_reach_every_part(
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let encoder = &model.bert.model.encoder;
+    let encoder = model.encoder();
     let mlm_of = |tokens: &mlctl::tokenize::TokenBatch, m: &mlctl::data::MaskedTokens| {
         let out = encoder
             .forward(

@@ -1,7 +1,7 @@
 //! Inputs found by fuzzing the readers (`fuzz/`), each of which once panicked, hung or
 //! misbehaved: every one must now give a typed error or a correct result.
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use common::fixture;

@@ -1,6 +1,6 @@
 //! GradCache: the cached multi-level loss gives the uncached full batch's loss and gradients.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 
@@ -199,7 +199,7 @@ fn keyed_passes_restore_the_dropout_key_the_caller_had_set() {
     let (batch, masked) = batch_of(4);
     let model = tiny_model(7);
     let vars: Vec<(String, Var)> = model.named_vars().into_iter().collect();
-    let rng = model.bert.model.encoder.dropout_rng().clone();
+    let rng = model.encoder().dropout_rng().clone();
     let callers = DropoutKey::new(9, 3).with_sample_offset(5);
     let key = DropoutKey::new(1, 2);
     let objective = MultiLevelLoss::mlctl();

@@ -5,7 +5,7 @@
 //! computed independently: sums and concatenations in plain Rust, gradients of one process over
 //! the whole batch. Every test that waits on other ranks is bounded in time.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -552,6 +552,14 @@ fn data_parallel_rendezvous_worker() {
     println!("RANK {} BLOB {}", env.rank, hex(&blob));
 }
 
+/// The full name of the test `name` of this module, as the harness's `--exact` wants it.
+fn test_path(name: &str) -> String {
+    // module_path!() is `it::data_parallel`; test names start after the crate's name.
+    let module = module_path!();
+    let module = module.split_once("::").map_or(module, |(_, m)| m);
+    format!("{module}::{name}")
+}
+
 /// Runs `world` processes of this test binary, each running only the test `worker` with the
 /// torchrun variables of its rank and `MLCTL_TEST_DIST_WORKER=worker_arg`; returns each rank's
 /// standard output once all have succeeded. Fails the test if one fails or they take longer
@@ -570,7 +578,7 @@ fn run_rank_processes(
         .map(|rank| {
             let child = std::process::Command::new(&exe)
                 .args([
-                    worker,
+                    test_path(worker).as_str(),
                     "--exact",
                     "--nocapture",
                     "--test-threads=1",
@@ -1423,7 +1431,7 @@ fn data_parallel_rank_gradients_sum_to_one_process_with_learnable_temperatures()
     // Both contrastive levels, each with its own learnable temperature, and MLM.
     let setup = || {
         let model = common::tiny_model(5);
-        model.bert.model.encoder.dropout_rng().reseed(17);
+        model.encoder().dropout_rng().reseed(17);
         let theta = Var::new(&[(1.0f32 / 0.07).ln()], &Device::Cpu).unwrap();
         let phi = Var::new(&[(1.0f32 / 0.1).ln()], &Device::Cpu).unwrap();
         let objective = MultiLevelLoss::mlctl()
@@ -1592,7 +1600,7 @@ fn data_parallel_launcher_errors() {
 
 // ---------------------------------------------------------------------------------------------
 // The trainer's ranks over NCCL, on CUDA devices (run by hand on a GPU machine:
-// `cargo test --features nccl --test data_parallel data_parallel_nccl_ -- --ignored`).
+// `cargo test --features nccl --test it data_parallel::data_parallel_nccl_ -- --ignored`).
 
 /// [`dp_trainer`] on `dev`: the tiny model built there, then given the CPU tiny model's
 /// weights of seed `init` (so every device starts from the same numbers whatever its RNG).

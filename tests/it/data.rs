@@ -1,6 +1,6 @@
 //! Corpus readers, the loader's checks and counts, and MLM masking.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

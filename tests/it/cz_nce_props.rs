@@ -30,7 +30,7 @@
 //! (a missing term, a transposed block, a zero gradient) moves.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mlctl::loss::cz_nce::CzNce;
+use mlctl::loss::CzNce;
 use proptest::prelude::*;
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;

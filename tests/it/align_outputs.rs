@@ -2,7 +2,7 @@
 //! (`--output_word_file`) and a score per link (`--output_prob_file`), against lines checked
 //! by hand, and the scores recomputed here from the word vectors by their definition.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device};
 use mlctl::align::io::{scores_line, word_pairs_line, write_scores, write_word_pairs};
@@ -26,7 +26,7 @@ type Aligned = (
 fn aligned() -> Aligned {
     let bert =
         PretrainedBert::from_dir(&common::fixture("tiny_bert"), &Device::Cpu, DType::F32).unwrap();
-    let aligner = WordAligner::new(&bert.model.encoder, bert.tokenizer().unwrap().clone())
+    let aligner = WordAligner::new(bert.encoder(), bert.tokenizer().unwrap().clone())
         .with_layer(2)
         .with_token_type(TokenType::Word);
     let pairs: Vec<SentencePair> = PAIRS

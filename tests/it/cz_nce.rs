@@ -2,7 +2,7 @@
 //! extreme inputs and input validation.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mlctl::loss::cz_nce::{BackwardMode, CzNce};
+use mlctl::loss::{BackwardMode, CzNce};
 use mlctl::Error;
 
 type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;

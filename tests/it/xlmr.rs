@@ -1,7 +1,7 @@
 //! XLM-RoBERTa checkpoints against a tiny random transformers `XLMRobertaForMaskedLM` and its
 //! Unigram tokenizer (`tests/fixtures/make_xlmr_fixture.py`).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //!   SimAlign's on all of ro-en (248 pairs) and ja-en (582 pairs), at layer 8. Run with
 //!   `cargo test --release e5 -- --ignored`.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -36,7 +36,7 @@ fn align(
         .clone()
         .with_max_len(bert.config.max_sequence_length())
         .unwrap();
-    let aligner = WordAligner::new(&bert.model.encoder, tokenizer)
+    let aligner = WordAligner::new(bert.encoder(), tokenizer)
         .with_layer(layer)
         .with_token_type(token_type);
     let methods: [&dyn AlignMethod; 3] = [&ArgMax, &IterMax::default(), &MaxWeightMatch];

@@ -1,10 +1,10 @@
 //! The `align` example as a user runs it: output on success, nothing written on bad input.
 //!
-//! `cargo test` builds the examples before running tests; `cargo test --test align_example`
+//! `cargo test` builds the examples before running tests; `cargo test --test it align_example::`
 //! alone does not, so build it first (`cargo build --example align`): a missing binary fails the
 //! tests rather than letting them pass having checked nothing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -209,7 +209,7 @@ fn example_writes_word_pairs_and_link_scores_per_method() {
     );
     assert!(ok, "{stderr}");
     let read = |name: &str| std::fs::read_to_string(d.join(name)).unwrap();
-    // The same lines as the library test on the tiny fixture (tests/align_outputs.rs), which
+    // The same lines as the library test on the tiny fixture (tests/it/align_outputs.rs), which
     // aligns word units too.
     assert_eq!(read("out.argmax.align"), "0-0 1-1 5-5\n0-0 1-1\n");
     assert_eq!(

@@ -1,6 +1,6 @@
 //! The trainer: a real learning signal, bit-exact resume, atomic checkpoints, the non-finite guard.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! Saving and loading checkpoints, and the typed errors for broken ones.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -238,13 +238,13 @@ fn inputs_longer_than_the_position_table_are_refused() {
     let bert = load(&fixture("tiny_bert")).unwrap();
     let ids = Tensor::zeros((1, 65), DType::U32, &Device::Cpu).unwrap();
     assert!(matches!(
-        bert.model.encoder.forward(&ids, None, None),
+        bert.encoder().forward(&ids, None, None),
         Err(Error::InvalidArgument(_))
     ));
     let mask = Tensor::ones((1, 3), DType::U32, &Device::Cpu).unwrap();
     let ids = Tensor::zeros((1, 4), DType::U32, &Device::Cpu).unwrap();
     assert!(matches!(
-        bert.model.encoder.forward(&ids, None, Some(&mask)),
+        bert.encoder().forward(&ids, None, Some(&mask)),
         Err(Error::ShapeMismatch { .. })
     ));
 }
