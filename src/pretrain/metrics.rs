@@ -1,0 +1,115 @@
+//! What an evaluation holds: [`Evaluation`] and its [`Metric`]s, each with a bootstrap interval.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::tasks::AlignmentScores;
+use crate::align::AlignmentCounts;
+use crate::eval::bootstrap::{self, Interval};
+use crate::eval::RetrievalScores;
+use crate::nli::NliReport;
+use crate::{Error, Result};
+
+/// Scores of one model on an [`EvalSuite`]; saved beside a run's results
+/// ([`write_evaluations`]) so that runs can be compared later ([`objectives_markdown`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Sentence retrieval of each set, by pooling label ([`SentencePooling::label`]) then set
+    /// name.
+    pub sentence: BTreeMap<String, BTreeMap<String, RetrievalScores>>,
+    /// Anchor-word retrieval (ML-CTL pooling over the word's span) of each set with at least
+    /// two anchored pairs, by name.
+    pub anchor: BTreeMap<String, RetrievalScores>,
+    /// Word alignment of every task, method and token type.
+    pub alignment: Vec<AlignmentScores>,
+    /// XNLI accuracy, with an [`XnliTask`].
+    pub xnli: Option<NliReport>,
+    /// Which XNLI split was evaluated, and why ([`XnliTask::split`]).
+    pub xnli_split: Option<String>,
+}
+
+impl Evaluation {
+    /// Sentence retrieval with the first pooling of the suite (the model's own by default).
+    pub fn sentence_first(&self) -> Option<&BTreeMap<String, RetrievalScores>> {
+        self.sentence.values().next()
+    }
+
+    /// Every metric of this evaluation as bootstrap items, in a fixed order: averages of
+    /// sentence retrieval per pooling and of anchor retrieval (hits, both directions, every
+    /// set), then AER per task, method and token type.
+    pub fn metrics(&self) -> Vec<Metric> {
+        let mut out = Vec::new();
+        let hits = |sets: &BTreeMap<String, RetrievalScores>| -> Vec<f64> {
+            sets.values().flat_map(RetrievalScores::hits).collect()
+        };
+        for (pooling, sets) in &self.sentence {
+            out.push(Metric {
+                label: format!("sentence acc@1, {pooling}"),
+                items: MetricItems::Hits(hits(sets)),
+            });
+        }
+        if !self.anchor.is_empty() {
+            out.push(Metric {
+                label: "anchor-word acc@1".into(),
+                items: MetricItems::Hits(hits(&self.anchor)),
+            });
+        }
+        for a in &self.alignment {
+            out.push(Metric {
+                label: format!("AER {}", a.label()),
+                items: MetricItems::Alignment(a.pairs.clone()),
+            });
+        }
+        out
+    }
+}
+
+/// One summary metric of an [`Evaluation`] with the items its bootstrap resamples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    /// Row label.
+    pub label: String,
+    /// What is resampled.
+    pub items: MetricItems,
+}
+
+/// The items of a [`Metric`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetricItems {
+    /// Retrieval hits (0 or 1) of every query: the metric is their mean, in percent.
+    Hits(Vec<f64>),
+    /// Alignment counts of every sentence pair: the metric is the corpus AER.
+    Alignment(Vec<AlignmentCounts>),
+}
+
+impl Metric {
+    /// The value with its 95% interval (accuracy in percent, AER as a fraction).
+    pub fn interval(&self) -> Result<Interval> {
+        match &self.items {
+            MetricItems::Hits(h) => Ok(bootstrap::mean_interval(h)?.scaled(100.0)),
+            MetricItems::Alignment(c) => bootstrap::aer_interval(c),
+        }
+    }
+
+    /// `other - self` on the same items, with its paired 95% interval.
+    pub fn difference(&self, other: &Metric) -> Result<Interval> {
+        match (&self.items, &other.items) {
+            (MetricItems::Hits(a), MetricItems::Hits(b)) => {
+                Ok(bootstrap::paired_mean_difference(a, b)?.scaled(100.0))
+            }
+            (MetricItems::Alignment(a), MetricItems::Alignment(b)) => {
+                bootstrap::paired_aer_difference(a, b)
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "cannot compare `{}` with `{}`",
+                self.label, other.label
+            ))),
+        }
+    }
+
+    /// Whether lower is better (AER).
+    pub fn lower_is_better(&self) -> bool {
+        matches!(self.items, MetricItems::Alignment(_))
+    }
+}
