@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks the layering rules of `src/` (run by `.ci/run`; exits non-zero on a violation).
 
-1. No import cycle between files, nor between top-level modules. A path to a re-exported item
+1. No import cycle between files, nor between top-level modules, and every top-level module uses
+   only modules of lower layers (LAYERS below, the README's module table). A path to a re-exported item
    counts as a dependency on the file that defines the item, not on the file that re-exports it,
    and `pub use` lines themselves are plumbing, not dependencies.
 2. `src/ops/` uses nothing else of the crate but `crate::{Error, Result}` (the error module).
@@ -25,6 +26,22 @@ import sys
 MAX_FN_LINES = 80
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 OPS_MAY_USE = {"error"}  # top-level modules src/ops may depend on
+# The layers of the README's module table: a module may use only modules of lower layers.
+LAYERS = {
+    "error": 0,
+    "fs": 1, "progress": 1, "ops": 1,
+    "device": 2, "hub": 2, "tokenize": 2, "dist": 2,
+    "encoder": 3,
+    "pooling": 4, "projection": 4,
+    "sentence_transformers": 5,
+    "pretrained": 6,
+    "encode": 7, "model": 7, "align": 7,
+    "data": 8,
+    "loss": 9,
+    "train": 10,
+    "eval": 11, "nli": 11,
+    "pretrain": 12,
+}
 
 
 def strip(text):
@@ -312,6 +329,14 @@ def main():
                 top.setdefault(src[0], set()).add(t[0])
     for comp in cycles({k: top.get(k, set()) for k in {m[0] for m in crate.files if m}}):
         problems.append("module cycle: " + " <-> ".join(comp))
+    for src, targets in sorted(top.items()):
+        for t in sorted(targets):
+            if src not in LAYERS or t not in LAYERS:
+                problems.append(f"module without a layer in LAYERS: {src if src not in LAYERS else t}")
+            elif LAYERS[t] >= LAYERS[src]:
+                problems.append(f"layer violation: {src} (layer {LAYERS[src]}) uses {t} (layer {LAYERS[t]})")
+    for top_module in sorted({m[0] for m in crate.files if m} - set(LAYERS)):
+        problems.append(f"module without a layer in LAYERS: {top_module}")
     for src, targets in sorted(edges.items()):
         if src[:1] == ("ops",):
             for t in sorted(targets):

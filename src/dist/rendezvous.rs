@@ -233,77 +233,7 @@ fn serve(
     if env.world_size == 1 {
         return Ok(blob);
     }
-    let listener = listen(env)?;
-    let (hellos, arrivals) = mpsc::channel();
-    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
-    let mut arrived = 1;
-    let mut failure: Option<String> = None;
-    while arrived < env.world_size && failure.is_none() {
-        if Instant::now() >= deadline {
-            let missing: Vec<String> = (1..env.world_size)
-                .filter(|&r| peers[r].is_none())
-                .map(|r| r.to_string())
-                .collect();
-            failure = Some(format!(
-                "rank 0 timed out waiting for rank(s) {} to join on port {}",
-                missing.join(", "),
-                env.master_port
-            ));
-            break;
-        }
-        match listener.accept() {
-            Ok((stream, _)) => {
-                // Each hello on its own thread: a silent peer holds only its own.
-                let hellos = hellos.clone();
-                std::thread::spawn(move || {
-                    let _ = hellos.send(read_hello(stream, deadline));
-                });
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::Distributed(format!("rendezvous accept: {e}"))),
-        }
-        // Something that does not speak the protocol (a port scanner, a health check) is
-        // dropped; the rendezvous goes on.
-        let Ok(hello) = arrivals.recv_timeout(POLL) else {
-            continue;
-        };
-        let Ok((mut stream, rank, world, token)) = hello else {
-            continue;
-        };
-        if token != env.job_token() {
-            let _ = write_reply(
-                &mut stream,
-                false,
-                b"not a rank of this job (job id differs)",
-            );
-            continue;
-        }
-        let refusal = if world != env.world_size {
-            Some(format!(
-                "rank {rank} has WORLD_SIZE={world}, rank 0 has WORLD_SIZE={}",
-                env.world_size
-            ))
-        } else if rank == 0 || rank >= env.world_size {
-            Some(format!(
-                "a process joined as rank {rank}, not in 1..{}",
-                env.world_size
-            ))
-        } else if peers[rank].is_some() {
-            Some(format!("two processes joined as rank {rank}"))
-        } else {
-            None
-        };
-        match refusal {
-            Some(why) => {
-                let _ = write_reply(&mut stream, false, why.as_bytes());
-                failure = Some(why);
-            }
-            None => {
-                peers[rank] = Some(stream);
-                arrived += 1;
-            }
-        }
-    }
+    let (mut peers, failure) = gather_peers(env, deadline)?;
     let (ok, payload) = match &failure {
         None => (true, blob.as_slice()),
         Some(why) => (false, why.as_bytes()),
@@ -319,6 +249,87 @@ fn serve(
     match (failure, send_error) {
         (Some(why), _) | (None, Some(why)) => Err(Error::Distributed(why)),
         (None, None) => Ok(blob),
+    }
+}
+
+/// Rank 0's side: accepts hellos (each read on its own thread, so a silent peer holds only
+/// its own) until every rank has joined, the deadline passes or a peer is refused. Returns the
+/// joined peers' streams by rank and, on failure, why (to be sent to every joined peer).
+fn gather_peers(
+    env: &DistEnv,
+    deadline: Instant,
+) -> Result<(Vec<Option<TcpStream>>, Option<String>)> {
+    let listener = listen(env)?;
+    let (hellos, arrivals) = mpsc::channel();
+    let mut peers: Vec<Option<TcpStream>> = (0..env.world_size).map(|_| None).collect();
+    let mut arrived = 1;
+    while arrived < env.world_size {
+        if Instant::now() >= deadline {
+            let missing: Vec<String> = (1..env.world_size)
+                .filter(|&r| peers[r].is_none())
+                .map(|r| r.to_string())
+                .collect();
+            let why = format!(
+                "rank 0 timed out waiting for rank(s) {} to join on port {}",
+                missing.join(", "),
+                env.master_port
+            );
+            return Ok((peers, Some(why)));
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let hellos = hellos.clone();
+                std::thread::spawn(move || {
+                    let _ = hellos.send(read_hello(stream, deadline));
+                });
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::Distributed(format!("rendezvous accept: {e}"))),
+        }
+        // Something that does not speak the protocol (a port scanner, a health check) is
+        // dropped; the rendezvous goes on.
+        let Ok(Ok((mut stream, rank, world, token))) = arrivals.recv_timeout(POLL) else {
+            continue;
+        };
+        if token != env.job_token() {
+            let _ = write_reply(
+                &mut stream,
+                false,
+                b"not a rank of this job (job id differs)",
+            );
+            continue;
+        }
+        if let Some(why) = refusal(env, &peers, rank, world) {
+            let _ = write_reply(&mut stream, false, why.as_bytes());
+            return Ok((peers, Some(why)));
+        }
+        peers[rank] = Some(stream);
+        arrived += 1;
+    }
+    Ok((peers, None))
+}
+
+/// Why rank 0 refuses a hello from `rank` with `WORLD_SIZE` `world`, if it does.
+fn refusal(
+    env: &DistEnv,
+    peers: &[Option<TcpStream>],
+    rank: usize,
+    world: usize,
+) -> Option<String> {
+    if world != env.world_size {
+        Some(format!(
+            "rank {rank} has WORLD_SIZE={world}, rank 0 has WORLD_SIZE={}",
+            env.world_size
+        ))
+    } else if rank == 0 || rank >= env.world_size {
+        Some(format!(
+            "a process joined as rank {rank}, not in 1..{}",
+            env.world_size
+        ))
+    } else if peers[rank].is_some() {
+        Some(format!("two processes joined as rank {rank}"))
+    } else {
+        None
     }
 }
 
