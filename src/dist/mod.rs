@@ -22,6 +22,9 @@
 //! - [`Collective`]: sum all-reduce, all-gather, broadcast. Implementations:
 //!   [`LocalCollective`] (ranks are threads of one process; what the CPU tests use) and, with
 //!   the `nccl` feature, `NcclCollective` (one process per CUDA device).
+//! - [`Watchdog`]: bounds a backend's collectives in time and aborts its communicator on an
+//!   asynchronous error or a timeout (what `NcclCollective` runs its collectives under), over
+//!   the [`Communicator`] and [`PendingWork`] traits, so that it is tested without a GPU.
 //! - [`GradLayout`]: flattens named gradients into one (or a few) dense f32 buffers in a fixed
 //!   order, all-reduces them and unflattens them; a parameter without a gradient contributes
 //!   zeros, and the ranks agree on skipping a step whose loss is non-finite on any rank.
@@ -42,6 +45,7 @@ mod local;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
+mod watchdog;
 
 pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
 pub use launch::{join_ranks, launch_local_ranks};
@@ -49,6 +53,10 @@ pub use local::LocalCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCollective;
 pub use rendezvous::{rendezvous, DistEnv};
+pub use watchdog::{
+    collective_timeout, collective_timeout_from, Communicator, PendingWork, Watchdog,
+    COLLECTIVE_TIMEOUT_VAR, DEFAULT_COLLECTIVE_TIMEOUT,
+};
 
 use crate::{Error, Result};
 use candle_core::Tensor;
