@@ -1,13 +1,18 @@
 //! Failures of a multi-process run: the collective watchdog (NCCL's failure handling, driven
-//! here by fake communicators).
+//! here by fake communicators) and the local launcher (real processes on this machine).
+//!
+//! Rank workers are `#[ignore]`d entry points that this file's tests start as processes; run
+//! alone, they fail (their variables are missing).
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use mlctl::dist::{
-    collective_timeout_from, Communicator, PendingWork, Watchdog,
+    collective_timeout_from, Communicator, DistEnv, LocalLaunch, PendingWork, Watchdog,
     DEFAULT_COLLECTIVE_TIMEOUT,
 };
 use mlctl::Error;
@@ -200,6 +205,34 @@ impl PendingWork for GroupWork {
     }
 }
 
+/// Rank `rank` of a [`Group`]: four collectives; rank 2 dies or hangs at the third.
+fn group_rank(group: &Arc<Group>, rank: usize, timeout: Duration, dies: bool) -> mlctl::Result<()> {
+    let dog = Watchdog::new(rank, timeout);
+    for seq in 1..=4u64 {
+        if rank == 2 && seq == 3 {
+            if dies {
+                // Dies while the others wait in the third collective (NCCL would report it
+                // wherever they are; waiting makes the collective the test expects certain).
+                while group.queued.lock().unwrap()[..2].iter().any(|&q| q < 3) {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                for (r, c) in group.comms.iter().enumerate().filter(|&(r, _)| r != 2) {
+                    let why = format!("ncclRemoteError: rank {r} lost its connection to rank 2");
+                    *c.error.lock().unwrap() = Some(why);
+                }
+                return Ok(());
+            }
+            thread::sleep(timeout * 4);
+        }
+        dog.run(&group.comms[rank], "AllReduceSum", || {
+            group.queued.lock().unwrap()[rank] = seq;
+            let group = group.clone();
+            Ok(((), GroupWork { group, seq }))
+        })?;
+    }
+    Ok(())
+}
+
 #[test]
 fn watchdog_every_rank_fails_in_bounded_time_when_one_dies_or_hangs() {
     for dies in [true, false] {
@@ -213,42 +246,14 @@ fn watchdog_every_rank_fails_in_bounded_time_when_one_dies_or_hangs() {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 let group = group.clone();
-                thread::spawn(move || -> mlctl::Result<()> {
-                    let dog = Watchdog::new(rank, timeout);
-                    for seq in 1..=4u64 {
-                        if rank == 2 && seq == 3 {
-                            if dies {
-                                for (r, c) in
-                                    group.comms.iter().enumerate().filter(|&(r, _)| r != 2)
-                                {
-                                    *c.error.lock().unwrap() = Some(format!(
-                                        "ncclRemoteError: rank {r} lost its connection to rank 2"
-                                    ));
-                                }
-                                return Ok(());
-                            }
-                            thread::sleep(timeout * 4);
-                        }
-                        dog.run(&group.comms[rank], "AllReduceSum", || {
-                            group.queued.lock().unwrap()[rank] = seq;
-                            Ok((
-                                (),
-                                GroupWork {
-                                    group: group.clone(),
-                                    seq,
-                                },
-                            ))
-                        })?;
-                    }
-                    Ok(())
-                })
+                thread::spawn(move || group_rank(&group, rank, timeout, dies))
             })
             .collect();
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let waited = start.elapsed();
         assert!(waited < Duration::from_secs(10), "took {waited:?}");
-        for rank in 0..2 {
-            let err = results[rank].as_ref().unwrap_err();
+        for (rank, result) in results.iter().enumerate().take(2) {
+            let err = result.as_ref().unwrap_err();
             let why = distributed(err);
             assert!(
                 why.contains(&format!("rank {rank}:")) && why.contains("#3"),
@@ -267,4 +272,310 @@ fn watchdog_every_rank_fails_in_bounded_time_when_one_dies_or_hangs() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real processes.
+
+const MODE: &str = "MLCTL_TEST_FAILURE_MODE";
+const DIR: &str = "MLCTL_TEST_FAILURE_DIR";
+
+/// The arguments that make this test binary run only `worker`.
+fn worker_args(worker: &str) -> Vec<String> {
+    [
+        worker,
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+        "--include-ignored",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A communicator across processes for the watchdog: collective `k` of rank `r` is the file
+/// `c{k}.r{r}` in a shared directory, and completes once every rank's file exists. An abort
+/// leaves `aborted.r{r}`.
+struct FileComm {
+    dir: PathBuf,
+    rank: usize,
+    world: usize,
+}
+
+impl Communicator for FileComm {
+    fn async_error(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn abort(&self) {
+        std::fs::write(self.dir.join(format!("aborted.r{}", self.rank)), "").unwrap();
+    }
+}
+
+struct FileWork<'a> {
+    comm: &'a FileComm,
+    seq: u64,
+}
+
+impl PendingWork for FileWork<'_> {
+    fn is_done(&self) -> Result<bool, String> {
+        let c = self.comm;
+        Ok((0..c.world).all(|r| c.dir.join(format!("c{}.r{r}", self.seq)).exists()))
+    }
+}
+
+/// Waits until every rank has started, before the first collective's clock starts: a slow
+/// start on a busy machine is not what these tests are about.
+fn wait_for_ranks(dir: &Path, world: usize) {
+    let start = Instant::now();
+    while (0..world).any(|r| !dir.join(format!("pid.r{r}")).exists()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the other ranks never started"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Not a test on its own: one rank process of the launcher tests. Writes its pid, then runs
+/// five collectives under a watchdog (2 s timeout); `MLCTL_TEST_FAILURE_MODE` says which rank
+/// dies or hangs at the third (`die:R`, `hang:R`, `hang:all`; `:ignore-term` makes the ranks
+/// ignore SIGTERM). Writes its outcome to `result.r{rank}` and fails if a collective failed.
+#[test]
+#[ignore = "a rank process of the dist_failures launcher tests, which start it"]
+fn dist_failures_rank_worker() {
+    let mode = std::env::var(MODE).expect("started by a launcher test, which sets the mode");
+    let dir = PathBuf::from(std::env::var(DIR).expect("and the directory"));
+    let env = DistEnv::from_env().unwrap().expect("launch variables set");
+    // Renamed into place, so that a reader never sees it half written.
+    let (pid, tmp) = (format!("pid.r{}", env.rank), format!("tmp.r{}", env.rank));
+    std::fs::write(dir.join(&tmp), std::process::id().to_string()).unwrap();
+    std::fs::rename(dir.join(tmp), dir.join(pid)).unwrap();
+    if mode.ends_with(":ignore-term") {
+        // SAFETY: plain system call.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    }
+    let mut parts = mode.split(':');
+    let (what, who) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let me = who == "all" || who == env.rank.to_string();
+    let comm = FileComm {
+        dir: dir.clone(),
+        rank: env.rank,
+        world: env.world_size,
+    };
+    wait_for_ranks(&dir, env.world_size);
+    let dog = Watchdog::new(env.rank, Duration::from_secs(2));
+    let result = (1..=5u64).try_for_each(|k| {
+        if k == 3 && me {
+            match what {
+                "die" => std::process::exit(3),
+                "hang" => thread::sleep(Duration::from_secs(3600)),
+                _ => {}
+            }
+        }
+        dog.run(&comm, "file all-reduce", || {
+            std::fs::write(dir.join(format!("c{k}.r{}", env.rank)), "")
+                .map_err(|e| Error::Distributed(e.to_string()))?;
+            Ok((
+                (),
+                FileWork {
+                    comm: &comm,
+                    seq: k,
+                },
+            ))
+        })
+    });
+    std::fs::write(
+        dir.join(format!("result.r{}", env.rank)),
+        format!("{result:?}"),
+    )
+    .unwrap();
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
+
+/// Not a test on its own: a launcher process (for the signal test) of three ranks that hang.
+#[test]
+#[ignore = "the launcher process of dist_failures_launcher_forwards_sigterm, which starts it"]
+fn dist_failures_launcher_worker() {
+    let dir = PathBuf::from(std::env::var(DIR).expect("started by the signal test"));
+    let result = LocalLaunch::new(3)
+        .unwrap()
+        .with_command(
+            std::env::current_exe().unwrap(),
+            worker_args("dist_failures_rank_worker"),
+        )
+        .with_env(MODE, "hang:all")
+        .with_env(DIR, &dir)
+        .with_grace(Duration::from_secs(5))
+        .run();
+    std::fs::write(dir.join("launcher.result"), format!("{result:?}")).unwrap();
+    std::process::exit(if result.is_ok() { 0 } else { 2 });
+}
+
+fn launch(dir: &Path, world: usize, mode: &str, timeout: Option<Duration>) -> mlctl::Result<()> {
+    LocalLaunch::new(world)
+        .unwrap()
+        .with_command(
+            std::env::current_exe().unwrap(),
+            worker_args("dist_failures_rank_worker"),
+        )
+        .with_env(MODE, mode)
+        .with_env(DIR, dir)
+        .with_timeout(timeout)
+        .with_grace(Duration::from_secs(2))
+        .run()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
+}
+
+/// The pids the ranks wrote.
+fn rank_pids(dir: &Path, world: usize) -> Vec<i32> {
+    (0..world)
+        .map(|r| {
+            read(&dir.join(format!("pid.r{r}")))
+                .parse()
+                .expect("every rank wrote its pid")
+        })
+        .collect()
+}
+
+/// Fails the test if a process remains; kills it first, so that no test leaves one behind.
+fn assert_all_gone(pids: &[i32]) {
+    // SAFETY: plain system calls; signal 0 only checks that the process exists.
+    let alive: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|&p| unsafe { libc::kill(p, 0) } == 0)
+        .collect();
+    for &p in &alive {
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    assert!(alive.is_empty(), "processes left behind: {alive:?}");
+}
+
+/// A rank that hangs mid-step: the others' collectives fail with a typed timeout and abort
+/// their communicators; the launcher reports the first failure, stops the hung rank (which
+/// ignores SIGTERM, so it is killed after the grace period) and leaves no process behind.
+#[test]
+fn dist_failures_a_hung_rank_fails_its_peers_and_the_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let err = launch(dir.path(), 3, "hang:2:ignore-term", None).unwrap_err();
+    let waited = start.elapsed();
+    let why = distributed(&err);
+    assert!(
+        why.contains("rank 0 of 3 failed") || why.contains("rank 1 of 3 failed"),
+        "{why}"
+    );
+    for rank in 0..2 {
+        let result = read(&dir.path().join(format!("result.r{rank}")));
+        assert!(
+            result.contains("Distributed") && result.contains("timed out"),
+            "rank {rank}: {result}"
+        );
+        assert!(
+            result.contains("#3"),
+            "rank {rank} fails at the collective rank 2 missed: {result}"
+        );
+        assert!(
+            dir.path().join(format!("aborted.r{rank}")).exists(),
+            "rank {rank} did not abort"
+        );
+    }
+    assert!(
+        !dir.path().join("result.r2").exists(),
+        "the hung rank was stopped"
+    );
+    assert!(waited < Duration::from_secs(30), "took {waited:?}");
+    assert_all_gone(&rank_pids(dir.path(), 3));
+}
+
+/// A rank that dies mid-step: the launcher notices at once (well before any collective
+/// timeout), stops the others and names the dead rank.
+#[test]
+fn dist_failures_a_dead_rank_stops_the_launch() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let err = launch(dir.path(), 3, "die:1", None).unwrap_err();
+    let waited = start.elapsed();
+    let why = distributed(&err);
+    assert!(
+        why.contains("rank 1 of 3 failed") && why.contains('3'),
+        "{why}"
+    );
+    assert!(waited < Duration::from_secs(20), "took {waited:?}");
+    assert_all_gone(&rank_pids(dir.path(), 3));
+}
+
+/// Ranks that all hang (no collective to time out) are stopped by the launch's own limit.
+#[test]
+fn dist_failures_the_launch_timeout_stops_every_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let err = launch(dir.path(), 2, "hang:all", Some(Duration::from_secs(2))).unwrap_err();
+    let waited = start.elapsed();
+    let why = distributed(&err);
+    assert!(
+        why.contains("timed out after 2s") && why.contains("0, 1"),
+        "{why}"
+    );
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+    assert_all_gone(&rank_pids(dir.path(), 2));
+}
+
+#[test]
+fn dist_failures_a_successful_launch_returns_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    launch(dir.path(), 2, "ok", Some(Duration::from_secs(60))).unwrap();
+    for rank in 0..2 {
+        assert_eq!(read(&dir.path().join(format!("result.r{rank}"))), "Ok(())");
+    }
+}
+
+/// SIGTERM sent to the launcher reaches its ranks: the launcher exits with an error once they
+/// have, and none is left behind (a launcher that died of the signal would orphan them).
+#[test]
+fn dist_failures_launcher_forwards_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut launcher = Command::new(std::env::current_exe().unwrap())
+        .args(worker_args("dist_failures_launcher_worker"))
+        .env(DIR, dir.path())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..3).any(|r| !dir.path().join(format!("pid.r{r}")).exists()) {
+        assert!(Instant::now() < deadline, "the ranks did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let pids = rank_pids(dir.path(), 3);
+    // SAFETY: plain system call to our child.
+    unsafe { libc::kill(launcher.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = launcher.kill();
+            assert_all_gone(&pids);
+            panic!("the launcher did not exit after SIGTERM");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_all_gone(&pids);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "the launcher must exit with its error: {status}"
+    );
+    let result = read(&dir.path().join("launcher.result"));
+    assert!(result.contains("signal 15"), "{result}");
 }

@@ -48,7 +48,9 @@ mod rendezvous;
 mod watchdog;
 
 pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
-pub use launch::{join_ranks, launch_local_ranks};
+pub use launch::{
+    join_ranks, launch_local_ranks, LocalLaunch, DEFAULT_STOP_GRACE, LAUNCH_TIMEOUT_VAR,
+};
 pub use local::LocalCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCollective;
