@@ -579,3 +579,46 @@ fn dist_failures_launcher_forwards_sigterm() {
     let result = read(&dir.path().join("launcher.result"));
     assert!(result.contains("signal 15"), "{result}");
 }
+
+/// Whether `pid` is gone or a zombie (an orphan whose reaper is slow is no longer running).
+fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A launcher killed by SIGKILL can forward nothing: its ranks die with it all the same
+/// (their parent-death signal), instead of training on as orphans.
+#[cfg(target_os = "linux")]
+#[test]
+fn dist_failures_ranks_die_with_a_killed_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut launcher = Command::new(std::env::current_exe().unwrap())
+        .args(worker_args("dist_failures_launcher_worker"))
+        .env(DIR, dir.path())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (0..3).any(|r| !dir.path().join(format!("pid.r{r}")).exists()) {
+        assert!(Instant::now() < deadline, "the ranks did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
+    let pids = rank_pids(dir.path(), 3);
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&p| dead(p)) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let alive: Vec<i32> = pids.iter().copied().filter(|&p| !dead(p)).collect();
+    for &p in &alive {
+        // SAFETY: plain system call; cleans up after a failure.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    assert!(alive.is_empty(), "ranks outlived their launcher: {alive:?}");
+}

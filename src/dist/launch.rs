@@ -64,7 +64,8 @@ pub fn launch_local_ranks(n: usize) -> Result<()> {
 /// period, [`LocalLaunch::with_grace`]) when one exits with a failure, when the launch's time
 /// limit passes ([`LocalLaunch::with_timeout`]), or when the launcher receives SIGINT or
 /// SIGTERM, which it forwards to every rank first. It returns only once every rank has exited
-/// and been reaped: no rank outlives it.
+/// and been reaped: no rank outlives it. On Linux the ranks also die with a launcher killed by
+/// SIGKILL (their parent-death signal).
 #[derive(Debug, Clone)]
 pub struct LocalLaunch {
     world: usize,
@@ -164,6 +165,7 @@ impl LocalLaunch {
             let mut command = Command::new(&self.program);
             command.args(&self.args).envs(env.to_vars());
             command.envs(self.envs.iter().map(|(k, v)| (k, v)));
+            signals::die_with_launcher(&mut command);
             match command.spawn() {
                 Ok(child) => children.push(child),
                 Err(e) => {
@@ -253,7 +255,7 @@ fn stop(children: &mut [Child], sig: i32, grace: Duration) {
 /// SIGINT and SIGTERM, received by the launcher and forwarded to its ranks.
 #[cfg(unix)]
 mod signals {
-    use std::process::Child;
+    use std::process::{Child, Command};
     use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
     use std::sync::Mutex;
 
@@ -339,6 +341,34 @@ mod signals {
         }
     }
 
+    /// Makes the rank `command` starts die with the launcher's thread, even a launcher killed
+    /// by SIGKILL, which cannot forward anything (Linux only: `PR_SET_PDEATHSIG`; the launcher
+    /// thread stays in [`super::LocalLaunch::run`] until every rank is reaped).
+    pub(super) fn die_with_launcher(command: &mut Command) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: getpid is a plain system call.
+            let launcher = unsafe { libc::getpid() };
+            // SAFETY: between fork and exec the closure makes only async-signal-safe system
+            // calls and allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The launcher died before the request: no signal would come.
+                    if libc::getppid() != launcher {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = command;
+    }
+
     /// Sends `sig` to a running child (one that exited in between is not signalled: the
     /// caller checked, and its pid stays reserved until it is reaped).
     pub(super) fn send(child: &mut Child, sig: i32) {
@@ -371,6 +401,8 @@ mod signals {
             None
         }
     }
+
+    pub(super) fn die_with_launcher(_: &mut std::process::Command) {}
 
     pub(super) fn send(child: &mut Child, _sig: i32) {
         let _ = child.kill();
