@@ -35,8 +35,9 @@
 //! - [`DistEnv`] and [`rendezvous`]: the torchrun launch protocol (`RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); rank 0 hands every other rank a byte blob (the
 //!   NCCL unique id) over TCP, so several nodes work the same way as one.
-//! - [`launch_local_ranks`] and [`join_ranks`]: a program that starts its own ranks on one
-//!   node (`--nproc-per-node`), and a rank that joins its job (a CUDA device and an NCCL
+//! - [`launch_local_ranks`] (and [`LocalLaunch`]) and [`join_ranks`]: a program that starts
+//!   its own ranks on one node (`--nproc-per-node`), stopping them all when one fails, on a
+//!   signal or at a time limit, and a rank that joins its job (a CUDA device and an NCCL
 //!   communicator).
 
 mod buckets;
@@ -47,7 +48,9 @@ mod nccl;
 mod rendezvous;
 mod watchdog;
 
-pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
+pub use buckets::{
+    any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads, DEFAULT_BUCKET_BYTES,
+};
 pub use launch::{
     join_ranks, launch_local_ranks, LocalLaunch, DEFAULT_STOP_GRACE, LAUNCH_TIMEOUT_VAR,
 };

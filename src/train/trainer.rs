@@ -19,7 +19,7 @@ use super::optimizer::{AdamW, AdamWConfig, Gradients};
 use super::schedule::{Decay, LrSchedule};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
-use crate::dist::{agree, broadcast_vars, Collective, GradLayout};
+use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
 use crate::encoder::read_checkpoint_dir;
 use crate::loss::{masked_rows, pair_rows, CachedLoss, MaskedPair, MultiLevelLoss, RankShard};
 use crate::model::{MlCtlModel, HEAD_PREFIX, HEAD_WEIGHTS_FILE};
@@ -430,7 +430,7 @@ impl Trainer {
         // AdamW's master copies (below f32) were taken from this rank's initial values.
         self.optimizer = build_optimizer(&self.trainable, &self.config)?;
         let vars = self.trainable.iter().cloned().collect();
-        let layout = GradLayout::new(&vars)?;
+        let layout = GradLayout::new(&vars)?.with_max_bucket_bytes(DEFAULT_BUCKET_BYTES);
         self.data_parallel = Some(DataParallel { collective, layout });
         Ok(self)
     }
