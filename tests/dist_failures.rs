@@ -622,3 +622,123 @@ fn dist_failures_ranks_die_with_a_killed_launcher() {
     }
     assert!(alive.is_empty(), "ranks outlived their launcher: {alive:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// NCCL (GPUs only).
+
+/// Not a test on its own: one rank process of `dist_failures_nccl_a_hung_or_dead_peer`. Three
+/// all-reduces over NCCL with a 5 s collective timeout; the rank `MLCTL_TEST_FAILURE_MODE`
+/// names (`hang:R` or `die:R`, optionally `:ignore-term`) hangs or dies at the third.
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "a rank process of dist_failures_nccl_a_hung_or_dead_peer, which starts it"]
+fn dist_failures_nccl_worker() {
+    use candle_core::{DType, Device, Tensor};
+    use mlctl::dist::{Collective, NcclCollective};
+    let mode = std::env::var(MODE).expect("started by the NCCL test, which sets the mode");
+    let dir = PathBuf::from(std::env::var(DIR).expect("and the directory"));
+    let env = DistEnv::from_env().unwrap().expect("launch variables set");
+    let (pid, tmp) = (format!("pid.r{}", env.rank), format!("tmp.r{}", env.rank));
+    std::fs::write(dir.join(&tmp), std::process::id().to_string()).unwrap();
+    std::fs::rename(dir.join(tmp), dir.join(pid)).unwrap();
+    if mode.ends_with(":ignore-term") {
+        // SAFETY: plain system call.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+    }
+    let mut parts = mode.split(':');
+    let (what, who) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let me = who == env.rank.to_string();
+    let dev = Device::new_cuda(env.local_rank).unwrap();
+    let c = NcclCollective::new(&dev, &env, Duration::from_secs(120))
+        .unwrap()
+        .with_timeout(Duration::from_secs(5));
+    let x = Tensor::ones(1 << 20, DType::F32, &dev).unwrap();
+    let result = (1..=3).try_for_each(|k| -> mlctl::Result<()> {
+        if k == 3 && me {
+            match what {
+                "die" => std::process::exit(3),
+                "hang" => thread::sleep(Duration::from_secs(3600)),
+                _ => {}
+            }
+        }
+        let sum = c.all_reduce_sum(&x)?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(sum, env.world_size as f32);
+        Ok(())
+    });
+    std::fs::write(
+        dir.join(format!("result.r{}", env.rank)),
+        format!("{result:?}"),
+    )
+    .unwrap();
+    if result.is_err() {
+        std::process::exit(1);
+    }
+}
+
+/// The watchdog over real NCCL communicators: a peer that hangs mid-step (through the
+/// launcher, which then stops it) or dies (started directly, so that nothing stops the survivor
+/// before it reports) makes rank 0's all-reduce return `Error::Distributed` within its 5 s
+/// timeout, and the process exits (the aborted communicator holds nothing up).
+#[cfg(feature = "nccl")]
+#[test]
+#[ignore = "needs two CUDA GPUs and NCCL (fails below two)"]
+fn dist_failures_nccl_a_hung_or_dead_peer() {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    let gpus = CudaContext::device_count().unwrap();
+    assert!(gpus >= 2, "needs two GPUs, found {gpus}");
+    let exe = std::env::current_exe().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = LocalLaunch::new(2)
+        .unwrap()
+        .with_command(&exe, worker_args("dist_failures_nccl_worker"))
+        .with_env(MODE, "hang:1:ignore-term")
+        .with_env(DIR, dir.path())
+        .with_grace(Duration::from_secs(2))
+        .run()
+        .unwrap_err();
+    assert!(distributed(&err).contains("rank 0 of 2 failed"), "{err}");
+    let result = read(&dir.path().join("result.r0"));
+    assert!(
+        result.contains("Distributed") && result.contains("timed out"),
+        "{result}"
+    );
+    assert_all_gone(&rank_pids(dir.path(), 2));
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let env = DistEnv {
+                rank,
+                world_size: 2,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                job_id: format!("nccl-test-{port}"),
+            };
+            Command::new(&exe)
+                .args(worker_args("dist_failures_nccl_worker"))
+                .envs(env.to_vars())
+                .env(MODE, "die:1")
+                .env(DIR, dir.path())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while ranks.iter_mut().any(|r| r.try_wait().unwrap().is_none()) {
+        if Instant::now() > deadline {
+            ranks.iter_mut().for_each(|r| drop(r.kill()));
+            panic!("rank 0 did not fail in time after rank 1 died");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let codes: Vec<_> = ranks.iter_mut().map(|r| r.wait().unwrap().code()).collect();
+    assert_eq!(codes, [Some(1), Some(3)]);
+    let result = read(&dir.path().join("result.r0"));
+    assert!(result.contains("Distributed"), "{result}");
+}
