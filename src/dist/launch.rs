@@ -411,7 +411,9 @@ mod signals {
 
 /// Joins the job `env` describes as its rank: the CUDA device `LOCAL_RANK` and an NCCL
 /// communicator over all ranks (the rendezvous waits at most `timeout` for them), ready for
-/// [`Trainer::with_collective`](crate::train::Trainer::with_collective).
+/// [`Trainer::with_collective`](crate::train::Trainer::with_collective). Its collectives give
+/// up after `MLCTL_COLLECTIVE_TIMEOUT_SECS` seconds, 10 minutes by default (see
+/// [`Watchdog`](super::Watchdog)).
 ///
 /// # Errors
 ///
