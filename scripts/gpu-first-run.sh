@@ -13,7 +13,8 @@
 #    use: more than 64 registers a thread (65536 per block), or more than 48 KiB of static
 #    shared memory.
 # 4. On a machine with a GPU (`nvidia-smi -L` lists one): the GPU tests (tests/gpu.rs and the
-#    data-parallel NCCL tests, all `#[ignore]`d in a plain `cargo test`), then the same tests under
+#    data-parallel NCCL tests, all `#[ignore]`d in a plain `cargo test`; with two GPUs, also the
+#    NCCL watchdog against a hung and a dead peer), then the same tests under
 #    compute-sanitizer's memcheck, racecheck and synccheck, then the CZ-NCE and encoder timings on
 #    the GPU (and the PyTorch comparisons, where python has torch with CUDA).
 #
@@ -92,6 +93,11 @@ on_gpu() {
   local nccl=(data_parallel::data_parallel_nccl --skip worker)
   if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then nccl=(data_parallel::data_parallel_nccl_one_rank); fi
   "$dp" --ignored --test-threads 1 "${nccl[@]}" 2>&1 | tee "$logs/nccl-tests.log" | tail -n 5
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    step "NCCL watchdog: a peer that hangs, then one that dies"
+    "$dp" --ignored --test-threads 1 dist_failures::dist_failures_nccl_a_hung 2>&1 |
+      tee "$logs/nccl-watchdog.log" | tail -n 5
+  fi
   for tool in memcheck racecheck synccheck; do
     step "compute-sanitizer --tool $tool"
     compute-sanitizer --tool "$tool" --error-exitcode 1 "$gpu" --ignored --test-threads 1 \

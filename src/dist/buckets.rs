@@ -10,12 +10,20 @@ use crate::{Error, Result};
 /// Gradients by parameter name (the trainer's type).
 type Gradients = BTreeMap<String, Tensor>;
 
+/// The default cap on one gradient bucket, in bytes of its f32 buffer: PyTorch DDP's
+/// `bucket_cap_mb` (25 MiB). Buckets bound the size of one transfer and of the temporary
+/// buffers; smaller ones cost more collectives.
+pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
 /// The fixed order and sizes in which every rank lays its gradients out for the all-reduce.
 ///
 /// Parameters are taken in name order (a `BTreeMap` iterates sorted), so ranks that hold the
 /// same parameters agree on the layout without talking. Gradients are concatenated as f32 into
 /// one buffer, or into several of at most [`GradLayout::with_max_bucket_len`] elements each
-/// (split at parameter boundaries; a larger parameter gets a bucket of its own). The last
+/// (split at parameter boundaries; a larger parameter gets a bucket of its own). f32 is the
+/// accumulation dtype whatever the gradients' own (f16 and bf16 included): the sum stays in
+/// it, so that a sum of scaled half-precision gradients that exceeds their range does not
+/// overflow, and the loss scale is divided out before anything is cast back. The last
 /// bucket ends with a trailer of one element per parameter (whether this rank has its
 /// gradient) and one flag (whether this rank's loss is non-finite), so the presence counts and
 /// the non-finite agreement ride on the same all-reduce as the gradients.
@@ -51,14 +59,14 @@ pub struct GradLayout {
 struct Entry {
     name: String,
     shape: Shape,
-    dtype: DType,
 }
 
 /// The result of [`GradLayout::all_reduce`].
 #[derive(Debug, Clone)]
 pub struct ReducedGrads {
-    /// The gradients summed over ranks, in each parameter's dtype; a parameter appears only if
-    /// at least one rank had its gradient (as a single process would have it).
+    /// The gradients summed over ranks, in f32 whatever the parameters' dtype (the caller
+    /// unscales and clips them there; the optimizer casts as it needs); a parameter appears
+    /// only if at least one rank had its gradient (as a single process would have it).
     pub grads: Gradients,
     /// How many ranks reported a non-finite loss.
     pub non_finite_ranks: usize,
@@ -87,7 +95,6 @@ impl GradLayout {
             entries.push(Entry {
                 name: name.clone(),
                 shape: v.shape().clone(),
-                dtype: v.dtype(),
             });
         }
         let bucket_ends = vec![entries.len()];
@@ -115,6 +122,12 @@ impl GradLayout {
         ends.push(self.entries.len());
         self.bucket_ends = ends;
         self
+    }
+
+    /// [`GradLayout::with_max_bucket_len`] for buckets of at most `max_bytes` bytes (of f32:
+    /// four bytes an element), e.g. [`DEFAULT_BUCKET_BYTES`].
+    pub fn with_max_bucket_bytes(self, max_bytes: usize) -> Self {
+        self.with_max_bucket_len((max_bytes / DType::F32.size_in_bytes()).max(1))
     }
 
     /// The element count of each bucket, trailer included.
@@ -202,7 +215,7 @@ impl GradLayout {
             .collect()
     }
 
-    /// Splits (summed) buffers back into named gradients in each parameter's dtype; reads the
+    /// Splits (summed) buffers back into named f32 gradients; reads the
     /// trailer to leave out parameters no rank had a gradient for and to count the ranks
     /// whose loss was non-finite.
     ///
@@ -234,10 +247,11 @@ impl GradLayout {
             for e in &self.entries[start..end] {
                 let n = e.shape.elem_count();
                 if trailer[i] > 0.0 {
+                    // Not cast back to the parameter's dtype: see the type's docs.
                     let g = buckets[b]
                         .narrow(0, offset, n)?
                         .reshape(e.shape.clone())?
-                        .to_dtype(e.dtype)?;
+                        .to_dtype(DType::F32)?;
                     grads.insert(e.name.clone(), g);
                 }
                 offset += n;

@@ -22,6 +22,9 @@
 //! - [`Collective`]: sum all-reduce, all-gather, broadcast. Implementations:
 //!   [`LocalCollective`] (ranks are threads of one process; what the CPU tests use) and, with
 //!   the `nccl` feature, `NcclCollective` (one process per CUDA device).
+//! - [`Watchdog`]: bounds a backend's collectives in time and aborts its communicator on an
+//!   asynchronous error or a timeout (what `NcclCollective` runs its collectives under), over
+//!   the [`Communicator`] and [`PendingWork`] traits, so that it is tested without a GPU.
 //! - [`GradLayout`]: flattens named gradients into one (or a few) dense f32 buffers in a fixed
 //!   order, all-reduces them and unflattens them; a parameter without a gradient contributes
 //!   zeros, and the ranks agree on skipping a step whose loss is non-finite on any rank.
@@ -32,8 +35,9 @@
 //! - [`DistEnv`] and [`rendezvous`]: the torchrun launch protocol (`RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); rank 0 hands every other rank a byte blob (the
 //!   NCCL unique id) over TCP, so several nodes work the same way as one.
-//! - [`launch_local_ranks`] and [`join_ranks`]: a program that starts its own ranks on one
-//!   node (`--nproc-per-node`), and a rank that joins its job (a CUDA device and an NCCL
+//! - [`launch_local_ranks`] (and [`LocalLaunch`]) and [`join_ranks`]: a program that starts
+//!   its own ranks on one node (`--nproc-per-node`), stopping them all when one fails, on a
+//!   signal or at a time limit, and a rank that joins its job (a CUDA device and an NCCL
 //!   communicator).
 
 mod buckets;
@@ -42,13 +46,22 @@ mod local;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod rendezvous;
+mod watchdog;
 
-pub use buckets::{any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads};
-pub use launch::{join_ranks, launch_local_ranks};
+pub use buckets::{
+    any_rank_non_finite, broadcast_vars, GradLayout, ReducedGrads, DEFAULT_BUCKET_BYTES,
+};
+pub use launch::{
+    join_ranks, launch_local_ranks, LocalLaunch, DEFAULT_STOP_GRACE, LAUNCH_TIMEOUT_VAR,
+};
 pub use local::LocalCollective;
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCollective;
 pub use rendezvous::{rendezvous, DistEnv};
+pub use watchdog::{
+    collective_timeout, collective_timeout_from, Communicator, PendingWork, Watchdog,
+    COLLECTIVE_TIMEOUT_VAR, DEFAULT_COLLECTIVE_TIMEOUT,
+};
 
 use crate::{Error, Result};
 use candle_core::Tensor;

@@ -1,25 +1,10 @@
 //! Tests of the results tables and the run directory.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
-
-use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::align::{find_anchor_spans, io as align_io, method_by_name, AlignMethod};
-use crate::align::{AlignmentCounts, GoldAlignment, Lexicon, SentencePair, TokenType, WordAligner};
-use crate::encode::{encode, EncodeOptions};
-use crate::eval::bootstrap::{self, Interval};
-use crate::eval::{embed_spans, retrieval_accuracy, RetrievalScores};
-use crate::fs::write_atomic;
-use crate::model::MlCtlModel;
-use crate::nli::{evaluate_nli, finetune_nli, NliFinetuneConfig, NliReport};
-use crate::nli::{NliExample, NliReadOptions, XnliDir};
-use crate::pooling::{Pooling, TokenSpan};
-use crate::tokenize::Tokenizer;
-use crate::train::{latest_checkpoint, StepRecord, METRICS_FILE};
-use crate::{Error, Result};
+use crate::align::AlignmentCounts;
+use crate::eval::RetrievalScores;
 
 fn scores(hits: &[bool]) -> RetrievalScores {
     let share = hits.iter().filter(|&&h| h).count() as f32 / hits.len() as f32;

@@ -19,7 +19,7 @@ use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, Gradients};
 use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
-use crate::dist::{agree, broadcast_vars, Collective, GradLayout};
+use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
 use crate::encoder::read_checkpoint_dir;
 use crate::fs::HEAD_WEIGHTS_FILE;
 use crate::loss::{
@@ -341,7 +341,7 @@ impl Trainer {
         // AdamW's master copies (below f32) were taken from this rank's initial values.
         self.optimizer = build_optimizer(&self.trainable, &self.config)?;
         let vars = self.trainable.iter().cloned().collect();
-        let layout = GradLayout::new(&vars)?;
+        let layout = GradLayout::new(&vars)?.with_max_bucket_bytes(DEFAULT_BUCKET_BYTES);
         self.data_parallel = Some(DataParallel { collective, layout });
         Ok(self)
     }

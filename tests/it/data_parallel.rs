@@ -356,6 +356,67 @@ fn data_parallel_buckets_missing_gradients_and_non_finite_agreement() {
     }
 }
 
+/// Half-precision gradients are summed in f32 and stay f32: two ranks' scaled f16 gradients of
+/// 40000 each sum to 80000, beyond f16's range (65504), which a cast back to f16 before the
+/// unscale turned into infinity (a skipped step).
+#[test]
+fn data_parallel_half_precision_gradients_are_summed_and_kept_in_f32() {
+    for dtype in [DType::F16, DType::BF16] {
+        let results = run_ranks(2, move |coll| {
+            let dev = Device::Cpu;
+            let vars = BTreeMap::from([("w".to_string(), Var::zeros(3, dtype, &dev).unwrap())]);
+            let layout = GradLayout::new(&vars).unwrap();
+            let g = Tensor::full(40000f32, 3, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            layout
+                .all_reduce(&coll, &grads_of(&[("w", g)]), true)
+                .unwrap()
+        });
+        for reduced in &results {
+            let w = &reduced.grads["w"];
+            assert_eq!(w.dtype(), DType::F32, "{dtype:?}");
+            let one = Tensor::new(&[40000f32], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let expected = 2.0 * one.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+            assert_eq!(w.to_vec1::<f32>().unwrap(), vec![expected; 3], "{dtype:?}");
+        }
+    }
+}
+
+/// Buckets are capped in bytes of their f32 buffers, at PyTorch DDP's 25 MiB by default, and
+/// split at parameter boundaries.
+#[test]
+fn data_parallel_buckets_are_capped_at_ddps_default() {
+    assert_eq!(mlctl::dist::DEFAULT_BUCKET_BYTES, 25 * 1024 * 1024);
+    let dev = Device::Cpu;
+    let m = 1 << 20;
+    let vars = BTreeMap::from([
+        (
+            "a".to_string(),
+            Var::zeros(3 * m, DType::F16, &dev).unwrap(),
+        ),
+        (
+            "b".to_string(),
+            Var::zeros(4 * m, DType::F16, &dev).unwrap(),
+        ),
+        ("c".to_string(), Var::zeros(m, DType::F16, &dev).unwrap()),
+        (
+            "d".to_string(),
+            Var::zeros(7 * m, DType::F16, &dev).unwrap(),
+        ),
+    ]);
+    let layout = GradLayout::new(&vars)
+        .unwrap()
+        .with_max_bucket_bytes(mlctl::dist::DEFAULT_BUCKET_BYTES);
+    // 25 MiB of f32 is 6.25 Mi elements: a alone (b would overflow it), b + c, d alone (larger
+    // than the cap), then the trailer (4 presence flags and the non-finite flag).
+    assert_eq!(layout.bucket_lens(), vec![3 * m, 5 * m, 7 * m + 5]);
+}
+
 #[test]
 fn data_parallel_failed_rank_stops_the_others() {
     // Rank 2 fails before its first collective; 0 and 1 must get an error, not hang.

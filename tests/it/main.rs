@@ -20,6 +20,7 @@ mod cz_nce;
 mod cz_nce_props;
 mod data;
 mod data_parallel;
+mod dist_failures;
 mod e5;
 mod encode;
 mod encoder_parity;

@@ -1,0 +1,222 @@
+//! [`Watchdog`]: the failure handling of a collective backend (NCCL's), kept apart from the
+//! backend so that it runs, and is tested, without one.
+//!
+//! NCCL never returns on its own when a peer dies or hangs: the collective's kernel spins on
+//! the GPU, and the next host synchronisation waits forever. PyTorch's `ProcessGroupNCCL`
+//! bounds that with a watchdog that polls each queued collective's completion event and the
+//! communicator's asynchronous error, and aborts the communicator on an error or after the
+//! process group's timeout (10 minutes by default). [`Watchdog`] does the same for one
+//! collective at a time, in the calling thread (PyTorch's "blocking wait" mode): a collective
+//! returns only once its work is done, or with [`Error::Distributed`] once it is known never to
+//! be.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::{Error, Result};
+
+/// The default time a collective may take before its rank gives up: PyTorch's default for
+/// NCCL process groups. Long, because a healthy collective can wait that long for a slow peer
+/// (one that evaluates or writes a checkpoint while the others wait).
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The environment variable that sets the collective timeout, in seconds (a decimal number).
+pub const COLLECTIVE_TIMEOUT_VAR: &str = "MLCTL_COLLECTIVE_TIMEOUT_SECS";
+
+/// The longest pause between two looks at a pending collective. Polls start far shorter
+/// (a collective usually completes within microseconds to milliseconds) and back off to this.
+const MAX_POLL: Duration = Duration::from_millis(10);
+const FIRST_POLL: Duration = Duration::from_micros(20);
+
+/// The operations of a communicator the watchdog needs (NCCL's `ncclCommGetAsyncError` and
+/// `ncclCommAbort`).
+pub trait Communicator {
+    /// The communicator's asynchronous error, if it has one: a failure NCCL detected while
+    /// running queued work (a peer that closed its connection, a network error).
+    ///
+    /// # Errors
+    ///
+    /// A description of the error (the caller adds the rank and the collective).
+    fn async_error(&self) -> std::result::Result<(), String>;
+
+    /// Aborts the communicator: queued and running work stops, and nothing can use it again.
+    /// Called at most once per failure; it must not block on the peers.
+    fn abort(&self);
+}
+
+/// Work queued on a communicator (a CUDA event recorded behind the collective).
+pub trait PendingWork {
+    /// Whether the work has completed.
+    ///
+    /// # Errors
+    ///
+    /// A description of the failure when the query itself fails (a CUDA error).
+    fn is_done(&self) -> std::result::Result<bool, String>;
+}
+
+/// Bounds every collective of one rank's communicator in time and turns its failures into
+/// [`Error::Distributed`], aborting the communicator.
+///
+/// Once a collective failed, the communicator is aborted and every later one returns the same
+/// error without touching it (NCCL cannot recover a communicator).
+#[derive(Debug)]
+pub struct Watchdog {
+    rank: usize,
+    timeout: Duration,
+    max_poll: Duration,
+    /// Why the communicator was aborted.
+    failed: Mutex<Option<String>>,
+    /// Collectives started, for the error messages (PyTorch's sequence number).
+    started: Mutex<u64>,
+}
+
+impl Watchdog {
+    /// A watchdog for rank `rank` whose collectives may take at most `timeout`.
+    pub fn new(rank: usize, timeout: Duration) -> Self {
+        Self {
+            rank,
+            timeout,
+            max_poll: MAX_POLL,
+            failed: Mutex::new(None),
+            started: Mutex::new(0),
+        }
+    }
+
+    /// The time a collective may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Why the communicator was aborted, once it was.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Runs one collective: `enqueue` queues it on `comm` and returns its output and its
+    /// pending work; this waits until the work is done, polling `comm`'s asynchronous error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Distributed`], after aborting `comm`, when `enqueue` fails, when `comm` reports
+    /// an asynchronous error, when the work's query fails, or when the work is not done within
+    /// the timeout; the message names this rank, the collective (`what` and its sequence
+    /// number) and the cause. Every later call returns the first failure's error.
+    pub fn run<T, W: PendingWork>(
+        &self,
+        comm: &dyn Communicator,
+        what: &str,
+        enqueue: impl FnOnce() -> Result<(T, W)>,
+    ) -> Result<T> {
+        if let Some(why) = self.failure() {
+            return Err(Error::Distributed(why));
+        }
+        let seq = self.next_seq();
+        let start = Instant::now();
+        let (out, work) = match enqueue() {
+            Ok(queued) => queued,
+            Err(e) => {
+                // NCCL refuses to queue on a communicator that already failed: its asynchronous
+                // error says why better than the refusal does.
+                let cause = comm.async_error().err().unwrap_or_else(|| e.to_string());
+                return Err(self.fail(comm, what, seq, &format!("could not be queued: {cause}")));
+            }
+        };
+        self.wait(comm, &work, what, seq, start)?;
+        Ok(out)
+    }
+
+    fn next_seq(&self) -> u64 {
+        let mut started = self.started.lock().unwrap_or_else(|p| p.into_inner());
+        *started += 1;
+        *started
+    }
+
+    /// Polls `work` and `comm` until the work is done, an error shows or the timeout passes.
+    fn wait(
+        &self,
+        comm: &dyn Communicator,
+        work: &dyn PendingWork,
+        what: &str,
+        seq: u64,
+        start: Instant,
+    ) -> Result<()> {
+        let mut pause = FIRST_POLL.min(self.max_poll);
+        loop {
+            // The error first: work that "completed" on a failed communicator holds garbage.
+            if let Err(e) = comm.async_error() {
+                let cause = format!("failed: NCCL reported an asynchronous error: {e}");
+                return Err(self.fail(comm, what, seq, &cause));
+            }
+            match work.is_done() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    let cause = format!("failed: its completion could not be queried: {e}");
+                    return Err(self.fail(comm, what, seq, &cause));
+                }
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= self.timeout {
+                let cause = format!(
+                    "timed out after {:?} (the timeout is {:?}; {COLLECTIVE_TIMEOUT_VAR} sets \
+                     it): another rank hung, died or never called it",
+                    elapsed, self.timeout
+                );
+                return Err(self.fail(comm, what, seq, &cause));
+            }
+            std::thread::sleep(pause.min(self.timeout - elapsed));
+            pause = (pause * 2).min(self.max_poll);
+        }
+    }
+
+    /// Aborts `comm` and records why, once; returns the error every later call returns.
+    fn fail(&self, comm: &dyn Communicator, what: &str, seq: u64, cause: &str) -> Error {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_none() {
+            comm.abort();
+            *failed = Some(format!(
+                "rank {}: collective #{seq} ({what}) {cause}; the communicator was aborted",
+                self.rank
+            ));
+        }
+        Error::Distributed(failed.clone().unwrap_or_default())
+    }
+}
+
+/// The collective timeout `lookup` gives ([`COLLECTIVE_TIMEOUT_VAR`], in seconds), or
+/// [`DEFAULT_COLLECTIVE_TIMEOUT`] when it gives none. [`collective_timeout`] reads it from the
+/// process's environment.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for a value that is not a positive, finite number of seconds.
+pub fn collective_timeout_from(lookup: impl Fn(&str) -> Option<String>) -> Result<Duration> {
+    let Some(value) = lookup(COLLECTIVE_TIMEOUT_VAR) else {
+        return Ok(DEFAULT_COLLECTIVE_TIMEOUT);
+    };
+    parse_seconds(COLLECTIVE_TIMEOUT_VAR, &value)
+}
+
+/// [`collective_timeout_from`] the process's environment.
+///
+/// # Errors
+///
+/// As [`collective_timeout_from`].
+pub fn collective_timeout() -> Result<Duration> {
+    collective_timeout_from(|name| std::env::var(name).ok())
+}
+
+/// A positive, finite number of seconds.
+pub(crate) fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{name}={value:?}: expected a positive number of seconds"
+            ))
+        })
+}
