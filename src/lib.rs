@@ -6,22 +6,25 @@
 //!
 //! The crate is a library first. Its building blocks:
 //! - [`encoder`]: a trainable BERT/mBERT encoder ([`encoder::BertEncoder`]) that returns every
-//!   hidden state, applies real dropout in training, carries the MLM head and loads and saves
-//!   Hugging Face checkpoints ([`encoder::PretrainedBert`]).
+//!   hidden state, applies real dropout in training and carries the MLM head.
+//! - [`pretrained`]: a Hugging Face model directory loaded and saved
+//!   ([`pretrained::PretrainedBert`]).
+//! - [`fs`]: a model directory's file names; atomic writes.
 //! - [`tokenize`]: batch tokenization with padding, truncation and offsets.
 //! - [`pooling`]: sentence and word embeddings as masked means over chosen layers (or
 //!   sentence-transformers' other pooling modes).
 //! - [`sentence_transformers`]: sentence-transformers model directories (`modules.json`),
-//!   followed by [`encoder::PretrainedBert::encode`] and written back by `save`.
+//!   followed by [`pretrained::PretrainedBert::encode`] and written back by `save`.
 //! - [`device`]: choosing CPU, CUDA or Metal.
 //! - [`dist`]: data-parallel building blocks: collectives (NCCL or in-process), gradient
 //!   buckets, the torchrun-style rendezvous.
-//! - [`ops`]: fused CPU kernels with exact backward (LayerNorm, attention softmax, GELU,
-//!   counter-based dropout), each beside its composite twin.
+//! - [`ops`]: every kernel (CPU, and CUDA with the `cuda` feature), each beside its composite
+//!   twin: LayerNorm, attention softmax, GELU, bias, counter-based dropout, AdamW's update, the
+//!   CZ-NCE op.
 //! - [`loss`]: the contrastive objectives, among them the fused, numerically stable CZ-NCE op.
 //! - [`align`]: word alignment (SimAlign / awesome-align extraction, AER) and ML-CTL's
 //!   dictionary anchors.
-//! - [`eval`]: evaluation: sentence and anchor-word retrieval, XNLI zero-shot transfer, plots.
+//! - [`eval`]: evaluation: sentence and anchor-word retrieval, bootstrap intervals, plots.
 //! - [`nli`]: NLI data, classifier, fine-tuning and the XNLI zero-shot evaluation.
 //! - [`pretrain`]: the steps of a pre-training run around the trainer: anchored training data,
 //!   one evaluation suite before and after, the results tables.

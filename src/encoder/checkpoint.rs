@@ -86,7 +86,7 @@ fn is_decoder_bias(key: &str) -> bool {
 pub struct CheckpointTensors {
     /// Tensors by canonical name, on the CPU in the checkpoint's dtype.
     pub tensors: HashMap<String, Tensor>,
-    /// Original names of tensors the model does not use (see [`KeyMapping::Ignored`]).
+    /// Original names of tensors the model does not use (pooler, next-sentence head and the like).
     pub ignored: Vec<String>,
     /// The name each tensor has in the checkpoint file, by canonical name.
     pub original_names: HashMap<String, String>,

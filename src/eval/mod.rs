@@ -1,6 +1,6 @@
 //! Evaluation of a (pre-trained or ML-CTL-trained) encoder.
 //!
-//! [`retrieval`]: Tatoeba-style sentence and anchor-word retrieval (acc@1, both directions).
+//! Retrieval ([`retrieval_accuracy`], [`embed_sentences`], [`embed_spans`]): Tatoeba-style sentence and anchor-word retrieval (acc@1, both directions).
 //! [`bootstrap`]: intervals for those scores and for differences between models.
 //! [`plots`]: SVG plots of a run.
 //!

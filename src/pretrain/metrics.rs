@@ -11,11 +11,11 @@ use crate::eval::RetrievalScores;
 use crate::nli::NliReport;
 use crate::{Error, Result};
 
-/// Scores of one model on an [`EvalSuite`]; saved beside a run's results
-/// ([`write_evaluations`]) so that runs can be compared later ([`objectives_markdown`]).
+/// Scores of one model on an [`EvalSuite`](super::EvalSuite); saved beside a run's results
+/// ([`write_evaluations`](super::write_evaluations)) so that runs can be compared later ([`objectives_markdown`](super::objectives_markdown)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
-    /// Sentence retrieval of each set, by pooling label ([`SentencePooling::label`]) then set
+    /// Sentence retrieval of each set, by pooling label ([`SentencePooling::label`](super::SentencePooling::label)) then set
     /// name.
     pub sentence: BTreeMap<String, BTreeMap<String, RetrievalScores>>,
     /// Anchor-word retrieval (ML-CTL pooling over the word's span) of each set with at least
@@ -23,9 +23,9 @@ pub struct Evaluation {
     pub anchor: BTreeMap<String, RetrievalScores>,
     /// Word alignment of every task, method and token type.
     pub alignment: Vec<AlignmentScores>,
-    /// XNLI accuracy, with an [`XnliTask`].
+    /// XNLI accuracy, with an [`XnliTask`](super::XnliTask).
     pub xnli: Option<NliReport>,
-    /// Which XNLI split was evaluated, and why ([`XnliTask::split`]).
+    /// Which XNLI split was evaluated, and why ([`XnliTask::split`](super::XnliTask::split)).
     pub xnli_split: Option<String>,
 }
 

@@ -32,7 +32,7 @@ pub struct AlignmentTask {
 }
 
 /// AER of one method and token type on one [`AlignmentTask`], with the counts of every sentence
-/// pair (the items of its bootstrap interval, [`bootstrap::aer_interval`]).
+/// pair (the items of its bootstrap interval, [`bootstrap::aer_interval`](crate::eval::bootstrap::aer_interval)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlignmentScores {
     /// [`AlignmentTask::name`].

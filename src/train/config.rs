@@ -24,21 +24,21 @@ pub struct TrainConfig {
     pub head_lr: Option<f64>,
     /// Micro-batches whose gradients are summed (each scaled by `1 / grad_accum`) per update.
     pub grad_accum: usize,
-    /// Pairs per encoder pass with the cached loss ([`CachedLoss`], GradCache): the gradients of
+    /// Pairs per encoder pass with the cached loss ([`CachedLoss`](crate::loss::CachedLoss), GradCache): the gradients of
     /// the whole batch in the memory of this many pairs. `None`: the whole batch in one graph.
     #[serde(default)]
     pub mini_batch: Option<usize>,
     /// Keep the embeddings fixed.
     pub freeze_embeddings: bool,
     /// Update the word-embedding table row by row, leaving the rows of tokens absent from the
-    /// batch alone ([`AdamW::with_sparse_rows`], the rule of PyTorch's `SparseAdam`). Needs the
+    /// batch alone ([`AdamW::with_sparse_rows`](super::AdamW::with_sparse_rows), the rule of PyTorch's `SparseAdam`). Needs the
     /// MLM term off (its decoder, tied to the table, gives every row a gradient) and the
     /// embeddings trained.
     #[serde(default)]
     pub sparse_embeddings: bool,
     /// Keep the first this-many transformer layers fixed.
     pub freeze_layers: usize,
-    /// Stop with [`Error::Diverged`] after this many non-finite steps in a row (each is skipped).
+    /// Stop with [`Error::Diverged`](crate::Error::Diverged) after this many non-finite steps in a row (each is skipped).
     pub max_consecutive_bad_steps: usize,
     /// Save a checkpoint every this-many updates (0: only at the end).
     pub checkpoint_every: u64,

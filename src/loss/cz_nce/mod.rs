@@ -1,101 +1,5 @@
-//! CZ-NCE: ML-CTL's contrastive loss, numerically stable, with an exact fused backward on the CPU
-//! and on CUDA.
-//!
-//! # Definition
-//!
-//! For queries `q` (source side) and keys `k` (target side), both `[B, D]`, and a temperature
-//! `t` (default 0.07):
-//!
-//! - `sim_out[i,j] = cos(q_i, k_j) / t`, `sim_in[i,j] = cos(q_i, q_j) / t`,
-//!   `sim_kk[i,j] = cos(k_i, k_j) / t`;
-//! - row `i` of the logits is `[sim_out[i,:] | sim_in[i,:]]` (`2B` entries);
-//! - the positive is `p_i = sim_out[i,i]`; the negatives are all entries of row `i` except
-//!   `sim_out[i,i]` and `sim_in[i,i]`;
-//! - `loss = mean_i ( logsumexp(negatives_i) − p_i )`: the positive is **not** in the
-//!   denominator (this is what distinguishes CZ-NCE from InfoNCE).
-//!
-//! # Options (builder methods of [`CzNce`])
-//!
-//! Modelled on sentence-transformers' `MultipleNegativesRankingLoss`: which directions, whether
-//! the positive is in the partition, which in-batch negatives, and the scale `1/t`.
-//!
-//! - [`CzNce::with_positive_in_denominator`]: `true` gives InfoNCE-style rows
-//!   `logsumexp(positive ∪ negatives) − p_i`. [`CzNce::info_nce`] is the standard InfoNCE:
-//!   positive in the denominator, `sim_out` only (cross-entropy over `sim_out` rows with the
-//!   diagonal as labels).
-//! - [`CzNce::with_anchor_negatives`] (default on): `sim_in` (the anchor's own side, diagonal
-//!   masked) joins row `i`. Off, with the positive excluded, the loss is the "decoupled" loss
-//!   over `sim_out` off-diagonals only.
-//! - [`CzNce::with_target_negatives`] (default off): key-side in-batch negatives. Row `i` (the
-//!   row whose positive key is `k_i`) also gets `sim_kk[i,:]` with `sim_kk[i,i]` masked, i.e.
-//!   the other keys `k_j` scored against the positive `k_i` (as in GTE's "improved contrastive
-//!   loss"). Row `i` is then `[sim_out[i,:] | sim_in[i,:] | sim_kk[i,:]]`.
-//! - [`CzNce::with_symmetric`]: `loss = ½ (L(q→k) + L(k→q))`. The k→q direction swaps the
-//!   roles: anchors are keys, its cross block is `sim_outᵀ`, its anchor-side block is `sim_kk`
-//!   and its target-side block is `sim_in` (so "anchor"/"target" negatives always mean "the
-//!   anchor's side"/"the other side").
-//! - Temperature: fixed ([`CzNce::with_temperature`], must be finite and `> 0`) or learnable
-//!   ([`CzNce::with_learnable_log_scale`]): a scalar tensor `θ` (typically a `Var`) with
-//!   `1/t = min(exp(θ), max)`; its gradient flows through both paths (the fused op returns it
-//!   too).
-//! - [`CzNce::with_max_logit_scale`]: the bound `max` on a learnable scale (default 100, as in
-//!   CLIP). Without it CZ-NCE drives `θ` up for ever: the positive is not in the denominator,
-//!   so once every positive beats its negatives `∂L/∂θ = exp(θ)·(E_softmax[negative] − p) < 0`
-//!   and grows with the scale (InfoNCE's loss saturates at 0 instead). The clamp acts like
-//!   `torch.clamp(θ.exp(), max=max)`: while `exp(θ) > max` the logits use `max` and `∂L/∂θ`
-//!   is 0 (at `exp(θ) = max` exactly the gradient still flows). An optimizer with weight decay
-//!   or an explicit clamp of the `Var` brings `θ` back below the bound; plain SGD leaves it
-//!   there.
-//! - [`CzNce::with_assume_normalized`]: skip the L2 normalization and use raw dot products
-//!   `q_i·k_j / t` (correct only for unit-norm inputs).
-//!
-//! # Edge cases
-//!
-//! - CZ-NCE (positive excluded) with `B = 1` has no negatives: [`CzNce::forward`] returns
-//!   [`Error::InvalidArgument`] rather than `-inf`/NaN. InfoNCE with `B = 1` is defined and
-//!   equals 0 (the row is just the positive).
-//! - Zero rows: normalization is `x / max(‖x‖, 1e-8)`, so a zero row has cosine 0 with
-//!   everything; the loss is finite and so is the gradient, which is the exact one of that
-//!   formula: `∂L/∂q̂_i / ε`, i.e. large (up to ~1e8 · 2/(B t)). In f16 it exceeds the dtype's
-//!   range: the fused op saturates it (see *Dtypes*), the composite path's autograd gives ±inf.
-//! - Masked entries never produce NaN; every row is max-subtracted; f16/bf16 inputs are
-//!   converted to f32 before anything else, so `|logit|` up to 1e4 is fine.
-//!
-//! # Paths
-//!
-//! [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) where
-//! [`CzNce::fused_supported`] says so, and the composite twin ([`CzNce::forward_composite`],
-//! plain candle ops) otherwise:
-//!
-//! - CPU, f32/f16/bf16/f64: fused (GEMMs through the `gemm` crate, rayon-parallel row pass).
-//! - CUDA (`cuda` feature), f32/f16/bf16: fused (cuBLAS GEMMs in f32, no TF32, plus the CUDA
-//!   kernels in `cz_nce.cu` for the normalization, the row pass, the reductions and the
-//!   normalization backward). f64 on CUDA takes the composite path.
-//! - Metal (`metal` feature): the composite path, i.e. candle's Metal kernels.
-//!
-//! Timings and a cost analysis are in `benches/README.md`.
-//!
-//! # Dtypes
-//!
-//! The loss is an f32 scalar for f32/f16/bf16 inputs (accumulation in f32) and an f64 scalar
-//! for f64 inputs (everything in f64, useful for finite-difference checks). Gradients come back
-//! in each input's dtype; the fused op saturates f16 gradients beyond the f16 range (only an
-//! all-zero row, whose exact gradient is `∂L/∂q̂ / ε`, gets there) to `±f16::MAX`.
-//!
-//! # Memory (fused backward)
-//!
-//! [`BackwardMode::GradInForward`] (default): when the inputs track gradients, the fused forward
-//! already computes the exact gradients (the loss is a scalar, so the backward only rescales
-//! them) and keeps `2·B·D` values; the `B × 2B` logits and softmax weights are transient.
-//! [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
-//! GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the CPU kernel holds the
-//! similarity blocks (two `B × B` f32 matrices for the default CZ-NCE), which the row pass
-//! overwrites with the softmax weights in place; the CUDA kernel keeps the weights in separate
-//! buffers (four `B × B` f32 matrices at its peak for the default loss). Both free them before
-//! returning. The composite path keeps a dozen `B × 2B` intermediates alive for autograd.
-//! Note that with `GradInForward`, a forward
-//! on inputs that track gradients pays for the gradient even if `backward` is never called:
-//! detach the inputs for evaluation-only losses.
+//! The CZ-NCE loss ([`CzNce`]): the builder, its checks and the composite twin; the fused op is
+//! `ops::cz_nce`.
 
 mod composite;
 
@@ -115,7 +19,105 @@ pub enum Temperature {
     LearnableLogScale(Tensor),
 }
 
-/// The CZ-NCE loss and its InfoNCE-family variants; see the [module docs](self).
+/// CZ-NCE: ML-CTL's contrastive loss, numerically stable, with an exact fused backward on the CPU
+/// and on CUDA.
+///
+/// # Definition
+///
+/// For queries `q` (source side) and keys `k` (target side), both `[B, D]`, and a temperature
+/// `t` (default 0.07):
+///
+/// - `sim_out[i,j] = cos(q_i, k_j) / t`, `sim_in[i,j] = cos(q_i, q_j) / t`,
+///   `sim_kk[i,j] = cos(k_i, k_j) / t`;
+/// - row `i` of the logits is `[sim_out[i,:] | sim_in[i,:]]` (`2B` entries);
+/// - the positive is `p_i = sim_out[i,i]`; the negatives are all entries of row `i` except
+///   `sim_out[i,i]` and `sim_in[i,i]`;
+/// - `loss = mean_i ( logsumexp(negatives_i) − p_i )`: the positive is **not** in the
+///   denominator (this is what distinguishes CZ-NCE from InfoNCE).
+///
+/// # Options (builder methods of [`CzNce`])
+///
+/// Modelled on sentence-transformers' `MultipleNegativesRankingLoss`: which directions, whether
+/// the positive is in the partition, which in-batch negatives, and the scale `1/t`.
+///
+/// - [`CzNce::with_positive_in_denominator`]: `true` gives InfoNCE-style rows
+///   `logsumexp(positive ∪ negatives) − p_i`. [`CzNce::info_nce`] is the standard InfoNCE:
+///   positive in the denominator, `sim_out` only (cross-entropy over `sim_out` rows with the
+///   diagonal as labels).
+/// - [`CzNce::with_anchor_negatives`] (default on): `sim_in` (the anchor's own side, diagonal
+///   masked) joins row `i`. Off, with the positive excluded, the loss is the "decoupled" loss
+///   over `sim_out` off-diagonals only.
+/// - [`CzNce::with_target_negatives`] (default off): key-side in-batch negatives. Row `i` (the
+///   row whose positive key is `k_i`) also gets `sim_kk[i,:]` with `sim_kk[i,i]` masked, i.e.
+///   the other keys `k_j` scored against the positive `k_i` (as in GTE's "improved contrastive
+///   loss"). Row `i` is then `[sim_out[i,:] | sim_in[i,:] | sim_kk[i,:]]`.
+/// - [`CzNce::with_symmetric`]: `loss = ½ (L(q→k) + L(k→q))`. The k→q direction swaps the
+///   roles: anchors are keys, its cross block is `sim_outᵀ`, its anchor-side block is `sim_kk`
+///   and its target-side block is `sim_in` (so "anchor"/"target" negatives always mean "the
+///   anchor's side"/"the other side").
+/// - Temperature: fixed ([`CzNce::with_temperature`], must be finite and `> 0`) or learnable
+///   ([`CzNce::with_learnable_log_scale`]): a scalar tensor `θ` (typically a `Var`) with
+///   `1/t = min(exp(θ), max)`; its gradient flows through both paths (the fused op returns it
+///   too).
+/// - [`CzNce::with_max_logit_scale`]: the bound `max` on a learnable scale (default 100, as in
+///   CLIP). Without it CZ-NCE drives `θ` up for ever: the positive is not in the denominator,
+///   so once every positive beats its negatives `∂L/∂θ = exp(θ)·(E_softmax[negative] − p) < 0`
+///   and grows with the scale (InfoNCE's loss saturates at 0 instead). The clamp acts like
+///   `torch.clamp(θ.exp(), max=max)`: while `exp(θ) > max` the logits use `max` and `∂L/∂θ`
+///   is 0 (at `exp(θ) = max` exactly the gradient still flows). An optimizer with weight decay
+///   or an explicit clamp of the `Var` brings `θ` back below the bound; plain SGD leaves it
+///   there.
+/// - [`CzNce::with_assume_normalized`]: skip the L2 normalization and use raw dot products
+///   `q_i·k_j / t` (correct only for unit-norm inputs).
+///
+/// # Edge cases
+///
+/// - CZ-NCE (positive excluded) with `B = 1` has no negatives: [`CzNce::forward`] returns
+///   [`Error::InvalidArgument`] rather than `-inf`/NaN. InfoNCE with `B = 1` is defined and
+///   equals 0 (the row is just the positive).
+/// - Zero rows: normalization is `x / max(‖x‖, 1e-8)`, so a zero row has cosine 0 with
+///   everything; the loss is finite and so is the gradient, which is the exact one of that
+///   formula: `∂L/∂q̂_i / ε`, i.e. large (up to ~1e8 · 2/(B t)). In f16 it exceeds the dtype's
+///   range: the fused op saturates it (see *Dtypes*), the composite path's autograd gives ±inf.
+/// - Masked entries never produce NaN; every row is max-subtracted; f16/bf16 inputs are
+///   converted to f32 before anything else, so `|logit|` up to 1e4 is fine.
+///
+/// # Paths
+///
+/// [`CzNce::forward`] uses the fused op ([`CzNce::forward_fused`]) where
+/// [`CzNce::fused_supported`] says so, and the composite twin ([`CzNce::forward_composite`],
+/// plain candle ops) otherwise:
+///
+/// - CPU, f32/f16/bf16/f64: fused (GEMMs through the `gemm` crate, rayon-parallel row pass).
+/// - CUDA (`cuda` feature), f32/f16/bf16: fused (cuBLAS GEMMs in f32, no TF32, plus the CUDA
+///   kernels in `cz_nce.cu` for the normalization, the row pass, the reductions and the
+///   normalization backward). f64 on CUDA takes the composite path.
+/// - Metal (`metal` feature): the composite path, i.e. candle's Metal kernels.
+///
+/// Timings and a cost analysis are in `benches/README.md`.
+///
+/// # Dtypes
+///
+/// The loss is an f32 scalar for f32/f16/bf16 inputs (accumulation in f32) and an f64 scalar
+/// for f64 inputs (everything in f64, useful for finite-difference checks). Gradients come back
+/// in each input's dtype; the fused op saturates f16 gradients beyond the f16 range (only an
+/// all-zero row, whose exact gradient is `∂L/∂q̂ / ε`, gets there) to `±f16::MAX`.
+///
+/// # Memory (fused backward)
+///
+/// [`BackwardMode::GradInForward`] (default): when the inputs track gradients, the fused forward
+/// already computes the exact gradients (the loss is a scalar, so the backward only rescales
+/// them) and keeps `2·B·D` values; the `B × 2B` logits and softmax weights are transient.
+/// [`BackwardMode::Recompute`]: nothing is kept; the backward reruns the whole kernel (forward
+/// GEMMs included), costing ~2 extra `B²D` GEMMs. While it runs, the CPU kernel holds the
+/// similarity blocks (two `B × B` f32 matrices for the default CZ-NCE), which the row pass
+/// overwrites with the softmax weights in place; the CUDA kernel keeps the weights in separate
+/// buffers (four `B × B` f32 matrices at its peak for the default loss). Both free them before
+/// returning. The composite path keeps a dozen `B × 2B` intermediates alive for autograd.
+/// Note that with `GradInForward`, a forward
+/// on inputs that track gradients pays for the gradient even if `backward` is never called:
+/// detach the inputs for evaluation-only losses.
+///
 ///
 /// # Shapes
 ///
