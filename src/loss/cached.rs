@@ -23,6 +23,7 @@ use super::multi_level::{pass_key, MaskedPair, MultiLevelLoss, Pass, RankShard};
 use crate::data::{MaskedTokens, PairBatch};
 use crate::encoder::DropoutRng;
 use crate::model::{MlCtlModel, SideEmbeddings};
+use crate::ops::num::accumulation_dtype;
 use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
@@ -40,7 +41,7 @@ pub struct CachedStep {
     /// MLM term (unweighted).
     pub mlm: Option<f32>,
     /// Gradient of the total loss for each variable that received one, by the name it was
-    /// given in.
+    /// given in; summed over the chunks in f32 for f16 and bf16 variables.
     pub grads: BTreeMap<String, Tensor>,
 }
 
@@ -386,9 +387,11 @@ impl Run<'_> {
     fn add_grads(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
         for (name, var) in self.vars {
             if let Some(g) = store.get(var) {
+                // Summed over the chunks in f32 for half-precision gradients.
+                let g = g.to_dtype(accumulation_dtype(g.dtype()))?;
                 let g = match self.grads.remove(name) {
                     Some(acc) => (acc + g)?,
-                    None => g.clone(),
+                    None => g,
                 };
                 self.grads.insert(name.clone(), g);
             }

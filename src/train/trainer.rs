@@ -17,7 +17,7 @@ use super::checkpoint::{
 use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, Gradients};
-use super::update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
+use super::update::{accumulate_gradients, add_gradient, BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
 use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
 use crate::encoder::read_checkpoint_dir;
@@ -26,6 +26,7 @@ use crate::loss::{
     masked_rows, pair_rows, CachedLoss, LossTerms, MaskedPair, MultiLevelLoss, RankShard,
 };
 use crate::model::{MlCtlModel, HEAD_PREFIX};
+use crate::ops::num::accumulation_dtype;
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -799,12 +800,8 @@ impl Trainer {
 /// Adds `new / accum` to `grads`, by name.
 fn add_scaled(grads: &mut Gradients, new: Gradients, accum: usize) -> Result<()> {
     for (name, g) in new {
-        let g = (g / accum as f64)?;
-        let g = match grads.remove(&name) {
-            Some(acc) => (acc + g)?,
-            None => g,
-        };
-        grads.insert(name, g);
+        let g = g.to_dtype(accumulation_dtype(g.dtype()))?;
+        add_gradient(grads, &name, &(g / accum as f64)?)?;
     }
     Ok(())
 }

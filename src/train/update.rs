@@ -4,12 +4,13 @@
 //! else take the AdamW step with the scheduled learning rate.
 
 use candle_core::backprop::GradStore;
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
 use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
 use super::optimizer::{clip_grad_norm, AdamW, Gradients};
 use super::schedule::LrSchedule;
+use crate::ops::num::accumulation_dtype;
 use crate::{Error, Result};
 
 /// How accumulated gradients become an update.
@@ -145,8 +146,10 @@ impl UpdateRule {
     }
 }
 
-/// Adds the gradients `store` holds for `vars` to `grads` (inserting those not there yet).
-/// Variables without a gradient in `store` are left out, so the optimizer leaves them alone.
+/// Adds the gradients `store` holds for `vars` to `grads` (inserting those not there yet), in
+/// f32 for f16 and bf16 gradients: half-precision sums of many micro-batches or chunks would
+/// lose the small ones. Variables without a gradient in `store` are left out, so the optimizer
+/// leaves them alone.
 pub fn accumulate_gradients(
     grads: &mut Gradients,
     store: &GradStore,
@@ -154,13 +157,20 @@ pub fn accumulate_gradients(
 ) -> Result<()> {
     for (name, var) in vars {
         if let Some(g) = store.get(var) {
-            let g = match grads.remove(name) {
-                Some(acc) => (acc + g)?,
-                None => g.clone(),
-            };
-            grads.insert(name.clone(), g);
+            add_gradient(grads, name, g)?;
         }
     }
+    Ok(())
+}
+
+/// `grads[name] += g`, in f32 for half-precision `g` (`g` itself when `name` has none yet).
+pub(crate) fn add_gradient(grads: &mut Gradients, name: &str, g: &Tensor) -> Result<()> {
+    let g = g.to_dtype(accumulation_dtype(g.dtype()))?;
+    let g = match grads.remove(name) {
+        Some(acc) => (acc + g)?,
+        None => g,
+    };
+    grads.insert(name.to_string(), g);
     Ok(())
 }
 
@@ -311,5 +321,22 @@ mod tests {
         }
         assert_eq!(grads.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(grads["a"].to_vec1::<f32>().unwrap(), [6.0]);
+    }
+
+    /// f16 holds integers exactly only up to 2048: a half-precision running sum of 4000 unit
+    /// gradients stalls at 2048 (2048 + 1 rounds back to 2048); the f32 sum is exact.
+    #[test]
+    fn half_precision_gradients_are_summed_in_f32() {
+        let zero = Tensor::new(&[0f32], &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&zero.to_dtype(candle_core::DType::F16).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), var.clone())];
+        let store = var.as_tensor().sum_all().unwrap().backward().unwrap();
+        let mut grads = Gradients::new();
+        for _ in 0..4000 {
+            accumulate_gradients(&mut grads, &store, &vars).unwrap();
+        }
+        let sum = &grads["w"];
+        assert_eq!(sum.dtype(), candle_core::DType::F32);
+        assert_eq!(sum.to_vec1::<f32>().unwrap(), vec![4000.0]);
     }
 }
