@@ -54,6 +54,21 @@ fn checkpoint_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
     Ok(files)
 }
 
+/// A fingerprint of checkpoint `dir`'s contents: the first 8 bytes of the SHA-256 of its
+/// [`CHECKSUMS_FILE`] (which holds every file's SHA-256), so two checkpoints of the same step
+/// from different runs differ. 0 for a directory without one.
+pub(crate) fn checkpoint_fingerprint(dir: &Path) -> Result<u64> {
+    let list = dir.join(CHECKSUMS_FILE);
+    if !list.is_file() {
+        return Ok(0);
+    }
+    let bytes = std::fs::read(&list).map_err(Error::io(&list))?;
+    let digest = Sha256::digest(&bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Ok(u64::from_le_bytes(first))
+}
+
 /// Writes [`CHECKSUMS_FILE`] for the files now in `dir`.
 fn write_checksums(dir: &Path) -> Result<()> {
     let sums = checkpoint_files(dir)?

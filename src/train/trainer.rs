@@ -12,7 +12,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{
-    checkpoint_name, latest_verified_checkpoint, prune_checkpoints, write_checkpoint_dir,
+    checkpoint_fingerprint, checkpoint_name, latest_verified_checkpoint, prune_checkpoints,
+    write_checkpoint_dir,
 };
 use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
@@ -711,16 +712,17 @@ impl Trainer {
             // node-local run directory) would train other weights with the same collectives.
             // The ranks refuse together; the run directory must be shared (or hold the same
             // checkpoints on every node).
-            let step = match &found {
-                Ok(Some((step, _))) => *step,
-                Ok(None) => 0,
-                Err(_) => u64::MAX,
+            let (step, contents) = match &found {
+                Ok(Some((step, dir))) => (*step, checkpoint_fingerprint(dir)?),
+                Ok(None) => (0, 0),
+                Err(_) => (u64::MAX, 0),
             };
-            agree(
-                dp.collective.as_ref(),
-                &self.device,
-                &[("checkpoint to resume from (its step; 0: none found)", step)],
-            )?;
+            // Same step is not enough: a node-local directory may hold another run's checkpoint.
+            let fields = [
+                ("checkpoint to resume from (its step; 0: none found)", step),
+                ("checkpoint contents (a hash of its checksums)", contents),
+            ];
+            agree(dp.collective.as_ref(), &self.device, &fields)?;
         }
         let Some((_, dir)) = found? else {
             return Ok(None);
@@ -764,9 +766,7 @@ impl Trainer {
         self.loader.set_stats(state.loader_stats);
         self.mask_rng = state.mask_rng;
         self.model
-            .bert
-            .model
-            .encoder
+            .encoder()
             .dropout_rng()
             .set_state(state.dropout_rng);
         self.step = state.step;

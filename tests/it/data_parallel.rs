@@ -1308,6 +1308,36 @@ fn data_parallel_resume_that_only_rank_zero_can_see_is_refused_everywhere() {
     }
 }
 
+/// Two node-local run directories that both hold a checkpoint of step 1, from runs that drew
+/// different data: the same step, other weights. Resuming is refused on every rank.
+#[test]
+fn data_parallel_resume_from_checkpoints_that_differ_is_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    for (rank, seed) in [(0usize, 5u64), (1, 6)] {
+        let mut single = dp_trainer(
+            &dir.path().join(format!("run-{rank}")),
+            &data,
+            4,
+            dp_config(2, 1, None),
+            seed,
+        );
+        single.train_step().unwrap();
+        single.save_checkpoint().unwrap();
+    }
+    let root = dir.path().to_path_buf();
+    let errors = run_ranks(2, move |c| {
+        let run = root.join(format!("run-{}", c.rank()));
+        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
+            .with_collective(Box::new(c))
+            .unwrap();
+        trainer.resume().unwrap_err().to_string()
+    });
+    for (rank, err) in errors.iter().enumerate() {
+        assert!(err.contains("checkpoint contents"), "rank {rank}: {err}");
+    }
+}
+
 #[test]
 fn data_parallel_only_rank_zero_writes_the_run_directory() {
     let dir = tempfile::tempdir().unwrap();
