@@ -83,6 +83,10 @@ enum Objective {
     MlCtl,
     /// CZ-NCE on sentence projections only, and MLM.
     SentenceCzNce,
+    /// Two CZ-NCE terms, added: one on sentence projections, one on the anchor words' pooled
+    /// embeddings (the word level as a term of its own instead of concatenated into the
+    /// projection's input), and MLM.
+    SentenceAndWordTerms,
     /// Standard InfoNCE (positive in the denominator) on sentence projections, and MLM.
     SentenceInfonce,
     /// MLM alone (no contrastive term).
@@ -230,16 +234,24 @@ impl Objective {
     /// The loss of this objective.
     fn loss(self, temperature: f64, mlm_weight: f64) -> MultiLevelLoss {
         let sentence = match self {
-            Objective::MlCtl | Objective::SentenceCzNce => {
+            Objective::MlCtl | Objective::SentenceCzNce | Objective::SentenceAndWordTerms => {
                 Some(CzNce::new().with_temperature(temperature))
             }
             Objective::SentenceInfonce => Some(CzNce::info_nce().with_temperature(temperature)),
             Objective::Mlm => None,
         };
+        let word = (self == Objective::SentenceAndWordTerms)
+            .then(|| CzNce::new().with_temperature(temperature));
         MultiLevelLoss::mlctl()
             .with_sentence(sentence)
+            .with_word(word)
             // A zero weight turns the term off (no masked passes at all).
             .with_mlm_weight((mlm_weight != 0.0).then_some(mlm_weight))
+    }
+
+    /// Whether every training pair needs a dictionary anchor (the objectives with a word level).
+    fn needs_anchors(self) -> bool {
+        matches!(self, Objective::MlCtl | Objective::SentenceAndWordTerms)
     }
 
     /// The head a model without one starts with: words concatenated only for ML-CTL.
@@ -442,7 +454,7 @@ fn training_loader(
         seed: args.seed,
         shuffle: true,
         skip_bad_lines: args.skip_bad_lines,
-        require_anchors: args.objective == Objective::MlCtl,
+        require_anchors: args.objective.needs_anchors(),
     };
     let Some(train) = &args.train else {
         let written = write_anchored_tsv(tsv, &tatoeba(0..args.train_pairs)?, lexicon, tokenizer)?;
