@@ -255,8 +255,8 @@ impl CachedLoss {
         };
         let mut loss: Option<Tensor> = None;
         if let Some(l) = &self.objective.sentence {
-            let value = run.on_rank(l)?.forward(q.as_tensor(), k.as_tensor())?;
-            values.sentence = Some(scalar(&value)?);
+            let value = run.term(l, &q, &k)?;
+            values.sentence = Some(run.summed_over_ranks(&value)?);
             loss = Some(value);
         }
         if let Some(l) = &self.objective.word {
@@ -265,15 +265,18 @@ impl CachedLoss {
                     "the word-level term needs anchor spans in the batch".into(),
                 ));
             };
-            let value = run.on_rank(l)?.forward(wq.as_tensor(), wk.as_tensor())?;
-            values.word = Some(scalar(&value)?);
+            let value = run.term(l, wq, wk)?;
+            values.word = Some(run.summed_over_ranks(&value)?);
             loss = Some(match loss {
                 Some(s) => (s + value)?,
                 None => value,
             });
         }
         let loss = loss.ok_or_else(|| Error::InvalidArgument("no contrastive term".into()))?;
-        values.total += scalar(&loss)?;
+        values.total += match run.shard {
+            None => scalar(&loss)?,
+            Some(_) => values.sentence.unwrap_or(0.0) + values.word.unwrap_or(0.0),
+        };
         let store = match self.loss_scale {
             1.0 => loss.backward()?,
             scale => (loss.to_dtype(DType::F32)? * scale)?.backward()?,
@@ -433,15 +436,36 @@ impl Run<'_> {
         })?)
     }
 
-    /// `loss` as this rank evaluates it (its parameters' gradient shared over the ranks).
-    fn on_rank(&self, loss: &super::CzNce) -> Result<super::CzNce> {
+    /// `loss` on the embeddings `q` and `k`: the whole batch's in one process; over a shard,
+    /// where they hold every rank's rows, only this rank's rows of the loss (its part, of
+    /// which the sum over the ranks is the global batch's loss): `[n, W·n]` logits per rank
+    /// instead of `[W·n, W·n]`, with the composite ops (the fused kernel takes whole batches).
+    fn term(&self, loss: &super::CzNce, q: &Var, k: &Var) -> Result<Tensor> {
+        let (q, k) = (q.as_tensor(), k.as_tensor());
         match self.shard {
-            Some(s) => s.per_rank(loss),
-            None => Ok(loss.clone()),
+            // One rank is the whole batch: the fused op, as without a collective.
+            Some(s) if s.collective.world_size() > 1 => {
+                let (rank, n) = (s.collective.rank(), self.batch.len());
+                loss.forward_rows(q, k, rank * n..(rank + 1) * n)
+            }
+            _ => loss.forward(q, k),
         }
     }
 
-    /// This rank's rows of the gradient of `v` in `store` (zeros when it got none).
+    /// The value of a term: over a shard, the sum of every rank's part.
+    fn summed_over_ranks(&self, value: &Tensor) -> Result<f32> {
+        match self.shard {
+            Some(s) => {
+                let part = value.to_dtype(DType::F32)?.reshape(1)?;
+                Ok(s.collective.all_reduce_sum(&part)?.to_vec1::<f32>()?[0])
+            }
+            None => scalar(value),
+        }
+    }
+
+    /// This rank's rows of the gradient of `v` (zeros when it got none): over a shard, of
+    /// the sum of every rank's gradient, since each rank's rows of the loss reach every row
+    /// of the gathered embeddings.
     fn own_rows_of_grad(
         &self,
         store: &candle_core::backprop::GradStore,
@@ -453,7 +477,10 @@ impl Run<'_> {
         };
         let n = self.batch.len();
         Ok(match self.shard {
-            Some(s) => g.narrow(0, s.collective.rank() * n, n)?,
+            Some(s) => {
+                let g = s.collective.all_reduce_sum(&g.contiguous()?)?;
+                g.narrow(0, s.collective.rank() * n, n)?
+            }
             None => g,
         })
     }

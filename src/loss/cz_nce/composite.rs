@@ -24,29 +24,35 @@ fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_div(&n)
 }
 
-/// `[B, B]` matrix with `-inf` on the diagonal and 0 elsewhere (built in f32: Metal has no f64).
-fn diag_mask(b: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..b * b)
-        .map(|i| {
-            if i % (b + 1) == 0 {
-                f32::NEG_INFINITY
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Tensor::from_vec(v, (b, b), dev)?.to_dtype(dtype)
+/// `[len, n]` matrix with `-inf` at `(i, start + i)` (each row's own column) and 0 elsewhere
+/// (built in f32: Metal has no f64).
+fn diag_mask(
+    (start, len): (usize, usize),
+    n: usize,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    let mut v = vec![0f32; len * n];
+    for i in 0..len {
+        v[i * n + start + i] = f32::NEG_INFINITY;
+    }
+    Tensor::from_vec(v, (len, n), dev)?.to_dtype(dtype)
 }
 
-/// Mean row loss of one direction: `blocks[0]` is the cross block (positive on the diagonal),
-/// the other blocks have their diagonal masked.
-fn direction(blocks: &[Tensor], include_positive: bool) -> candle_core::Result<Tensor> {
+/// Summed row losses of one direction over rows `start..start + len`, divided by `n` (the whole
+/// batch): `blocks[0]` is the cross block (the positive of row `i` in column `start + i`), the
+/// other blocks have that column masked.
+fn direction(
+    blocks: &[Tensor],
+    rows: (usize, usize),
+    include_positive: bool,
+) -> candle_core::Result<Tensor> {
     let cross = &blocks[0];
-    let (b, _) = cross.dims2()?;
+    let (_, n) = cross.dims2()?;
     let (dtype, dev) = (cross.dtype(), cross.device());
-    let mask = diag_mask(b, dtype, dev)?;
-    let eye = Tensor::eye(b, dtype, dev)?;
-    let pos = (cross * &eye)?.sum(1)?;
+    let mask = diag_mask(rows, n, dtype, dev)?;
+    let pos = cross.narrow(1, rows.0, rows.1)?;
+    let pos = (pos * Tensor::eye(rows.1, dtype, dev)?)?.sum(1)?;
     let mut parts = Vec::with_capacity(blocks.len());
     for (i, blk) in blocks.iter().enumerate() {
         if i == 0 && include_positive {
@@ -58,7 +64,7 @@ fn direction(blocks: &[Tensor], include_positive: bool) -> candle_core::Result<T
     let row = Tensor::cat(&parts, 1)?;
     let m = row.max_keepdim(1)?.detach();
     let lse = (row.broadcast_sub(&m)?.exp()?.sum_keepdim(1)?.log()? + m)?.squeeze(1)?;
-    (lse - pos)?.mean_all()
+    (lse - pos)?.sum_all()? / n as f64
 }
 
 /// The composite loss. `log_scale` is the learnable `θ` (`None` for a fixed temperature), whose
@@ -69,6 +75,20 @@ pub(crate) fn forward(
     spec: Spec,
     scale: LogitScale,
     log_scale: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let n = q.dim(0)?;
+    forward_rows(q, k, (0, n), spec, (scale, log_scale))
+}
+
+/// The composite loss's part of rows `start..start + len` (of both directions when
+/// symmetric), divided by the whole batch's size: the parts of a partition of the rows add up
+/// to [`forward`]. Only `[len, n]` blocks of logits are built.
+pub(crate) fn forward_rows(
+    q: &Tensor,
+    k: &Tensor,
+    rows: (usize, usize),
+    spec: Spec,
+    (scale, log_scale): (LogitScale, Option<&Tensor>),
 ) -> candle_core::Result<Tensor> {
     let dtype = if q.dtype() == DType::F64 {
         DType::F64
@@ -82,60 +102,62 @@ pub(crate) fn forward(
     } else {
         (q, k)
     };
-    let s = match log_scale {
-        None => None,
-        Some(ls) => {
-            let ls = ls.to_dtype(dtype)?.flatten_all()?;
-            let s = if scale.clamped {
-                // `θ·0 + max`: torch.clamp's value and zero gradient. θ must stay in the graph
-                // (the fused op returns a zero gradient, not none), and candle drops the
-                // argument of `affine(0, ·)` from it, hence the product with a zero tensor.
-                ((&ls * ls.zeros_like()?)? + scale.value)?
-            } else {
-                ls.exp()?
-            };
-            Some(s.reshape(())?)
-        }
-    };
+    let s = scale_tensor(scale, log_scale, dtype)?;
     let apply_scale = |x: Tensor| -> candle_core::Result<Tensor> {
         match &s {
             Some(s) => x.broadcast_mul(s),
             None => x * scale.value,
         }
     };
+    let (q_rows, k_rows) = (qh.narrow(0, rows.0, rows.1)?, kh.narrow(0, rows.0, rows.1)?);
     let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
     let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
-    let s_out = apply_scale(qh.matmul(&kh.t()?)?)?;
-    let s_in = if need_in {
-        Some(apply_scale(qh.matmul(&qh.t()?)?)?)
-    } else {
-        None
-    };
-    let s_kk = if need_kk {
-        Some(apply_scale(kh.matmul(&kh.t()?)?)?)
-    } else {
-        None
-    };
+    let gram = |a: &Tensor, b: &Tensor| apply_scale(a.matmul(&b.t()?)?);
+    let s_out = gram(&q_rows, &kh)?;
+    let s_in = need_in.then(|| gram(&q_rows, &qh)).transpose()?;
+    let s_kk = need_kk.then(|| gram(&k_rows, &kh)).transpose()?;
     let pick = |x: &Option<Tensor>| x.clone().expect("block computed");
 
-    let mut blocks = vec![s_out.clone()];
+    let mut blocks = vec![s_out];
     if spec.anchor_negatives {
         blocks.push(pick(&s_in));
     }
     if spec.target_negatives {
         blocks.push(pick(&s_kk));
     }
-    let forward_loss = direction(&blocks, spec.include_positive)?;
+    let forward_loss = direction(&blocks, rows, spec.include_positive)?;
     if !spec.symmetric {
         return Ok(forward_loss);
     }
-    let mut blocks = vec![s_out.t()?];
+    // k→q rows: [k̂ q̂ᵀ | Ŝ_kk | Ŝ_in], the same rows.
+    let mut blocks = vec![gram(&k_rows, &qh)?];
     if spec.anchor_negatives {
         blocks.push(pick(&s_kk));
     }
     if spec.target_negatives {
         blocks.push(pick(&s_in));
     }
-    let backward_loss = direction(&blocks, spec.include_positive)?;
+    let backward_loss = direction(&blocks, rows, spec.include_positive)?;
     (forward_loss + backward_loss)? * 0.5
+}
+
+/// The learnable scale `s = exp(θ)` as a tensor in the graph (`None` for a fixed temperature).
+fn scale_tensor(
+    scale: LogitScale,
+    log_scale: Option<&Tensor>,
+    dtype: DType,
+) -> candle_core::Result<Option<Tensor>> {
+    let Some(ls) = log_scale else {
+        return Ok(None);
+    };
+    let ls = ls.to_dtype(dtype)?.flatten_all()?;
+    let s = if scale.clamped {
+        // `θ·0 + max`: torch.clamp's value and zero gradient. θ must stay in the graph (the
+        // fused op returns a zero gradient, not none), and candle drops the argument of
+        // `affine(0, ·)` from it, hence the product with a zero tensor.
+        ((&ls * ls.zeros_like()?)? + scale.value)?
+    } else {
+        ls.exp()?
+    };
+    Ok(Some(s.reshape(())?))
 }

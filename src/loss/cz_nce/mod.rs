@@ -346,6 +346,49 @@ impl CzNce {
         Ok(composite::forward(q, k, self.spec(), scale, log_scale)?)
     }
 
+    /// The loss's part of rows `rows` of the batch, divided by the whole batch's size `B`:
+    /// the parts of a partition of `0..B` add up to [`CzNce::forward`] (up to rounding), in
+    /// values and gradients. Each row still sees every other row as a negative, but only
+    /// `[rows.len(), B]` blocks of logits are built, so a data-parallel rank that holds every
+    /// rank's embeddings computes only its own rows (OpenCLIP's "local loss"). The gradient
+    /// reaches every row of `q` and `k`, not only `rows`. Composite ops, on any device.
+    ///
+    /// # Shapes
+    ///
+    /// - `q`, `k`: `[B, D]`, as for [`CzNce::forward`]; output: `[]`.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`CzNce::forward`], and [`Error::InvalidArgument`] for rows outside `0..B` or
+    /// none.
+    pub fn forward_rows(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let scale = self.validate(q, k)?;
+        let b = q.dims()[0];
+        if rows.is_empty() || rows.end > b {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: rows {rows:?} of a batch of {b}"
+            )));
+        }
+        let log_scale = match &self.temperature {
+            Temperature::Fixed(_) => None,
+            Temperature::LearnableLogScale(ls) => Some(ls),
+        };
+        let part = (rows.start, rows.len());
+        let spec = self.spec();
+        Ok(composite::forward_rows(
+            q,
+            k,
+            part,
+            spec,
+            (scale, log_scale),
+        )?)
+    }
+
     /// The fused op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
     /// [`Error::InvalidArgument`] when [`CzNce::fused_supported`] says no.
     pub fn forward_fused(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
