@@ -12,8 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, Layout, Result};
 
 /// The PTX that `build.rs` compiles from each `.cu` file of this folder.
 mod ptx {
