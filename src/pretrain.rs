@@ -42,6 +42,7 @@ use crate::data::{NliExample, NliReadOptions, XnliDir};
 use crate::encode::{encode, EncodeOptions};
 use crate::encoder::write_atomic;
 use crate::eval::bootstrap::{self, Interval};
+use crate::eval::tatoeba::{tatoeba_markdown, TatoebaReport, TatoebaTask};
 use crate::eval::{embed_spans, evaluate_nli, finetune_nli, retrieval_accuracy};
 use crate::eval::{NliFinetuneConfig, NliReport, RetrievalScores};
 use crate::model::MlCtlModel;
@@ -340,6 +341,9 @@ pub struct Evaluation {
     pub xnli: Option<NliReport>,
     /// Which XNLI split was evaluated, and why ([`XnliTask::split`]).
     pub xnli_split: Option<String>,
+    /// XTREME's Tatoeba task, with a [`TatoebaTask`].
+    #[serde(default)]
+    pub tatoeba: Option<TatoebaReport>,
 }
 
 impl Evaluation {
@@ -366,6 +370,12 @@ impl Evaluation {
             out.push(Metric {
                 label: "anchor-word acc@1".into(),
                 items: MetricItems::Hits(hits(&self.anchor)),
+            });
+        }
+        for (label, hits) in self.tatoeba.iter().flat_map(TatoebaReport::metric_hits) {
+            out.push(Metric {
+                label,
+                items: MetricItems::Hits(hits),
             });
         }
         for a in &self.alignment {
@@ -441,6 +451,8 @@ pub struct EvalSuite {
     pub alignment: Vec<AlignmentTask>,
     /// Zero-shot XNLI, if any.
     pub xnli: Option<XnliTask>,
+    /// XTREME's Tatoeba task, if any.
+    pub tatoeba: Option<TatoebaTask>,
     /// Sentences encoded at once.
     pub batch_size: usize,
 }
@@ -455,6 +467,7 @@ impl EvalSuite {
             poolings: vec![SentencePooling::mlctl()],
             alignment: Vec::new(),
             xnli: None,
+            tatoeba: None,
             batch_size: 64,
         }
     }
@@ -474,6 +487,12 @@ impl EvalSuite {
     /// Adds XNLI.
     pub fn with_xnli(mut self, xnli: Option<XnliTask>) -> Self {
         self.xnli = xnli;
+        self
+    }
+
+    /// Adds XTREME's Tatoeba task.
+    pub fn with_tatoeba(mut self, tatoeba: Option<TatoebaTask>) -> Self {
+        self.tatoeba = tatoeba;
         self
     }
 
@@ -502,12 +521,18 @@ impl EvalSuite {
             alignment.extend(task.scores(model, tokenizer)?);
         }
         let xnli = self.xnli.as_ref().map(|x| x.accuracy(model)).transpose()?;
+        let encoder = &model.bert.model.encoder;
+        let tatoeba = self.tatoeba.as_ref();
+        let tatoeba = tatoeba
+            .map(|t| t.evaluate(encoder, tokenizer, &model.pooling))
+            .transpose()?;
         Ok(Evaluation {
             sentence,
             anchor,
             alignment,
             xnli,
             xnli_split: self.xnli.as_ref().map(|x| x.split.clone()),
+            tatoeba,
         })
     }
 
@@ -653,6 +678,9 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> Result<St
             s += &format!("| {lang} | {} | {after} |\n", pct(*acc));
         }
         s += &format!("| average | {} | {} |\n", pct(b.average), pct(a.average));
+    }
+    if let (Some(b), Some(a)) = (&before.tatoeba, &after.tatoeba) {
+        s += &tatoeba_markdown(&[("before", b), ("after", a)]);
     }
     Ok(s)
 }
@@ -829,6 +857,7 @@ mod tests {
                 .collect(),
             xnli: None,
             xnli_split: None,
+            tatoeba: None,
         }
     }
 
