@@ -1,5 +1,6 @@
 //! XTREME's Tatoeba task: accuracies counted by hand on a tiny fixture (ties, an empty line),
-//! the language list and the shipped files, and the encoder path.
+//! the language list and the shipped files, the encoder path, and agreement with an independent
+//! implementation in Python (`tests/fixtures/make_tatoeba_reference.py`).
 
 mod common;
 
@@ -14,6 +15,7 @@ use mlctl::eval::tatoeba::{
 };
 use mlctl::model::MlCtlModel;
 use mlctl::pretrain::{EvalSuite, Evaluation};
+use serde_json::Value;
 
 /// The fixture's sentences: line 3 of the `tst` side is empty, and an English line ends in a
 /// carriage return (both sides are stripped, as XTREME strips them).
@@ -249,4 +251,50 @@ fn the_suite_scores_a_model_through_the_encoder() {
     let json = serde_json::to_string(&evaluation).unwrap();
     let back: Evaluation = serde_json::from_str(&json).unwrap();
     assert_eq!(back.tatoeba.as_ref(), Some(report));
+}
+
+/// The committed Rust evaluation of multilingual-e5-small against the Python implementation's
+/// output, on every language the Python file holds: within 0.1 points (one query in 1000) in
+/// both directions.
+#[test]
+fn rust_and_python_agree_on_e5_small() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("tatoeba/e5_small_xtreme.json")).unwrap(),
+    )
+    .unwrap();
+    let rust: Evaluation = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.join("examples/pretrain_xnli/results/e5-small-tatoeba/evaluation.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let report: &TatoebaReport = rust.tatoeba.as_ref().unwrap();
+    let xtreme = &report.poolings[0];
+    assert!(xtreme.label.starts_with("XTREME"), "{}", xtreme.label);
+    let languages = python["languages"].as_object().unwrap();
+    assert!(!languages.is_empty());
+    for (code, py) in languages {
+        let info = report.languages.iter().find(|l| &l.code == code).unwrap();
+        assert_eq!(
+            py["pairs"].as_u64(),
+            Some(info.pairs as u64),
+            "{}",
+            info.code
+        );
+        assert_eq!(py["first_line"].as_u64(), Some(info.first_line as u64));
+        let ours = &xtreme.scores[&info.code];
+        for (direction, key) in [
+            (Direction::EnToXx, "en_to_xx"),
+            (Direction::XxToEn, "xx_to_en"),
+        ] {
+            let diff = (100.0 * f64::from(direction.of(ours)) - py[key].as_f64().unwrap()).abs();
+            assert!(
+                diff <= 0.1 + 1e-4,
+                "{} {key}: differs by {diff:.2} points",
+                info.code
+            );
+        }
+    }
 }

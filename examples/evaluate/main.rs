@@ -53,6 +53,9 @@ struct Args {
     /// Sentences per forward pass.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
+    /// The model's name in the report (default: the last component of --model).
+    #[arg(long)]
+    label: Option<String>,
     /// Directory for evaluation.json and results.md (absent: print only).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -91,11 +94,15 @@ fn main() -> Result<()> {
     let evaluation = suite.evaluate(&model, &tokenizer)?;
     let seconds = clock.elapsed().as_secs_f64() - loaded;
     let report = evaluation.tatoeba.as_ref().context("no Tatoeba report")?;
+    let label = args.label.clone().unwrap_or_else(|| {
+        let path = std::path::Path::new(&args.model);
+        path.file_name()
+            .map_or_else(|| args.model.clone(), |n| n.to_string_lossy().into())
+    });
     let mut markdown = format!(
-        "# Tatoeba evaluation\n\n- model: {}\n- time: {seconds:.0} s evaluating ({loaded:.1} s loading)\n",
-        args.model
+        "# Tatoeba evaluation\n\n- model: {label}\n- time: {seconds:.0} s evaluating ({loaded:.1} s loading)\n"
     );
-    markdown += &tatoeba_markdown(&[(args.model.as_str(), report)]);
+    markdown += &tatoeba_markdown(&[(label.as_str(), report)]);
     if let Some(out) = &args.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         let path = out.join(EVALUATION_FILE);
