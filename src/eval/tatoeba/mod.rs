@@ -553,7 +553,9 @@ impl TatoebaReport {
 
     /// Bootstrap items of the summary metrics: for each pooling and for the zero-shot and the
     /// trained languages, every query's hit (1) or miss (0), both directions; and XTREME's
-    /// direction alone for the headline pooling. Labels name the pooling and the group.
+    /// direction alone for the headline pooling. Labels name the pooling and the group. Every
+    /// query counts once, so a language with more pairs weighs more than in
+    /// [`TatoebaReport::average`].
     pub fn metric_hits(&self) -> Vec<(String, Vec<f64>)> {
         let mut out = Vec::new();
         let groups = [
@@ -574,12 +576,18 @@ impl TatoebaReport {
                 if p == 0 {
                     let hits = scores.iter().flat_map(|s| &s.tgt_hits);
                     out.push((
-                        format!("Tatoeba {n} {name}, {}, en→xx", pooling.label),
+                        format!(
+                            "Tatoeba {n} {name} (queries pooled), {}, en→xx",
+                            pooling.label
+                        ),
                         hits.map(|&h| f64::from(u8::from(h))).collect(),
                     ));
                 }
                 out.push((
-                    format!("Tatoeba {n} {name}, {}, both directions", pooling.label),
+                    format!(
+                        "Tatoeba {n} {name} (queries pooled), {}, both directions",
+                        pooling.label
+                    ),
                     scores.iter().flat_map(|s| s.hits()).collect(),
                 ));
             }
