@@ -1,5 +1,6 @@
 //! Compares `pretrain_xnli` runs side by side: every metric with its 95% bootstrap interval,
-//! and paired differences between the runs and against the starting model.
+//! paired differences between the runs and against the starting model, and the mean ±
+//! standard deviation over the seeds of each configuration.
 //!
 //! A command line over `mlctl::pretrain::objectives_markdown`. See
 //! `examples/compare_runs/README.md`.
@@ -8,14 +9,17 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mlctl::pretrain::{objectives_markdown, read_evaluations};
+use mlctl::eval::seeds::{seeds_markdown, RunMetrics};
+use mlctl::pretrain::{objectives_markdown, read_evaluations, Evaluation};
 
 /// Tables comparing `pretrain_xnli` runs evaluated on the same suite.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Run directories (each with the `evaluation.json` that `pretrain_xnli` writes), the
-    /// first one being the run the others are compared with. A directory's label is its name.
+    /// first one being the run the others are compared with. A directory's label is its name;
+    /// names that differ only by a trailing seed tag (`ml-ctl-seed0`, `ml-ctl-seed1`) are
+    /// runs of one configuration, summarised as mean ± standard deviation.
     #[arg(required = true)]
     runs: Vec<PathBuf>,
 }
@@ -43,5 +47,31 @@ fn main() -> Result<()> {
     }
     let start = start.context("no run given")?;
     print!("{}", objectives_markdown(&start, &runs)?);
+    println!(
+        "\n### Mean ± standard deviation over seeds\n\n\
+         Runs grouped by directory name less its seed tag; the sample standard deviation \
+         (n − 1) of each metric's value over the runs of a group.\n"
+    );
+    let values = runs
+        .iter()
+        .map(|(label, e)| Ok((label.clone(), metric_values(e)?)))
+        .collect::<Result<Vec<RunMetrics>>>()?;
+    let aer: Vec<String> = start
+        .metrics()
+        .into_iter()
+        .filter(|m| m.lower_is_better())
+        .map(|m| m.label)
+        .collect();
+    let lower_is_better = |label: &str| aer.iter().any(|a| a == label);
+    print!("{}", seeds_markdown(&values, lower_is_better)?);
     Ok(())
+}
+
+/// Every metric's value (accuracy in %, AER as a fraction), labelled.
+fn metric_values(evaluation: &Evaluation) -> Result<Vec<(String, f64)>> {
+    evaluation
+        .metrics()
+        .into_iter()
+        .map(|m| Ok((m.label.clone(), m.interval()?.estimate)))
+        .collect()
 }

@@ -17,6 +17,7 @@ use mlctl::device::{select_device, DeviceChoice};
 use mlctl::dist::{join_ranks, launch_local_ranks, Collective, DistEnv};
 use mlctl::encoder::BertConfig;
 use mlctl::eval::plots::{plot_before_after, plot_training, BeforeAfter};
+use mlctl::eval::tatoeba::{shipped_tatoeba_dir, TatoebaPooling, TatoebaTask};
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::nli::NliFinetuneConfig;
@@ -75,6 +76,12 @@ enum Recipe {
     AdamLinearClipped,
     /// The ML-CTL release's: Adam, MultiStepLR x0.1 at 2/6, 4/6 and 5/6 of training, no clipping.
     Reference,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TatoebaBenchmark {
+    /// XTREME's 36 Tatoeba languages, XTREME's pooling and direction.
+    Xtreme,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -205,6 +212,16 @@ struct Args {
     /// Epochs of NLI fine-tuning.
     #[arg(long, default_value_t = 2)]
     xnli_epochs: usize,
+    /// Also score XTREME's Tatoeba task (36 languages) before and after; the five training
+    /// languages on their held-apart lines only.
+    #[arg(long, value_enum)]
+    tatoeba: Option<TatoebaBenchmark>,
+    /// Directory of the LASER Tatoeba files for --tatoeba (default: the crate's data/tatoeba).
+    #[arg(long, requires = "tatoeba")]
+    tatoeba_dir: Option<PathBuf>,
+    /// Hidden state pooled by XTREME's protocol (default: 8, or the last of smaller encoders).
+    #[arg(long, requires = "tatoeba", allow_hyphen_values = true)]
+    tatoeba_layer: Option<isize>,
     /// Layer used for word alignment (default: 8, or the last layer of smaller encoders).
     #[arg(long)]
     align_layer: Option<isize>,
@@ -514,7 +531,28 @@ fn eval_suite(args: &Args, mode: &Mode, lexicon: Arc<Lexicon>) -> Result<EvalSui
     Ok(EvalSuite::new(held_apart, lexicon)
         .with_poolings(poolings)
         .with_alignment(alignment)
-        .with_xnli(xnli))
+        .with_xnli(xnli)
+        .with_tatoeba(tatoeba_task(args)?))
+}
+
+/// XTREME's Tatoeba task with `--tatoeba`: the embedded training languages scored on their
+/// held-apart lines, with XTREME's pooling, the model's and, with --mean-last-pooling, e5's.
+fn tatoeba_task(args: &Args) -> Result<Option<TatoebaTask>> {
+    let Some(TatoebaBenchmark::Xtreme) = args.tatoeba else {
+        return Ok(None);
+    };
+    let dir = args.tatoeba_dir.clone().unwrap_or_else(shipped_tatoeba_dir);
+    let trained: Vec<&str> = TATOEBA.iter().map(|(laser, ..)| *laser).collect();
+    let mut poolings = vec![
+        TatoebaPooling::xtreme(args.tatoeba_layer),
+        TatoebaPooling::model(),
+    ];
+    if args.mean_last_pooling {
+        poolings.push(TatoebaPooling::mean_last(args.text_prefix.as_deref()));
+    }
+    let task = TatoebaTask::xtreme(&dir, &trained, EMBEDDED_TRAIN_PAIRS)
+        .with_context(|| format!("reading {}", dir.display()))?;
+    Ok(Some(task.with_poolings(poolings).with_progress(true)))
 }
 
 /// Trains (or resumes) in the run directory, as a rank of `collective` when given; returns the

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::tasks::AlignmentScores;
 use crate::align::AlignmentCounts;
 use crate::eval::bootstrap::{self, Interval};
+use crate::eval::tatoeba::TatoebaReport;
 use crate::eval::RetrievalScores;
 use crate::nli::NliReport;
 use crate::{Error, Result};
@@ -27,6 +28,9 @@ pub struct Evaluation {
     pub xnli: Option<NliReport>,
     /// Which XNLI split was evaluated, and why ([`XnliTask::split`](super::XnliTask::split)).
     pub xnli_split: Option<String>,
+    /// XTREME's Tatoeba task, with a [`TatoebaTask`](crate::eval::tatoeba::TatoebaTask).
+    #[serde(default)]
+    pub tatoeba: Option<TatoebaReport>,
 }
 
 impl Evaluation {
@@ -53,6 +57,12 @@ impl Evaluation {
             out.push(Metric {
                 label: "anchor-word acc@1".into(),
                 items: MetricItems::Hits(hits(&self.anchor)),
+            });
+        }
+        for (label, hits) in self.tatoeba.iter().flat_map(TatoebaReport::metric_hits) {
+            out.push(Metric {
+                label,
+                items: MetricItems::Hits(hits),
             });
         }
         for a in &self.alignment {

@@ -2,6 +2,7 @@
 
 use super::metrics::{Evaluation, Metric};
 use crate::eval::bootstrap::Interval;
+use crate::eval::tatoeba::tatoeba_markdown;
 use crate::eval::RetrievalScores;
 use crate::{Error, Result};
 
@@ -94,6 +95,9 @@ pub fn comparison_markdown(before: &Evaluation, after: &Evaluation) -> Result<St
             s += &format!("| {lang} | {} | {after} |\n", pct(*acc));
         }
         s += &format!("| average | {} | {} |\n", pct(b.average), pct(a.average));
+    }
+    if let (Some(b), Some(a)) = (&before.tatoeba, &after.tatoeba) {
+        s += &tatoeba_markdown(&[("before", b), ("after", a)]);
     }
     Ok(s)
 }

@@ -8,6 +8,7 @@ use super::metrics::Evaluation;
 use super::tasks::{AlignmentTask, SentencePooling, XnliTask};
 use crate::align::{find_anchor_spans, Lexicon};
 use crate::encode::{encode, EncodeOptions};
+use crate::eval::tatoeba::TatoebaTask;
 use crate::eval::{embed_spans, retrieval_accuracy, RetrievalScores};
 use crate::model::MlCtlModel;
 use crate::pooling::TokenSpan;
@@ -28,6 +29,8 @@ pub struct EvalSuite {
     pub alignment: Vec<AlignmentTask>,
     /// Zero-shot XNLI, if any.
     pub xnli: Option<XnliTask>,
+    /// XTREME's Tatoeba task, if any.
+    pub tatoeba: Option<TatoebaTask>,
     /// Sentences encoded at once.
     pub batch_size: usize,
 }
@@ -42,6 +45,7 @@ impl EvalSuite {
             poolings: vec![SentencePooling::mlctl()],
             alignment: Vec::new(),
             xnli: None,
+            tatoeba: None,
             batch_size: 64,
         }
     }
@@ -61,6 +65,12 @@ impl EvalSuite {
     /// Adds XNLI.
     pub fn with_xnli(mut self, xnli: Option<XnliTask>) -> Self {
         self.xnli = xnli;
+        self
+    }
+
+    /// Adds XTREME's Tatoeba task.
+    pub fn with_tatoeba(mut self, tatoeba: Option<TatoebaTask>) -> Self {
+        self.tatoeba = tatoeba;
         self
     }
 
@@ -89,12 +99,17 @@ impl EvalSuite {
             alignment.extend(task.scores(model, tokenizer)?);
         }
         let xnli = self.xnli.as_ref().map(|x| x.accuracy(model)).transpose()?;
+        let tatoeba = self.tatoeba.as_ref();
+        let tatoeba = tatoeba
+            .map(|t| t.evaluate(model.encoder(), tokenizer, &model.pooling))
+            .transpose()?;
         Ok(Evaluation {
             sentence,
             anchor,
             alignment,
             xnli,
             xnli_split: self.xnli.as_ref().map(|x| x.split.clone()),
+            tatoeba,
         })
     }
 

@@ -40,6 +40,7 @@ fn evaluation(hits: &[bool], aligned: bool) -> Evaluation {
             .collect(),
         xnli: None,
         xnli_split: None,
+        tatoeba: None,
     }
 }
 
