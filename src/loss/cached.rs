@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 
+use super::grads::accumulate_gradients;
 use super::masked_lm_loss;
 use super::multi_level::{pass_key, MaskedPair, MultiLevelLoss, Pass, RankShard};
 use crate::data::{MaskedTokens, PairBatch};
 use crate::encoder::DropoutRng;
 use crate::model::{MlCtlModel, SideEmbeddings};
-use crate::ops::num::accumulation_dtype;
 use crate::ops::DropoutKey;
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
@@ -388,18 +388,7 @@ impl Run<'_> {
 
     /// Adds the gradients of the variables in `store` to those summed so far.
     fn add_grads(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
-        for (name, var) in self.vars {
-            if let Some(g) = store.get(var) {
-                // Summed over the chunks in f32 for half-precision gradients.
-                let g = g.to_dtype(accumulation_dtype(g.dtype()))?;
-                let g = match self.grads.remove(name) {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                };
-                self.grads.insert(name.clone(), g);
-            }
-        }
-        Ok(())
+        accumulate_gradients(&mut self.grads, store, self.vars)
     }
 
     /// Both sides of `chunk` (rows from `start`), with graph.

@@ -2,6 +2,7 @@
 
 mod cached;
 mod cz_nce;
+pub(crate) mod grads;
 mod mlm;
 mod multi_level;
 

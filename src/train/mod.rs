@@ -10,6 +10,7 @@ mod schedule;
 mod trainer;
 mod update;
 
+pub use crate::loss::grads::accumulate_gradients;
 pub use checkpoint::{
     checkpoint_name, latest_checkpoint, latest_verified_checkpoint, list_checkpoints,
     prune_checkpoints, verify_checkpoint, write_checkpoint_dir, CHECKSUMS_FILE,
@@ -19,4 +20,4 @@ pub use loss_scale::LossScaler;
 pub use optimizer::{clip_grad_norm, global_grad_norm, is_no_decay, AdamW, AdamWConfig, Gradients};
 pub use schedule::{Decay, LrSchedule};
 pub use trainer::{StepRecord, TrainSummary, Trainer, METRICS_FILE};
-pub use update::{accumulate_gradients, BadSteps, UpdateRecord, UpdateRule};
+pub use update::{BadSteps, UpdateRecord, UpdateRule};

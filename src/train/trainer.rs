@@ -18,11 +18,12 @@ use super::checkpoint::{
 use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, Gradients};
-use super::update::{accumulate_gradients, add_gradient, BadSteps, UpdateRecord, UpdateRule};
+use super::update::{BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
 use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
 use crate::encoder::read_checkpoint_dir;
 use crate::fs::HEAD_WEIGHTS_FILE;
+use crate::loss::grads::{accumulate_gradients, add_gradient};
 use crate::loss::{
     masked_rows, pair_rows, CachedLoss, LossTerms, MaskedPair, MultiLevelLoss, RankShard,
 };
