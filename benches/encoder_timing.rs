@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! cargo bench --bench encoder_timing -- [--shapes embedded,e5-small,mbert] [--reps 5]
-//!     [--modes fwd,train] [--paths fused,composite,frozen,sparse] [--stages] [--device cpu|cuda]
+//!     [--modes fwd,train] [--paths fused,composite,frozen,sparse,explicit] [--stages]
+//!     [--device cpu|cuda]
 //! ```
 //!
 //! `--device cuda` needs `--features cuda`; every timing then stops after `device.synchronize()`.
@@ -11,7 +12,8 @@
 //! Paths: `fused` (the default kernels), `composite` (their composite twins), and two variants of
 //! the fused path that skip work on the word-embedding table in training: `frozen` (the
 //! embedding layer fixed, [`BertEncoder::with_frozen_embeddings`]) and `sparse` (AdamW's lazy
-//! row update of the table, [`AdamW::with_sparse_rows`]).
+//! row update of the table, [`AdamW::with_sparse_rows`]). `explicit` trains through the
+//! hand-written encoder backward ([`Backward::Explicit`]) instead of candle's autograd.
 //!
 //! Shapes: `mbert` (12 layers, H 768, vocab 119547, B 8, L 128), `e5-small` (12 layers, H 384,
 //! vocab 250037, B 32, L 64), `embedded` (4 layers, H 128, vocab 8000, B 32, L 32). Random
@@ -27,7 +29,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use mlctl::encoder::{BertConfig, BertEncoder, ParamStore};
+use mlctl::encoder::{Backward, BertConfig, BertEncoder, ParamStore};
 use mlctl::ops::Kernels;
 use mlctl::train::{AdamW, AdamWConfig, Gradients};
 
@@ -208,6 +210,68 @@ fn time_ops(
     Ok(())
 }
 
+/// The train step's parts: the training forward, its backward (the explicit path: forward and
+/// backward together, its tape being spent by the backward) and the AdamW step.
+fn time_stages(
+    enc: &BertEncoder,
+    ids: &Tensor,
+    mask: &Tensor,
+    vars: &[(String, candle_core::Var)],
+    opt: &mut AdamW,
+    reps: usize,
+    print: &dyn Fn(&str, (f64, f64)),
+) -> mlctl::Result<()> {
+    print(
+        "train_fwd",
+        time(reps, || {
+            std::hint::black_box(loss(enc, ids, mask, true)?);
+            enc.discard_recorded();
+            Ok(())
+        })?,
+    );
+    let grads_of = |store: &candle_core::backprop::GradStore| -> mlctl::Result<Gradients> {
+        let mut grads: Gradients = vars
+            .iter()
+            .filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+            .collect();
+        enc.backward_recorded(store)?;
+        enc.take_gradients(vars, &mut grads)?;
+        Ok(grads)
+    };
+    if enc.backward_mode() == Backward::Explicit {
+        let step = || grads_of(&loss(enc, ids, mask, true)?.backward()?);
+        print(
+            "train_fwd_bwd",
+            time(reps, || {
+                std::hint::black_box(step()?);
+                Ok(())
+            })?,
+        );
+        let grads = step()?;
+        return print_adamw(opt, &grads, reps, print);
+    }
+    let l = loss(enc, ids, mask, true)?;
+    print(
+        "train_bwd",
+        time(reps, || {
+            std::hint::black_box(l.backward()?);
+            Ok(())
+        })?,
+    );
+    let grads = grads_of(&l.backward()?)?;
+    print_adamw(opt, &grads, reps, print)
+}
+
+fn print_adamw(
+    opt: &mut AdamW,
+    grads: &Gradients,
+    reps: usize,
+    print: &dyn Fn(&str, (f64, f64)),
+) -> mlctl::Result<()> {
+    print("adamw", time(reps, || opt.step(grads, 1e-5))?);
+    Ok(())
+}
+
 fn main() -> mlctl::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
@@ -232,6 +296,7 @@ fn main() -> mlctl::Result<()> {
         let params = ParamStore::new(0);
         let enc = BertEncoder::load(params.var_builder(DType::F32, &dev), &cfg)?;
         let vars = params.named_vars();
+        let var_list: Vec<(String, candle_core::Var)> = vars.clone().into_iter().collect();
         let ids =
             Tensor::rand(0f32, cfg.vocab_size as f32 - 1.0, (b, l), &dev)?.to_dtype(DType::U32)?;
         // Every other sequence is padded to three quarters of the length, as real batches are.
@@ -244,15 +309,18 @@ fn main() -> mlctl::Result<()> {
         let mask = Tensor::from_vec(lens, (b, l), &dev)?;
         for path in paths.split(',') {
             let kernels = match path {
-                "fused" | "frozen" | "sparse" => Kernels::Auto,
+                "fused" | "frozen" | "sparse" | "explicit" => Kernels::Auto,
                 "composite" => Kernels::Composite,
-                other => panic!("unknown path {other} (fused, composite, frozen, sparse)"),
+                other => {
+                    panic!("unknown path {other} (fused, composite, frozen, sparse, explicit)")
+                }
             };
             let mut enc = enc.clone().with_kernels(kernels);
             let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
             match path {
                 "frozen" => enc = enc.with_frozen_embeddings(),
                 "sparse" => opt = opt.with_sparse_rows("embeddings.word_embeddings.weight")?,
+                "explicit" => enc = enc.with_backward(Backward::Explicit),
                 _ => {}
             }
             let print = |mode: &str, (ms, min_ms): (f64, f64)| {
@@ -277,40 +345,21 @@ fn main() -> mlctl::Result<()> {
                         print(
                             mode,
                             time(reps, || {
-                                let grads = loss(&enc, &ids, &mask, true)?.backward()?;
-                                let grads: Gradients = vars
+                                let store = loss(&enc, &ids, &mask, true)?.backward()?;
+                                let mut grads: Gradients = vars
                                     .iter()
                                     .filter_map(|(n, v)| {
-                                        grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))
+                                        store.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))
                                     })
                                     .collect();
+                                // The explicit backward's share (nothing on the autograd path).
+                                enc.backward_recorded(&store)?;
+                                enc.take_gradients(&var_list, &mut grads)?;
                                 opt.step(&grads, 1e-5)
                             })?,
                         );
                         if stages {
-                            print(
-                                "train_fwd",
-                                time(reps, || {
-                                    std::hint::black_box(loss(&enc, &ids, &mask, true)?);
-                                    Ok(())
-                                })?,
-                            );
-                            let l = loss(&enc, &ids, &mask, true)?;
-                            print(
-                                "train_bwd",
-                                time(reps, || {
-                                    std::hint::black_box(l.backward()?);
-                                    Ok(())
-                                })?,
-                            );
-                            let grads = l.backward()?;
-                            let grads: Gradients = vars
-                                .iter()
-                                .filter_map(|(n, v)| {
-                                    grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))
-                                })
-                                .collect();
-                            print("adamw", time(reps, || opt.step(&grads, 1e-5))?);
+                            time_stages(&enc, &ids, &mask, &var_list, &mut opt, reps, &print)?;
                         }
                     }
                     "ops" => time_ops(&cfg, b, l, kernels, reps, &print)?,

@@ -9,6 +9,11 @@ use crate::ops::{self, DropoutKey, Kernels};
 use crate::tokenize::TokenBatch;
 use crate::{Error, Result};
 
+mod explicit;
+
+pub use explicit::Backward;
+use explicit::{site, Explicit, Recorder, LAYER_TENSORS};
+
 /// `xs @ weight^T + bias` with `xs` flattened to rows: one GEMM forward and one per gradient
 /// backward. (candle-nn's `Linear` broadcasts the weight over the batch instead, so its weight
 /// gradient is one GEMM per sequence followed by a sum.) With the fused kernels the bias is
@@ -28,12 +33,6 @@ fn dense(lin: &candle_nn::Linear, xs: &Tensor, kernels: Kernels) -> Result<Tenso
         *last = ys.dim(1)?;
     }
     Ok(ys.reshape(dims)?)
-}
-
-/// Dropout site ids: the embeddings' is 0, layer `i`'s are `1 + 3 i` (attention probabilities),
-/// `2 + 3 i` (attention output) and `3 + 3 i` (feed-forward output).
-fn site(layer: usize, which: u32) -> u32 {
-    1 + 3 * layer as u32 + which
 }
 
 /// Every hidden state of a forward pass.
@@ -292,6 +291,49 @@ struct Layer {
     feed_forward: FeedForward,
 }
 
+impl Layer {
+    /// Q, K, V weight and bias, output weight and bias, LayerNorm weight and bias, then the
+    /// feed-forward's intermediate and output weights and biases and its LayerNorm's.
+    fn tensors<'a>(&'a self) -> Result<[&'a Tensor; LAYER_TENSORS]> {
+        let (a, f) = (&self.attention, &self.feed_forward);
+        let b = |l: &'a candle_nn::Linear| -> Result<&'a Tensor> {
+            l.bias().ok_or_else(|| {
+                Error::InvalidArgument("the explicit backward needs biased linear layers".into())
+            })
+        };
+        Ok([
+            a.query.weight(),
+            b(&a.query)?,
+            a.key.weight(),
+            b(&a.key)?,
+            a.value.weight(),
+            b(&a.value)?,
+            a.output.weight(),
+            b(&a.output)?,
+            a.layer_norm.weight(),
+            a.layer_norm.bias(),
+            f.intermediate.weight(),
+            b(&f.intermediate)?,
+            f.output.weight(),
+            b(&f.output)?,
+            f.layer_norm.weight(),
+            f.layer_norm.bias(),
+        ])
+    }
+}
+
+impl Embeddings {
+    fn tensors(&self) -> [&Tensor; 5] {
+        [
+            self.word.embeddings(),
+            self.position.embeddings(),
+            self.token_type.embeddings(),
+            self.layer_norm.weight(),
+            self.layer_norm.bias(),
+        ]
+    }
+}
+
 /// A BERT encoder (embeddings and transformer layers) that returns every hidden state and trains.
 ///
 /// Parameter names are transformers' `BertModel` names (`embeddings.word_embeddings.weight`,
@@ -309,6 +351,8 @@ pub struct BertEncoder {
     layers: Vec<Layer>,
     dropout_rng: DropoutRng,
     config: BertConfig,
+    backward: Backward,
+    recorder: Recorder,
 }
 
 impl BertEncoder {
@@ -339,6 +383,8 @@ impl BertEncoder {
             layers,
             dropout_rng: rng,
             config: cfg.clone(),
+            backward: Backward::default(),
+            recorder: Recorder::default(),
         })
     }
 
@@ -375,6 +421,75 @@ impl BertEncoder {
                 .collect(),
             ..self
         }
+    }
+
+    /// Chooses how training passes are differentiated: candle's autograd (the default) or the
+    /// explicit backward ([`Backward::Explicit`]), whose passes are differentiated by
+    /// [`BertEncoder::backward_recorded`] after the loss's `backward`. Clones share the
+    /// recorded passes and their gradient sums.
+    pub fn with_backward(self, backward: Backward) -> Self {
+        Self {
+            backward,
+            recorder: Recorder::default(),
+            ..self
+        }
+    }
+
+    /// How training passes are differentiated ([`BertEncoder::with_backward`]).
+    pub fn backward_mode(&self) -> Backward {
+        self.backward
+    }
+
+    /// Whether a training pass takes the explicit path: chosen, on the CPU, f32 or f64 weights.
+    fn records(&self) -> bool {
+        self.backward == Backward::Explicit
+            && self.device().is_cpu()
+            && matches!(self.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// The explicit path's view of the encoder.
+    fn explicit(&self) -> Result<Explicit<'_>> {
+        Ok(Explicit {
+            config: &self.config,
+            embeddings: self.embeddings.tensors(),
+            padding_idx: self.embeddings.padding_idx,
+            layers: self
+                .layers
+                .iter()
+                .map(Layer::tensors)
+                .collect::<Result<_>>()?,
+            recorder: &self.recorder,
+            device: self.device(),
+            dtype: self.dtype(),
+        })
+    }
+
+    /// Differentiates every training pass recorded since the last call (with
+    /// [`Backward::Explicit`]), given the store of the loss's `backward`: the gradients of the
+    /// hidden states it holds flow back through the encoder, and every trainable encoder
+    /// parameter's gradient is added to the sums [`BertEncoder::take_gradients`] hands over.
+    /// A pass whose hidden states got no gradient is dropped. Without recorded passes (the
+    /// autograd path), nothing happens.
+    pub fn backward_recorded(&self, store: &candle_core::backprop::GradStore) -> Result<()> {
+        self.explicit()?.backward_recorded(store)
+    }
+
+    /// Drops the passes recorded since the last [`BertEncoder::backward_recorded`] (a forward
+    /// whose outputs are only read).
+    pub fn discard_recorded(&self) {
+        self.recorder.discard();
+    }
+
+    /// Moves the encoder gradients summed by [`BertEncoder::backward_recorded`] into `grads`,
+    /// under the names of `vars` (added to a gradient already there, such as the MLM decoder's
+    /// share of the tied word embeddings), and starts the next sums from zero. Gradients of
+    /// parameters not in `vars` are dropped. Each gradient is handed over without a copy.
+    pub fn take_gradients(
+        &self,
+        vars: &[(String, candle_core::Var)],
+        grads: &mut std::collections::BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        self.recorder.take_gradients(vars, grads)
     }
 
     /// The generator every dropout layer of this encoder draws from.
@@ -509,6 +624,18 @@ impl BertEncoder {
                 &zeros
             }
         };
+        if let (Some(key), false, true) = (key, detach, self.records()) {
+            let hidden_states = self.explicit()?.forward_recorded(
+                input_ids,
+                token_type_ids,
+                attention_mask,
+                key,
+            )?;
+            return Ok(EncoderOutput {
+                last_hidden_state: hidden_states[hidden_states.len() - 1].clone(),
+                hidden_states,
+            });
+        }
         let mut xs = cut(self.embeddings.forward_t(input_ids, token_type_ids, key)?);
         let additive_mask = self.additive_mask(attention_mask, batch, seq_len, xs.dtype())?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
@@ -533,9 +660,15 @@ impl BertEncoder {
         dtype: DType,
     ) -> Result<Tensor> {
         let device = self.word_embeddings().device();
+        // f64's most negative value is -inf in f32, and 0 · -inf is NaN: build the mask in f64
+        // for f64 weights.
+        let acc = match dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
         let mask = match mask {
-            Some(m) => m.to_dtype(DType::F32)?,
-            None => Tensor::ones((batch, seq_len), DType::F32, device)?,
+            Some(m) => m.to_dtype(acc)?,
+            None => Tensor::ones((batch, seq_len), acc, device)?,
         };
         let min = match dtype {
             DType::F16 => f64::from(half::f16::MIN),

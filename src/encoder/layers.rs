@@ -53,6 +53,16 @@ impl LayerNorm {
         }
     }
 
+    /// The scale, `[size]`.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift, `[size]`.
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     /// Normalises `xs` (`[..., size]`).
     pub fn forward_ln(&self, xs: &Tensor) -> Result<Tensor> {
         if self.kernels.fused_on(xs.device()) {

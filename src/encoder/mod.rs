@@ -11,7 +11,7 @@ mod config;
 mod layers;
 mod params;
 
-pub use bert::{BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
+pub use bert::{Backward, BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
 pub use checkpoint::CheckpointTensors;
 pub(crate) use checkpoint::{checkpoint_name, read_checkpoint_dir, save_params, save_params_as};
 pub use config::{BertConfig, HiddenAct};

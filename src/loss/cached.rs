@@ -207,6 +207,7 @@ impl CachedLoss {
         for (start, len) in run.chunks() {
             mlm_sum += self.chunk_backward(run, (start, len), cached.as_ref(), mlm_counts)?;
         }
+        run.take_encoder_grads()?;
         let mlm = self.objective.mlm_weight.map(|_| mlm_sum);
         if let (Some(weight), Some(m)) = (self.objective.mlm_weight, mlm) {
             values.total += weight as f32 * m;
@@ -387,8 +388,18 @@ impl Run<'_> {
     }
 
     /// Adds the gradients of the variables in `store` to those summed so far.
+    /// With the explicit encoder backward, the recorded passes are differentiated here and
+    /// their sums handed over at the end of the evaluation ([`Run::take_encoder_grads`]).
     fn add_grads(&mut self, store: &candle_core::backprop::GradStore) -> Result<()> {
-        accumulate_gradients(&mut self.grads, store, self.vars)
+        accumulate_gradients(&mut self.grads, store, self.vars)?;
+        self.model.encoder().backward_recorded(store)
+    }
+
+    /// Moves the explicit backward's encoder gradients into the evaluation's sums.
+    fn take_encoder_grads(&mut self) -> Result<()> {
+        self.model
+            .encoder()
+            .take_gradients(self.vars, &mut self.grads)
     }
 
     /// Both sides of `chunk` (rows from `start`), with graph.
@@ -409,6 +420,8 @@ impl Run<'_> {
         let (mut src, mut tgt) = (Vec::new(), Vec::new());
         for (start, len) in self.chunks() {
             let (s, t) = self.embed(&pair_rows(self.batch, start, len)?, start)?;
+            // Only values are kept: a recorded explicit pass would hold the chunk's activations.
+            self.model.encoder().discard_recorded();
             src.push(detached(s)?);
             tgt.push(detached(t)?);
         }

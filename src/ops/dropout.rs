@@ -6,9 +6,11 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernel::{check_device, check_float, dispatch, fused_supported, slice};
+use super::kernel::{
+    check_device, check_float, dispatch, fused_supported, slice, vectorized, Vectorized,
+};
 use super::num::{Elem, Real};
-use super::philox::philox4x32_10;
+use super::philox::{philox4x32_10, philox4x32_10_lanes};
 use crate::{Error, Result};
 
 /// What a dropout mask is a function of, besides the dropout layer (its site id) and the entry's
@@ -96,19 +98,86 @@ fn for_each_keep<T: Send>(
             row.par_chunks_mut(CHUNK)
                 .enumerate()
                 .for_each(|(c, chunk)| {
-                    let base = c * CHUNK;
-                    for (q, quad) in chunk.chunks_mut(4).enumerate() {
-                        let j = base + 4 * q;
-                        let words = philox4x32_10(
-                            [(j / 4) as u32, site, sample as u32, key.step as u32],
-                            k,
-                        );
-                        for (i, v) in quad.iter_mut().enumerate() {
-                            f(r * row_len + j + i, words[i] >= threshold, v);
-                        }
-                    }
+                    vectorized(KeepChunk {
+                        chunk,
+                        base: c * CHUNK,
+                        offset: r * row_len,
+                        counter: [site, sample as u32, key.step as u32],
+                        key: k,
+                        threshold,
+                        f: &f,
+                    })
                 });
         });
+}
+
+/// One task of [`for_each_keep`]: `chunk` starts at entry `base` of its sample, entry
+/// `offset + base` of the buffer.
+struct KeepChunk<'a, T, F> {
+    chunk: &'a mut [T],
+    base: usize,
+    offset: usize,
+    /// Philox counter words 1–3: site, sample, step.
+    counter: [u32; 3],
+    key: [u32; 2],
+    threshold: u32,
+    f: &'a F,
+}
+
+impl<T, F: Fn(usize, bool, &mut T)> Vectorized for KeepChunk<'_, T, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        // Sixteen Philox calls at a time, lane by lane (they differ only in the quad index),
+        // then the tail one call at a time: the same words either way.
+        const LANES: usize = 16;
+        let [site, sample, step] = self.counter;
+        let mut blocks = self.chunk.chunks_exact_mut(4 * LANES);
+        let mut j = self.base;
+        for block in &mut blocks {
+            let first = std::array::from_fn(|lane| (j / 4 + lane) as u32);
+            let words = philox4x32_10_lanes::<LANES>(first, self.counter, self.key);
+            for (q, quad) in block.chunks_exact_mut(4).enumerate() {
+                for (i, v) in quad.iter_mut().enumerate() {
+                    let keep = words[i][q] >= self.threshold;
+                    (self.f)(self.offset + j + 4 * q + i, keep, v);
+                }
+            }
+            j += 4 * LANES;
+        }
+        for (q, quad) in blocks.into_remainder().chunks_mut(4).enumerate() {
+            let jq = j + 4 * q;
+            let words = philox4x32_10([(jq / 4) as u32, site, sample, step], self.key);
+            for (i, v) in quad.iter_mut().enumerate() {
+                (self.f)(self.offset + jq + i, words[i] >= self.threshold, v);
+            }
+        }
+    }
+}
+
+/// `data *= mask` in place, with the masks [`dropout_fused`] draws: `data` holds samples of
+/// `row_len` entries, the first being sample `key.sample_offset`. Dropout is linear, so the same
+/// call is also its backward. `p = 0` leaves `data` alone; `p = 1` zeroes it.
+pub(crate) fn dropout_in_place<T: Real>(
+    data: &mut [T],
+    row_len: usize,
+    p: f32,
+    key: DropoutKey,
+    site: u32,
+) {
+    if p == 0.0 {
+        return;
+    }
+    if p >= 1.0 {
+        data.fill(T::ZERO);
+        return;
+    }
+    // The fused kernel's scale, rounded the same way.
+    let scale = T::lit(1.0 / (1.0 - f64::from(p)));
+    for_each_keep(data, row_len, p, key, site, |_, keep, v| {
+        *v = if keep { *v * scale } else { T::ZERO };
+    });
 }
 
 fn check(x: &Tensor, p: f32) -> Result<usize> {

@@ -69,7 +69,7 @@ const TANH_C: f64 = 0.044_715;
 
 /// `(gelu(x), gelu'(x))`.
 #[inline(always)]
-fn value_and_slope<A: Real>(x: A, form: GeluForm) -> (A, A) {
+pub(crate) fn value_and_slope<A: Real>(x: A, form: GeluForm) -> (A, A) {
     let half = A::lit(0.5);
     match form {
         GeluForm::Erf => {

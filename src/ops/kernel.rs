@@ -134,3 +134,47 @@ pub(crate) fn check_device(x: &Tensor, op: &'static str) -> Result<()> {
         x.device().location()
     )))
 }
+
+/// A loop body that [`vectorized`] compiles for the CPU's widest vector instructions. Its `run`
+/// must be `#[inline(always)]`: it is then inlined into a function compiled for AVX-512 or
+/// AVX2 + FMA, and its loops (and the `#[inline(always)]` helpers they call, such as
+/// [`lane_sum`], `Real::exp` and `Real::erf`) vectorise to the wider registers. (A closure would
+/// not do: it stays a call into code compiled for the baseline.)
+pub(crate) trait Vectorized {
+    /// What the loop returns.
+    type Output;
+    /// The loop.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `k` compiled for AVX-512 or AVX2 + FMA when the CPU has them (checked at run time, so
+/// the crate needs no `target-cpu` flag). Rust never contracts `a * b + c` into an FMA and the
+/// kernels fix their summation order, so every instruction set computes the same bits.
+#[inline(always)]
+pub(crate) fn vectorized<K: Vectorized>(k: K) -> K::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { avx512(k) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { avx2(k) };
+        }
+    }
+    k.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn avx512<K: Vectorized>(k: K) -> K::Output {
+    k.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2<K: Vectorized>(k: K) -> K::Output {
+    k.run()
+}

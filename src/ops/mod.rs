@@ -31,13 +31,15 @@ mod bias;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod cz_nce;
-mod dropout;
-mod gelu;
+pub(crate) mod dropout;
+pub(crate) mod gelu;
+pub(crate) mod gemm;
 pub(crate) mod kernel;
 mod layer_norm;
 pub(crate) mod num;
 mod philox;
 mod softmax;
+pub(crate) mod transformer;
 
 pub use bias::{bias_add, bias_add_composite, bias_add_fused};
 pub use dropout::{dropout, dropout_composite, dropout_fused, dropout_mask, DropoutKey};

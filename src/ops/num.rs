@@ -3,7 +3,7 @@
 //! [`Elem`], a storage type and its accumulation type; and [`accumulation_dtype`], the same rule
 //! for tensors.
 
-use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub};
 
 use candle_core::{DType, Tensor, WithDType};
 
@@ -28,6 +28,7 @@ pub(crate) trait Real:
     + Div<Output = Self>
     + Neg<Output = Self>
     + AddAssign
+    + MulAssign
     + 'static
 {
     const ZERO: Self;

@@ -15,7 +15,7 @@ fn mulhilo(a: u32, b: u32) -> (u32, u32) {
 /// Philox4x32 with 10 rounds: four independent 32-bit random words for a 128-bit `counter` under
 /// a 64-bit `key`. Matches the Random123 reference implementation (its known-answer vectors are
 /// in the tests).
-#[inline]
+#[inline(always)]
 pub(crate) fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     let [mut c0, mut c1, mut c2, mut c3] = counter;
     let [mut k0, mut k1] = key;
@@ -29,6 +29,34 @@ pub(crate) fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
         (c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0);
     }
     [c0, c1, c2, c3]
+}
+
+/// [`philox4x32_10`] of `N` counters that differ only in their first word, lane by lane: the
+/// rounds run over arrays, a loop the compiler vectorises. Returns the four words of every lane
+/// (`words[i][lane]`).
+#[inline(always)]
+pub(crate) fn philox4x32_10_lanes<const N: usize>(
+    first: [u32; N],
+    rest: [u32; 3],
+    key: [u32; 2],
+) -> [[u32; N]; 4] {
+    let mut c = [first, [rest[0]; N], [rest[1]; N], [rest[2]; N]];
+    let [mut k0, mut k1] = key;
+    for round in 0..10 {
+        if round > 0 {
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        // Indexed lanes: four arrays updated together, the loop that vectorises.
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..N {
+            let (hi0, lo0) = mulhilo(M0, c[0][i]);
+            let (hi1, lo1) = mulhilo(M1, c[2][i]);
+            (c[0][i], c[1][i], c[2][i], c[3][i]) =
+                (hi1 ^ c[1][i] ^ k0, lo1, hi0 ^ c[3][i] ^ k1, lo0);
+        }
+    }
+    c
 }
 
 #[cfg(test)]
@@ -56,6 +84,19 @@ mod tests {
         ];
         for (counter, key, expected) in cases {
             assert_eq!(philox4x32_10(counter, key), expected);
+        }
+    }
+
+    #[test]
+    fn lanes_equal_one_call_per_counter() {
+        let (rest, key) = ([7, 0xdead_beef, 3], [0x1234_5678, 0x9abc_def0]);
+        let first: [u32; 16] = std::array::from_fn(|i| (u32::MAX - 5).wrapping_add(i as u32));
+        let lanes = philox4x32_10_lanes(first, rest, key);
+        for (lane, &c0) in first.iter().enumerate() {
+            let one = philox4x32_10([c0, rest[0], rest[1], rest[2]], key);
+            for (i, word) in one.iter().enumerate() {
+                assert_eq!(lanes[i][lane], *word);
+            }
         }
     }
 }

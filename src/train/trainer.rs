@@ -504,6 +504,10 @@ impl Trainer {
     fn backward_into(&self, terms: &LossTerms, grads: &mut Gradients) -> Result<LossTerms<f32>> {
         let store = self.backward_seed(&terms.total)?.backward()?;
         accumulate_gradients(grads, &store, &self.trainable)?;
+        // With the explicit backward, the encoder's share comes from its recorded passes.
+        let encoder = self.model.encoder();
+        encoder.backward_recorded(&store)?;
+        encoder.take_gradients(&self.trainable, grads)?;
         terms.values()
     }
 

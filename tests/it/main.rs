@@ -25,6 +25,7 @@ mod dist_failures;
 mod e5;
 mod encode;
 mod encoder_parity;
+mod explicit_backward;
 mod fuzz_regressions;
 mod hub;
 mod model;

@@ -1,0 +1,233 @@
+//! Multi-head self-attention on host slices: `softmax(scale · q kᵀ + mask)`, dropout, `· v`,
+//! one sequence per task, every product written into place.
+
+use rayon::prelude::*;
+
+use super::super::dropout::dropout_in_place;
+use super::super::gemm::{gemm, Threads, View};
+use super::super::kernel::{lane_sum, vectorized, Vectorized};
+use super::super::num::Real;
+use super::super::DropoutKey;
+
+/// The sizes of an attention call. Queries, keys and values sit side by side in one
+/// `[batch · seq, 3 · heads · head_size]` buffer (the fused Q/K/V product's output), head `h`'s
+/// columns at `h · head_size` within each third.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Width of one head.
+    pub head_size: usize,
+}
+
+impl AttentionShape {
+    fn hidden(&self) -> usize {
+        self.heads * self.head_size
+    }
+
+    /// Entries of one sequence's probabilities, `heads · seq · seq`.
+    fn probs_per_seq(&self) -> usize {
+        self.heads * self.seq * self.seq
+    }
+}
+
+/// The attention-probability dropout: probability, key and site.
+pub(crate) type ProbsDropout = Option<(f32, DropoutKey, u32)>;
+
+/// What the backward needs of the forward.
+#[derive(Debug, Default)]
+pub(crate) struct AttentionSaved<T> {
+    /// Probabilities before dropout, `[batch, heads, seq, seq]`.
+    pub probs: Vec<T>,
+    /// Probabilities after dropout (absent without dropout: they are `probs`).
+    pub dropped: Option<Vec<T>>,
+}
+
+/// `ctx = dropout(softmax(scale · q kᵀ + mask)) · v` per sequence and head, written into
+/// `ctx` (`[batch · seq, hidden]`, heads side by side as transformers lays them out).
+/// `mask` is additive, `[batch, seq]`, over keys. The softmax is
+/// [`crate::ops::softmax_scaled_masked_fused`]'s.
+pub(crate) fn attention_forward<T: Real>(
+    qkv: &[T],
+    mask: &[T],
+    shape: AttentionShape,
+    scale: T,
+    dropout: ProbsDropout,
+    ctx: &mut [T],
+) -> AttentionSaved<T> {
+    let AttentionShape {
+        seq: l,
+        heads,
+        head_size: d,
+        ..
+    } = shape;
+    let h = shape.hidden();
+    let mut probs = vec![T::ZERO; shape.batch * shape.probs_per_seq()];
+    probs
+        .par_chunks_mut(shape.probs_per_seq().max(1))
+        .enumerate()
+        .for_each(|(b, probs)| {
+            let rows = &qkv[b * l * 3 * h..];
+            for head in 0..heads {
+                let q = View::block(&rows[head * d..], l, d, 3 * h);
+                let k = View::block(&rows[h + head * d..], l, d, 3 * h);
+                let block = &mut probs[head * l * l..(head + 1) * l * l];
+                gemm(block, l, q, k.t(), scale, false, Threads::One);
+                vectorized(SoftmaxRows {
+                    block,
+                    mask: &mask[b * l..(b + 1) * l],
+                });
+            }
+        });
+    let dropped = dropout.map(|(p, key, site)| {
+        let mut dropped = probs.clone();
+        dropout_in_place(&mut dropped, shape.probs_per_seq(), p, key, site);
+        dropped
+    });
+    let used = dropped.as_deref().unwrap_or(&probs);
+    ctx.par_chunks_mut((l * h).max(1))
+        .enumerate()
+        .for_each(|(b, ctx)| {
+            let rows = &qkv[b * l * 3 * h..];
+            for head in 0..heads {
+                let p = View::rows(&used[(b * heads + head) * l * l..], l, l);
+                let v = View::block(&rows[2 * h + head * d..], l, d, 3 * h);
+                gemm(&mut ctx[head * d..], h, p, v, T::ONE, false, Threads::One);
+            }
+        });
+    AttentionSaved { probs, dropped }
+}
+
+/// `row = softmax(row + mask)` for every row of `block` (already scaled).
+struct SoftmaxRows<'a, T> {
+    block: &'a mut [T],
+    mask: &'a [T],
+}
+
+impl<T: Real> Vectorized for SoftmaxRows<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        for row in self.block.chunks_exact_mut(self.mask.len()) {
+            for (x, m) in row.iter_mut().zip(self.mask) {
+                *x += *m;
+            }
+            let max = row.iter().fold(row[0], |a, &b| Real::max(a, b));
+            if max == T::NEG_INFINITY {
+                // Every key masked with -inf: zeros, as the fused softmax gives.
+                row.fill(T::ZERO);
+                continue;
+            }
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+            }
+            let inv = T::ONE / lane_sum(row.len(), |j| row[j]);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+/// `ds = p ⊙ (ds − rowsum(ds ⊙ p))` row by row (rows of `l`): the softmax's backward.
+struct SoftmaxBackRows<'a, T> {
+    ds: &'a mut [T],
+    probs: &'a [T],
+    l: usize,
+}
+
+impl<T: Real> Vectorized for SoftmaxBackRows<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let l = self.l;
+        for (ds, p) in self.ds.chunks_exact_mut(l).zip(self.probs.chunks_exact(l)) {
+            let dot = lane_sum(l, |j| ds[j] * p[j]);
+            for (g, &y) in ds.iter_mut().zip(p) {
+                *g = y * (*g - dot);
+            }
+        }
+    }
+}
+
+/// The backward of [`attention_forward`]: from `dctx` (`[batch · seq, hidden]`), writes the
+/// gradients of queries, keys and values into `dqkv` (laid out as `qkv`, overwritten).
+pub(crate) fn attention_backward<T: Real>(
+    dctx: &[T],
+    qkv: &[T],
+    saved: &AttentionSaved<T>,
+    shape: AttentionShape,
+    scale: T,
+    dropout: ProbsDropout,
+    dqkv: &mut [T],
+) {
+    let AttentionShape {
+        seq: l,
+        heads,
+        head_size: d,
+        ..
+    } = shape;
+    let h = shape.hidden();
+    let per_seq = shape.probs_per_seq().max(1);
+    let used = saved.dropped.as_deref().unwrap_or(&saved.probs);
+    // dV = Pdᵀ · dctx and dPd = dctx · vᵀ.
+    let mut dprobs = vec![T::ZERO; saved.probs.len()];
+    dprobs
+        .par_chunks_mut(per_seq)
+        .zip(dqkv.par_chunks_mut((l * 3 * h).max(1)))
+        .enumerate()
+        .for_each(|(b, (dprobs, dqkv))| {
+            let rows = &qkv[b * l * 3 * h..];
+            for head in 0..heads {
+                let dc = View::block(&dctx[b * l * h + head * d..], l, d, h);
+                let v = View::block(&rows[2 * h + head * d..], l, d, 3 * h);
+                let block = &mut dprobs[head * l * l..(head + 1) * l * l];
+                gemm(block, l, dc, v.t(), T::ONE, false, Threads::One);
+                let p = View::rows(&used[(b * heads + head) * l * l..], l, l);
+                let dv = &mut dqkv[2 * h + head * d..];
+                gemm(dv, 3 * h, p.t(), dc, T::ONE, false, Threads::One);
+            }
+        });
+    if let Some((p, key, site)) = dropout {
+        dropout_in_place(&mut dprobs, per_seq, p, key, site);
+    }
+    // dS = P ⊙ (dP − rowsum(dP ⊙ P)); dQ = scale · dS · k; dK = scale · dSᵀ · q.
+    dprobs
+        .par_chunks_mut(per_seq)
+        .zip(dqkv.par_chunks_mut((l * 3 * h).max(1)))
+        .enumerate()
+        .for_each(|(b, (ds, dqkv))| {
+            let rows = &qkv[b * l * 3 * h..];
+            let probs = &saved.probs[b * per_seq..(b + 1) * per_seq];
+            vectorized(SoftmaxBackRows { ds, probs, l });
+            for head in 0..heads {
+                let s = View::rows(&ds[head * l * l..], l, l);
+                let q = View::block(&rows[head * d..], l, d, 3 * h);
+                let k = View::block(&rows[h + head * d..], l, d, 3 * h);
+                gemm(
+                    &mut dqkv[head * d..],
+                    3 * h,
+                    s,
+                    k,
+                    scale,
+                    false,
+                    Threads::One,
+                );
+                gemm(
+                    &mut dqkv[h + head * d..],
+                    3 * h,
+                    s.t(),
+                    q,
+                    scale,
+                    false,
+                    Threads::One,
+                );
+            }
+        });
+}
