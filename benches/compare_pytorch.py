@@ -2,7 +2,7 @@
 
 Run from the repository root (needs torch; uses cargo):
 
-    python benches/compare_pytorch.py [--shapes 256x768,1024x1536] [--reps 5] [--rounds 3]
+    python benches/compare_pytorch.py [--shapes 32x768,64x1536,...] [--reps 5] [--rounds 3]
         [--threads N] [--dtype f32|bf16|f16] [--device cpu|cuda] [--bench-bin PATH]
 
 With `--device cuda` the Rust side is built with `--features cuda` and both sides run on GPU 0
@@ -38,6 +38,10 @@ def cz_nce(q, k, t=0.07, eps=1e-8):
     pos = sim_out.diagonal()
     logits = torch.cat([sim_out.masked_fill(eye, float("-inf")), sim_in.masked_fill(eye, float("-inf"))], 1)
     return (torch.logsumexp(logits, 1) - pos).mean()
+
+
+# ML-CTL's training batches (32-256) and a large one, at the two common embedding widths.
+DEFAULT_SHAPES = ",".join(f"{b}x{d}" for b in (32, 64, 256, 1024) for d in (768, 1536))
 
 
 def median(xs):
@@ -92,7 +96,7 @@ def cpu_model():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="256x768,1024x1536")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())

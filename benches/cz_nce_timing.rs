@@ -2,7 +2,7 @@
 //! `benches/compare_pytorch.py` (which runs it and adds PyTorch eager timings).
 //!
 //! ```text
-//! cargo bench --bench cz_nce_timing -- [--shapes 256x768,1024x1536] [--dtype f32] [--reps 5]
+//! cargo bench --bench cz_nce_timing -- [--shapes 32x768,64x1536,...] [--dtype f32] [--reps 5]
 //!     [--paths fused,composite] [--device cpu|cuda]
 //! ```
 //!
@@ -49,7 +49,10 @@ fn main() -> candle_core::Result<()> {
             .and_then(|i| args.get(i + 1).cloned())
     };
     let shapes: Vec<(usize, usize)> = arg("--shapes")
-        .unwrap_or_else(|| "256x768,1024x1536".into())
+        .unwrap_or_else(|| {
+            // ML-CTL's training batches (32-256) and a large one, at two embedding widths.
+            "32x768,32x1536,64x768,64x1536,256x768,256x1536,1024x768,1024x1536".into()
+        })
         .split(',')
         .map(|s| {
             let (b, d) = s.split_once('x').expect("shape BxD");

@@ -541,6 +541,37 @@ fn large_batch_matches_composite_f64() -> R<()> {
     Ok(())
 }
 
+/// The CPU kernel runs small problems on the calling thread and larger ones on the rayon pool
+/// (`B²·(D + 32)` below or above 2²³; a unit test in `ops::cz_nce::cpu` keeps these shapes on
+/// their sides): both against the composite twin, on values and gradients.
+#[test]
+fn serial_and_pooled_kernels_match_composite_f64() -> R<()> {
+    let configs = [
+        CzNce::new(),
+        CzNce::new()
+            .with_target_negatives(true)
+            .with_symmetric(true),
+        CzNce::info_nce().with_symmetric(true),
+    ];
+    for (b, d) in [(40, 64), (160, 320)] {
+        let q = tensor(110, b, d, DType::F64)?;
+        let k = ((&q * 0.5)? + tensor(111, b, d, DType::F64)?)?;
+        for (ci, cfg) in configs.iter().enumerate() {
+            let learnable = (ci != 1).then_some(0.1);
+            let f = eval(cfg, Path::Fused, &q, &k, ci as u8 % 3, learnable)?;
+            let c = eval(cfg, Path::Composite, &q, &k, ci as u8 % 3, learnable)?;
+            let what = format!("{cfg:?} B={b} D={d}");
+            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], 1e-10, 1e-3);
+            assert_close(&format!("{what} dq"), &f.dq, &c.dq, 1e-9, 1e-6);
+            assert_close(&format!("{what} dk"), &f.dk, &c.dk, 1e-9, 1e-6);
+            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
+                assert_close(&format!("{what} dls"), &[a], &[b_], 1e-9, 1e-6);
+            }
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- bounded learnable scale
 
 /// Trains `q`, `k` and the log-scale `θ` of CZ-NCE on pairs whose positives already beat

@@ -35,10 +35,27 @@
 //! blocks in place and `G_in + G_inᵀ` is formed in place, so the default loss holds two `B × B`
 //! buffers; they are freed before the kernel returns: what outlives it is the `O(B·D)` gradient
 //! (see [`super::BackwardMode`]).
+//!
+//! Small problems (see [`runs_serial`]) run every step on the calling thread with single-threaded
+//! GEMMs: there the pool's hand-offs, not the arithmetic, would dominate.
 
 use super::spec::{Spec, NORM_EPS};
 use crate::ops::num::Real;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Below this much work (`B²·(D + 32)`: the similarity GEMMs plus the `O(B²)` row passes) the
+/// kernel runs on the calling thread. There the whole loss takes a fraction of a millisecond,
+/// and each of the kernel's dozen parallel regions (rayon tasks, threaded GEMMs) would cost a
+/// hand-off to the pool and a wait for its slowest worker, which on a busy machine is a
+/// scheduler time slice.
+const SERIAL_WORK: usize = 1 << 23;
+
+/// Whether a `b × d` problem runs on the calling thread (see [`SERIAL_WORK`]).
+pub(crate) fn runs_serial(b: usize, d: usize) -> bool {
+    b.saturating_mul(b).saturating_mul(d.saturating_add(32)) <= SERIAL_WORK
+        || rayon::current_num_threads() <= 1
+}
 
 /// Gradients of the loss (for an upstream gradient of 1).
 pub(crate) struct Grads<T> {
@@ -81,7 +98,9 @@ struct Normed<T> {
     active: Vec<bool>,
 }
 
-fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool) -> Normed<T> {
+/// Row norms and `x̂`. Every row of `x̂` is written once, so it is allocated without the
+/// zero-fill (a `B × D` write, comparable to the pass itself at small batch).
+fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool, par: bool) -> Normed<T> {
     if !normalize {
         return Normed {
             hat: x.to_vec(),
@@ -90,24 +109,31 @@ fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool) -> Normed<T>
         };
     }
     let eps2 = T::lit(NORM_EPS * NORM_EPS);
-    let mut hat = vec![T::ZERO; b * d];
-    let mut inv = vec![T::ZERO; b];
-    let mut active = vec![false; b];
-    hat.par_chunks_mut(d)
-        .zip(inv.par_iter_mut())
-        .zip(active.par_iter_mut())
-        .enumerate()
-        .for_each(|(i, ((h, inv), act))| {
-            let row = &x[i * d..(i + 1) * d];
-            let ss = dot(row, row);
-            *act = ss > eps2;
-            let n = if ss > eps2 { ss.sqrt() } else { eps2.sqrt() };
-            let r = T::ONE / n;
-            *inv = r;
-            for (h, &v) in h.iter_mut().zip(row) {
-                *h = v * r;
-            }
-        });
+    let mut hat = Vec::with_capacity(b * d);
+    let out = &mut hat.spare_capacity_mut()[..b * d];
+    let row = |(x, h): (&[T], &mut [MaybeUninit<T>])| -> (T, bool) {
+        let ss = dot(x, x);
+        let active = ss > eps2;
+        let r = T::ONE / if active { ss.sqrt() } else { eps2.sqrt() };
+        for (h, &v) in h.iter_mut().zip(x) {
+            h.write(v * r);
+        }
+        (r, active)
+    };
+    let x = &x[..b * d];
+    let stats: Vec<(T, bool)> = if par {
+        x.par_chunks(d)
+            .zip(out.par_chunks_mut(d))
+            .map(row)
+            .collect()
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).map(row).collect()
+    };
+    assert_eq!(stats.len(), b);
+    // SAFETY: the `b` rows of `d` elements, i.e. all of the first `b·d` elements, were
+    // written above (`stats` has one entry per written row).
+    unsafe { hat.set_len(b * d) };
+    let (inv, active) = stats.into_iter().unzip();
     Normed { hat, inv, active }
 }
 
@@ -144,16 +170,17 @@ impl<'a, T> View<'a, T> {
 }
 
 /// `dst (m × n, row-major) = [dst +] beta · lhs · rhs`, through the `gemm` crate (the GEMM
-/// candle's CPU backend uses), parallelized with rayon.
+/// candle's CPU backend uses), parallelized with rayon when `par`.
 fn gemm_into<T: Real>(
     dst: &mut [T],
     lhs: View<'_, T>,
     rhs: View<'_, T>,
     beta: T,
     accumulate: bool,
+    par: bool,
 ) {
     assert_eq!(dst.len(), lhs.rows * rhs.cols);
-    gemm_strided(dst, rhs.cols, lhs, rhs, beta, accumulate);
+    gemm_strided(dst, rhs.cols, lhs, rhs, beta, accumulate, par);
 }
 
 /// [`gemm_into`] into a row-major destination with row stride `dst_rs` (a sub-block).
@@ -164,6 +191,7 @@ fn gemm_strided<T: Real>(
     rhs: View<'_, T>,
     beta: T,
     accumulate: bool,
+    par: bool,
 ) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k);
@@ -180,7 +208,7 @@ fn gemm_strided<T: Real>(
         return;
     }
     let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
+    let par = if par && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
@@ -213,21 +241,26 @@ fn gemm_strided<T: Real>(
     }
 }
 
-fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize) -> Vec<T> {
+fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize, par: bool) -> Vec<T> {
     let mut out = vec![T::ZERO; rows * rows];
     let va = View::rows(a, rows, d);
     let vb = View::rows(b_, rows, d);
-    gemm_into(&mut out, va, vb.t(), T::ONE, false);
+    gemm_into(&mut out, va, vb.t(), T::ONE, false, par);
     out
 }
 
-fn transpose<T: Real>(x: &[T], b: usize) -> Vec<T> {
+fn transpose<T: Real>(x: &[T], b: usize, par: bool) -> Vec<T> {
     let mut out = vec![T::ZERO; b * b];
-    out.par_chunks_mut(b).enumerate().for_each(|(i, row)| {
+    let row = |(i, row): (usize, &mut [T])| {
         for (j, o) in row.iter_mut().enumerate() {
             *o = x[j * b + i];
         }
-    });
+    };
+    if par {
+        out.par_chunks_mut(b).enumerate().for_each(row);
+    } else {
+        out.chunks_mut(b).enumerate().for_each(row);
+    }
     out
 }
 
@@ -304,7 +337,7 @@ fn direction_pass<T: Real>(
     scale: T,
     include_positive: bool,
     weight: T,
-    want_grad: bool,
+    (want_grad, par): (bool, bool),
 ) -> (T, T) {
     let nb = blocks.len();
     let wb = weight / T::lit(b as f64);
@@ -349,10 +382,18 @@ fn direction_pass<T: Real>(
             rows[i].push(r);
         }
     }
-    rows.into_par_iter()
-        .enumerate()
-        .map(|(i, r)| row_fn(i, r))
-        .reduce(|| (T::ZERO, T::ZERO), |a, b| (a.0 + b.0, a.1 + b.1))
+    let add = |a: (T, T), b: (T, T)| (a.0 + b.0, a.1 + b.1);
+    if par {
+        rows.into_par_iter()
+            .enumerate()
+            .map(|(i, r)| row_fn(i, r))
+            .reduce(|| (T::ZERO, T::ZERO), add)
+    } else {
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, r)| row_fn(i, r))
+            .fold((T::ZERO, T::ZERO), add)
+    }
 }
 
 /// Runs the fused CZ-NCE kernel on row-major contiguous `q`, `k` (`b × d` each).
@@ -368,13 +409,14 @@ pub(crate) fn cz_nce<T: Real>(
     spec: Spec,
     want_grad: bool,
 ) -> Output<T> {
-    let qn = normalize(q, b, d, spec.normalize);
-    let kn = normalize(k, b, d, spec.normalize);
+    let par = !runs_serial(b, d);
+    let qn = normalize(q, b, d, spec.normalize, par);
+    let kn = normalize(k, b, d, spec.normalize, par);
     let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
     let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
-    let s_out = gram(&qn.hat, &kn.hat, b, d);
-    let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d));
-    let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d));
+    let s_out = gram(&qn.hat, &kn.hat, b, d, par);
+    let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d, par));
+    let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d, par));
     // The row pass turns its blocks into gradient blocks in place, so a block that both
     // directions read (symmetric with both kinds of negatives) is copied for the first one.
     let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
@@ -386,8 +428,8 @@ pub(crate) fn cz_nce<T: Real>(
             slot.take().expect("block computed")
         }
     };
-    let s_out_t = spec.symmetric.then(|| transpose(&s_out, b));
-    let mut acc = Accumulators::new(b, scale, spec, want_grad);
+    let s_out_t = spec.symmetric.then(|| transpose(&s_out, b, par));
+    let mut acc = Accumulators::new(b, scale, spec, (want_grad, par));
 
     // Direction q→k: [S_out | S_in | S_kk].
     let mut blocks = vec![(Block::Out, s_out)];
@@ -437,6 +479,8 @@ struct Accumulators<T> {
     /// 1/2 for a symmetric loss (the mean of the two directions), else 1.
     weight: T,
     want_grad: bool,
+    /// Whether to use the rayon pool (see [`runs_serial`]).
+    par: bool,
     loss: T,
     dlog_scale: T,
     g_out: Option<Vec<T>>,
@@ -445,7 +489,7 @@ struct Accumulators<T> {
 }
 
 impl<T: Real> Accumulators<T> {
-    fn new(b: usize, scale: T, spec: Spec, want_grad: bool) -> Self {
+    fn new(b: usize, scale: T, spec: Spec, (want_grad, par): (bool, bool)) -> Self {
         let weight = if spec.symmetric { T::lit(0.5) } else { T::ONE };
         Self {
             b,
@@ -453,6 +497,7 @@ impl<T: Real> Accumulators<T> {
             spec,
             weight,
             want_grad,
+            par,
             loss: T::ZERO,
             dlog_scale: T::ZERO,
             g_out: None,
@@ -464,24 +509,24 @@ impl<T: Real> Accumulators<T> {
     /// One direction's row pass over `blocks` (its positives' block first), added in.
     fn direction(&mut self, blocks: Vec<(Block, Vec<T>)>) {
         let (kinds, mut mats): (Vec<Block>, Vec<Vec<T>>) = blocks.into_iter().unzip();
-        let (b, positive) = (self.b, self.spec.include_positive);
+        let (b, positive, par) = (self.b, self.spec.include_positive, self.par);
         let (l, gx) = direction_pass(
             &mut mats,
             b,
             self.scale,
             positive,
             self.weight,
-            self.want_grad,
+            (self.want_grad, par),
         );
         self.loss += l;
         self.dlog_scale += gx;
         if self.want_grad {
             for (kind, g) in kinds.into_iter().zip(mats) {
                 match kind {
-                    Block::Out => accumulate(&mut self.g_out, g),
-                    Block::OutT => accumulate(&mut self.g_out, transpose(&g, b)),
-                    Block::In => accumulate(&mut self.g_in, g),
-                    Block::Kk => accumulate(&mut self.g_kk, g),
+                    Block::Out => accumulate(&mut self.g_out, g, par),
+                    Block::OutT => accumulate(&mut self.g_out, transpose(&g, b, par), par),
+                    Block::In => accumulate(&mut self.g_in, g, par),
+                    Block::Kk => accumulate(&mut self.g_kk, g, par),
                 }
             }
         }
@@ -489,7 +534,7 @@ impl<T: Real> Accumulators<T> {
 
     /// `∂L/∂q` and `∂L/∂k` from the logit gradients (none unless `want_grad`).
     fn input_grads(self, qn: &Normed<T>, kn: &Normed<T>, d: usize) -> Option<Grads<T>> {
-        let (b, scale, dlog_scale) = (self.b, self.scale, self.dlog_scale);
+        let (b, scale, dlog_scale, par) = (self.b, self.scale, self.dlog_scale, self.par);
         let g_out = self.g_out?;
         // ∂L/∂q̂ = s (G_out k̂ + (G_in + G_inᵀ) q̂), ∂L/∂k̂ = s (G_outᵀ q̂ + (G_kk + G_kkᵀ) k̂).
         let vq = View::rows(&qn.hat, b, d);
@@ -497,29 +542,30 @@ impl<T: Real> Accumulators<T> {
         let vg = View::rows(&g_out, b, b);
         let mut dq = vec![T::ZERO; b * d];
         let mut dk = vec![T::ZERO; b * d];
-        gemm_into(&mut dq, vg, vk, scale, false);
-        gemm_into(&mut dk, vg.t(), vq, scale, false);
+        gemm_into(&mut dq, vg, vk, scale, false, par);
+        gemm_into(&mut dk, vg.t(), vq, scale, false, par);
         if let Some(mut g) = self.g_in {
-            symmetrize_in_place(&mut g, b);
-            gemm_into(&mut dq, View::rows(&g, b, b), vq, scale, true);
+            symmetrize_in_place(&mut g, b, par);
+            gemm_into(&mut dq, View::rows(&g, b, b), vq, scale, true, par);
         }
         if let Some(mut g) = self.g_kk {
-            symmetrize_in_place(&mut g, b);
-            gemm_into(&mut dk, View::rows(&g, b, b), vk, scale, true);
+            symmetrize_in_place(&mut g, b, par);
+            gemm_into(&mut dk, View::rows(&g, b, b), vk, scale, true, par);
         }
-        norm_backward(&mut dq, qn, d);
-        norm_backward(&mut dk, kn, d);
+        norm_backward(&mut dq, qn, d, par);
+        norm_backward(&mut dk, kn, d, par);
         Some(Grads { dq, dk, dlog_scale })
     }
 }
 
 /// `slot += v`, or `slot = v` when empty.
-fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>) {
+fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>, par: bool) {
     match slot {
-        Some(dst) => dst
+        Some(dst) if par => dst
             .par_iter_mut()
             .zip(v.par_iter())
             .for_each(|(d, &s)| *d += s),
+        Some(dst) => dst.iter_mut().zip(&v).for_each(|(d, &s)| *d += s),
         None => *slot = Some(v),
     }
 }
@@ -531,12 +577,12 @@ unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 /// In place `G ← G + Gᵀ` for a row-major `b × b` matrix, in `TILE × TILE` tiles.
-fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize) {
+fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize, par: bool) {
     const TILE: usize = 64;
     assert_eq!(g.len(), b * b);
     let ptr = SharedMut(g.as_mut_ptr());
     let tiles = b.div_ceil(TILE);
-    (0..tiles).into_par_iter().for_each(|ti| {
+    let tile = |ti: usize| {
         let p = ptr;
         let (i0, i1) = (ti * TILE, ((ti + 1) * TILE).min(b));
         for tj in 0..=ti {
@@ -559,12 +605,17 @@ fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize) {
                 }
             }
         }
-    });
+    };
+    if par {
+        (0..tiles).into_par_iter().for_each(tile);
+    } else {
+        (0..tiles).for_each(tile);
+    }
 }
 
 /// In place: `dx_i = (dx̂_i − x̂_i ⟨x̂_i, dx̂_i⟩) · inv_i` (projection only for active rows).
-fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize) {
-    dx.par_chunks_mut(d).enumerate().for_each(|(i, g)| {
+fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize, par: bool) {
+    let row = |(i, g): (usize, &mut [T])| {
         let h = &n.hat[i * d..(i + 1) * d];
         let r = n.inv[i];
         if n.active[i] {
@@ -577,7 +628,12 @@ fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize) {
                 *g *= r;
             }
         }
-    });
+    };
+    if par {
+        dx.par_chunks_mut(d).enumerate().for_each(row);
+    } else {
+        dx.chunks_mut(d).enumerate().for_each(row);
+    }
 }
 
 #[cfg(test)]
@@ -634,7 +690,7 @@ mod tests {
         for b in [1usize, 5, 64, 65, 130] {
             let g: Vec<f64> = (0..b * b).map(|i| ((i * 37 % 101) as f64) - 50.0).collect();
             let mut got = g.clone();
-            symmetrize_in_place(&mut got, b);
+            symmetrize_in_place(&mut got, b, b % 2 == 0);
             for i in 0..b {
                 for j in 0..b {
                     assert_eq!(
@@ -664,12 +720,23 @@ mod tests {
         assert_eq!(exp_nonpos_f32(f32::MIN), 0.0);
     }
 
+    /// The shapes `tests/it/cz_nce.rs` runs to cover both regimes stay on their sides.
+    #[test]
+    fn serial_threshold_splits_the_tested_shapes() {
+        assert!(runs_serial(40, 64));
+        assert!(runs_serial(64, 1536));
+        if rayon::current_num_threads() > 1 {
+            assert!(!runs_serial(160, 320));
+            assert!(!runs_serial(256, 768));
+        }
+    }
+
     #[test]
     fn strided_gemm() {
         // [[1,2],[3,4]] · [[5,6],[7,8]]ᵀ
         let a = [1.0f64, 2.0, 3.0, 4.0];
         let b_ = [5.0f64, 6.0, 7.0, 8.0];
-        let out = gram(&a, &b_, 2, 2);
+        let out = gram(&a, &b_, 2, 2, false);
         assert_eq!(out, vec![17.0, 23.0, 39.0, 53.0]);
     }
 }
