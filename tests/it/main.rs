@@ -27,6 +27,7 @@ mod encode;
 mod encoder_parity;
 mod fuzz_regressions;
 mod hub;
+mod mlm_loss;
 mod model;
 mod objective;
 mod ops;
