@@ -718,13 +718,24 @@ impl MlmHead {
             act: cfg.hidden_act,
         })
     }
+
+    /// The head's transform (dense, activation, LayerNorm): the rows the decoder projects onto
+    /// the vocabulary.
+    pub(crate) fn transform(&self, hidden: &Tensor) -> Result<Tensor> {
+        let xs = activate(self.act, &self.dense.forward(hidden)?, Kernels::Auto)?;
+        Ok(self.layer_norm.forward(&xs)?)
+    }
+
+    /// The decoder's weight `[vocab, hidden]` (the word-embedding tensor itself, so that its
+    /// gradient reaches the embeddings) and bias `[vocab]`.
+    pub(crate) fn decoder(&self) -> (&Tensor, &Tensor) {
+        (&self.decoder_weight, &self.bias)
+    }
 }
 
 impl Module for MlmHead {
     fn forward(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let xs = activate(self.act, &self.dense.forward(hidden)?, Kernels::Auto)
-            .map_err(ops::to_candle)?;
-        let xs = self.layer_norm.forward(&xs)?;
+        let xs = self.transform(hidden).map_err(ops::to_candle)?;
         // One GEMM over all rows (the decoder's gradient is one product, not one per sequence)
         // and the fused bias add.
         let decoder = candle_nn::Linear::new(self.decoder_weight.clone(), Some(self.bias.clone()));

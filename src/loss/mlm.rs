@@ -1,17 +1,22 @@
 //! The masked-language-model loss.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::Tensor;
 
 use crate::data::MaskedTokens;
 use crate::encoder::MlmHead;
 use crate::ops::num::accumulation_dtype;
+use crate::ops::vocab_nll;
 use crate::Result;
 
 /// Mean cross-entropy of the MLM head's predictions at the masked positions.
 ///
-/// Only the masked positions go through the vocabulary projection, so the logits are
-/// `[n_masked, vocab]` rather than `[batch, seq_len, vocab]` (for mBERT at batch 64 and length
-/// 128 that is ~0.6 GB instead of ~3.9 GB). A batch with no masked token gives a loss of zero.
+/// Only the masked positions go through the head, and on the CPU the vocabulary projection,
+/// log-softmax and cross-entropy run as one kernel over chunks of the vocabulary
+/// ([`vocab_nll`](crate::ops::vocab_nll)), so the `[n_masked, vocab]` logits are never held
+/// whole (for mBERT at batch 64 and length 128 they would be ~0.6 GB in f32, with as much again
+/// for each of their log-softmax and gradients). Other devices build those logits. The decoder
+/// is the word-embedding tensor itself, so its gradient reaches the embeddings unless they are
+/// frozen. A batch with no masked token gives a loss of zero.
 ///
 /// # Shapes
 /// - `hidden`: last hidden state `[batch, seq_len, hidden]` of the encoder run on
@@ -29,10 +34,6 @@ pub fn masked_lm_loss(head: &MlmHead, hidden: &Tensor, masked: &MaskedTokens) ->
     let selected = hidden
         .reshape((batch * seq_len, width))?
         .index_select(&masked.positions, 0)?;
-    let logits = head.forward(&selected)?;
-    let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?;
-    // candle-nn's log_softmax is composed of differentiable ops.
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&masked.targets.unsqueeze(1)?, 1)?;
-    Ok(picked.mean_all()?.neg()?)
+    let (weight, bias) = head.decoder();
+    vocab_nll(&head.transform(&selected)?, weight, bias, &masked.targets)
 }

@@ -11,6 +11,10 @@
 //! - the plain name (`layer_norm`, `softmax_scaled_masked`, `gelu`, `dropout`): the fused op
 //!   where it runs (the CPU; CUDA for f32, f16 and bf16) and the composite one elsewhere.
 //!
+//! `vocab_nll` (a linear layer, log-softmax and negative log-likelihood over a vocabulary, the
+//! MLM loss) is fused on the CPU only, where it runs in chunks of the vocabulary and never holds
+//! the `[n, vocab]` logits; elsewhere it is its composite twin.
+//!
 //! `bias_add` is fused on the CPU only, where candle's gradient of a broadcast is a slow
 //! single-threaded reduction; elsewhere `bias_add` is candle's `broadcast_add`.
 //!
@@ -40,6 +44,7 @@ pub(crate) mod num;
 mod philox;
 mod softmax;
 pub(crate) mod transformer;
+mod vocab_nll;
 
 pub use bias::{bias_add, bias_add_composite, bias_add_fused};
 pub use dropout::{dropout, dropout_composite, dropout_fused, dropout_mask, DropoutKey};
@@ -48,6 +53,7 @@ pub use layer_norm::{layer_norm, layer_norm_composite, layer_norm_fused};
 pub use softmax::{
     softmax_scaled_masked, softmax_scaled_masked_composite, softmax_scaled_masked_fused,
 };
+pub use vocab_nll::{vocab_nll, vocab_nll_composite, vocab_nll_fused, VOCAB_NLL_CHUNK};
 
 /// Which implementation a module runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -188,9 +188,20 @@ pub(crate) trait Elem: WithDType + Send + Sync {
     fn elem_zero() -> Self {
         Self::store(Self::A::ZERO)
     }
+    /// The slice itself when the storage type is its accumulation type (f32, f64), so that a
+    /// kernel can borrow it instead of widening a copy; `None` for half precision.
+    fn as_acc(s: &[Self]) -> Option<&[Self::A]>;
+    /// [`Elem::as_acc`] for a destination.
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [Self::A]>;
 }
 
 impl Elem for f32 {
+    fn as_acc(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
     type A = f32;
     #[inline(always)]
     fn load(self) -> f32 {
@@ -211,6 +222,12 @@ impl Elem for f32 {
 }
 
 impl Elem for f64 {
+    fn as_acc(s: &[Self]) -> Option<&[f64]> {
+        Some(s)
+    }
+    fn as_acc_mut(s: &mut [Self]) -> Option<&mut [f64]> {
+        Some(s)
+    }
     type A = f64;
     #[inline(always)]
     fn load(self) -> f64 {
@@ -231,6 +248,12 @@ impl Elem for f64 {
 }
 
 impl Elem for half::bf16 {
+    fn as_acc(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_acc_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
     type A = f32;
     #[inline(always)]
     fn load(self) -> f32 {
@@ -251,6 +274,12 @@ impl Elem for half::bf16 {
 }
 
 impl Elem for half::f16 {
+    fn as_acc(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_acc_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
     type A = f32;
     #[inline(always)]
     fn load(self) -> f32 {
