@@ -21,7 +21,7 @@ use super::optimizer::{AdamW, Gradients};
 use super::update::{BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
 use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
-use crate::encoder::read_checkpoint_dir;
+use crate::encoder::{read_checkpoint_dir, Backward};
 use crate::fs::HEAD_WEIGHTS_FILE;
 use crate::loss::grads::{accumulate_gradients, add_gradient};
 use crate::loss::{
@@ -237,6 +237,8 @@ impl Trainer {
         if config.freeze_embeddings {
             model.bert.model = model.bert.model.with_frozen_embeddings();
         }
+        // The hand-written encoder backward where it runs (CPU, f32 and f64), autograd elsewhere.
+        model.bert.model.encoder = model.bert.model.encoder.with_backward(Backward::Explicit);
         let device = model.encoder().word_embeddings().device().clone();
         let loss_scaler = (model.encoder().dtype() == DType::F16).then(LossScaler::default);
         let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -263,6 +265,15 @@ impl Trainer {
             loss_scaler,
             data_parallel: None,
         })
+    }
+
+    /// Chooses how the encoder is differentiated: [`Backward::Explicit`] (the default: the
+    /// hand-written backward on the CPU for f32 and f64 weights, candle's autograd elsewhere) or
+    /// [`Backward::Autograd`] everywhere. Both give the same gradients up to rounding.
+    pub fn with_backward(mut self, backward: Backward) -> Self {
+        let encoder = &mut self.model.bert.model.encoder;
+        *encoder = encoder.clone().with_backward(backward);
+        self
     }
 
     /// Scales the loss with `scaler` before every backward pass and the gradients back before
