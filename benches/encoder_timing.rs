@@ -17,7 +17,8 @@
 //!
 //! Shapes: `mbert` (12 layers, H 768, vocab 119547, B 8, L 128), `e5-small` (12 layers, H 384,
 //! vocab 250037, B 32, L 64), `embedded` (4 layers, H 128, vocab 8000, B 32, L 32). Random
-//! weights, every hidden state returned. `fwd` is an inference pass; `train` is a training
+//! weights, every hidden state returned. `fwd` is an inference pass (`forward_detached`, what
+//! `encode` runs; on the CPU with the fused kernels it runs on host slices); `train` is a training
 //! forward (dropout on), the backward of `mean(h[1]) + mean(h[L])` and one AdamW step over every
 //! parameter. With `--stages`, the train step is also split into its forward, backward and
 //! optimizer parts.
@@ -336,7 +337,7 @@ fn main() -> mlctl::Result<()> {
                     "fwd" => print(
                         mode,
                         time(reps, || {
-                            let out = enc.forward(&ids, None, Some(&mask))?;
+                            let out = enc.forward_detached(&ids, None, Some(&mask))?;
                             std::hint::black_box(out);
                             Ok(())
                         })?,

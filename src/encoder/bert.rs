@@ -447,6 +447,17 @@ impl BertEncoder {
             && matches!(self.dtype(), DType::F32 | DType::F64)
     }
 
+    /// Whether [`BertEncoder::forward_detached`] runs on host slices: the CPU, f32 or f64
+    /// weights, and the fused kernels (the composite twins run through candle's ops).
+    fn host_forward(&self) -> bool {
+        self.device().is_cpu()
+            && matches!(self.dtype(), DType::F32 | DType::F64)
+            && self
+                .layers
+                .first()
+                .is_none_or(|l| l.attention.kernels == Kernels::Auto)
+    }
+
     /// The explicit path's view of the encoder.
     fn explicit(&self) -> Result<Explicit<'_>> {
         Ok(Explicit {
@@ -624,6 +635,15 @@ impl BertEncoder {
                 &zeros
             }
         };
+        if detach && self.host_forward() {
+            let hidden_states =
+                self.explicit()?
+                    .forward_host(input_ids, token_type_ids, attention_mask, None)?;
+            return Ok(EncoderOutput {
+                last_hidden_state: hidden_states[hidden_states.len() - 1].clone(),
+                hidden_states,
+            });
+        }
         if let (Some(key), false, true) = (key, detach, self.records()) {
             let hidden_states = self.explicit()?.forward_recorded(
                 input_ids,

@@ -409,3 +409,42 @@ fn trainer_steps_agree_between_the_two_backwards() {
         );
     }
 }
+
+/// `forward_detached` runs on host slices with the same kernels: every hidden state equals the
+/// graph path's (f64 to 1e-12; f32 to rounding), with padding, token types, and RoBERTa-style
+/// position ids.
+#[test]
+fn inference_on_host_slices_equals_the_graph_forward() {
+    for (dtype, tol, roberta) in [
+        (DType::F64, 1e-12, false),
+        (DType::F32, 1e-5, false),
+        (DType::F64, 1e-12, true),
+    ] {
+        let mut cfg = config(16, 2, 2, HiddenAct::Gelu);
+        if roberta {
+            cfg.extra.insert("model_type".into(), "xlm-roberta".into());
+            cfg.pad_token_id = Some(0);
+            cfg.max_position_embeddings = 24;
+        }
+        let params = ParamStore::new(8);
+        let enc = BertEncoder::load(params.var_builder(dtype, &DEV), &cfg).unwrap();
+        let (ids, types, mask) = batch(&[5, 3, 7], 2);
+        let graph = enc.forward(&ids, Some(&types), Some(&mask)).unwrap();
+        let host = enc
+            .forward_detached(&ids, Some(&types), Some(&mask))
+            .unwrap();
+        assert_eq!(graph.hidden_states.len(), host.hidden_states.len());
+        for (i, (g, h)) in graph
+            .hidden_states
+            .iter()
+            .zip(&host.hidden_states)
+            .enumerate()
+        {
+            let d = rel_diff(h, g, 0.0);
+            assert!(
+                d <= tol,
+                "{dtype:?} roberta={roberta}: hidden state {i} differs by {d:e}"
+            );
+        }
+    }
+}

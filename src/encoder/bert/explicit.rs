@@ -4,9 +4,10 @@
 //! step's gradient map then owns.
 //!
 //! candle's autograd stays on the loss side. A recorded pass returns its hidden states as leaf
-//! variables; after the loss's `backward`, [`BertEncoder::backward_recorded`] reads their
+//! variables; after the loss's `backward`, `BertEncoder::backward_recorded` reads their
 //! gradients from the loss's store and runs the tapes backward, and
-//! [`BertEncoder::take_gradients`] hands the sums to the optimizer's gradient map.
+//! `BertEncoder::take_gradients` hands the sums to the optimizer's gradient map. Without a
+//! dropout key the same forward serves inference (`BertEncoder::forward_detached`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,8 +35,8 @@ pub enum Backward {
     #[default]
     Autograd,
     /// The hand-written backward on the CPU for f32 and f64 weights: training passes are
-    /// recorded, [`BertEncoder::backward_recorded`] differentiates them and
-    /// [`BertEncoder::take_gradients`] hands over the gradients. Other devices and dtypes fall
+    /// recorded, [`BertEncoder::backward_recorded`](crate::encoder::BertEncoder::backward_recorded) differentiates them and
+    /// [`BertEncoder::take_gradients`](crate::encoder::BertEncoder::take_gradients) hands over the gradients. Other devices and dtypes fall
     /// back to [`Backward::Autograd`].
     Explicit,
 }
@@ -211,6 +212,18 @@ impl Explicit<'_> {
         attention_mask: Option<&Tensor>,
         key: DropoutKey,
     ) -> Result<Vec<Tensor>> {
+        self.forward_host(input_ids, token_type_ids, attention_mask, Some(key))
+    }
+
+    /// The forward on host slices: with a `key`, a recorded training pass (hidden states as
+    /// leaf variables); without, inference (no dropout, nothing kept, plain tensors).
+    pub fn forward_host(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        key: Option<DropoutKey>,
+    ) -> Result<Vec<Tensor>> {
         let (batch, seq) = input_ids.dims2()?;
         let inputs = Inputs {
             ids: host_values::<u32>(input_ids)?,
@@ -223,12 +236,12 @@ impl Explicit<'_> {
             seq,
         };
         match self.dtype {
-            DType::F64 => self.record::<f64>(inputs, key),
-            _ => self.record::<f32>(inputs, key),
+            DType::F64 => self.run_host::<f64>(inputs, key),
+            _ => self.run_host::<f32>(inputs, key),
         }
     }
 
-    fn record<T: Host>(&self, inputs: Inputs, key: DropoutKey) -> Result<Vec<Tensor>> {
+    fn run_host<T: Host>(&self, inputs: Inputs, key: Option<DropoutKey>) -> Result<Vec<Tensor>> {
         let (batch, seq, h) = (inputs.batch, inputs.seq, self.config.hidden_size);
         let min = if T::DTYPE == DType::F64 {
             f64::MIN
@@ -242,21 +255,28 @@ impl Explicit<'_> {
             .collect();
         let (positions, embedded, embedding_norm) = self.embed_host::<T>(&inputs, key)?;
         let device = self.device.clone();
-        let as_var = |v: Vec<T>| -> Result<Tensor> {
-            Ok(Var::from_vec(v, (batch, seq, h), &device)?
-                .as_tensor()
-                .clone())
+        // Training outputs are leaves the loss's autograd can differentiate.
+        let wrap = |v: Vec<T>| -> Result<Tensor> {
+            Ok(match key {
+                Some(_) => Var::from_vec(v, (batch, seq, h), &device)?.into_inner(),
+                None => Tensor::from_vec(v, (batch, seq, h), &device)?,
+            })
         };
-        let mut hidden = vec![as_var(embedded)?];
+        let mut hidden = vec![wrap(embedded)?];
         let mut layers = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
             let input = Held::new(hidden.last().expect("the embeddings are in"));
             let (out, tape) =
                 self.layer_forward::<T>(i, input.slice()?, &mask, key, (batch, seq))?;
             drop(input);
-            hidden.push(as_var(out)?);
-            layers.push(tape);
+            hidden.push(wrap(out)?);
+            if key.is_some() {
+                layers.push(tape);
+            }
         }
+        let Some(key) = key else {
+            return Ok(hidden);
+        };
         let tape = Tape {
             hidden: hidden.clone(),
             ids: inputs.ids,
@@ -300,7 +320,7 @@ impl Explicit<'_> {
     fn embed_host<T: Host>(
         &self,
         inputs: &Inputs,
-        key: DropoutKey,
+        key: Option<DropoutKey>,
     ) -> Result<(Vec<u32>, Vec<T>, NormSaved<T>)> {
         let h = self.config.hidden_size;
         let positions = self.positions_host(inputs);
@@ -341,13 +361,10 @@ impl Explicit<'_> {
             self.config.layer_norm_eps,
             &mut out,
         );
-        dropout_in_place(
-            &mut out,
-            inputs.seq * h,
-            self.config.hidden_dropout_prob,
-            key,
-            0,
-        );
+        if let Some(key) = key {
+            let p = self.config.hidden_dropout_prob;
+            dropout_in_place(&mut out, inputs.seq * h, p, key, 0);
+        }
         Ok((positions, out, saved))
     }
 
@@ -357,7 +374,7 @@ impl Explicit<'_> {
         index: usize,
         x: &[T],
         mask: &[T],
-        key: DropoutKey,
+        key: Option<DropoutKey>,
         (batch, seq): (usize, usize),
     ) -> Result<(Vec<T>, LayerTape<T>)> {
         let cfg = &self.config;
@@ -365,8 +382,10 @@ impl Explicit<'_> {
         let held = self.layers[index].map(Held::new);
         let w = slices::<T>(&held)?;
         let hidden_drop = |data: &mut [T], which: u32| {
-            let p = cfg.hidden_dropout_prob;
-            dropout_in_place(data, seq * h, p, key, site(index, which))
+            if let Some(key) = key {
+                let p = cfg.hidden_dropout_prob;
+                dropout_in_place(data, seq * h, p, key, site(index, which))
+            }
         };
         let qkv = qkv_forward(x, &w, n, h);
         let shape = self.attention_shape(batch, seq);
@@ -413,12 +432,12 @@ impl Explicit<'_> {
     fn attention_scale_and_dropout<T: Host>(
         &self,
         index: usize,
-        key: DropoutKey,
+        key: Option<DropoutKey>,
     ) -> (T, Option<(f32, DropoutKey, u32)>) {
         let p = self.config.attention_probs_dropout_prob;
         (
             T::lit(1.0 / (self.config.head_size() as f64).sqrt()),
-            (p > 0.0).then_some((p, key, site(index, 0))),
+            key.filter(|_| p > 0.0).map(|key| (p, key, site(index, 0))),
         )
     }
 }
@@ -752,7 +771,7 @@ impl Explicit<'_> {
         let cfg = &self.config;
         let (h, n) = (cfg.hidden_size, tape.batch * tape.seq);
         let shape = self.attention_shape(tape.batch, tape.seq);
-        let (scale, probs_dropout) = self.attention_scale_and_dropout::<T>(index, tape.key);
+        let (scale, probs_dropout) = self.attention_scale_and_dropout::<T>(index, Some(tape.key));
         let lt = &tape.layers[index];
         let mut dqkv = vec![T::ZERO; n * 3 * h];
         attention_backward(
