@@ -27,6 +27,7 @@ use candle_core::WithDType;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use super::gemm::{Threads, View};
 use super::kernel::{check_float, check_same, dispatch, lane_sum, rows_per_task, slice};
 use super::num::{accumulation_dtype, Elem, Real};
 use crate::{Error, Result};
@@ -276,92 +277,9 @@ fn widen<T: Elem>(s: &[T]) -> Cow<'_, [T::A]> {
     }
 }
 
-/// A read-only matrix: element `(r, c)` is `data[r * rs + c * cs]`.
-#[derive(Clone, Copy)]
-struct View<'a, A> {
-    data: &'a [A],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a, A> View<'a, A> {
-    /// A row-major matrix with `cols` columns.
-    fn rows(data: &'a [A], cols: usize) -> Self {
-        View {
-            data,
-            rs: cols,
-            cs: 1,
-        }
-    }
-
-    /// The transpose of [`View::rows`].
-    fn cols(data: &'a [A], cols: usize) -> Self {
-        View {
-            data,
-            rs: 1,
-            cs: cols,
-        }
-    }
-
-    /// Whether an `r × c` matrix fits in the data.
-    fn covers(&self, r: usize, c: usize) -> bool {
-        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst (m × n, row-major) [+]= lhs (m × k) · rhs (k × n)`, through the `gemm` crate.
-fn gemm<A: Real>(
-    dst: &mut [A],
-    (m, n, k): (usize, usize, usize),
-    lhs: View<'_, A>,
-    rhs: View<'_, A>,
-    accumulate: bool,
-) -> candle_core::Result<()> {
-    if dst.len() != m * n || !lhs.covers(m, k) || !rhs.covers(k, n) {
-        candle_core::bail!("{OP}: GEMM operands do not match {m} × {n} × {k}")
-    }
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        if !accumulate {
-            dst.fill(A::ZERO);
-        }
-        return Ok(());
-    }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: `A` is f32 or f64 (the only `Real` impls), which `gemm` supports; every index
-    // `gemm` reads is `r * rs + c * cs` with `r`, `c` inside the dimensions checked against the
-    // slices above, `dst` is a uniquely borrowed row-major `m × n` buffer.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            A::ONE,
-            A::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    Ok(())
+/// `dst (m × n, row-major) [+]= lhs · rhs` ([`super::gemm::gemm`], over rayon's pool).
+fn gemm<A: Real>(dst: &mut [A], n: usize, lhs: View<'_, A>, rhs: View<'_, A>, accumulate: bool) {
+    super::gemm::gemm(dst, n, lhs, rhs, A::ONE, accumulate, Threads::Pool);
 }
 
 /// `z = x W_cᵀ + b_c` for one chunk: `x` `[n, hidden]`, `wc` `[c, hidden]`, `z` `[n, c]`.
@@ -373,8 +291,8 @@ fn logits<A: Real>(
     (n, hidden): (usize, usize),
 ) -> candle_core::Result<()> {
     let c = bc.len();
-    let (lhs, rhs) = (View::rows(x, hidden), View::cols(wc, hidden));
-    gemm(z, (n, c, hidden), lhs, rhs, false)?;
+    let (lhs, rhs) = (View::rows(x, n, hidden), View::rows(wc, c, hidden).t());
+    gemm(z, c, lhs, rhs, false);
     z.par_chunks_mut(c * rows_per_task(c)).for_each(|rows| {
         for row in rows.chunks_exact_mut(c) {
             row.iter_mut().zip(bc).for_each(|(z, &b)| *z += b);
@@ -477,17 +395,17 @@ fn backward<T: Elem>(
         logits(g, &x, &wc, &widen(&m.b[lo..lo + c]), (n, hidden))?;
         logit_grad(g, &up, m.t, (lo, c));
         if let Some(dx) = dx.as_mut() {
-            let (lhs, rhs) = (View::rows(g, c), View::rows(&wc, hidden));
-            gemm(dx, (n, hidden, c), lhs, rhs, true)?;
+            let (lhs, rhs) = (View::rows(g, n, c), View::rows(&wc, c, hidden));
+            gemm(dx, hidden, lhs, rhs, true);
         }
         if let Some(dw) = dw.as_mut() {
             let dw = &mut dw[lo * hidden..(lo + c) * hidden];
-            let (lhs, rhs) = (View::cols(g, c), View::rows(&x, hidden));
+            let (lhs, rhs) = (View::rows(g, n, c).t(), View::rows(&x, n, hidden));
             match T::as_acc_mut(dw) {
-                Some(dw) => gemm(dw, (c, hidden, n), lhs, rhs, false)?,
+                Some(dw) => gemm(dw, hidden, lhs, rhs, false),
                 None => {
                     let mut tmp = vec![T::A::ZERO; c * hidden];
-                    gemm(&mut tmp, (c, hidden, n), lhs, rhs, false)?;
+                    gemm(&mut tmp, hidden, lhs, rhs, false);
                     store(dw, &tmp);
                 }
             }

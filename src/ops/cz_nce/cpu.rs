@@ -40,6 +40,7 @@
 //! GEMMs: there the pool's hand-offs, not the arithmetic, would dominate.
 
 use super::spec::{Spec, NORM_EPS};
+use crate::ops::gemm::{gemm, Threads, View};
 use crate::ops::num::Real;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -137,40 +138,8 @@ fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool, par: bool) -
     Normed { hat, inv, active }
 }
 
-/// A strided read-only matrix view.
-#[derive(Clone, Copy)]
-struct View<'a, T> {
-    data: &'a [T],
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-}
-
-impl<'a, T> View<'a, T> {
-    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols);
-        View {
-            data,
-            rows,
-            cols,
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-    fn t(self) -> Self {
-        View {
-            data: self.data,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-}
-
-/// `dst (m × n, row-major) = [dst +] beta · lhs · rhs`, through the `gemm` crate (the GEMM
-/// candle's CPU backend uses), parallelized with rayon when `par`.
+/// `dst (m × n, row-major) = [dst +] beta · lhs · rhs` ([`gemm`]), spread over rayon's pool
+/// when `par`.
 fn gemm_into<T: Real>(
     dst: &mut [T],
     lhs: View<'_, T>,
@@ -180,65 +149,8 @@ fn gemm_into<T: Real>(
     par: bool,
 ) {
     assert_eq!(dst.len(), lhs.rows * rhs.cols);
-    gemm_strided(dst, rhs.cols, lhs, rhs, beta, accumulate, par);
-}
-
-/// [`gemm_into`] into a row-major destination with row stride `dst_rs` (a sub-block).
-fn gemm_strided<T: Real>(
-    dst: &mut [T],
-    dst_rs: usize,
-    lhs: View<'_, T>,
-    rhs: View<'_, T>,
-    beta: T,
-    accumulate: bool,
-    par: bool,
-) {
-    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k);
-    assert!(n <= dst_rs);
-    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
-    // The views cover their slices: the last element of each is in bounds.
-    for v in [lhs, rhs] {
-        if v.rows > 0 && v.cols > 0 {
-            let last = (v.rows as isize - 1) * v.rs + (v.cols as isize - 1) * v.cs;
-            assert!(last >= 0 && (last as usize) < v.data.len());
-        }
-    }
-    if m == 0 || n == 0 {
-        return;
-    }
-    let threads = rayon::current_num_threads();
-    let par = if par && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: `T` is f32 or f64 (the only `Real` impls), which `gemm` supports; every index
-    // `gemm` touches is `row * rs + col * cs` with row/col inside the asserted dimensions, and
-    // those were checked to lie inside the slices above; `dst` is uniquely borrowed.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            T::ONE,
-            beta,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    let threads = if par { Threads::Pool } else { Threads::One };
+    gemm(dst, rhs.cols, lhs, rhs, beta, accumulate, threads);
 }
 
 fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize, par: bool) -> Vec<T> {
