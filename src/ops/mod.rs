@@ -42,7 +42,7 @@ pub(crate) mod kernel;
 mod layer_norm;
 pub(crate) mod num;
 mod philox;
-mod softmax;
+pub(crate) mod softmax;
 pub(crate) mod transformer;
 mod vocab_nll;
 

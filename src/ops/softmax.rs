@@ -39,6 +39,25 @@ pub fn softmax_scaled_masked(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> R
 
 /// Checks the mask and returns, for each dimension of `x`, the mask's stride along it (0 where
 /// the mask broadcasts).
+/// `z = softmax(z)` for one row of scaled and masked logits: the row's maximum subtracted,
+/// exponentiated, divided by the sum (one reciprocal). A row whose every entry is `-inf` (fully
+/// masked) becomes zeros, not 0/0.
+#[inline(always)]
+pub(crate) fn exp_normalise<A: Real>(z: &mut [A]) {
+    let max = z.iter().fold(z[0], |a, &b| Real::max(a, b));
+    if max == A::NEG_INFINITY {
+        z.fill(A::ZERO);
+        return;
+    }
+    for v in z.iter_mut() {
+        *v = (*v - max).exp();
+    }
+    let inv = A::ONE / lane_sum(z.len(), |j| z[j]);
+    for v in z.iter_mut() {
+        *v *= inv;
+    }
+}
+
 fn check(x: &Tensor, mask: Option<&Tensor>) -> Result<Vec<usize>> {
     const OP: &str = "softmax_scaled_masked";
     check_float(x, OP)?;
@@ -209,18 +228,9 @@ impl SoftmaxOp {
                             }
                         }
                     }
-                    let max = z.iter().fold(z[0], |a, &b| a.max(b));
-                    if max == T::A::lit(f64::NEG_INFINITY) {
-                        // Every entry masked with -inf: zeros, not 0/0 (see the front door).
-                        y.fill(T::elem_zero());
-                        continue;
-                    }
-                    for v in z.iter_mut() {
-                        *v = (*v - max).exp();
-                    }
-                    let inv = T::A::ONE / lane_sum(n, |j| z[j]);
+                    exp_normalise(&mut z);
                     for j in 0..n {
-                        y[j] = T::store(z[j] * inv);
+                        y[j] = T::store(z[j]);
                     }
                 }
             });

@@ -7,6 +7,7 @@ use super::super::dropout::dropout_in_place;
 use super::super::gemm::{gemm, Threads, View};
 use super::super::kernel::{lane_sum, vectorized, Vectorized};
 use super::super::num::Real;
+use super::super::softmax::exp_normalise;
 use super::super::DropoutKey;
 
 /// The sizes of an attention call. Queries, keys and values sit side by side in one
@@ -117,19 +118,7 @@ impl<T: Real> Vectorized for SoftmaxRows<'_, T> {
             for (x, m) in row.iter_mut().zip(self.mask) {
                 *x += *m;
             }
-            let max = row.iter().fold(row[0], |a, &b| Real::max(a, b));
-            if max == T::NEG_INFINITY {
-                // Every key masked with -inf: zeros, as the fused softmax gives.
-                row.fill(T::ZERO);
-                continue;
-            }
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-            }
-            let inv = T::ONE / lane_sum(row.len(), |j| row[j]);
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
+            exp_normalise(row);
         }
     }
 }
