@@ -453,6 +453,11 @@ impl Trainer {
             let values = self.micro_batch(&batch, masked.as_ref(), &mut grads)?;
             mean.add_mean(&values, accum);
         }
+        // The explicit backward's encoder gradients, summed over the micro-batches (the cached
+        // loss has already taken its own).
+        self.model
+            .encoder()
+            .take_gradients(&self.trainable, &mut grads)?;
         let verdict = self.reduce_over_ranks(&mut grads, &mut mean)?;
         let UpdateRecord {
             lr,
@@ -515,10 +520,9 @@ impl Trainer {
     fn backward_into(&self, terms: &LossTerms, grads: &mut Gradients) -> Result<LossTerms<f32>> {
         let store = self.backward_seed(&terms.total)?.backward()?;
         accumulate_gradients(grads, &store, &self.trainable)?;
-        // With the explicit backward, the encoder's share comes from its recorded passes.
-        let encoder = self.model.encoder();
-        encoder.backward_recorded(&store)?;
-        encoder.take_gradients(&self.trainable, grads)?;
+        // With the explicit backward, the encoder's share comes from its recorded passes; its
+        // buffers sum the micro-batches in place and `train_step` takes them once.
+        self.model.encoder().backward_recorded(&store)?;
         terms.values()
     }
 
