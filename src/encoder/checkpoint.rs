@@ -177,12 +177,119 @@ pub(crate) fn save_params_as(
         .map(|(name, var)| Ok((rename(&name), var.as_tensor().contiguous()?)))
         .collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_tensors(&tensors, Some(metadata), path)
+}
+
+/// Writes `tensors` to a safetensors file at `path` through a synced temporary file and a
+/// rename. Contiguous CPU tensors are written from their own memory: candle's `View` for
+/// `Tensor` copies each tensor into a fresh byte vector first, which at a 250k-row vocabulary
+/// is a 384 MB spike in every checkpoint. Other tensors are copied one at a time.
+pub(crate) fn save_tensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, t)| (name.as_str(), TensorBytes::new(t)));
     write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(tensors, Some(metadata), tmp).map_err(|e| {
-            Error::Checkpoint {
-                path: tmp.to_path_buf(),
-                reason: format!("could not write safetensors: {e}"),
-            }
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| Error::Checkpoint {
+            path: tmp.to_path_buf(),
+            reason: format!("could not write safetensors: {e}"),
         })
     })
+}
+
+/// A tensor as safetensors reads it: its storage held for reading while the file is written.
+struct TensorBytes<'a> {
+    tensor: &'a Tensor,
+    storage: candle_core::StorageRef<'a>,
+}
+
+impl<'a> TensorBytes<'a> {
+    fn new(tensor: &'a Tensor) -> Self {
+        let (storage, _) = tensor.storage_and_layout();
+        Self { tensor, storage }
+    }
+
+    /// The bytes of the tensor's elements, when they lie contiguously in CPU memory.
+    fn host_bytes(&self) -> Option<&[u8]> {
+        use candle_core::{CpuStorage as C, Storage};
+        let Storage::Cpu(cpu) = &*self.storage else {
+            return None;
+        };
+        let (start, end) = self.tensor.layout().contiguous_offsets()?;
+        let size = self.tensor.dtype().size_in_bytes();
+        let all: &[u8] = match cpu {
+            C::F32(v) => as_bytes(v),
+            C::F64(v) => as_bytes(v),
+            C::F16(v) => as_bytes(v),
+            C::BF16(v) => as_bytes(v),
+            C::U32(v) => as_bytes(v),
+            C::I64(v) => as_bytes(v),
+            C::U8(v) => v,
+            _ => return None,
+        };
+        all.get(start * size..end * size)
+    }
+}
+
+/// A slice of plain numbers as its bytes, in the machine's order (little-endian on every target
+/// candle supports, which is safetensors' order).
+fn as_bytes<T: candle_core::WithDType>(v: &[T]) -> &[u8] {
+    // SAFETY: `T` is one of candle's element types (integers and IEEE floats): no padding, no
+    // invalid bit patterns for `u8`, and the byte slice covers exactly `v`'s memory.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+impl safetensors::View for TensorBytes<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::View::dtype(&self.tensor)
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        match self.host_bytes() {
+            Some(bytes) => std::borrow::Cow::Borrowed(bytes),
+            None => safetensors::View::data(&self.tensor),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        safetensors::View::data_len(&self.tensor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    /// The borrowed-bytes writer must produce the file candle's copying `View` produces, for
+    /// every element type and for a tensor that starts inside its storage (a narrowed view).
+    #[test]
+    fn borrowed_tensor_bytes_write_the_same_file_as_candle() {
+        let dev = Device::Cpu;
+        let base = Tensor::arange(0f32, 24.0, &dev)
+            .unwrap()
+            .reshape((6, 4))
+            .unwrap();
+        let tensors: Vec<(String, Tensor)> = vec![
+            ("a.f32".into(), base.clone()),
+            ("b.rows".into(), base.narrow(0, 2, 3).unwrap()),
+            ("c.f16".into(), base.to_dtype(DType::F16).unwrap()),
+            ("d.bf16".into(), base.to_dtype(DType::BF16).unwrap()),
+            ("e.f64".into(), base.to_dtype(DType::F64).unwrap()),
+            ("f.u32".into(), base.to_dtype(DType::U32).unwrap()),
+            ("g.t".into(), base.t().unwrap()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        save_tensors(&tensors, None, &path).unwrap();
+        let want = safetensors::serialize(tensors.iter().map(|(n, t)| (n, t)), None).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
 }

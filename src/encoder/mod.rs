@@ -13,7 +13,9 @@ mod params;
 
 pub use bert::{Backward, BertEncoder, BertForMaskedLm, EncoderOutput, MaskedLmOutput, MlmHead};
 pub use checkpoint::CheckpointTensors;
-pub(crate) use checkpoint::{checkpoint_name, read_checkpoint_dir, save_params, save_params_as};
+pub(crate) use checkpoint::{
+    checkpoint_name, read_checkpoint_dir, save_params, save_params_as, save_tensors,
+};
 pub use config::{BertConfig, HiddenAct};
 pub(crate) use layers::{linear, LinearInit};
 pub use layers::{Dropout, DropoutRng, LayerNorm};

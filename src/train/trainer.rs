@@ -21,7 +21,7 @@ use super::optimizer::{AdamW, Gradients};
 use super::update::{BadSteps, UpdateRecord, UpdateRule};
 use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
 use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
-use crate::encoder::{read_checkpoint_dir, Backward};
+use crate::encoder::{read_checkpoint_dir, save_tensors, Backward};
 use crate::fs::HEAD_WEIGHTS_FILE;
 use crate::loss::grads::{accumulate_gradients, add_gradient};
 use crate::loss::{
@@ -713,7 +713,8 @@ impl Trainer {
         let path = write_checkpoint_dir(&root, &checkpoint_name(self.step), |dir| {
             self.model.save(dir)?;
             let optimizer = dir.join(OPTIMIZER_FILE);
-            candle_core::safetensors::save(&self.optimizer.state_tensors()?, &optimizer)?;
+            let moments: Vec<_> = self.optimizer.state_tensors()?.into_iter().collect();
+            save_tensors(&moments, None, &optimizer)?;
             let json = serde_json::to_string_pretty(&state).expect("state serialises");
             std::fs::write(dir.join(STATE_FILE), json).map_err(Error::io(dir.join(STATE_FILE)))
         })?;
