@@ -2,6 +2,7 @@
 //! the model's special tokens as transformers finds them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use tokenizers::{EncodeInput, Encoding, PaddingParams, PaddingStrategy, TruncationParams};
@@ -24,7 +25,10 @@ pub const DEFAULT_MAX_LEN: usize = 128;
 /// ```
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared between clones: a 250k-piece SentencePiece model takes tens of megabytes, and the
+    /// trainer, the data loader and every evaluation hold a copy. Only
+    /// [`Tokenizer::with_max_len`] changes it, copying it first when it is shared.
+    inner: Arc<tokenizers::Tokenizer>,
     max_len: usize,
     special: SpecialTokens,
     /// One past the largest id (see `Tokenizer::vocab_size`).
@@ -182,7 +186,7 @@ impl Tokenizer {
             .max()
             .map_or(0, |&id| id as usize + 1);
         Self {
-            inner,
+            inner: Arc::new(inner),
             max_len: DEFAULT_MAX_LEN,
             special,
             vocab_size,
@@ -219,8 +223,9 @@ impl Tokenizer {
             pad_token: pad.token.clone(),
             ..Default::default()
         });
+        let inner = Arc::make_mut(&mut self.inner);
         guard(|| {
-            self.inner
+            inner
                 .with_truncation(Some(TruncationParams {
                     max_length: max_len,
                     ..Default::default()
