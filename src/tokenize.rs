@@ -364,6 +364,33 @@ impl Tokenizer {
         self.stack(&encodings, device)
     }
 
+    /// Pads `encodings`, rows of a larger batch whose encodings are `lengths` tokens long (all
+    /// of them, these rows' included), as [`Tokenizer::pad_batch`] pads them in that whole
+    /// batch: to its longest (rounded as the padding settings say), and with the missing
+    /// pad-token error when its lengths differ.
+    pub(crate) fn pad_rows_of(
+        &self,
+        mut encodings: Vec<Encoding>,
+        lengths: impl Iterator<Item = usize> + Clone,
+        device: &Device,
+    ) -> Result<TokenBatch> {
+        if encodings.is_empty() {
+            return Err(Error::InvalidArgument("cannot pad an empty batch".into()));
+        }
+        let longest = lengths.clone().max().unwrap_or(0);
+        if lengths.clone().any(|n| n != longest) {
+            self.pad_token()?;
+        }
+        if let Some(params) = self.inner.get_padding() {
+            let mut params = params.clone();
+            if matches!(params.strategy, PaddingStrategy::BatchLongest) {
+                params.strategy = PaddingStrategy::Fixed(longest);
+            }
+            guard(|| tokenizers::pad_encodings(&mut encodings, &params))?;
+        }
+        self.stack(&encodings, device)
+    }
+
     /// Stacks encodings, with the missing-pad-token error when their lengths differ.
     fn stack(&self, encodings: &[Encoding], device: &Device) -> Result<TokenBatch> {
         let first = encodings.first().map_or(0, Encoding::len);

@@ -1,5 +1,7 @@
 //! Batches of tokenized sentence pairs with anchor spans, in a seeded order that can be resumed.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -11,6 +13,7 @@ use tokenizers::Encoding;
 
 use super::parallel::{AnchorWord, ParallelCorpus, RawPair};
 use crate::align::anchors::span_of;
+use crate::dist::{sum_counts, Collective};
 use crate::pooling::TokenSpan;
 use crate::tokenize::{TokenBatch, Tokenizer};
 use crate::{Error, Result};
@@ -151,6 +154,43 @@ enum Verdict {
     NoAnchor,
 }
 
+/// A usable pair's encodings (source, target) and anchor spans.
+type Usable = (Box<(Encoding, Encoding)>, Option<(TokenSpan, TokenSpan)>);
+
+/// Words per pair in the verdicts ranks exchange: the verdict code, then the source and target
+/// lengths of a usable pair.
+const VERDICT_WORDS: usize = 3;
+/// Verdict codes (0: not examined by this rank).
+const USED: u64 = 1;
+const TRUNCATED: u64 = 2;
+const NO_ANCHOR: u64 = 3;
+const BAD_LINE: u64 = 4;
+const FAILED: u64 = 5;
+
+/// One pair of the stream taken for a batch: its index in the corpus and the cursor after it.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    index: usize,
+    after: LoaderCursor,
+}
+
+/// What the ranks know of a global batch being gathered.
+#[derive(Default)]
+struct Scan {
+    /// The usable pairs so far, in order: index in the corpus, source and target lengths.
+    usable: Vec<(usize, (usize, usize))>,
+    /// Those this rank examined, by position in `usable`.
+    mine: HashMap<usize, Usable>,
+    /// Pairs consumed since the last usable one.
+    since_last_use: usize,
+}
+
+/// Block `part` of `n` items cut in `parts`: `⌊part·n/parts⌋ .. ⌊(part+1)·n/parts⌋`.
+fn block(n: usize, part: usize, parts: usize) -> Range<usize> {
+    let at = |p: usize| (p as u128 * n as u128 / parts as u128) as usize;
+    at(part)..at(part + 1)
+}
+
 impl PairLoader {
     /// A loader over `corpus`, tokenizing with `tokenizer` (its `max_len` truncates).
     pub fn new(corpus: ParallelCorpus, tokenizer: Tokenizer, config: LoaderConfig) -> Result<Self> {
@@ -244,54 +284,232 @@ impl PairLoader {
     /// The next batch of `batch_size` usable pairs, wrapping to a new epoch at the end of the
     /// corpus. Fails if a whole epoch passes without a usable pair.
     pub fn next_batch(&mut self, device: &Device) -> Result<PairBatch> {
-        let (mut src, mut tgt, mut anchors) = (Vec::new(), Vec::new(), Vec::new());
-        let mut since_last_use = 0usize;
-        while src.len() < self.config.batch_size {
-            if self.cursor.position == self.order.len() {
-                self.cursor = LoaderCursor {
-                    epoch: self.cursor.epoch + 1,
-                    position: 0,
-                };
-                self.order = self.permutation(self.cursor.epoch);
+        self.next_rows(None, device)
+    }
+
+    /// This rank's rows of the next global batch of `batch_size` pairs, rows
+    /// [`PairLoader::shard_rows`]`(rank, world_size)` of the batch [`PairLoader::next_batch`]
+    /// returns in one process, as the same tensors (padded to the whole batch's longest) and
+    /// anchors. The cursor and the counts advance by the whole batch, the same on every rank.
+    ///
+    /// Every rank of `collective` makes this call in step, with a loader built the same way
+    /// (corpus, tokenizer, configuration, cursor). A rank reads and tokenizes only about its
+    /// share of the pairs: the pairs a batch needs are taken in windows, rank `r` examines block
+    /// `r` of each window, and one all-reduce per window gives every rank every pair's verdict
+    /// (usable or why not, and its lengths). When pairs are dropped, rows move to the next
+    /// rank's block: a rank then reads the few of its rows another rank examined a second time.
+    /// `device` holds the batch and the collective's tensors.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] when the global batch leaves a rank without rows; the
+    /// errors of [`PairLoader::next_batch`], on every rank; the collective's errors.
+    pub fn next_shard(
+        &mut self,
+        collective: &dyn Collective,
+        device: &Device,
+    ) -> Result<PairBatch> {
+        self.next_rows(Some(collective), device)
+    }
+
+    /// The rows of the global batch rank `rank` of `world_size` holds:
+    /// `⌊rank·B/W⌋ .. ⌊(rank+1)·B/W⌋` for a `batch_size` of `B`. [`Error::InvalidArgument`]
+    /// for a rank outside the world, or one the batch leaves without rows (`B < W`).
+    pub fn shard_rows(&self, rank: usize, world_size: usize) -> Result<Range<usize>> {
+        let batch = self.config.batch_size;
+        if rank >= world_size {
+            return Err(Error::InvalidArgument(format!(
+                "rank {rank} is outside a world of {world_size}"
+            )));
+        }
+        let rows = block(batch, rank, world_size);
+        if rows.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a global batch of {batch} pairs leaves rank {rank} of {world_size} without rows"
+            )));
+        }
+        Ok(rows)
+    }
+
+    /// The rows `group`'s rank holds of the next global batch (all of them without a group).
+    fn next_rows(&mut self, group: Option<&dyn Collective>, device: &Device) -> Result<PairBatch> {
+        let (rank, world) = group.map_or((0, 1), |c| (c.rank(), c.world_size()));
+        let rows = self.shard_rows(rank, world)?;
+        let batch = self.config.batch_size;
+        let mut scan = Scan::default();
+        while scan.usable.len() < batch {
+            let start = self.cursor;
+            let candidates = self.take_candidates(batch - scan.usable.len());
+            let mine = block(candidates.len(), rank, world);
+            let (local, examined) = self.examine_block(&candidates, mine);
+            let verdicts = match group {
+                Some(c) => sum_counts(c, device, &local)?,
+                None => local,
+            };
+            self.apply_verdicts(start, &candidates, &verdicts, examined, &mut scan)?;
+        }
+        self.assemble(scan, rows, device)
+    }
+
+    /// The next `n` pairs of the stream, wrapping to a new epoch at the end of the corpus; the
+    /// cursor moves past them.
+    fn take_candidates(&mut self, n: usize) -> Vec<Candidate> {
+        (0..n)
+            .map(|_| {
+                if self.cursor.position >= self.order.len() {
+                    self.cursor = LoaderCursor {
+                        epoch: self.cursor.epoch + 1,
+                        position: 0,
+                    };
+                    self.order = self.permutation(self.cursor.epoch);
+                }
+                let index = self.order[self.cursor.position] as usize;
+                self.cursor.position += 1;
+                Candidate {
+                    index,
+                    after: self.cursor,
+                }
+            })
+            .collect()
+    }
+
+    /// Moves back to `cursor` (a position already passed, after an error).
+    fn rewind(&mut self, cursor: LoaderCursor) {
+        if cursor.epoch != self.cursor.epoch {
+            self.order = self.permutation(cursor.epoch);
+        }
+        self.cursor = cursor;
+    }
+
+    /// Examines the candidates `mine` of a window: their verdicts, [`VERDICT_WORDS`] words per
+    /// candidate of the whole window (zeros outside `mine`), and the usable pairs among them by
+    /// position in the window.
+    fn examine_block(
+        &mut self,
+        candidates: &[Candidate],
+        mine: Range<usize>,
+    ) -> (Vec<u64>, HashMap<usize, Usable>) {
+        let mut words = vec![0u64; VERDICT_WORDS * candidates.len()];
+        let mut usable = HashMap::new();
+        for k in mine {
+            let verdict = self.examine_index(candidates[k].index);
+            let word = &mut words[VERDICT_WORDS * k..VERDICT_WORDS * (k + 1)];
+            match verdict {
+                Ok(Verdict::Use(encodings, spans)) => {
+                    let (s, t) = (encodings.0.len() as u64, encodings.1.len() as u64);
+                    word.copy_from_slice(&[USED, s, t]);
+                    usable.insert(k, (encodings, spans));
+                }
+                Ok(Verdict::Truncated) => word[0] = TRUNCATED,
+                Ok(Verdict::NoAnchor) => word[0] = NO_ANCHOR,
+                Err(Error::Data { .. }) if self.config.skip_bad_lines => word[0] = BAD_LINE,
+                Err(_) => word[0] = FAILED,
             }
-            if since_last_use > self.corpus.len() {
+        }
+        (words, usable)
+    }
+
+    fn examine_index(&mut self, index: usize) -> Result<Verdict> {
+        let pair = self.corpus.get(index)?;
+        self.examine(&pair)
+    }
+
+    /// Goes through a window's verdicts in stream order as one loader reading the pairs one by
+    /// one would: counts, the usable pairs (with the ones this rank examined), and the first
+    /// failure (the cursor then stays just past the pair that failed).
+    fn apply_verdicts(
+        &mut self,
+        start: LoaderCursor,
+        candidates: &[Candidate],
+        verdicts: &[u64],
+        mut examined: HashMap<usize, Usable>,
+        scan: &mut Scan,
+    ) -> Result<()> {
+        for (k, (candidate, verdict)) in candidates
+            .iter()
+            .zip(verdicts.chunks(VERDICT_WORDS))
+            .enumerate()
+        {
+            if scan.since_last_use > self.corpus.len() {
+                self.rewind(k.checked_sub(1).map_or(start, |p| candidates[p].after));
                 return Err(Error::InvalidArgument(format!(
                     "no usable pair in a whole epoch ({:?}): check the anchors, max_len and the data",
                     self.stats
                 )));
             }
-            let index = self.order[self.cursor.position] as usize;
-            self.cursor.position += 1;
-            since_last_use += 1;
-            let verdict = self.corpus.get(index).and_then(|pair| self.examine(&pair));
-            match verdict {
-                Ok(Verdict::Use(encodings, a)) => {
-                    let (s, t) = *encodings;
-                    src.push(s);
-                    tgt.push(t);
-                    anchors.push(a);
+            scan.since_last_use += 1;
+            match verdict[0] {
+                USED => {
+                    if let Some(pair) = examined.remove(&k) {
+                        scan.mine.insert(scan.usable.len(), pair);
+                    }
+                    let lengths = (verdict[1] as usize, verdict[2] as usize);
+                    scan.usable.push((candidate.index, lengths));
                     self.stats.used += 1;
-                    since_last_use = 0;
+                    scan.since_last_use = 0;
                 }
-                Ok(Verdict::Truncated) => self.stats.anchor_truncated += 1,
-                Ok(Verdict::NoAnchor) => self.stats.no_anchor += 1,
-                Err(Error::Data { .. }) if self.config.skip_bad_lines => self.stats.bad_lines += 1,
-                Err(e) => return Err(e),
+                TRUNCATED => self.stats.anchor_truncated += 1,
+                NO_ANCHOR => self.stats.no_anchor += 1,
+                BAD_LINE => self.stats.bad_lines += 1,
+                code => {
+                    self.rewind(candidate.after);
+                    return Err(self.failure(candidate.index, code));
+                }
             }
         }
-        let anchors = if self.config.require_anchors {
-            Some(
+        Ok(())
+    }
+
+    /// The error of the pair at corpus `index`, which a rank reported as failing (`code`): the
+    /// examination is repeated here, so every rank returns the same error.
+    fn failure(&mut self, index: usize, code: u64) -> Error {
+        match (code, self.examine_index(index)) {
+            (FAILED, Err(e)) => e,
+            _ => Error::Distributed(format!(
+                "the ranks disagree about pair {index} of the corpus (verdict {code}): do they \
+                 read the same corpus with the same tokenizer and loader configuration?"
+            )),
+        }
+    }
+
+    /// Pads rows `rows` of a scanned global batch, reading again those another rank examined.
+    fn assemble(
+        &mut self,
+        mut scan: Scan,
+        rows: Range<usize>,
+        device: &Device,
+    ) -> Result<PairBatch> {
+        let (mut src, mut tgt, mut anchors) = (Vec::new(), Vec::new(), Vec::new());
+        for row in rows {
+            let (encodings, spans) = match scan.mine.remove(&row) {
+                Some(pair) => pair,
+                None => match self.examine_index(scan.usable[row].0)? {
+                    Verdict::Use(encodings, spans) => (encodings, spans),
+                    _ => return Err(self.failure(scan.usable[row].0, USED)),
+                },
+            };
+            let (s, t) = *encodings;
+            src.push(s);
+            tgt.push(t);
+            anchors.push(spans);
+        }
+        let anchors = match self.config.require_anchors {
+            true => Some(
                 anchors
                     .into_iter()
-                    .map(|a| a.expect("required anchors are present"))
-                    .collect(),
-            )
-        } else {
-            None
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "a usable pair lacks the anchors the loader requires".into(),
+                        )
+                    })?,
+            ),
+            false => None,
         };
+        let lengths = |side: fn(&(usize, (usize, usize))) -> usize| scan.usable.iter().map(side);
         Ok(PairBatch {
-            src: self.tokenizer.pad_batch(src, device)?,
-            tgt: self.tokenizer.pad_batch(tgt, device)?,
+            src: (self.tokenizer).pad_rows_of(src, lengths(|u| u.1 .0), device)?,
+            tgt: (self.tokenizer).pad_rows_of(tgt, lengths(|u| u.1 .1), device)?,
             anchors,
         })
     }

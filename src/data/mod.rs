@@ -9,5 +9,5 @@ mod parallel;
 
 pub use anchors::LexiconAnchors;
 pub use loader::{AnchorFinder, LoaderConfig, LoaderCursor, LoaderStats, PairBatch, PairLoader};
-pub use masking::{MaskedTokens, MlmMasking};
+pub use masking::{MaskKey, MaskedTokens, MlmMasking};
 pub use parallel::{AnchorWord, CorpusFormat, ParallelCorpus, RawPair};

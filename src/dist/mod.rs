@@ -162,6 +162,44 @@ pub fn agree(
     Ok(())
 }
 
+/// The sums over the ranks of each of `values`, exactly: a value crosses as eight 8-bit pieces
+/// in f32, whose sums over up to 65 793 ranks stay below 2^24. Sums must fit in 64 bits (counts
+/// and lengths do). `device` is where the collective's tensors live. One all-reduce; every rank
+/// must call it with as many values.
+pub(crate) fn sum_counts(
+    c: &dyn Collective,
+    device: &candle_core::Device,
+    values: &[u64],
+) -> Result<Vec<u64>> {
+    if c.world_size() == 1 || values.is_empty() {
+        return Ok(values.to_vec());
+    }
+    const PIECES: usize = 8;
+    let mine: Vec<f32> = values
+        .iter()
+        .flat_map(|&v| (0..PIECES).map(move |i| ((v >> (8 * i)) & 0xff) as f32))
+        .collect();
+    let n = mine.len();
+    let sums: Vec<f32> = c
+        .all_reduce_sum(&Tensor::from_vec(mine, n, device)?)?
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1()?;
+    if sums.len() != n {
+        return Err(Error::Distributed(format!(
+            "all_reduce_sum returned {} values for {n}",
+            sums.len()
+        )));
+    }
+    Ok(sums
+        .chunks(PIECES)
+        .map(|pieces| {
+            pieces.iter().enumerate().fold(0u64, |sum, (i, &p)| {
+                sum.wrapping_add((p as u64).wrapping_shl(8 * i as u32))
+            })
+        })
+        .collect())
+}
+
 /// All-gathers `local` and keeps this rank's rows in the autograd graph (OpenCLIP's
 /// `gather_with_grad` restricted to the local slice): the result is
 /// `cat(rows of ranks < r (constants), local, rows of ranks > r (constants))`.

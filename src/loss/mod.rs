@@ -6,7 +6,6 @@ pub(crate) mod grads;
 mod mlm;
 mod multi_level;
 
-pub(crate) use cached::{masked_rows, pair_rows};
 pub use cached::{CachedLoss, CachedStep};
 pub use cz_nce::{BackwardMode, CzNce, Temperature};
 pub use mlm::masked_lm_loss;

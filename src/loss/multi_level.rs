@@ -2,11 +2,10 @@
 //! projections, an optional word-level contrast, and the auxiliary MLM loss.
 
 use candle_core::Tensor;
-use rand_chacha::ChaCha8Rng;
 
 use super::cz_nce::Temperature;
 use super::{masked_lm_loss, CzNce};
-use crate::data::{MaskedTokens, MlmMasking, PairBatch};
+use crate::data::{MaskKey, MaskedTokens, MlmMasking, PairBatch};
 use crate::dist::{gather_with_local_grad, Collective};
 use crate::model::MlCtlModel;
 use crate::ops::DropoutKey;
@@ -129,12 +128,15 @@ pub struct MaskedPair {
 }
 
 impl MaskedPair {
-    /// Draws masked copies of both sides, source first.
-    pub fn draw(masking: &MlmMasking, batch: &PairBatch, rng: &mut ChaCha8Rng) -> Result<Self> {
+    /// Draws masked copies of both sides under `key`: the source as side 0, the target as
+    /// side 1 (`key.side` is ignored). Row `r` is global sample `key.sample_offset + r`, so a
+    /// data-parallel rank masking its rows with their offset draws the masks one process draws
+    /// for them in the whole batch.
+    pub fn draw(masking: &MlmMasking, batch: &PairBatch, key: MaskKey) -> Result<Self> {
         let device = batch.src.input_ids.device();
         Ok(Self {
-            src: masking.mask(&batch.src, rng, device)?,
-            tgt: masking.mask(&batch.tgt, rng, device)?,
+            src: masking.mask(&batch.src, key.with_side(0), device)?,
+            tgt: masking.mask(&batch.tgt, key.with_side(1), device)?,
         })
     }
 }

@@ -41,7 +41,7 @@ pub(crate) mod gemm;
 pub(crate) mod kernel;
 mod layer_norm;
 pub(crate) mod num;
-mod philox;
+pub(crate) mod philox;
 pub(crate) mod softmax;
 pub(crate) mod transformer;
 mod vocab_nll;

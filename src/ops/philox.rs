@@ -59,6 +59,22 @@ pub(crate) fn philox4x32_10_lanes<const N: usize>(
     c
 }
 
+/// The four words of entry `index` of stream `stream` for global sample `sample`, under `seed`
+/// and `step`: Philox's counter is `[index, stream, sample, step]` by their low 32 bits and its
+/// key `seed` with the high 32 bits of `sample` and `step` folded in, the layout dropout's masks
+/// use ([`super::dropout`], there with a quad index and a layer's site). Any word of any sample
+/// is computed on its own, so whoever computes it (one process, or the rank holding that sample)
+/// gets the same bits.
+#[inline]
+pub(crate) fn sample_words(seed: u64, step: u64, sample: u64, stream: u32, index: u32) -> [u32; 4] {
+    let counter = [index, stream, sample as u32, step as u32];
+    let key = [
+        seed as u32 ^ (sample >> 32) as u32,
+        (seed >> 32) as u32 ^ (step >> 32) as u32,
+    ];
+    philox4x32_10(counter, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,8 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Complete checkpoints to keep.
     pub keep_checkpoints: usize,
-    /// Seed of the MLM masking (the loader and the dropout have their own).
+    /// Seed of the MLM masks ([`MaskKey::seed`](crate::data::MaskKey::seed)); the trainer
+    /// starts the dropout generator from `seed + 1`, and the loader's order has its own seed.
     pub seed: u64,
     /// Show a progress bar on standard error.
     pub progress: bool,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -19,14 +18,14 @@ use super::config::TrainConfig;
 use super::loss_scale::LossScaler;
 use super::optimizer::{AdamW, Gradients};
 use super::update::{BadSteps, UpdateRecord, UpdateRule};
-use crate::data::{LoaderCursor, LoaderStats, MlmMasking, PairBatch, PairLoader};
-use crate::dist::{agree, broadcast_vars, Collective, GradLayout, DEFAULT_BUCKET_BYTES};
+use crate::data::{LoaderCursor, LoaderStats, MaskKey, MlmMasking, PairBatch, PairLoader};
+use crate::dist::{
+    agree, broadcast_vars, sum_counts, Collective, GradLayout, DEFAULT_BUCKET_BYTES,
+};
 use crate::encoder::{read_checkpoint_dir, save_tensors, Backward};
 use crate::fs::HEAD_WEIGHTS_FILE;
 use crate::loss::grads::{accumulate_gradients, add_gradient};
-use crate::loss::{
-    masked_rows, pair_rows, CachedLoss, LossTerms, MaskedPair, MultiLevelLoss, RankShard,
-};
+use crate::loss::{CachedLoss, LossTerms, MaskedPair, MultiLevelLoss, RankShard};
 use crate::model::{MlCtlModel, HEAD_PREFIX};
 use crate::ops::num::accumulation_dtype;
 use crate::progress::Progress;
@@ -97,12 +96,17 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
 }
 
+/// What a checkpoint saves besides weights and optimizer moments. The loader's state is its
+/// cursor (epoch and position; the epoch's order is a function of the loader's seed and the
+/// epoch) and counts, those of the whole global batch and the same on every rank of a
+/// data-parallel run. MLM masks are keyed by the step ([`MaskKey`]) and need no state;
+/// checkpoints written when they were drawn from a generator carry its state as `mask_rng`,
+/// which is ignored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
     cursor: LoaderCursor,
     loader_stats: LoaderStats,
-    mask_rng: ChaCha8Rng,
     dropout_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
@@ -137,13 +141,21 @@ pub struct Trainer {
     run_dir: PathBuf,
     device: Device,
     step: u64,
-    mask_rng: ChaCha8Rng,
     skipped_steps: u64,
     consecutive_bad: usize,
     /// Scales the loss of an f16 model ([`Trainer::with_loss_scaler`]).
     loss_scaler: Option<LossScaler>,
     /// The data-parallel group, when this trainer is one of its ranks.
     data_parallel: Option<DataParallel>,
+}
+
+/// Counts of a global micro-batch, summed over the ranks.
+#[derive(Debug, Clone, Copy)]
+struct BatchCounts {
+    /// Tokens of both sides, padding excluded.
+    tokens: u64,
+    /// Masked tokens, source and target.
+    masked: (usize, usize),
 }
 
 /// A [`Trainer`]'s data-parallel group and the layout of its gradient all-reduce.
@@ -241,7 +253,6 @@ impl Trainer {
         model.bert.model.encoder = model.bert.model.encoder.with_backward(Backward::Explicit);
         let device = model.encoder().word_embeddings().device().clone();
         let loss_scaler = (model.encoder().dtype() == DType::F16).then(LossScaler::default);
-        let mask_rng = ChaCha8Rng::seed_from_u64(config.seed);
         model
             .bert
             .model
@@ -259,7 +270,6 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             device,
             step: 0,
-            mask_rng,
             skipped_steps: 0,
             consecutive_bad: 0,
             loss_scaler,
@@ -314,19 +324,22 @@ impl Trainer {
     /// calls this (before [`Trainer::resume`] and the first step), then trains as usual.
     ///
     /// - The loader's `batch_size` is the **global** batch `B`. Every rank runs the same seeded
-    ///   loader and trains on its slice, rows `r·B/W .. (r+1)·B/W` of the batch one process
-    ///   would draw.
-    /// - MLM masks are drawn for the whole global batch on every rank (the same generator in
-    ///   the same state) and sliced, so the ranks mask exactly what one process masks. Dropout
-    ///   masks are keyed by each row's global index.
+    ///   loader and trains on its shard, rows `r·B/W .. (r+1)·B/W` of the batch one process
+    ///   would draw, which it alone reads, tokenizes, masks and moves to the device
+    ///   ([`PairLoader::next_shard`]: the ranks exchange only which pairs are usable and their
+    ///   lengths).
+    /// - MLM masks ([`MaskKey`]) and dropout masks are keyed by each row's global index, so the
+    ///   ranks mask exactly what one process masks.
     /// - Every rank computes the contrastive terms over every rank's embeddings (its own rows in
-    ///   its graph) and `λ·MLM` over its masked tokens divided by the global batch's count, so
+    ///   its graph) and `λ·MLM` over its masked tokens divided by the global batch's count (the
+    ///   ranks sum their counts with a small all-reduce per micro-batch), so
     ///   the sum of the ranks' gradients is the gradient of the global batch's loss
     ///   ([`MultiLevelLoss::forward_rank`]). One all-reduce sums them per update, after every
     ///   micro-batch of gradient accumulation; clipping follows the all-reduce; a non-finite
     ///   loss on any rank makes every rank skip the update.
     /// - Rank 0 alone writes the run directory (metrics and checkpoints); every rank resumes
-    ///   from the same checkpoint, bit for bit with the same world size.
+    ///   from the same checkpoint, bit for bit with the same world size. The loader state it
+    ///   saves (cursor and counts) is the global batch's, the same on every rank.
     ///
     /// The parameters start from rank 0's (broadcast here). With the same seeds, `W` ranks
     /// follow the single-process run with the same global batch up to the rounding of the sums.
@@ -439,18 +452,13 @@ impl Trainer {
         let started = Instant::now();
         let accum = self.config.grad_accum;
         let mut grads = Gradients::new();
-        let (mut pairs, mut tokens) = (0usize, 0usize);
+        let (mut pairs, mut tokens) = (0usize, 0u64);
         let mut mean = LossTerms::<f32>::default();
-        for _ in 0..accum {
-            let batch = self.loader.next_batch(&self.device)?;
-            pairs += batch.len();
-            let lengths = batch.src.lengths.iter().chain(&batch.tgt.lengths);
-            tokens += lengths.sum::<usize>();
-            let masked = match &self.masking {
-                Some(m) => Some(MaskedPair::draw(m, &batch, &mut self.mask_rng)?),
-                None => None,
-            };
-            let values = self.micro_batch(&batch, masked.as_ref(), &mut grads)?;
+        for micro in 0..accum {
+            let (batch, masked, counts) = self.next_micro_batch(micro)?;
+            pairs += self.loader.config().batch_size;
+            tokens += counts.tokens;
+            let values = self.micro_batch(&batch, masked.as_ref(), counts.masked, &mut grads)?;
             mean.add_mean(&values, accum);
         }
         // The explicit backward's encoder gradients, summed over the micro-batches (the cached
@@ -482,7 +490,54 @@ impl Trainer {
         Ok(record)
     }
 
-    /// Forward and backward of one micro-batch (`masked`: its masked copies), by the trainer's
+    /// This rank's rows of the next global micro-batch (the whole batch in one process), loaded,
+    /// tokenized and masked here alone, and the global batch's counts. Masks are keyed by
+    /// (seed, `step · grad_accum + micro`, global sample index, side, position): the same for a
+    /// sample whichever rank holds it.
+    fn next_micro_batch(
+        &mut self,
+        micro: usize,
+    ) -> Result<(PairBatch, Option<MaskedPair>, BatchCounts)> {
+        let (rank, world) = self.rank_and_world();
+        let batch = match &self.data_parallel {
+            Some(dp) => self
+                .loader
+                .next_shard(dp.collective.as_ref(), &self.device)?,
+            None => self.loader.next_batch(&self.device)?,
+        };
+        let offset = self.loader.shard_rows(rank, world)?.start as u64;
+        let counter = self.step.wrapping_mul(self.config.grad_accum as u64);
+        let key = MaskKey::new(self.config.seed, counter.wrapping_add(micro as u64))
+            .with_sample_offset(offset);
+        let masked = match &self.masking {
+            Some(m) => Some(MaskedPair::draw(m, &batch, key)?),
+            None => None,
+        };
+        let lengths = batch.src.lengths.iter().chain(&batch.tgt.lengths);
+        let tokens = lengths.sum::<usize>() as u64;
+        let (src, tgt) = masked
+            .as_ref()
+            .map_or((0, 0), |m| (m.src.len(), m.tgt.len()));
+        let local = [tokens, src as u64, tgt as u64];
+        let counts = match &self.data_parallel {
+            Some(dp) => sum_counts(dp.collective.as_ref(), &self.device, &local)?,
+            None => local.to_vec(),
+        };
+        let [tokens, src, tgt] = counts[..] else {
+            return Err(Error::Distributed(format!(
+                "summing 3 counts over the ranks gave {}",
+                counts.len()
+            )));
+        };
+        let counts = BatchCounts {
+            tokens,
+            masked: (src as usize, tgt as usize),
+        };
+        Ok((batch, masked, counts))
+    }
+
+    /// Forward and backward of one micro-batch (`masked`: its masked copies; `global_masked`:
+    /// the global batch's masked-token counts, source and target), by the trainer's
     /// strategy: plain autograd, the cached loss (`mini_batch`), or this rank's shard of it
     /// (with a collective, either way). Adds the gradients scaled by `1 / grad_accum` to
     /// `grads` and returns the loss values as the strategy reports them.
@@ -490,10 +545,28 @@ impl Trainer {
         &self,
         batch: &PairBatch,
         masked: Option<&MaskedPair>,
+        global_masked: (usize, usize),
         grads: &mut Gradients,
     ) -> Result<LossTerms<f32>> {
         match (&self.data_parallel, self.config.mini_batch) {
-            (Some(dp), mini_batch) => self.rank_micro_batch(dp, batch, masked, mini_batch, grads),
+            (Some(dp), mini_batch) => {
+                let collective = dp.collective.as_ref();
+                let (rank, world) = (collective.rank(), collective.world_size());
+                let rows = self.loader.shard_rows(rank, world)?;
+                if batch.len() != rows.len() {
+                    return Err(Error::InvalidArgument(format!(
+                        "rank {rank} holds {} pairs instead of its {} rows",
+                        batch.len(),
+                        rows.len()
+                    )));
+                }
+                let shard = RankShard {
+                    collective,
+                    sample_offset: rows.start as u64,
+                    global_masked,
+                };
+                self.rank_micro_batch(&shard, batch, masked, mini_batch, grads)
+            }
             (None, Some(mini_batch)) => {
                 // One key per batch, drawn from the encoder's (checkpointed) generator: both
                 // passes over every chunk then draw the same dropout masks.
@@ -566,55 +639,32 @@ impl Trainer {
         update
     }
 
-    /// Forward and backward of this rank's slice of one global micro-batch (`masked`: the whole
-    /// batch's masked copies), adding its gradients scaled by `1 / grad_accum` to `grads`.
-    /// Returns the loss values as [`MultiLevelLoss::forward_rank`] reports them.
+    /// Forward and backward of this rank's rows of one global micro-batch (`local_masked`: their
+    /// masked copies), adding its gradients scaled by `1 / grad_accum` to `grads`. Returns the
+    /// loss values as [`MultiLevelLoss::forward_rank`] reports them.
     fn rank_micro_batch(
         &self,
-        dp: &DataParallel,
-        batch: &PairBatch,
-        masked: Option<&MaskedPair>,
+        shard: &RankShard<'_>,
+        local: &PairBatch,
+        local_masked: Option<&MaskedPair>,
         mini_batch: Option<usize>,
         grads: &mut Gradients,
     ) -> Result<LossTerms<f32>> {
-        let collective = dp.collective.as_ref();
-        let (rank, world) = (collective.rank(), collective.world_size());
-        let n = batch.len();
-        if n % world != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "a batch of {n} pairs does not split evenly over {world} ranks"
-            )));
-        }
-        let (rows, start) = (n / world, rank * (n / world));
-        let local = pair_rows(batch, start, rows)?;
-        let local_masked = match masked {
-            Some(m) => Some(MaskedPair {
-                src: masked_rows(&m.src, &batch.src.input_ids, start, rows)?,
-                tgt: masked_rows(&m.tgt, &batch.tgt.input_ids, start, rows)?,
-            }),
-            None => None,
-        };
-        let shard = RankShard {
-            collective,
-            sample_offset: start as u64,
-            global_masked: masked.map_or((0, 0), |m| (m.src.len(), m.tgt.len())),
-        };
-        let local_masked = local_masked.as_ref();
         let Some(mini_batch) = mini_batch else {
             let terms =
                 self.objective
-                    .forward_rank(&self.model, &local, local_masked, &shard, true)?;
+                    .forward_rank(&self.model, local, local_masked, shard, true)?;
             return self.backward_into(&terms, grads);
         };
         // As in one process: one key per global batch, shifted to this shard's rows.
         let key = self.model.encoder().dropout_rng().next_key();
         let step = self.cached_loss(mini_batch)?.forward_backward_rank(
             &self.model,
-            &local,
+            local,
             local_masked,
             &self.trainable,
             Some(key),
-            &shard,
+            shard,
         )?;
         let terms = step.terms();
         add_scaled(grads, step.grads, self.config.grad_accum)?;
@@ -703,7 +753,6 @@ impl Trainer {
             step: self.step,
             cursor: self.loader.cursor(),
             loader_stats: self.loader.stats(),
-            mask_rng: self.mask_rng.clone(),
             dropout_rng: self.model.encoder().dropout_rng().state(),
             skipped_steps: self.skipped_steps,
             consecutive_bad: self.consecutive_bad,
@@ -785,7 +834,6 @@ impl Trainer {
 
         self.loader.set_cursor(state.cursor)?;
         self.loader.set_stats(state.loader_stats);
-        self.mask_rng = state.mask_rng;
         self.model
             .encoder()
             .dropout_rng()

@@ -6,11 +6,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, Var};
 use common::{max_abs_diff, synthetic_tsv, tiny_model, tsv_loader};
-use mlctl::data::{MlmMasking, PairBatch};
+use mlctl::data::{MaskKey, MlmMasking, PairBatch};
 use mlctl::loss::{CachedLoss, CzNce, MaskedPair, MultiLevelLoss};
 use mlctl::model::MlCtlModel;
 use mlctl::ops::DropoutKey;
-use rand::SeedableRng;
 
 fn batch_of(n: usize) -> (PairBatch, MaskedPair) {
     let dir = tempfile::tempdir().unwrap();
@@ -23,12 +22,7 @@ fn batch_of(n: usize) -> (PairBatch, MaskedPair) {
         .unwrap()
         .with_prob(0.3)
         .unwrap();
-    let masked = MaskedPair::draw(
-        &masking,
-        &batch,
-        &mut rand_chacha::ChaCha8Rng::seed_from_u64(1),
-    )
-    .unwrap();
+    let masked = MaskedPair::draw(&masking, &batch, MaskKey::new(1, 0)).unwrap();
     (batch, masked)
 }
 

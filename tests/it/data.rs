@@ -6,10 +6,9 @@ use std::path::Path;
 
 use candle_core::Device;
 use common::{fixture, synthetic_tsv, tsv_loader};
-use mlctl::data::{CorpusFormat, LoaderConfig, MlmMasking, PairLoader, ParallelCorpus};
+use mlctl::data::{CorpusFormat, LoaderConfig, MaskKey, MlmMasking, PairLoader, ParallelCorpus};
 use mlctl::tokenize::Tokenizer;
 use mlctl::Error;
-use rand::SeedableRng;
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);
@@ -325,11 +324,7 @@ fn masking_follows_bert_recipe_and_never_touches_padding_or_specials() {
     let mask_id = tok.token_to_id("[MASK]").unwrap();
     let draw = |seed| {
         masking
-            .mask(
-                &batch,
-                &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed),
-                &Device::Cpu,
-            )
+            .mask(&batch, MaskKey::new(seed, 0), &Device::Cpu)
             .unwrap()
     };
     let (a, b) = (draw(1), draw(1));
@@ -391,11 +386,7 @@ fn masking_follows_bert_recipe_and_never_touches_padding_or_specials() {
         .with_prob(1.0)
         .unwrap();
     let all = unlisted_pad
-        .mask(
-            &batch,
-            &mut rand_chacha::ChaCha8Rng::seed_from_u64(2),
-            &Device::Cpu,
-        )
+        .mask(&batch, MaskKey::new(2, 0), &Device::Cpu)
         .unwrap();
     let selected: Vec<u32> = all.positions.to_vec1().unwrap();
     assert!(

@@ -9,17 +9,22 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_abs_diff, nan_max};
+use mlctl::data::{
+    AnchorFinder, CorpusFormat, LoaderConfig, LoaderCursor, LoaderStats, PairBatch, PairLoader,
+    ParallelCorpus,
+};
 use mlctl::dist::{
     any_rank_non_finite, broadcast_vars, gather_with_local_grad, rendezvous, Collective, DistEnv,
     GradLayout, LocalCollective,
 };
 use mlctl::loss::{CzNce, MultiLevelLoss};
+use mlctl::pooling::TokenSpan;
 use mlctl::train::{Decay, LrSchedule, StepRecord, TrainConfig, Trainer};
 use mlctl::Error;
 use rand::{Rng, SeedableRng};
@@ -1011,16 +1016,128 @@ fn dp_config(steps: u64, grad_accum: usize, mini_batch: Option<usize>) -> TrainC
 }
 
 /// A trainer of the tiny model (dropout 0.1 on) with ML-CTL's objective (sentence CZ-NCE and
-/// MLM) over a global batch of `batch` pairs.
+/// MLM) over a global batch of `batch` pairs: from the TSV file `data`, or from the corpus with
+/// dropped pairs [`dropping_corpus`] wrote when `data` is its directory.
 fn dp_trainer(run: &Path, data: &Path, batch: usize, config: TrainConfig, init: u64) -> Trainer {
+    let loader = if data.is_dir() {
+        let config = dropping_config(batch, true);
+        dropping_loader(data, config, Arc::new(RecordingFinder::default()))
+    } else {
+        common::tsv_loader(data, batch, 16, 3)
+    };
     Trainer::new(
         common::tiny_model(init),
         MultiLevelLoss::mlctl(),
-        common::tsv_loader(data, batch, 16, 3),
+        loader,
         config,
         run,
     )
     .unwrap()
+}
+
+/// Lines of [`dropping_corpus`].
+const DROPPING_LINES: usize = 30;
+
+/// Whether line `i` of [`dropping_corpus`] is a usable pair.
+fn usable_line(i: usize) -> bool {
+    !(i % 7 == 3 || i % 11 == 5 || i % 13 == 8)
+}
+
+/// A line-aligned corpus (`src.txt`, `tgt.txt` in a directory of its own) of
+/// [`DROPPING_LINES`] pairs, some of which the loader drops: line `i` has no anchor when
+/// `i % 7 == 3` (its source holds "zzz", see [`RecordingFinder`]), a source truncated at 16
+/// tokens when `i % 11 == 5`, an empty target (a bad line, skipped) when `i % 13 == 8`; the
+/// others are usable ([`usable_line`]). Returns the sources of the lines.
+fn dropping_corpus(dir: &Path) -> (PathBuf, Vec<String>) {
+    let data = dir.join("line-aligned");
+    std::fs::create_dir_all(&data).unwrap();
+    let words = |i: usize, n: usize| -> String {
+        let words = common::WORDS.iter().cycle().skip((7 * i) % 40);
+        words.take(n).cloned().collect::<Vec<_>>().join(" ")
+    };
+    let (mut src, mut tgt) = (Vec::new(), Vec::new());
+    for i in 0..DROPPING_LINES {
+        let mut s = words(i, 3 + i % 6);
+        if i % 7 == 3 {
+            s.push_str(" zzz");
+        }
+        if i % 11 == 5 {
+            s = words(i, 25);
+        }
+        src.push(s);
+        tgt.push(if i % 13 == 8 {
+            String::new()
+        } else {
+            words(i + 3, 2 + i % 5)
+        });
+    }
+    std::fs::write(data.join("src.txt"), src.join("\n") + "\n").unwrap();
+    std::fs::write(data.join("tgt.txt"), tgt.join("\n") + "\n").unwrap();
+    (data, src)
+}
+
+/// An anchor finder that records the source of every pair it is asked about (the loader asks
+/// once per pair it has read and tokenized) and answers: no anchor for a source holding "zzz",
+/// the closing token for a truncated source (so the loader drops it as truncated), token 1 of
+/// each side otherwise.
+#[derive(Default)]
+struct RecordingFinder {
+    seen: Mutex<Vec<String>>,
+}
+
+impl AnchorFinder for RecordingFinder {
+    fn find(
+        &self,
+        src: &str,
+        src_tokens: &tokenizers::Encoding,
+        _tgt: &str,
+        _tgt_tokens: &tokenizers::Encoding,
+    ) -> Option<(TokenSpan, TokenSpan)> {
+        self.seen.lock().unwrap().push(src.to_string());
+        let first = TokenSpan { start: 1, end: 1 };
+        if src.contains("zzz") {
+            return None;
+        }
+        if !src_tokens.get_overflowing().is_empty() {
+            let last = src_tokens.len() - 1;
+            return Some((
+                TokenSpan {
+                    start: last,
+                    end: last,
+                },
+                first,
+            ));
+        }
+        Some((first, first))
+    }
+}
+
+/// Global batches of `batch`, bad lines skipped, anchors required.
+fn dropping_config(batch: usize, shuffle: bool) -> LoaderConfig {
+    LoaderConfig {
+        batch_size: batch,
+        seed: 3,
+        shuffle,
+        skip_bad_lines: true,
+        require_anchors: true,
+    }
+}
+
+/// A loader over [`dropping_corpus`]'s directory `data` (max_len 16), asking `finder` for
+/// anchors.
+fn dropping_loader(data: &Path, config: LoaderConfig, finder: Arc<RecordingFinder>) -> PairLoader {
+    let tok = mlctl::tokenize::Tokenizer::from_file(common::fixture("tiny_bert/tokenizer.json"))
+        .unwrap()
+        .with_max_len(16)
+        .unwrap();
+    let corpus = ParallelCorpus::open(CorpusFormat::LineAligned {
+        src: data.join("src.txt"),
+        tgt: data.join("tgt.txt"),
+    })
+    .unwrap();
+    PairLoader::new(corpus, tok, config)
+        .unwrap()
+        .with_anchor_finder(finder)
 }
 
 fn params(trainer: &Trainer) -> BTreeMap<String, Tensor> {
@@ -1041,8 +1158,8 @@ fn metrics(run: &Path) -> Vec<StepRecord> {
 }
 
 /// Trains `steps` updates on `world` ranks sharing the run directory `run` (rank `r > 0`
-/// starts from other weights, which the broadcast replaces); returns each rank's parameters
-/// and step records.
+/// starts from other weights, which the broadcast replaces); returns each rank's parameters,
+/// step records and loader state.
 fn train_ranks(
     world: usize,
     run: &Path,
@@ -1050,7 +1167,7 @@ fn train_ranks(
     batch: usize,
     config: TrainConfig,
     steps: u64,
-) -> Vec<(BTreeMap<String, Tensor>, Vec<StepRecord>)> {
+) -> Vec<(BTreeMap<String, Tensor>, Vec<StepRecord>, LoaderState)> {
     let (run, data) = (run.to_path_buf(), data.to_path_buf());
     run_ranks(world, move |c| {
         let init = 5 + 10 * c.rank() as u64;
@@ -1060,7 +1177,7 @@ fn train_ranks(
         let records = (0..steps)
             .map(|_| trainer.train_step().unwrap())
             .collect::<Vec<_>>();
-        (params(&trainer), records)
+        (params(&trainer), records, loader_state(&trainer.loader))
     })
 }
 
@@ -1078,6 +1195,13 @@ fn train_ranks(
 /// far above it (one rank's gradient counted twice moves the sum by `1/W` of it, at least 25 %).
 const REL_TO_MOVEMENT: f64 = 1e-3;
 
+/// A loader's cursor and counts.
+type LoaderState = (LoaderCursor, LoaderStats);
+
+fn loader_state(loader: &PairLoader) -> LoaderState {
+    (loader.cursor(), loader.stats())
+}
+
 /// `W` ranks end where one process with the same global batch ends: parameters within
 /// [`REL_TO_MOVEMENT`] of the largest movement after SGD steps ([`dp_sgd_config`]), and rank 0
 /// logs the loss terms and gradient norm one process logs.
@@ -1087,9 +1211,21 @@ fn check_against_one_process(
     grad_accum: usize,
     mini_batch: Option<usize>,
 ) {
+    check_against_one_process_on(world, batch, grad_accum, mini_batch, train_corpus);
+}
+
+/// [`check_against_one_process`] on the corpus `corpus` writes into a directory; every rank's
+/// loader also ends in the cursor and counts of the one process's.
+fn check_against_one_process_on(
+    world: usize,
+    batch: usize,
+    grad_accum: usize,
+    mini_batch: Option<usize>,
+    corpus: fn(&Path) -> PathBuf,
+) {
     const STEPS: u64 = 3;
     let dir = tempfile::tempdir().unwrap();
-    let data = train_corpus(dir.path());
+    let data = corpus(dir.path());
     let config = dp_sgd_config(STEPS, grad_accum, mini_batch);
     let single_run = dir.path().join("single");
     let mut single = dp_trainer(&single_run, &data, batch, config.clone(), 5);
@@ -1099,6 +1235,7 @@ fn check_against_one_process(
     }
     let expected = params(&single);
     let expected_log = metrics(&single_run);
+    let expected_loader = loader_state(&single.loader);
     let moved = largest_diff(&initial, &expected);
     // The clipping binds, and the steps are far above rounding.
     assert!(expected_log[0].grad_norm > 1.0, "{expected_log:?}");
@@ -1107,7 +1244,11 @@ fn check_against_one_process(
     let run = dir.path().join("ranks");
     let ranks = train_ranks(world, &run, &data, batch, config, STEPS);
     let mut worst = 0f64;
-    for (rank, (got, records)) in ranks.iter().enumerate() {
+    for (rank, (got, records, loader)) in ranks.iter().enumerate() {
+        assert_eq!(
+            loader, &expected_loader,
+            "W={world} rank {rank}: loader state"
+        );
         assert_eq!(got.len(), expected.len());
         for (name, want) in &expected {
             // The ranks apply the same summed gradients: they stay bit-identical.
@@ -1173,6 +1314,182 @@ fn data_parallel_trainer_four_ranks_match_one_process() {
 fn data_parallel_trainer_with_cached_loss_matches_one_process() {
     // Shards of 4 in chunks of 2.
     check_against_one_process(2, 8, 1, Some(2));
+}
+
+/// Every rank reads, tokenizes and masks only its shard of each global batch, from a corpus
+/// where the loader drops pairs (no anchor, truncated anchor, bad line) and wraps to a shuffled
+/// new epoch: the ranks still train on the one process's batches and masks.
+#[test]
+fn data_parallel_ranks_loading_their_shards_with_dropped_pairs_match_one_process() {
+    let corpus: fn(&Path) -> PathBuf = |dir| dropping_corpus(dir).0;
+    check_against_one_process_on(3, 6, 2, None, corpus);
+    check_against_one_process_on(2, 6, 1, Some(2), corpus);
+}
+
+/// A rank's loader reads and tokenizes only its rows of each global batch ([`RecordingFinder`]
+/// records every pair a loader tokenized), and gets them as the same tensors and anchors as
+/// those rows of the one process's batch, with the same cursor and counts. The one process's
+/// batches are the usable lines in file order. With dropped pairs a rank also reads the few
+/// rows that move into its share from another rank's block.
+///
+/// The loader splits a batch of 7 over 2 or 3 ranks, unevenly (the trainer itself needs a
+/// batch divisible by the world size).
+#[test]
+fn data_parallel_each_rank_reads_and_tokenizes_only_its_rows() {
+    const B: usize = 7;
+    const BATCHES: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, sources) = dropping_corpus(dir.path());
+    // The same lines with nothing dropped.
+    let clean = dir.path().join("clean");
+    std::fs::create_dir_all(&clean).unwrap();
+    let kept: Vec<usize> = (0..DROPPING_LINES).filter(|&i| usable_line(i)).collect();
+    for file in ["src.txt", "tgt.txt"] {
+        let text = std::fs::read_to_string(data.join(file)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let picked: Vec<&str> = kept.iter().map(|&i| lines[i]).collect();
+        std::fs::write(clean.join(file), picked.join("\n") + "\n").unwrap();
+    }
+    let usable: Vec<String> = kept.iter().map(|&i| sources[i].clone()).collect();
+    for (corpus, dropping) in [(&clean, false), (&data, true)] {
+        let finder = Arc::new(RecordingFinder::default());
+        let mut one = dropping_loader(corpus, dropping_config(B, false), finder.clone());
+        let mut expected = Vec::new();
+        for b in 0..BATCHES {
+            let batch = one.next_batch(&Device::Cpu).unwrap();
+            // Independently: the usable lines in file order, wrapping.
+            let want: Vec<&str> = (0..B)
+                .map(|k| usable[(b * B + k) % usable.len()].as_str())
+                .collect();
+            let tok = one.tokenizer();
+            let encoded = tok.encode_batch(&want, &Device::Cpu).unwrap();
+            assert_eq!(
+                batch.src.input_ids.to_vec2::<u32>().unwrap(),
+                encoded.input_ids.to_vec2::<u32>().unwrap(),
+                "batch {b}"
+            );
+            expected.push((batch, loader_state(&one)));
+        }
+        let one_seen = finder.seen.lock().unwrap().len();
+        if dropping {
+            let stats = one.stats();
+            assert!(stats.no_anchor > 0 && stats.anchor_truncated > 0 && stats.bad_lines > 0);
+        }
+        let expected = Arc::new(expected);
+        for world in [2, 3] {
+            let (corpus, expected) = (corpus.clone(), expected.clone());
+            let seen = run_ranks(world, move |c| {
+                let finder = Arc::new(RecordingFinder::default());
+                let config = dropping_config(B, false);
+                let mut loader = dropping_loader(&corpus, config, finder.clone());
+                let rows = loader.shard_rows(c.rank(), world).unwrap();
+                for (b, (batch, state)) in expected.iter().enumerate() {
+                    let shard = loader.next_shard(&c, &Device::Cpu).unwrap();
+                    assert_shard_rows(&shard, batch, rows.clone(), (b, c.rank()));
+                    assert_eq!(&loader_state(&loader), state, "batch {b} rank {}", c.rank());
+                }
+                let seen = finder.seen.lock().unwrap().clone();
+                (rows, seen)
+            });
+            let total: usize = seen.iter().map(|(_, s)| s.len()).sum();
+            eprintln!(
+                "W={world}, dropped pairs {dropping}: pairs tokenized per rank {:?}, one process {one_seen}",
+                seen.iter().map(|(_, s)| s.len()).collect::<Vec<_>>()
+            );
+            for (rank, (rows, seen)) in seen.iter().enumerate() {
+                if !dropping {
+                    // Exactly its rows, batch after batch.
+                    let want: Vec<&str> = (0..BATCHES)
+                        .flat_map(|b| rows.clone().map(move |k| b * B + k))
+                        .map(|g| usable[g % usable.len()].as_str())
+                        .collect();
+                    assert_eq!(seen, &want, "W={world} rank {rank}");
+                } else {
+                    // Its block of every window, and rows that moved in from another block.
+                    assert!(
+                        seen.len() < one_seen,
+                        "W={world} rank {rank}: {}",
+                        seen.len()
+                    );
+                }
+            }
+            if !dropping {
+                assert_eq!(total, one_seen, "W={world}: pairs tokenized twice");
+            }
+        }
+    }
+}
+
+/// A bad line (not skipped) fails every rank with the error one process gets, naming the file
+/// and line, whichever rank read it.
+#[test]
+fn data_parallel_a_bad_line_fails_every_rank_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, _) = dropping_corpus(dir.path());
+    let config = LoaderConfig {
+        skip_bad_lines: false,
+        ..dropping_config(6, false)
+    };
+    let finder = Arc::new(RecordingFinder::default());
+    let mut one = dropping_loader(&data, config.clone(), finder);
+    // Line 9 (index 8) has an empty target; the first batch ends before it.
+    one.next_batch(&Device::Cpu).unwrap();
+    let expected = one.next_batch(&Device::Cpu).unwrap_err().to_string();
+    assert!(expected.contains("src.txt:9: empty sentence"), "{expected}");
+    for world in [2, 3] {
+        let (data, config) = (data.clone(), config.clone());
+        let errors = run_ranks(world, move |c| {
+            let finder = Arc::new(RecordingFinder::default());
+            let mut loader = dropping_loader(&data, config.clone(), finder);
+            loader.next_shard(&c, &Device::Cpu).unwrap();
+            let err = loader.next_shard(&c, &Device::Cpu).unwrap_err();
+            assert!(
+                matches!(err, Error::Data { .. }),
+                "rank {}: {err}",
+                c.rank()
+            );
+            err.to_string()
+        });
+        for (rank, err) in errors.iter().enumerate() {
+            assert_eq!(err, &expected, "W={world} rank {rank}");
+        }
+    }
+}
+
+/// `shard` is rows `rows` of the one process's `batch`: ids, type ids, attention (padded to the
+/// whole batch's longest), lengths and anchors.
+fn assert_shard_rows(
+    shard: &PairBatch,
+    batch: &PairBatch,
+    rows: std::ops::Range<usize>,
+    at: (usize, usize),
+) {
+    let slice = |t: &Tensor| {
+        t.narrow(0, rows.start, rows.len())
+            .unwrap()
+            .to_vec2::<u32>()
+            .unwrap()
+    };
+    for (mine, whole) in [(&shard.src, &batch.src), (&shard.tgt, &batch.tgt)] {
+        assert_eq!(
+            mine.input_ids.to_vec2::<u32>().unwrap(),
+            slice(&whole.input_ids),
+            "{at:?}"
+        );
+        assert_eq!(
+            mine.token_type_ids.to_vec2::<u32>().unwrap(),
+            slice(&whole.token_type_ids),
+            "{at:?}"
+        );
+        assert_eq!(
+            mine.attention_mask.to_vec2::<u32>().unwrap(),
+            slice(&whole.attention_mask),
+            "{at:?}"
+        );
+        assert_eq!(mine.lengths, whole.lengths[rows.clone()], "{at:?}");
+    }
+    let anchors = batch.anchors.as_ref().map(|a| a[rows].to_vec());
+    assert_eq!(shard.anchors, anchors, "{at:?}");
 }
 
 #[test]
@@ -1507,7 +1824,7 @@ fn masked_token_rows(
 
 #[test]
 fn data_parallel_rank_gradients_sum_to_one_process_with_learnable_temperatures() {
-    use mlctl::data::MlmMasking;
+    use mlctl::data::{MaskKey, MlmMasking};
     use mlctl::loss::{MaskedPair, RankShard};
     const WORLD: usize = 2;
     const B: usize = 8;
@@ -1516,7 +1833,7 @@ fn data_parallel_rank_gradients_sum_to_one_process_with_learnable_temperatures()
     let mut loader = common::tsv_loader(&data, B, 16, 3);
     let batch = loader.next_batch(&Device::Cpu).unwrap();
     let masking = MlmMasking::for_tokenizer(loader.tokenizer()).unwrap();
-    let masked = MaskedPair::draw(&masking, &batch, &mut ChaCha8Rng::seed_from_u64(8)).unwrap();
+    let masked = MaskedPair::draw(&masking, &batch, MaskKey::new(8, 0)).unwrap();
     assert!(!masked.src.is_empty() && !masked.tgt.is_empty());
 
     // Both contrastive levels, each with its own learnable temperature, and MLM.

@@ -28,6 +28,7 @@ mod encoder_parity;
 mod explicit_backward;
 mod fuzz_regressions;
 mod hub;
+mod masking;
 mod mlm_loss;
 mod model;
 mod objective;

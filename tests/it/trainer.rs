@@ -303,7 +303,8 @@ fn a_run_with_a_skipped_step_resumes_with_the_same_weights() {
     first.save_checkpoint().unwrap();
     drop(first);
     // A checkpoint written before the optimizer's own step was saved (and before checksums
-    // were) resumes the same way.
+    // were, and while MLM masks came from a generator whose state it carries) resumes the same
+    // way.
     let legacy = dir.path().join("legacy");
     let checkpoint = legacy.join("checkpoints/step-00000004");
     std::fs::create_dir_all(&checkpoint).unwrap();
@@ -321,6 +322,8 @@ fn a_run_with_a_skipped_step_resumes_with_the_same_weights() {
         .unwrap()
         .remove("optimizer_step")
         .is_some());
+    let mask_rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+    state["mask_rng"] = serde_json::to_value(mask_rng).unwrap();
     std::fs::write(&state_path, state.to_string()).unwrap();
 
     for run in [run, legacy] {
