@@ -166,53 +166,64 @@ impl GradLayout {
     /// [`Error::InvalidArgument`] for a gradient of an unknown parameter (it would be silently
     /// lost); [`Error::ShapeMismatch`] for a gradient of the wrong shape.
     pub fn flatten(&self, grads: &Gradients, loss_finite: bool) -> Result<Vec<Tensor>> {
-        if let Some(name) = grads
+        self.check_names(grads)?;
+        let mut presence = Vec::with_capacity(self.trailer_len());
+        (0..self.bucket_ends.len())
+            .map(|b| self.flatten_bucket(b, grads, loss_finite, &mut presence))
+            .collect()
+    }
+
+    /// An error for a gradient of a parameter the layout does not hold.
+    fn check_names(&self, grads: &Gradients) -> Result<()> {
+        match grads
             .keys()
             .find(|n| self.entries.binary_search_by(|e| e.name.cmp(n)).is_err())
         {
-            return Err(Error::InvalidArgument(format!(
+            Some(name) => Err(Error::InvalidArgument(format!(
                 "GradLayout: gradient for unknown parameter {name}"
-            )));
+            ))),
+            None => Ok(()),
         }
-        let mut presence = Vec::with_capacity(self.trailer_len());
-        let mut buckets = Vec::with_capacity(self.bucket_ends.len());
-        let mut start = 0;
-        for &end in &self.bucket_ends {
-            let mut parts = Vec::with_capacity(end - start);
-            for e in &self.entries[start..end] {
-                let part = match grads.get(&e.name) {
-                    Some(g) => {
-                        if g.dims() != e.shape.dims() {
-                            return Err(Error::ShapeMismatch {
-                                name: e.name.clone(),
-                                expected: e.shape.dims().to_vec(),
-                                actual: g.dims().to_vec(),
-                            });
-                        }
-                        presence.push(1f32);
-                        g.to_device(&self.device)?
-                            .to_dtype(DType::F32)?
-                            .flatten_all()?
+    }
+
+    /// Bucket `b` of [`GradLayout::flatten`]; `presence` collects the trailer across the
+    /// buckets, in order, and the last bucket carries it.
+    fn flatten_bucket(
+        &self,
+        b: usize,
+        grads: &Gradients,
+        loss_finite: bool,
+        presence: &mut Vec<f32>,
+    ) -> Result<Tensor> {
+        let start = if b == 0 { 0 } else { self.bucket_ends[b - 1] };
+        let mut parts = Vec::with_capacity(self.bucket_ends[b] - start + 1);
+        for e in &self.entries[start..self.bucket_ends[b]] {
+            let part = match grads.get(&e.name) {
+                Some(g) => {
+                    if g.dims() != e.shape.dims() {
+                        return Err(Error::ShapeMismatch {
+                            name: e.name.clone(),
+                            expected: e.shape.dims().to_vec(),
+                            actual: g.dims().to_vec(),
+                        });
                     }
-                    None => {
-                        presence.push(0f32);
-                        Tensor::zeros(e.shape.elem_count(), DType::F32, &self.device)?
-                    }
-                };
-                parts.push(part);
-            }
-            start = end;
-            buckets.push(parts);
+                    presence.push(1f32);
+                    g.to_device(&self.device)?
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                }
+                None => {
+                    presence.push(0f32);
+                    Tensor::zeros(e.shape.elem_count(), DType::F32, &self.device)?
+                }
+            };
+            parts.push(part);
         }
-        presence.push(if loss_finite { 0.0 } else { 1.0 });
-        let trailer = Tensor::new(presence, &self.device)?;
-        if let Some(last) = buckets.last_mut() {
-            last.push(trailer);
+        if b + 1 == self.bucket_ends.len() {
+            presence.push(if loss_finite { 0.0 } else { 1.0 });
+            parts.push(Tensor::new(presence.as_slice(), &self.device)?);
         }
-        buckets
-            .into_iter()
-            .map(|parts| Ok(Tensor::cat(&parts, 0)?))
-            .collect()
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Splits (summed) buffers back into named f32 gradients; reads the
@@ -267,9 +278,12 @@ impl GradLayout {
         })
     }
 
-    /// Sums the gradients of all ranks: [`GradLayout::flatten`], one sum all-reduce per
-    /// bucket, [`GradLayout::unflatten`]. `loss_finite` is this rank's verdict on its loss;
-    /// the result's `skip` is the same on every rank.
+    /// Sums the gradients of all ranks: each bucket of [`GradLayout::flatten`]'s layout is
+    /// built, summed by one all-reduce and dropped before the next is built, then
+    /// [`GradLayout::unflatten`] splits the sums. Beyond the caller's gradients the call holds
+    /// the summed buckets (the returned gradients are views of them, not copies) and one
+    /// flattened bucket. `loss_finite` is this rank's verdict on its loss; the result's `skip`
+    /// is the same on every rank.
     ///
     /// A gradient that is itself non-finite makes the sum non-finite on every rank alike, so a
     /// finiteness check after this call agrees across ranks too.
@@ -283,10 +297,16 @@ impl GradLayout {
         grads: &Gradients,
         loss_finite: bool,
     ) -> Result<ReducedGrads> {
-        let buckets = self.flatten(grads, loss_finite)?;
-        let summed = buckets
-            .iter()
-            .map(|b| c.all_reduce_sum(b))
+        self.check_names(grads)?;
+        let mut presence = Vec::with_capacity(self.trailer_len());
+        // One bucket at a time, each flattened copy dropped once it is summed: besides the
+        // caller's gradients, the step holds the summed buckets (which the returned gradients
+        // are views of) and one flattened bucket.
+        let summed = (0..self.bucket_ends.len())
+            .map(|b| {
+                let flat = self.flatten_bucket(b, grads, loss_finite, &mut presence)?;
+                c.all_reduce_sum(&flat)
+            })
             .collect::<Result<Vec<_>>>()?;
         self.unflatten(&summed)
     }
@@ -316,4 +336,99 @@ pub fn broadcast_vars(c: &dyn Collective, vars: &BTreeMap<String, Var>, root: us
         v.set(&value)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    use super::*;
+
+    /// One rank whose sum is a fresh buffer, as a real all-reduce's output is.
+    struct CopyingRank;
+
+    impl Collective for CopyingRank {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
+            Ok(x.copy()?)
+        }
+        fn all_gather(&self, x: &Tensor) -> Result<Tensor> {
+            Ok(x.copy()?)
+        }
+        fn broadcast(&self, x: &Tensor, _root: usize) -> Result<Tensor> {
+            Ok(x.copy()?)
+        }
+    }
+
+    /// The system allocator, counting the bytes the current thread holds and their peak.
+    struct PerThread;
+
+    thread_local! {
+        static HELD: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: every call goes to `System` unchanged; the counters are thread-local cells with
+    // constant initialisers and no destructors, so counting never allocates.
+    unsafe impl GlobalAlloc for PerThread {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let held = HELD.with(|h| {
+                h.set(h.get() + layout.size() as isize);
+                h.get()
+            });
+            PEAK.with(|p| p.set(p.get().max(held)));
+            System.alloc(layout)
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            HELD.with(|h| h.set(h.get() - layout.size() as isize));
+            System.dealloc(ptr, layout)
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: PerThread = PerThread;
+
+    /// Bytes the current thread allocated at its peak during `f`, above what it held before.
+    fn peak_during<R>(f: impl FnOnce() -> R) -> (R, isize) {
+        let before = HELD.with(Cell::get);
+        PEAK.with(|p| p.set(before));
+        let out = f();
+        (out, PEAK.with(Cell::get) - before)
+    }
+
+    /// The all-reduce holds the summed buckets and one flattened bucket at a time, never every
+    /// flattened bucket at once: with 4 MiB of gradients in four buckets, the peak above the
+    /// caller's gradients stays under the summed 4 MiB plus one bucket plus slack (flattening
+    /// all buckets first would need 8 MiB).
+    #[test]
+    fn all_reduce_holds_one_flattened_bucket_at_a_time() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 1 << 18; // 1 MiB of f32
+        let mut vars = BTreeMap::new();
+        let mut grads = Gradients::new();
+        // Two parameters per bucket, so that flattening copies (one alone would be its own
+        // bucket, and `cat` of one tensor is that tensor).
+        for i in 0..8 {
+            vars.insert(format!("p{i}"), Var::zeros(n / 2, DType::F32, &dev)?);
+            grads.insert(format!("p{i}"), Tensor::ones(n / 2, DType::F32, &dev)?);
+        }
+        let layout = GradLayout::new(&vars)?.with_max_bucket_len(n);
+        assert_eq!(layout.bucket_lens().len(), 4);
+        let (reduced, peak) = peak_during(|| layout.all_reduce(&CopyingRank, &grads, true));
+        let reduced = reduced?;
+        assert_eq!(reduced.grads.len(), 8);
+        let mib = 1 << 20;
+        assert!(
+            peak < 4 * mib + mib + mib / 2,
+            "peak {peak} bytes for 4 MiB of gradients"
+        );
+        Ok(())
+    }
 }
