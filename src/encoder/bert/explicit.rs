@@ -20,9 +20,9 @@ use crate::ops::dropout::dropout_in_place;
 use crate::ops::gemm::{gemm, Threads, View};
 use crate::ops::num::Real;
 use crate::ops::transformer::{
-    activation_backward, add_bias, attention_backward, attention_forward, bias_activation,
-    column_sum, layer_norm_backward, residual_layer_norm, scatter_add_rows, Activation,
-    AttentionSaved, AttentionShape, NormGrads, NormSaved,
+    activation_backward, activation_forward, add_bias, attention_backward, attention_forward,
+    bias_activation, column_sum, layer_norm_backward, residual_layer_norm, scatter_add_rows,
+    Activation, AttentionSaved, AttentionShape, NormGrads, NormSaved,
 };
 use crate::ops::{DropoutKey, GeluForm};
 use crate::{Error, Result};
@@ -122,8 +122,9 @@ struct LayerTape<T> {
     context: Vec<T>,
     norm1: NormSaved<T>,
     x1: Vec<T>,
+    /// The feed-forward's pre-activation; the activation itself is computed again in the
+    /// backward (one GELU pass) instead of kept: `[tokens, intermediate]` per layer and pass.
     pre_activation: Vec<T>,
-    activation: Vec<T>,
     norm2: NormSaved<T>,
 }
 
@@ -413,7 +414,6 @@ impl Explicit<'_> {
             norm1,
             x1,
             pre_activation,
-            activation: activation_out,
             norm2,
         };
         Ok((out, tape))
@@ -744,8 +744,12 @@ impl Explicit<'_> {
         let mut dout = dx.to_vec();
         drop(&mut dout, 2);
         let mut dact = vec![T::ZERO; n * inter];
-        linear(WO2, inter, h).backward(map, &dout, &lt.activation, &mut dact, false)?;
-        activation_backward(&mut dact, &lt.pre_activation, activation(cfg.hidden_act));
+        let act = activation(cfg.hidden_act);
+        let mut activation_out = vec![T::ZERO; n * inter];
+        activation_forward(&lt.pre_activation, &mut activation_out, act);
+        linear(WO2, inter, h).backward(map, &dout, &activation_out, &mut dact, false)?;
+        std::mem::drop(activation_out);
+        activation_backward(&mut dact, &lt.pre_activation, act);
         linear(WI, h, inter).backward(map, &dact, &lt.x1, dx, true)?;
         // Attention block.
         norm_backward(map, dx, &lt.norm1, (tensors[G1], tensors[G1 + 1]), w[G1])?;

@@ -73,6 +73,18 @@ pub(crate) fn bias_activation<T: Real>(u: &mut [T], g: &mut [T], bias: &[T], act
         });
 }
 
+/// `g = act(u)`: the activation again from its saved input, for a backward that did not keep it
+/// (the same function on the same input, so the same bits as the forward's).
+pub(crate) fn activation_forward<T: Real>(u: &[T], g: &mut [T], act: Activation) {
+    g.par_chunks_mut(16_384)
+        .zip(u.par_chunks(16_384))
+        .for_each(|(g, u)| match act {
+            Activation::Gelu(GeluForm::Erf) => vectorized(Gelu::<_, false, true>(u, g)),
+            Activation::Gelu(GeluForm::Tanh) => vectorized(Gelu::<_, false, false>(u, g)),
+            Activation::Relu => vectorized(Relu::<_, false>(u, g)),
+        });
+}
+
 /// `dg *= act'(u)`, in place.
 pub(crate) fn activation_backward<T: Real>(dg: &mut [T], u: &[T], act: Activation) {
     dg.par_chunks_mut(16_384)
