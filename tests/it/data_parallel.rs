@@ -25,7 +25,7 @@ use mlctl::dist::{
 };
 use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::pooling::TokenSpan;
-use mlctl::train::{Decay, LrSchedule, StepRecord, TrainConfig, Trainer};
+use mlctl::train::{Decay, LossScaler, LrSchedule, StepRecord, TrainConfig, Trainer};
 use mlctl::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -1314,6 +1314,54 @@ fn data_parallel_trainer_four_ranks_match_one_process() {
 fn data_parallel_trainer_with_cached_loss_matches_one_process() {
     // Shards of 4 in chunks of 2.
     check_against_one_process(2, 8, 1, Some(2));
+}
+
+/// Two ranks with a loss scale move as one process without one, on the plain and the cached
+/// path: the scaled gradients are summed over the ranks and divided by the scale exactly once.
+/// No clipping (it would rescale a gradient 2^10 times too large or too small back to norm 1
+/// and hide a missing or doubled unscale) and an update linear in the gradient
+/// ([`dp_sgd_config`]). The scale is a power of two, exact in f32, so the ranks differ from the
+/// one process only in summation order: [`REL_TO_MOVEMENT`].
+#[test]
+fn data_parallel_with_a_loss_scale_moves_as_one_unscaled_process() {
+    const STEPS: u64 = 3;
+    for mini_batch in [None, Some(2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = train_corpus(dir.path());
+        let mut config = dp_sgd_config(STEPS, 1, mini_batch);
+        config.max_grad_norm = None;
+        let mut single = dp_trainer(&dir.path().join("single"), &data, 8, config.clone(), 5)
+            .with_loss_scaler(None);
+        let initial = params(&single);
+        for _ in 0..STEPS {
+            single.train_step().unwrap();
+        }
+        let expected = params(&single);
+        let moved = largest_diff(&initial, &expected);
+        assert!(moved > 1e-3, "parameters moved by at most {moved:e}");
+        let run = dir.path().join("ranks");
+        let ranks = run_ranks(2, move |c| {
+            let init = 5 + 10 * c.rank() as u64;
+            let scaler = LossScaler::new(1024.0).unwrap();
+            let mut trainer = dp_trainer(&run, &data, 8, config.clone(), init)
+                .with_loss_scaler(Some(scaler))
+                .with_collective(Box::new(c))
+                .unwrap();
+            for _ in 0..STEPS {
+                assert!(!trainer.train_step().unwrap().skipped);
+            }
+            params(&trainer)
+        });
+        for (rank, got) in ranks.iter().enumerate() {
+            for (name, want) in &expected {
+                let diff = max_abs_diff(&got[name], want);
+                assert!(
+                    diff <= REL_TO_MOVEMENT * moved,
+                    "{mini_batch:?} rank {rank} {name}: |Δparam| = {diff:e}, moved {moved:e}"
+                );
+            }
+        }
+    }
 }
 
 /// Every rank reads, tokenizes and masks only its shard of each global batch, from a corpus
