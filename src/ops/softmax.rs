@@ -37,8 +37,6 @@ pub fn softmax_scaled_masked(x: &Tensor, scale: f64, mask: Option<&Tensor>) -> R
     }
 }
 
-/// Checks the mask and returns, for each dimension of `x`, the mask's stride along it (0 where
-/// the mask broadcasts).
 /// `z = softmax(z)` for one row of scaled and masked logits: the row's maximum subtracted,
 /// exponentiated, divided by the sum (one reciprocal). A row whose every entry is `-inf` (fully
 /// masked) becomes zeros, not 0/0.
@@ -58,6 +56,8 @@ pub(crate) fn exp_normalise<A: Real>(z: &mut [A]) {
     }
 }
 
+/// Checks the mask and returns, for each dimension of `x`, the mask's stride along it (0 where
+/// the mask broadcasts).
 fn check(x: &Tensor, mask: Option<&Tensor>) -> Result<Vec<usize>> {
     const OP: &str = "softmax_scaled_masked";
     check_float(x, OP)?;

@@ -35,9 +35,12 @@ pub enum Backward {
     #[default]
     Autograd,
     /// The hand-written backward on the CPU for f32 and f64 weights: training passes are
-    /// recorded, [`BertEncoder::backward_recorded`](crate::encoder::BertEncoder::backward_recorded) differentiates them and
-    /// [`BertEncoder::take_gradients`](crate::encoder::BertEncoder::take_gradients) hands over the gradients. Other devices and dtypes fall
+    /// recorded, [`BertEncoder::backward_recorded`] differentiates them and
+    /// [`BertEncoder::take_gradients`] hands over the gradients. Other devices and dtypes fall
     /// back to [`Backward::Autograd`].
+    ///
+    /// [`BertEncoder::backward_recorded`]: crate::encoder::BertEncoder::backward_recorded
+    /// [`BertEncoder::take_gradients`]: crate::encoder::BertEncoder::take_gradients
     Explicit,
 }
 
