@@ -10,7 +10,7 @@ use super::kernel::{
     check_device, check_float, dispatch, fused_supported, slice, vectorized, Vectorized,
 };
 use super::num::{Elem, Real};
-use super::philox::{philox4x32_10, philox4x32_10_lanes};
+use super::philox::{philox4x32_10, philox4x32_10_lanes, sample_key};
 use crate::{Error, Result};
 
 /// What a dropout mask is a function of, besides the dropout layer (its site id) and the entry's
@@ -84,17 +84,11 @@ fn for_each_keep<T: Send>(
         return;
     }
     let threshold = keep_threshold(p);
-    let key_words = |sample: u64| {
-        [
-            key.seed as u32 ^ (sample >> 32) as u32,
-            (key.seed >> 32) as u32 ^ (key.step >> 32) as u32,
-        ]
-    };
     out.par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(r, row)| {
             let sample = key.sample_offset.wrapping_add(r as u64);
-            let k = key_words(sample);
+            let k = sample_key(key.seed, key.step, sample);
             row.par_chunks_mut(CHUNK)
                 .enumerate()
                 .for_each(|(c, chunk)| {

@@ -68,11 +68,17 @@ pub(crate) fn philox4x32_10_lanes<const N: usize>(
 #[inline]
 pub(crate) fn sample_words(seed: u64, step: u64, sample: u64, stream: u32, index: u32) -> [u32; 4] {
     let counter = [index, stream, sample as u32, step as u32];
-    let key = [
+    philox4x32_10(counter, sample_key(seed, step, sample))
+}
+
+/// Philox's key for global sample `sample` at `step` of a run seeded by `seed`: the seed with
+/// the high 32 bits of `sample` and `step` folded in (their low bits go into the counter).
+#[inline]
+pub(crate) fn sample_key(seed: u64, step: u64, sample: u64) -> [u32; 2] {
+    [
         seed as u32 ^ (sample >> 32) as u32,
         (seed >> 32) as u32 ^ (step >> 32) as u32,
-    ];
-    philox4x32_10(counter, key)
+    ]
 }
 
 #[cfg(test)]
