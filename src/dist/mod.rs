@@ -126,10 +126,8 @@ pub fn agree(
     if world == 1 || fields.is_empty() {
         return Ok(());
     }
-    let mine: Vec<f32> = fields
-        .iter()
-        .flat_map(|&(_, v)| (0..4).map(move |i| ((v >> (16 * i)) & 0xffff) as f32))
-        .collect();
+    let values: Vec<u64> = fields.iter().map(|&(_, v)| v).collect();
+    let mine = to_pieces(&values, 16);
     let n = mine.len();
     let all: Vec<f32> = c
         .all_gather(&Tensor::from_vec(mine, n, device)?)?
@@ -142,9 +140,8 @@ pub fn agree(
         )));
     }
     let value = |rank: usize, field: usize| -> u64 {
-        (0..4)
-            .map(|i| (all[rank * n + field * 4 + i] as u64) << (16 * i))
-            .sum()
+        let at = rank * n + field * 4;
+        from_pieces(&all[at..at + 4], 16)
     };
     for (f, (name, _)) in fields.iter().enumerate() {
         let differ: Vec<String> = (1..world)
@@ -174,11 +171,7 @@ pub(crate) fn sum_counts(
     if c.world_size() == 1 || values.is_empty() {
         return Ok(values.to_vec());
     }
-    const PIECES: usize = 8;
-    let mine: Vec<f32> = values
-        .iter()
-        .flat_map(|&v| (0..PIECES).map(move |i| ((v >> (8 * i)) & 0xff) as f32))
-        .collect();
+    let mine = to_pieces(values, 8);
     let n = mine.len();
     let sums: Vec<f32> = c
         .all_reduce_sum(&Tensor::from_vec(mine, n, device)?)?
@@ -191,13 +184,27 @@ pub(crate) fn sum_counts(
         )));
     }
     Ok(sums
-        .chunks(PIECES)
-        .map(|pieces| {
-            pieces.iter().enumerate().fold(0u64, |sum, (i, &p)| {
-                sum.wrapping_add((p as u64).wrapping_shl(8 * i as u32))
-            })
-        })
+        .chunks(8)
+        .map(|pieces| from_pieces(pieces, 8))
         .collect())
+}
+
+/// Each of `values` as `64 / bits` pieces of `bits` bits (low first), each an f32, which holds
+/// it exactly: a collective moves f32 tensors.
+fn to_pieces(values: &[u64], bits: u32) -> Vec<f32> {
+    let mask = (1u64 << bits) - 1;
+    values
+        .iter()
+        .flat_map(|&v| (0..64 / bits).map(move |i| ((v >> (bits * i)) & mask) as f32))
+        .collect()
+}
+
+/// The value whose pieces ([`to_pieces`]) are `pieces`, each possibly a sum of several ranks'
+/// pieces (exact below 2^24); the carries of such sums add into the higher pieces.
+fn from_pieces(pieces: &[f32], bits: u32) -> u64 {
+    pieces.iter().enumerate().fold(0u64, |sum, (i, &p)| {
+        sum.wrapping_add((p as u64).wrapping_shl(bits * i as u32))
+    })
 }
 
 /// All-gathers `local` and keeps this rank's rows in the autograd graph (OpenCLIP's
