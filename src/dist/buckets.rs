@@ -166,24 +166,26 @@ impl GradLayout {
     /// [`Error::InvalidArgument`] for a gradient of an unknown parameter (it would be silently
     /// lost); [`Error::ShapeMismatch`] for a gradient of the wrong shape.
     pub fn flatten(&self, grads: &Gradients, loss_finite: bool) -> Result<Vec<Tensor>> {
-        self.check_names(grads)?;
-        let mut presence = Vec::with_capacity(self.trailer_len());
-        (0..self.bucket_ends.len())
-            .map(|b| self.flatten_bucket(b, grads, loss_finite, &mut presence))
-            .collect()
+        self.flat_buckets(grads, loss_finite)?.collect()
     }
 
-    /// An error for a gradient of a parameter the layout does not hold.
-    fn check_names(&self, grads: &Gradients) -> Result<()> {
-        match grads
+    /// The buckets of [`GradLayout::flatten`], each built only when the iterator reaches it.
+    fn flat_buckets<'a>(
+        &'a self,
+        grads: &'a Gradients,
+        loss_finite: bool,
+    ) -> Result<impl Iterator<Item = Result<Tensor>> + 'a> {
+        if let Some(name) = grads
             .keys()
             .find(|n| self.entries.binary_search_by(|e| e.name.cmp(n)).is_err())
         {
-            Some(name) => Err(Error::InvalidArgument(format!(
+            return Err(Error::InvalidArgument(format!(
                 "GradLayout: gradient for unknown parameter {name}"
-            ))),
-            None => Ok(()),
+            )));
         }
+        let mut presence = Vec::with_capacity(self.trailer_len());
+        Ok((0..self.bucket_ends.len())
+            .map(move |b| self.flatten_bucket(b, grads, loss_finite, &mut presence)))
     }
 
     /// Bucket `b` of [`GradLayout::flatten`]; `presence` collects the trailer across the
@@ -297,16 +299,12 @@ impl GradLayout {
         grads: &Gradients,
         loss_finite: bool,
     ) -> Result<ReducedGrads> {
-        self.check_names(grads)?;
-        let mut presence = Vec::with_capacity(self.trailer_len());
         // One bucket at a time, each flattened copy dropped once it is summed: besides the
         // caller's gradients, the step holds the summed buckets (which the returned gradients
         // are views of) and one flattened bucket.
-        let summed = (0..self.bucket_ends.len())
-            .map(|b| {
-                let flat = self.flatten_bucket(b, grads, loss_finite, &mut presence)?;
-                c.all_reduce_sum(&flat)
-            })
+        let summed = self
+            .flat_buckets(grads, loss_finite)?
+            .map(|flat| c.all_reduce_sum(&flat?))
             .collect::<Result<Vec<_>>>()?;
         self.unflatten(&summed)
     }
