@@ -64,12 +64,7 @@ pub(crate) fn bias_activation<T: Real>(u: &mut [T], g: &mut [T], bias: &[T], act
         .zip(g.par_chunks_mut(rows))
         .for_each(|(u, g)| {
             vectorized(BiasRows { rows: u, bias });
-            // One loop per activation, so that each is a straight loop that vectorises.
-            match act {
-                Activation::Gelu(GeluForm::Erf) => vectorized(Gelu::<_, false, true>(u, g)),
-                Activation::Gelu(GeluForm::Tanh) => vectorized(Gelu::<_, false, false>(u, g)),
-                Activation::Relu => vectorized(Relu::<_, false>(u, g)),
-            }
+            apply::<_, false>(u, g, act);
         });
 }
 
@@ -78,22 +73,24 @@ pub(crate) fn bias_activation<T: Real>(u: &mut [T], g: &mut [T], bias: &[T], act
 pub(crate) fn activation_forward<T: Real>(u: &[T], g: &mut [T], act: Activation) {
     g.par_chunks_mut(16_384)
         .zip(u.par_chunks(16_384))
-        .for_each(|(g, u)| match act {
-            Activation::Gelu(GeluForm::Erf) => vectorized(Gelu::<_, false, true>(u, g)),
-            Activation::Gelu(GeluForm::Tanh) => vectorized(Gelu::<_, false, false>(u, g)),
-            Activation::Relu => vectorized(Relu::<_, false>(u, g)),
-        });
+        .for_each(|(g, u)| apply::<_, false>(u, g, act));
 }
 
 /// `dg *= act'(u)`, in place.
 pub(crate) fn activation_backward<T: Real>(dg: &mut [T], u: &[T], act: Activation) {
     dg.par_chunks_mut(16_384)
         .zip(u.par_chunks(16_384))
-        .for_each(|(dg, u)| match act {
-            Activation::Gelu(GeluForm::Erf) => vectorized(Gelu::<_, true, true>(u, dg)),
-            Activation::Gelu(GeluForm::Tanh) => vectorized(Gelu::<_, true, false>(u, dg)),
-            Activation::Relu => vectorized(Relu::<_, true>(u, dg)),
-        });
+        .for_each(|(dg, u)| apply::<_, true>(u, dg, act));
+}
+
+/// `g = act(u)`, or with `SLOPE` `g *= act'(u)`, on one task's entries: one loop per
+/// activation, so that each is a straight loop that vectorises.
+fn apply<T: Real, const SLOPE: bool>(u: &[T], g: &mut [T], act: Activation) {
+    match act {
+        Activation::Gelu(GeluForm::Erf) => vectorized(Gelu::<_, SLOPE, true>(u, g)),
+        Activation::Gelu(GeluForm::Tanh) => vectorized(Gelu::<_, SLOPE, false>(u, g)),
+        Activation::Relu => vectorized(Relu::<_, SLOPE>(u, g)),
+    }
 }
 
 /// GELU of `.0` into `.1` (`SLOPE`: `.1 *= gelu'(.0)` instead), erf form or tanh form.
