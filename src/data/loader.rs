@@ -493,23 +493,22 @@ impl PairLoader {
             tgt.push(t);
             anchors.push(spans);
         }
-        let anchors = match self.config.require_anchors {
-            true => Some(
-                anchors
-                    .into_iter()
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(
-                            "a usable pair lacks the anchors the loader requires".into(),
-                        )
-                    })?,
-            ),
-            false => None,
+        let anchors = if self.config.require_anchors {
+            let all = anchors.into_iter().collect::<Option<Vec<_>>>();
+            Some(all.ok_or_else(|| {
+                Error::InvalidArgument("a usable pair lacks the anchors the loader requires".into())
+            })?)
+        } else {
+            None
         };
         let lengths = |side: fn(&(usize, (usize, usize))) -> usize| scan.usable.iter().map(side);
         Ok(PairBatch {
-            src: (self.tokenizer).pad_rows_of(src, lengths(|u| u.1 .0), device)?,
-            tgt: (self.tokenizer).pad_rows_of(tgt, lengths(|u| u.1 .1), device)?,
+            src: self
+                .tokenizer
+                .pad_rows_of(src, lengths(|u| u.1 .0), device)?,
+            tgt: self
+                .tokenizer
+                .pad_rows_of(tgt, lengths(|u| u.1 .1), device)?,
             anchors,
         })
     }
