@@ -22,9 +22,9 @@ use mlctl::loss::{CzNce, MultiLevelLoss};
 use mlctl::model::{HeadConfig, MlCtlModel};
 use mlctl::nli::NliFinetuneConfig;
 use mlctl::pretrain::{
-    comparison_markdown, prepare_run_dir, read_metrics, write_anchored_tsv, write_evaluations,
-    write_results, AlignmentTask, EvalSuite, Evaluation, ParallelSet, RunEvaluations,
-    SentencePooling, XnliTask,
+    comparison_markdown, prepare_run_dir, read_evaluations, read_metrics, write_anchored_tsv,
+    write_evaluations, write_results, AlignmentTask, EvalSuite, Evaluation, ParallelSet,
+    RunEvaluations, SentencePooling, XnliTask,
 };
 use mlctl::pretrained::PretrainedBert;
 use mlctl::tokenize::{train_wordpiece, Tokenizer};
@@ -177,6 +177,11 @@ struct Args {
     /// Run directory (checkpoints, metrics.jsonl, results.md, plots).
     #[arg(long, default_value = "runs/pretrain_xnli")]
     out: PathBuf,
+    /// Take the starting model's evaluation from this earlier run directory instead of
+    /// evaluating it again (seeds and objectives of one starting model share it). The run must
+    /// have had the same starting model and evaluation flags (its `evaluation_setup.txt`).
+    #[arg(long, conflicts_with = "resume")]
+    before_from: Option<PathBuf>,
     /// Continue from the run directory's latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -367,9 +372,24 @@ fn main() -> Result<()> {
         &args.out.join("train.tsv"),
     )?;
     let suite = eval_suite(&args, &mode, lexicon)?;
+    let setup = evaluation_setup(&args, &mode);
+    let reused = match &args.before_from {
+        Some(dir) => Some(reused_before(dir, &setup)?),
+        None => None,
+    };
+    std::fs::write(args.out.join(EVALUATION_SETUP_FILE), &setup)
+        .with_context(|| format!("writing {}", args.out.display()))?;
 
-    stage("2/5 evaluating the starting model");
-    let before = suite.evaluate(&model, &tokenizer)?;
+    let before = match reused {
+        Some(before) => {
+            stage("2/5 the starting model's evaluation, from --before-from");
+            before
+        }
+        None => {
+            stage("2/5 evaluating the starting model");
+            suite.evaluate(&model, &tokenizer)?
+        }
+    };
 
     stage(&format!(
         "3/5 training ({} steps, batch {}, lr {:e}, {:?})",
@@ -388,6 +408,80 @@ fn main() -> Result<()> {
     write_evaluations(&args.out, &RunEvaluations { before, after })?;
     println!("{report}");
     Ok(())
+}
+
+/// The file in which a run records what its starting model's evaluation depends on.
+const EVALUATION_SETUP_FILE: &str = "evaluation_setup.txt";
+
+/// Everything the starting model's evaluation depends on, one setting per line: two runs with
+/// the same text evaluate the same starting model in the same way. The seed counts only where
+/// it changes that evaluation (a model initialised here, or XNLI fine-tuning).
+fn evaluation_setup(args: &Args, mode: &Mode) -> String {
+    let seeded = args.model.is_none() || args.xnli_dir.is_some();
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    let paths = |ps: &[PathBuf]| {
+        ps.iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
+    [
+        format!("model: {:?}", args.model),
+        format!("seed: {:?}", seeded.then_some(args.seed)),
+        format!("train tokenizer: {}", args.train_tokenizer),
+        format!("max len: {}", mode.max_len),
+        format!("eval pairs: {}", args.eval_pairs),
+        format!(
+            "gold: {:?} {:?}",
+            paths(&args.gold),
+            paths(&args.gold_input)
+        ),
+        format!(
+            "mean-last pooling: {} {:?}",
+            args.mean_last_pooling, args.text_prefix
+        ),
+        format!("align layer: {:?}", args.align_layer),
+        format!(
+            "xnli: {:?} {:?} {}",
+            path(&args.xnli_dir),
+            args.xnli_train_examples,
+            args.xnli_epochs
+        ),
+        format!(
+            "tatoeba: {:?} {:?} {:?}",
+            args.tatoeba,
+            path(&args.tatoeba_dir),
+            args.tatoeba_layer
+        ),
+        format!("version: {}", env!("CARGO_PKG_VERSION")),
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// The starting model's evaluation from an earlier run `dir` whose evaluation setup equals
+/// `setup`; an error names the first setting that differs.
+fn reused_before(dir: &Path, setup: &str) -> Result<Evaluation> {
+    let path = dir.join(EVALUATION_SETUP_FILE);
+    let theirs = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--before-from: reading {} (written by runs of this version)",
+            path.display()
+        )
+    })?;
+    if let Some((mine, theirs)) = setup.lines().zip(theirs.lines()).find(|(a, b)| a != b) {
+        bail!(
+            "--before-from {}: its starting model was evaluated differently ({theirs:?} there, {mine:?} here)",
+            dir.display()
+        );
+    }
+    if setup.lines().count() != theirs.lines().count() {
+        bail!(
+            "--before-from {}: {} is not from this version",
+            dir.display(),
+            path.display()
+        );
+    }
+    Ok(read_evaluations(dir)?.before)
 }
 
 fn lines(text: &str) -> Vec<String> {
