@@ -20,11 +20,17 @@ pub const HEAD_PREFIX: &str = "mlctl.";
 /// What `mlctl.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeadConfig {
-    /// Hidden layers pooled and summed for sentence and word embeddings.
+    /// Hidden layers pooled and summed for sentence embeddings, and for anchor-word
+    /// embeddings unless `word_layers` says otherwise.
     pub pooling_layers: Vec<isize>,
     /// Whether the projection's input is `concat(sentence, word)` (2H, ML-CTL) or the sentence
     /// embedding alone (H).
     pub concat_word: bool,
+    /// Hidden layers pooled and summed over an anchor word's span, when they differ from
+    /// `pooling_layers` (for example the alignment layer 8 alone). Absent from `mlctl.json`
+    /// when `None`, so files written before it load unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub word_layers: Option<Vec<isize>>,
 }
 
 impl Default for HeadConfig {
@@ -32,6 +38,7 @@ impl Default for HeadConfig {
         Self {
             pooling_layers: Pooling::mlctl().layers().to_vec(),
             concat_word: true,
+            word_layers: None,
         }
     }
 }
@@ -68,6 +75,9 @@ pub struct MlCtlModel {
     /// How sentence and word embeddings are pooled; [`MlCtlModel::save`] writes its layers to
     /// `mlctl.json`.
     pub pooling: Pooling,
+    /// How anchor words are pooled when not as sentences are ([`HeadConfig::word_layers`]);
+    /// `None` follows [`MlCtlModel::pooling`].
+    pub word_pooling: Option<Pooling>,
     /// Whether the projection reads `concat(sentence, word)`: fixed by the projection's shape.
     concat_word: bool,
 }
@@ -106,12 +116,22 @@ impl MlCtlModel {
                 actual,
             });
         }
+        let layers = bert.config.num_hidden_layers;
+        let check = |layers_of: &[isize]| check_layers(layers_of, layers);
+        check(&config.pooling_layers)?;
+        if let Some(word) = &config.word_layers {
+            check(word)?;
+        }
         let pooling = Pooling::mlctl().with_layers(config.pooling_layers.clone());
+        let word_pooling = config
+            .word_layers
+            .map(|layers| Pooling::mlctl().with_layers(layers));
         Ok(Self {
             bert,
             projection,
             head_params,
             pooling,
+            word_pooling,
             concat_word: config.concat_word,
         })
     }
@@ -193,7 +213,14 @@ impl MlCtlModel {
         HeadConfig {
             pooling_layers: self.pooling.layers().to_vec(),
             concat_word: self.concat_word,
+            word_layers: self.word_pooling.as_ref().map(|p| p.layers().to_vec()),
         }
+    }
+
+    /// How anchor words are pooled: [`MlCtlModel::word_pooling`] if set, else
+    /// [`MlCtlModel::pooling`].
+    pub fn word_pooling(&self) -> &Pooling {
+        self.word_pooling.as_ref().unwrap_or(&self.pooling)
     }
 
     /// Every trainable variable: the encoder's and MLM head's under transformers names, the
@@ -243,7 +270,9 @@ impl MlCtlModel {
             train,
         )?;
         let sentence = self.pooling.sentence(&out, &tokens.attention_mask)?;
-        let word = spans.map(|s| self.pooling.spans(&out, s)).transpose()?;
+        let word = spans
+            .map(|s| self.word_pooling().spans(&out, s))
+            .transpose()?;
         let input = match (&word, self.concat_word) {
             (Some(word), true) => Tensor::cat(&[&sentence, word], 1)?,
             (None, true) => {
@@ -265,6 +294,25 @@ impl MlCtlModel {
 
     fn head_dtype(&self) -> DType {
         self.bert.encoder().word_embeddings().dtype()
+    }
+}
+
+/// Every layer of a head's pooling names one of the encoder's `layers + 1` hidden states
+/// (negative: counted from the last), so a bad `mlctl.json` fails at load, not at the first
+/// batch.
+fn check_layers(chosen: &[isize], layers: usize) -> Result<()> {
+    let n = layers as isize + 1;
+    if chosen.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a head pools at least one layer".into(),
+        ));
+    }
+    match chosen.iter().find(|&&l| !(-n..n).contains(&l)) {
+        Some(l) => Err(Error::InvalidArgument(format!(
+            "the head pools layer {l}, but the encoder has hidden states 0..={}",
+            n - 1
+        ))),
+        None => Ok(()),
     }
 }
 

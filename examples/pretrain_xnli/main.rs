@@ -164,6 +164,15 @@ struct Args {
     /// Weight of the MLM term.
     #[arg(long, default_value_t = 0.1)]
     mlm_weight: f64,
+    /// Weight of the word-level term of `sentence-and-word-terms` (the other objectives have no
+    /// such term: ML-CTL's word level is inside its projection's input).
+    #[arg(long, default_value_t = 1.0)]
+    word_weight: f64,
+    /// Hidden layers pooled over the anchor word, when not the sentence's (layer 1 and the last;
+    /// e.g. `--word-layers 8` for the alignment layer, `--word-layers -1` for the last alone).
+    /// Applies to a newly initialised head; a head on disk keeps its own.
+    #[arg(long, num_args = 1.., allow_negative_numbers = true)]
+    word_layers: Option<Vec<isize>>,
     /// Micro-batches per update.
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
@@ -254,7 +263,7 @@ struct Args {
 
 impl Objective {
     /// The loss of this objective.
-    fn loss(self, temperature: f64, mlm_weight: f64) -> MultiLevelLoss {
+    fn loss(self, temperature: f64, mlm_weight: f64, word_weight: f64) -> MultiLevelLoss {
         let sentence = match self {
             Objective::MlCtl | Objective::SentenceCzNce | Objective::SentenceAndWordTerms => {
                 Some(CzNce::new().with_temperature(temperature))
@@ -267,6 +276,7 @@ impl Objective {
         MultiLevelLoss::mlctl()
             .with_sentence(sentence)
             .with_word(word)
+            .with_word_weight(word_weight)
             // A zero weight turns the term off (no masked passes at all).
             .with_mlm_weight((mlm_weight != 0.0).then_some(mlm_weight))
     }
@@ -276,12 +286,25 @@ impl Objective {
         matches!(self, Objective::MlCtl | Objective::SentenceAndWordTerms)
     }
 
-    /// The head a model without one starts with: words concatenated only for ML-CTL.
-    fn head(self) -> HeadConfig {
+    /// The head a model without one starts with: words concatenated only for ML-CTL, pooled
+    /// over `word_layers` when given.
+    fn head(self, word_layers: Option<Vec<isize>>) -> HeadConfig {
         HeadConfig {
             concat_word: self == Objective::MlCtl,
+            word_layers,
             ..HeadConfig::default()
         }
+    }
+
+    /// Flags that only some objectives use are refused by the others.
+    fn check_flags(self, args: &Args) -> Result<()> {
+        if args.word_weight != 1.0 && self != Objective::SentenceAndWordTerms {
+            bail!("--word-weight weighs the word-level term of sentence-and-word-terms; {self:?} has none");
+        }
+        if args.word_layers.is_some() && !self.needs_anchors() {
+            bail!("--word-layers pools anchor words, which {self:?} does not use");
+        }
+        Ok(())
     }
 }
 
@@ -347,6 +370,7 @@ fn main() -> Result<()> {
         );
     }
     let mode = Mode::new(&args);
+    args.objective.check_flags(&args)?;
     if lead {
         prepare_run_dir(&args.out, args.resume).context(
             "pass --resume to continue it, --out DIR for a new run, or delete the directory",
@@ -505,16 +529,11 @@ fn tatoeba(range: Range<usize>) -> Result<Vec<ParallelSet>> {
 
 /// The starting model, loaded once, and its tokenizer truncating at the run's `max_len`.
 fn load_model(args: &Args, mode: &Mode, device: &Device) -> Result<(MlCtlModel, Tokenizer)> {
+    let head = args.objective.head(args.word_layers.clone());
     let model = match &args.model {
-        Some(model) => {
-            MlCtlModel::load_or_new(model, device, DType::F32, args.objective.head(), args.seed)
-                .with_context(|| format!("loading {model}"))?
-        }
-        None => MlCtlModel::new(
-            embedded_bert(args, device)?,
-            args.objective.head(),
-            args.seed,
-        )?,
+        Some(model) => MlCtlModel::load_or_new(model, device, DType::F32, head.clone(), args.seed)
+            .with_context(|| format!("loading {model}"))?,
+        None => MlCtlModel::new(embedded_bert(args, device)?, head, args.seed)?,
     };
     let tokenizer = model.bert.tokenizer()?.clone().with_max_len(mode.max_len)?;
     Ok((model, tokenizer))
@@ -678,7 +697,9 @@ fn train(
         seed: args.seed,
         ..recipe
     };
-    let objective = args.objective.loss(args.temperature, args.mlm_weight);
+    let objective = args
+        .objective
+        .loss(args.temperature, args.mlm_weight, args.word_weight);
     let mut trainer = Trainer::new(model, objective, loader, config, &args.out)?;
     if let Some(collective) = collective {
         trainer = trainer.with_collective(collective)?;
@@ -733,6 +754,12 @@ fn run_description(args: &Args, mode: &Mode, checkpoint: Option<&Path>) -> Strin
         args.temperature, args.mlm_weight,
         if args.freeze_embeddings { "frozen" } else { "trained" }, args.seed
     );
+    if let Some(layers) = &args.word_layers {
+        s += &format!("- anchor words pooled over hidden states {layers:?} (a new head's)\n");
+    }
+    if args.word_weight != 1.0 {
+        s += &format!("- word-level term weight {}\n", args.word_weight);
+    }
     let data = match &args.train {
         Some(p) => p.display().to_string(),
         None => format!(

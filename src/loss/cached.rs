@@ -268,6 +268,7 @@ impl CachedLoss {
             };
             let value = run.term(l, wq, wk)?;
             values.word = Some(run.summed_over_ranks(&value)?);
+            let value = self.objective.weighted_word(&value)?;
             loss = Some(match loss {
                 Some(s) => (s + value)?,
                 None => value,
@@ -276,7 +277,10 @@ impl CachedLoss {
         let loss = loss.ok_or_else(|| Error::InvalidArgument("no contrastive term".into()))?;
         values.total += match run.shard {
             None => scalar(&loss)?,
-            Some(_) => values.sentence.unwrap_or(0.0) + values.word.unwrap_or(0.0),
+            Some(_) => {
+                let word = self.objective.word_weight as f32 * values.word.unwrap_or(0.0);
+                values.sentence.unwrap_or(0.0) + word
+            }
         };
         let store = match self.loss_scale {
             1.0 => loss.backward()?,

@@ -17,11 +17,11 @@ use crate::{Error, Result};
 /// [`LossTerms::values`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LossTerms<T = Tensor> {
-    /// `sentence + word + mlm_weight * mlm`, the tensor to differentiate.
+    /// `sentence + word_weight * word + mlm_weight * mlm`, the tensor to differentiate.
     pub total: T,
     /// Sentence-level contrastive loss (on the projections).
     pub sentence: Option<T>,
-    /// Word-level contrastive loss (on the anchor-word embeddings).
+    /// Word-level contrastive loss (on the anchor-word embeddings), unweighted.
     pub word: Option<T>,
     /// MLM loss, the mean over the source and target masked copies (unweighted).
     pub mlm: Option<T>,
@@ -147,7 +147,7 @@ impl MaskedPair {
 ///   projections of `concat(sentence, word)` embeddings (or of sentences alone, when the
 ///   model's head does not concatenate words);
 /// - word level (off by default, as in the reference): a contrastive loss between the pooled
-///   anchor-word embeddings of the two sides;
+///   anchor-word embeddings of the two sides, with weight `word_weight` (1 by default);
 /// - MLM: the masked-language-model loss on separately masked copies of both sides, averaged,
 ///   with weight `mlm_weight` (0.1 in ML-CTL).
 ///
@@ -158,6 +158,8 @@ pub struct MultiLevelLoss {
     pub sentence: Option<CzNce>,
     /// Word-level contrastive loss.
     pub word: Option<CzNce>,
+    /// Weight of the word-level term in the total (finite, at least 0).
+    pub word_weight: f64,
     /// Weight of the MLM term; `None` turns it off.
     pub mlm_weight: Option<f64>,
 }
@@ -174,6 +176,7 @@ impl MultiLevelLoss {
         Self {
             sentence: Some(CzNce::new()),
             word: None,
+            word_weight: 1.0,
             mlm_weight: Some(0.1),
         }
     }
@@ -188,6 +191,24 @@ impl MultiLevelLoss {
     pub fn with_word(mut self, loss: Option<CzNce>) -> Self {
         self.word = loss;
         self
+    }
+
+    /// Sets the weight of the word-level term (it must be finite and at least 0; a loss
+    /// evaluated with another is an [`Error::InvalidArgument`]).
+    pub fn with_word_weight(mut self, weight: f64) -> Self {
+        self.word_weight = weight;
+        self
+    }
+
+    /// `value` times the word-level weight, checked.
+    pub(crate) fn weighted_word(&self, value: &Tensor) -> Result<Tensor> {
+        match self.word_weight {
+            1.0 => Ok(value.clone()),
+            w if w.is_finite() && w >= 0.0 => Ok((value * w)?),
+            w => Err(Error::InvalidArgument(format!(
+                "the word-level weight must be finite and at least 0, not {w}"
+            ))),
+        }
     }
 
     /// Sets the MLM weight (`None` turns the term off).
@@ -330,7 +351,7 @@ impl MultiLevelLoss {
                     ));
                 };
                 let value = on_rank(loss)?.forward(&gather(q)?, &gather(k)?)?;
-                add(&value)?;
+                add(&self.weighted_word(&value)?)?;
                 word = Some(value);
             }
         }

@@ -19,7 +19,8 @@ pub struct Evaluation {
     /// Sentence retrieval of each set, by pooling label ([`SentencePooling::label`](super::SentencePooling::label)) then set
     /// name.
     pub sentence: BTreeMap<String, BTreeMap<String, RetrievalScores>>,
-    /// Anchor-word retrieval (ML-CTL pooling over the word's span) of each set with at least
+    /// Anchor-word retrieval (the model's sentence pooling over the word's span, whatever
+    /// layers its head pools words over) of each set with at least
     /// two anchored pairs, by name.
     pub anchor: BTreeMap<String, RetrievalScores>,
     /// Word alignment of every task, method and token type.

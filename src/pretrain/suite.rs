@@ -157,6 +157,8 @@ impl EvalSuite {
         if texts.0.len() < 2 {
             return Ok(None);
         }
+        // The sentence pooling's layers, not the head's word layers: heads that pool words
+        // differently are scored on the same representation.
         let words = |t: &[&str], s: &[TokenSpan]| {
             let encoder = model.encoder();
             embed_spans(encoder, tokenizer, &model.pooling, t, s, self.batch_size)

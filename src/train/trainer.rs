@@ -617,7 +617,8 @@ impl Trainer {
             let part = Tensor::new(&[mlm], &self.device)?;
             let mlm = collective.all_reduce_sum(&part)?.to_vec1::<f32>()?[0];
             mean.mlm = Some(mlm);
-            let contrastive = mean.sentence.unwrap_or(0.0) + mean.word.unwrap_or(0.0);
+            let word = self.objective.word_weight as f32 * mean.word.unwrap_or(0.0);
+            let contrastive = mean.sentence.unwrap_or(0.0) + word;
             mean.total = contrastive + weight as f32 * mlm;
         }
         Ok(if reduced.skip { f32::NAN } else { mean.total })

@@ -118,8 +118,10 @@ fn cached_loss_with_dropout_equals_the_uncached_batch_with_the_same_masks() {
 #[test]
 fn cached_loss_handles_a_smaller_last_chunk_and_every_term() {
     let objective = MultiLevelLoss::mlctl().with_word(Some(CzNce::new().with_temperature(0.1)));
-    check(20, 8, objective, None);
+    check(20, 8, objective.clone(), None);
     check(20, 1, MultiLevelLoss::mlctl().with_mlm_weight(None), None);
+    // A weighted word term, in chunks as in one graph.
+    check(20, 8, objective.with_word_weight(0.25), None);
 }
 
 #[test]

@@ -2238,3 +2238,44 @@ fn data_parallel_nccl_trainer_threads_match_one_process() {
         eprintln!("W={world} rank {rank}: largest |Δparam| against one process {worst:e}");
     }
 }
+
+/// With a weighted word term, the loss rank 0 logs is the one process's: the ranks rebuild the
+/// total from the reduced terms, and must weigh the word term as the objective does.
+#[test]
+fn data_parallel_logs_the_weighted_word_term_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let objective = MultiLevelLoss::mlctl()
+        .with_word(Some(CzNce::new().with_temperature(0.1)))
+        .with_word_weight(0.25);
+    let config = dp_sgd_config(1, 1, None);
+    let trainer = move |run: &Path, init: u64| {
+        let loader = common::tsv_loader(&data, 8, 16, 3);
+        let model = common::tiny_model(init);
+        Trainer::new(model, objective.clone(), loader, config.clone(), run).unwrap()
+    };
+    let want = trainer(&dir.path().join("single"), 5).train_step().unwrap();
+    let run = dir.path().join("ranks");
+    let got = run_ranks(2, move |c| {
+        let init = 5 + 10 * c.rank() as u64;
+        let mut t = trainer(&run, init).with_collective(Box::new(c)).unwrap();
+        t.train_step().unwrap()
+    });
+    let (sentence, word, mlm) = (
+        want.sentence.unwrap(),
+        want.word.unwrap(),
+        want.mlm.unwrap(),
+    );
+    // The reference is built from the logged terms, not from the trainer's total.
+    let total = sentence + 0.25 * word + 0.1 * mlm;
+    assert!((want.loss - total).abs() <= 1e-5 * total.abs(), "{want:?}");
+    for (rank, got) in got.iter().enumerate() {
+        // Scalars summed over the whole batch: relative differences of order n·u.
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-5 * want.loss.abs(),
+            "rank {rank}: loss {} vs one process {}",
+            got.loss,
+            want.loss
+        );
+    }
+}

@@ -120,3 +120,73 @@ fn a_hub_id_loads_the_head_from_the_hub_cache() {
         Err(Error::Checkpoint { path, .. }) if path.ends_with(HEAD_WEIGHTS_FILE)
     ));
 }
+
+#[test]
+fn anchor_words_are_pooled_over_their_own_layers_and_saved_with_them() {
+    use candle_core::IndexOp;
+    use mlctl::model::HeadConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.tsv");
+    std::fs::write(&path, common::synthetic_tsv(6, 4)).unwrap();
+    let batch = common::tsv_loader(&path, 6, 16, 0)
+        .next_batch(&Device::Cpu)
+        .unwrap();
+    let spans = batch.src_spans().unwrap();
+    let config = HeadConfig {
+        word_layers: Some(vec![1]),
+        ..HeadConfig::default()
+    };
+    let model = MlCtlModel::new(common::tiny_model(4).bert, config, 4).unwrap();
+    let side = model.embed(&batch.src, Some(&spans), false).unwrap();
+
+    // The reference, by hand: hidden state 1 averaged over each anchor's tokens.
+    let out = model
+        .encoder()
+        .forward(
+            &batch.src.input_ids,
+            Some(&batch.src.token_type_ids),
+            Some(&batch.src.attention_mask),
+        )
+        .unwrap();
+    for (row, span) in spans.iter().enumerate() {
+        let tokens = out.hidden_states[1]
+            .i((row, span.start..span.end + 1))
+            .unwrap();
+        let want = tokens.mean(0).unwrap();
+        let got = side.word.as_ref().unwrap().i(row).unwrap();
+        assert!(common::max_abs_diff(&got, &want) < 1e-6, "row {row}");
+    }
+    // Sentences keep layers 1 + L: the same as a default head on the same encoder.
+    let default = common::tiny_model(4);
+    let sentence = default.embed(&batch.src, Some(&spans), false).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&side.sentence, &sentence.sentence),
+        0.0
+    );
+    assert!(common::max_abs_diff(&side.word.unwrap(), &sentence.word.unwrap()) > 1e-3);
+
+    // Saved and loaded with the head; a default head's file has no such key.
+    model.save(dir.path()).unwrap();
+    let json = std::fs::read_to_string(dir.path().join(HEAD_CONFIG_FILE)).unwrap();
+    assert!(json.contains("\"word_layers\""), "{json}");
+    let reloaded = load(dir.path().to_str().unwrap(), 0).unwrap();
+    assert_eq!(reloaded.head_config().word_layers, Some(vec![1]));
+    assert_eq!(reloaded.word_pooling().layers(), [1]);
+    let plain = tempfile::tempdir().unwrap();
+    default.save(plain.path()).unwrap();
+    let json = std::fs::read_to_string(plain.path().join(HEAD_CONFIG_FILE)).unwrap();
+    assert!(!json.contains("word_layers"), "{json}");
+
+    // A layer the encoder does not have fails when the head is made, not at the first batch.
+    for layers in [vec![3], vec![-4], vec![]] {
+        let config = HeadConfig {
+            word_layers: Some(layers.clone()),
+            ..HeadConfig::default()
+        };
+        match MlCtlModel::new(common::tiny_model(4).bert, config, 4) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("layer"), "{m}"),
+            Ok(_) => panic!("word layers {layers:?} accepted by a 2-layer encoder"),
+            Err(e) => panic!("word layers {layers:?}: {e}"),
+        }
+    }
+}

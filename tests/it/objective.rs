@@ -120,3 +120,75 @@ fn terms_can_be_used_alone() {
         Err(mlctl::Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn the_word_weight_scales_the_word_terms_value_and_gradient_and_nothing_else() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("train.tsv");
+    std::fs::write(&path, synthetic_tsv(8, 5)).unwrap();
+    let batch = tsv_loader(&path, 8, 16, 0)
+        .next_batch(&Device::Cpu)
+        .unwrap();
+    let model = tiny_model(3);
+    let vars = model.named_vars();
+    let word = Some(CzNce::new().with_temperature(0.1));
+    // Value and gradients of one objective, MLM off.
+    let run = |objective: MultiLevelLoss| {
+        let terms = objective
+            .with_mlm_weight(None)
+            .forward(&model, &batch, None, false)
+            .unwrap();
+        let store = terms.total.backward().unwrap();
+        let grads: BTreeMap<_, _> = vars
+            .iter()
+            .filter_map(|(n, v)| store.get(v).map(|g| (n.clone(), g.clone())))
+            .collect();
+        (terms.total.to_scalar::<f32>().unwrap(), grads)
+    };
+    // The independent reference: each term alone.
+    let (sentence, d_sentence) = run(MultiLevelLoss::mlctl());
+    let (word_alone, d_word) = run(MultiLevelLoss::mlctl()
+        .with_sentence(None)
+        .with_word(word.clone()));
+    let w = 0.25;
+    let (total, d_total) = run(MultiLevelLoss::mlctl()
+        .with_word(word.clone())
+        .with_word_weight(w));
+    let want = sentence + w as f32 * word_alone;
+    assert!((total - want).abs() < 1e-5, "{total} vs {want}");
+    // The weighted total's backward and the two terms' backward sum the same f32
+    // contributions in other orders: some n·u (u = 2⁻²⁴, a few hundred terms per element) of
+    // the gradients' scale apart, the largest element over every parameter (some elements,
+    // such as the key bias's, are zero up to rounding). A weight ignored or applied twice is
+    // off by a quarter to three quarters of the word term's gradient.
+    let wanted: BTreeMap<_, _> = d_total
+        .keys()
+        .map(|name| {
+            let want = match d_word.get(name) {
+                Some(dw) => (&d_sentence[name] + (dw * w).unwrap()).unwrap(),
+                None => d_sentence[name].clone(),
+            };
+            (name.clone(), want)
+        })
+        .collect();
+    let scale = wanted
+        .values()
+        .map(|g| common::max_abs_diff(g, &g.zeros_like().unwrap()))
+        .fold(0f64, common::nan_max);
+    for (name, want) in &wanted {
+        let diff = common::max_abs_diff(&d_total[name], want);
+        assert!(diff <= 1e-5 * scale, "{name}: {diff:e} of {scale:e}");
+    }
+    // Weights that are not a finite non-negative number are refused.
+    for bad in [-0.5, f64::NAN, f64::INFINITY] {
+        let objective = MultiLevelLoss::mlctl()
+            .with_word(word.clone())
+            .with_word_weight(bad)
+            .with_mlm_weight(None);
+        match objective.forward(&model, &batch, None, false) {
+            Err(mlctl::Error::InvalidArgument(m)) => assert!(m.contains("weight"), "{m}"),
+            other => panic!("weight {bad}: {:?}", other.map(|t| t.total)),
+        }
+    }
+}

@@ -140,3 +140,82 @@ fn a_small_run_writes_a_complete_run_directory() {
         assert!(shapes > 3, "{plot} draws almost nothing");
     }
 }
+
+/// `pretrain_xnli` with `args`, small: its exit status and standard error.
+fn small_run(run: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["run", "--quiet", "--example", "pretrain_xnli", "--"])
+        .args(["--steps", "1", "--batch-size", "4", "--max-len", "16"])
+        .args([
+            "--train-pairs",
+            "40",
+            "--eval-pairs",
+            "8",
+            "--device",
+            "cpu",
+        ])
+        .args(args)
+        .arg("--out")
+        .arg(run)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.success(), stderr)
+}
+
+#[test]
+fn runs_reuse_a_starting_evaluation_only_when_it_was_made_the_same_way() {
+    let out = tempfile::tempdir().unwrap();
+    let first = out.path().join("first");
+    let (ok, err) = small_run(&first, &[]);
+    assert!(ok, "{err}");
+    let first_arg = first.to_str().unwrap();
+
+    // Another objective with its word-level choices reuses the first run's evaluation.
+    let second = out.path().join("second");
+    let (ok, err) = small_run(
+        &second,
+        &[
+            "--objective",
+            "sentence-and-word-terms",
+            "--word-layers",
+            "1",
+            "--word-weight",
+            "0.5",
+            "--before-from",
+            first_arg,
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("from --before-from"), "{err}");
+    let (a, b) = (
+        mlctl::pretrain::read_evaluations(&first).unwrap(),
+        mlctl::pretrain::read_evaluations(&second).unwrap(),
+    );
+    assert_eq!(a.before, b.before);
+    let head =
+        std::fs::read_to_string(second.join("checkpoints/step-00000001/mlctl.json")).unwrap();
+    let head: mlctl::model::HeadConfig = serde_json::from_str(&head).unwrap();
+    assert_eq!(head.word_layers, Some(vec![1]));
+    let results = std::fs::read_to_string(second.join("results.md")).unwrap();
+    assert!(results.contains("word-level term weight 0.5"), "{results}");
+
+    // An evaluation made another way is refused, naming the setting; so are flags the
+    // objective has no use for.
+    for (args, says) in [
+        (
+            vec!["--align-layer", "1", "--before-from", first_arg],
+            "align layer",
+        ),
+        (vec!["--seed", "1", "--before-from", first_arg], "seed"),
+        (vec!["--word-weight", "2"], "--word-weight"),
+        (
+            vec!["--objective", "sentence-cz-nce", "--word-layers", "8"],
+            "--word-layers",
+        ),
+    ] {
+        let (ok, err) = small_run(&out.path().join("refused"), &args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
+}
