@@ -1,6 +1,7 @@
 //! Compares `pretrain_xnli` runs side by side: every metric with its 95% bootstrap interval,
-//! paired differences between the runs and against the starting model, and the mean ±
-//! standard deviation over the seeds of each configuration.
+//! paired differences between the runs and against the starting model, the mean ± standard
+//! deviation over the seeds of each configuration and, when a configuration has several
+//! seeds, the paired differences between configurations averaged over seeds.
 //!
 //! A command line over `mlctl::pretrain::objectives_markdown`. See
 //! `examples/compare_runs/README.md`.
@@ -9,8 +10,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mlctl::eval::seeds::{seeds_markdown, RunMetrics};
-use mlctl::pretrain::{objectives_markdown, read_evaluations, Evaluation};
+use mlctl::eval::seeds::{seed_group, seeds_markdown, RunMetrics};
+use mlctl::pretrain::{
+    objectives_markdown, read_evaluations, seed_differences_markdown, Evaluation,
+};
 
 /// Tables comparing `pretrain_xnli` runs evaluated on the same suite.
 #[derive(Parser, Debug)]
@@ -64,6 +67,12 @@ fn main() -> Result<()> {
         .collect();
     let lower_is_better = |label: &str| aer.iter().any(|a| a == label);
     print!("{}", seeds_markdown(&values, lower_is_better)?);
+    let groups: std::collections::BTreeSet<&str> =
+        runs.iter().map(|(label, _)| seed_group(label)).collect();
+    if groups.len() < runs.len() {
+        // Some configuration has several seeds: compare configurations seed by seed.
+        print!("{}", seed_differences_markdown(&start, &runs)?);
+    }
     Ok(())
 }
 

@@ -125,6 +125,52 @@ pub fn paired_aer_difference(
     })
 }
 
+/// The mean over seeds of `mean(after[s]) - mean(before[s])`: two configurations trained with
+/// the same seeds `s`, every run scored on the same items, all resampled with one set of
+/// indices. The interval is the test items' noise on the seed-averaged difference; the
+/// training seeds' spread is apart ([`crate::eval::seeds::MeanSd`] of the per-seed
+/// differences).
+pub fn paired_mean_difference_over_seeds(before: &[&[f64]], after: &[&[f64]]) -> Result<Interval> {
+    let n = same_items(before, after, |items| items.len())?;
+    interval(n, DEFAULT_RESAMPLES, |idx| {
+        let per_seed = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| mean_at(a, idx) - mean_at(b, idx));
+        per_seed.sum::<f64>() / before.len() as f64
+    })
+}
+
+/// [`paired_mean_difference_over_seeds`] for corpus AER over the same sentence pairs.
+pub fn paired_aer_difference_over_seeds(
+    before: &[&[AlignmentCounts]],
+    after: &[&[AlignmentCounts]],
+) -> Result<Interval> {
+    let n = same_items(before, after, |pairs| pairs.len())?;
+    interval(n, DEFAULT_RESAMPLES, |idx| {
+        let per_seed = before
+            .iter()
+            .zip(after)
+            .map(|(b, a)| aer_at(a, idx) - aer_at(b, idx));
+        per_seed.sum::<f64>() / before.len() as f64
+    })
+}
+
+/// The item count shared by every run of both configurations, which have as many seeds.
+fn same_items<T: ?Sized>(before: &[&T], after: &[&T], len: impl Fn(&T) -> usize) -> Result<usize> {
+    if before.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a difference over seeds needs at least one seed".into(),
+        ));
+    }
+    same_len(before.len(), after.len())?;
+    let n = len(before[0]);
+    for items in before.iter().chain(after) {
+        same_len(n, len(items))?;
+    }
+    Ok(n)
+}
+
 fn same_len(before: usize, after: usize) -> Result<()> {
     if before != after {
         return Err(Error::ShapeMismatch {
@@ -194,6 +240,44 @@ mod tests {
         let ci = aer_interval(&pairs).unwrap();
         assert!((ci.estimate - (1.0 - 7.0 / 12.0)).abs() < 1e-12);
         assert!(ci.low <= ci.estimate && ci.estimate <= ci.high);
+    }
+
+    /// Over seeds, the estimate is the mean of the per-seed differences (counted by hand), and
+    /// identical configurations differ by zero on every resample.
+    #[test]
+    fn difference_over_seeds_averages_the_per_seed_differences() {
+        // Seed 0: 2/4 -> 3/4 (+0.25); seed 1: 1/4 -> 4/4 (+0.75); mean +0.5.
+        let before: [&[f64]; 2] = [&[1.0, 0.0, 1.0, 0.0], &[0.0, 0.0, 1.0, 0.0]];
+        let after: [&[f64]; 2] = [&[1.0, 1.0, 1.0, 0.0], &[1.0, 1.0, 1.0, 1.0]];
+        let ci = paired_mean_difference_over_seeds(&before, &after).unwrap();
+        assert!((ci.estimate - 0.5).abs() < 1e-12, "{ci:?}");
+        assert!(ci.low <= ci.estimate && ci.estimate <= ci.high);
+        let same = paired_mean_difference_over_seeds(&before, &before).unwrap();
+        assert_eq!((same.estimate, same.low, same.high), (0.0, 0.0, 0.0));
+        // Unequal seeds, unequal items and no seed at all are refused.
+        assert!(paired_mean_difference_over_seeds(&before, &after[..1]).is_err());
+        let short: [&[f64]; 2] = [&[1.0], &[0.0]];
+        assert!(paired_mean_difference_over_seeds(&before, &short).is_err());
+        assert!(paired_mean_difference_over_seeds(&[], &[]).is_err());
+    }
+
+    /// AER over seeds: the mean of the per-seed corpus AER differences.
+    #[test]
+    fn aer_difference_over_seeds_averages_corpus_aers() {
+        let counts = |p: usize, s: usize, ps: usize, pp: usize| AlignmentCounts {
+            predicted: p,
+            sure: s,
+            predicted_sure: ps,
+            predicted_possible: pp,
+        };
+        // AER = 1 - (ps + pp) / (p + s): 1 - 4/8 = 0.5 against 1 - 6/8 = 0.25, and
+        // 1 - 2/8 = 0.75 against 1 - 8/8 = 0: differences -0.25 and -0.75, mean -0.5.
+        let before = [vec![counts(4, 4, 2, 2)], vec![counts(4, 4, 1, 1)]];
+        let after = [vec![counts(4, 4, 3, 3)], vec![counts(4, 4, 4, 4)]];
+        let b: Vec<&[AlignmentCounts]> = before.iter().map(Vec::as_slice).collect();
+        let a: Vec<&[AlignmentCounts]> = after.iter().map(Vec::as_slice).collect();
+        let ci = paired_aer_difference_over_seeds(&b, &a).unwrap();
+        assert!((ci.estimate + 0.5).abs() < 1e-12, "{ci:?}");
     }
 
     #[test]

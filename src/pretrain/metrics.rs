@@ -119,6 +119,37 @@ impl Metric {
         }
     }
 
+    /// The mean over seeds of `after[s] - before[s]` (runs of two configurations paired by
+    /// seed, every run scored on the same items), with the 95% interval of one resampling of
+    /// those items shared by every run ([`bootstrap::paired_mean_difference_over_seeds`]).
+    pub fn difference_over_seeds(before: &[&Metric], after: &[&Metric]) -> Result<Interval> {
+        fn hits<'a>(runs: &[&'a Metric]) -> Option<Vec<&'a [f64]>> {
+            runs.iter()
+                .map(|m| match &m.items {
+                    MetricItems::Hits(h) => Some(h.as_slice()),
+                    MetricItems::Alignment(_) => None,
+                })
+                .collect()
+        }
+        fn pairs<'a>(runs: &[&'a Metric]) -> Option<Vec<&'a [AlignmentCounts]>> {
+            runs.iter()
+                .map(|m| match &m.items {
+                    MetricItems::Alignment(c) => Some(c.as_slice()),
+                    MetricItems::Hits(_) => None,
+                })
+                .collect()
+        }
+        if let (Some(b), Some(a)) = (hits(before), hits(after)) {
+            return Ok(bootstrap::paired_mean_difference_over_seeds(&b, &a)?.scaled(100.0));
+        }
+        if let (Some(b), Some(a)) = (pairs(before), pairs(after)) {
+            return bootstrap::paired_aer_difference_over_seeds(&b, &a);
+        }
+        Err(Error::InvalidArgument(
+            "a difference over seeds needs one kind of metric in every run".into(),
+        ))
+    }
+
     /// Whether lower is better (AER).
     pub fn lower_is_better(&self) -> bool {
         matches!(self.items, MetricItems::Alignment(_))

@@ -41,7 +41,7 @@ mod tests;
 
 pub use corpus::{write_anchored_tsv, ParallelSet};
 pub use metrics::{Evaluation, Metric, MetricItems};
-pub use report::{comparison_markdown, objectives_markdown};
+pub use report::{comparison_markdown, objectives_markdown, seed_differences_markdown};
 pub use run_dir::{
     prepare_run_dir, read_evaluations, read_metrics, write_evaluations, write_results,
     RunEvaluations, EVALUATION_FILE, RESULTS_FILE,

@@ -1,7 +1,8 @@
 //! The results tables: one run before and after, and several runs side by side.
 
-use super::metrics::{Evaluation, Metric};
+use super::metrics::{Evaluation, Metric, MetricItems};
 use crate::eval::bootstrap::Interval;
+use crate::eval::seeds::{seed_group, MeanSd};
 use crate::eval::tatoeba::tatoeba_markdown;
 use crate::eval::RetrievalScores;
 use crate::{Error, Result};
@@ -163,4 +164,129 @@ pub fn objectives_markdown(start: &Evaluation, runs: &[(String, Evaluation)]) ->
 fn table_header(cols: &[String]) -> String {
     let names: String = cols.iter().map(|c| format!(" {c} |")).collect();
     format!("| metric |{names}\n|---|{}\n", "---|".repeat(cols.len()))
+}
+
+/// The configurations of `runs` ([`seed_group`] of their labels, in first-seen order), each
+/// with its runs' seed tags and metrics.
+type SeedGroups<'a> = Vec<(&'a str, Vec<(&'a str, Vec<Metric>)>)>;
+
+fn seed_groups<'a>(base: &[Metric], runs: &'a [(String, Evaluation)]) -> Result<SeedGroups<'a>> {
+    let mut groups: SeedGroups<'a> = Vec::new();
+    for (label, evaluation) in runs {
+        let metrics = evaluation.metrics();
+        if metrics.len() != base.len() || metrics.iter().zip(base).any(|(a, b)| a.label != b.label)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "run `{label}` was not evaluated on the same suite as the starting model"
+            )));
+        }
+        let group = seed_group(label);
+        let seed = &label[group.len()..];
+        match groups.iter_mut().find(|(g, _)| *g == group) {
+            Some((_, members)) => members.push((seed, metrics)),
+            None => groups.push((group, vec![(seed, metrics)])),
+        }
+    }
+    Ok(groups)
+}
+
+/// A metric's value as measured: accuracy in percent, AER as a fraction.
+fn estimate(metric: &Metric) -> f64 {
+    match &metric.items {
+        MetricItems::Hits(h) => 100.0 * h.iter().sum::<f64>() / h.len().max(1) as f64,
+        MetricItems::Alignment(c) => c
+            .iter()
+            .copied()
+            .sum::<crate::align::AlignmentCounts>()
+            .aer(),
+    }
+}
+
+/// One cell: metric `i` of `after` minus `before`, over the seeds both have (`before` may be
+/// one run for every seed: the starting model): the seed-averaged difference with its paired
+/// bootstrap interval, and ± the standard deviation of the per-seed differences.
+fn over_seeds_cell(
+    i: usize,
+    before: &[(&str, Vec<Metric>)],
+    after: &[(&str, Vec<Metric>)],
+) -> Result<String> {
+    let paired: Vec<(&Metric, &Metric)> = after
+        .iter()
+        .filter_map(|(seed, a)| {
+            let b = match before {
+                [(_, only)] if before.len() == 1 => Some(only),
+                _ => before.iter().find(|(s, _)| s == seed).map(|(_, b)| b),
+            };
+            b.map(|b| (&b[i], &a[i]))
+        })
+        .collect();
+    if paired.is_empty() {
+        return Ok("—".into());
+    }
+    let (b, a): (Vec<&Metric>, Vec<&Metric>) = paired.iter().copied().unzip();
+    let aer = a[0].lower_is_better();
+    let ci = Metric::difference_over_seeds(&b, &a)?;
+    let per_seed: Vec<f64> = paired
+        .iter()
+        .map(|(b, a)| estimate(a) - estimate(b))
+        .collect();
+    let spread = MeanSd::of(&per_seed).expect("at least one seed");
+    let sd = match (spread.sd, aer) {
+        (Some(sd), true) => format!(" ±{sd:.3}"),
+        (Some(sd), false) => format!(" ±{sd:.1}"),
+        (None, _) => String::new(),
+    };
+    Ok(format!(
+        "{}{sd} (n={})",
+        signed_with_interval(&ci, aer),
+        spread.n
+    ))
+}
+
+/// Paired differences averaged over training seeds: every configuration (runs grouped by
+/// [`seed_group`] of their labels, such as `ml-ctl-seed0`, `ml-ctl-seed1`) against the
+/// starting model, and the first configuration against each other one, paired by seed tag.
+/// Each cell is the mean over seeds of the per-seed differences, with a 95% bootstrap interval
+/// that resamples the test items once for every run (the test set's noise on that mean), then
+/// ± the sample standard deviation of the per-seed differences (the training seeds' noise)
+/// and the number of seeds paired.
+pub fn seed_differences_markdown(
+    start: &Evaluation,
+    runs: &[(String, Evaluation)],
+) -> Result<String> {
+    let base = start.metrics();
+    let groups = seed_groups(&base, runs)?;
+    let starting = vec![("", base.clone())];
+    let mut cols: Vec<String> = groups
+        .iter()
+        .map(|(g, _)| format!("`{g}` − start"))
+        .collect();
+    if let Some((first, _)) = groups.first() {
+        cols.extend(
+            groups[1..]
+                .iter()
+                .map(|(g, _)| format!("`{first}` − `{g}`")),
+        );
+    }
+    let mut s = String::from(
+        "\n### Paired differences averaged over seeds\n\n\
+         Mean over seeds of the per-seed difference (runs paired by seed tag), its 95% bootstrap \
+         interval over the test items (in bold where it excludes zero), ± the standard deviation \
+         of the per-seed differences, and the seeds paired. Positive is better for accuracy, \
+         negative for AER.\n\n",
+    );
+    s += &table_header(&cols);
+    for (i, metric) in base.iter().enumerate() {
+        s += &format!("| {} |", metric.label);
+        for (_, members) in &groups {
+            s += &format!(" {} |", over_seeds_cell(i, &starting, members)?);
+        }
+        if let Some((_, first)) = groups.first() {
+            for (_, members) in &groups[1..] {
+                s += &format!(" {} |", over_seeds_cell(i, members, first)?);
+            }
+        }
+        s.push('\n');
+    }
+    Ok(s)
 }

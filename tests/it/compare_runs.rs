@@ -62,3 +62,67 @@ fn the_table_gives_each_configuration_its_mean_and_spread() {
     assert!(seeds_markdown(&[runs[0].clone(), other], |_| false).is_err());
     assert!(seeds_markdown(&[], |_| false).is_err());
 }
+
+/// An evaluation holding only anchor-word retrieval over four pairs, with these hits.
+fn anchors(src: [u8; 4], tgt: [u8; 4]) -> mlctl::pretrain::Evaluation {
+    use mlctl::eval::RetrievalScores;
+    let hits = |h: [u8; 4]| h.iter().map(|&x| x == 1).collect::<Vec<bool>>();
+    let share = |h: [u8; 4]| h.iter().map(|&x| f32::from(x)).sum::<f32>() / 4.0;
+    let scores = RetrievalScores {
+        src_to_tgt: share(src),
+        tgt_to_src: share(tgt),
+        n: 4,
+        src_hits: hits(src),
+        tgt_hits: hits(tgt),
+    };
+    mlctl::pretrain::Evaluation {
+        sentence: Default::default(),
+        anchor: [("fra-eng".to_string(), scores)].into(),
+        alignment: vec![],
+        xnli: None,
+        xnli_split: None,
+        tatoeba: None,
+    }
+}
+
+#[test]
+fn differences_over_seeds_pair_runs_by_seed_and_average_them() {
+    use mlctl::pretrain::seed_differences_markdown;
+    // Accuracy over the 8 queries: start 1/8 = 12.5 %.
+    let start = anchors([1, 0, 0, 0], [0, 0, 0, 0]);
+    let runs = [
+        ("a-seed0", anchors([1, 1, 0, 0], [1, 0, 0, 0])), // 37.5: +25.0 over start
+        ("b-seed0", anchors([1, 0, 0, 0], [1, 0, 0, 0])), // 25.0: +12.5
+        ("a-seed1", anchors([1, 1, 1, 0], [1, 1, 0, 0])), // 62.5: +50.0
+        ("b-seed1", anchors([1, 1, 1, 0], [1, 0, 0, 0])), // 50.0: +37.5
+        ("b-seed2", anchors([0, 0, 0, 0], [1, 0, 0, 0])), // 12.5: +0.0, no a-seed2 to pair
+    ];
+    let runs: Vec<(String, _)> = runs.into_iter().map(|(n, e)| (n.to_string(), e)).collect();
+    let table = seed_differences_markdown(&start, &runs).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| anchor-word acc@1 |"))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    assert!(
+        table.contains("| `a` − start | `b` − start | `a` − `b` |"),
+        "{table}"
+    );
+    // a − start: 25 and 50, mean 37.5, sd 17.68. b − start: 12.5, 37.5, 0, mean 16.67, sd
+    // 19.09. a − b over seeds 0 and 1 only, each with its own seed: 12.5 and 12.5, sd 0.
+    let check = |cell: &str, mean: &str, rest: &str| {
+        assert!(
+            cell.trim_start_matches("**")
+                .starts_with(&format!("{mean} ["))
+                && cell.ends_with(rest),
+            "{cell:?}: want {mean} … {rest}\n{table}"
+        );
+    };
+    check(cells[2], "+37.5", "±17.7 (n=2)");
+    check(cells[3], "+16.7", "±19.1 (n=3)");
+    check(cells[4], "+12.5", "±0.0 (n=2)");
+    // A run evaluated on another suite is refused.
+    let mut other = runs.clone();
+    other[0].1.anchor.clear();
+    assert!(seed_differences_markdown(&start, &other).is_err());
+}
