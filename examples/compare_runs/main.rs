@@ -67,12 +67,36 @@ fn main() -> Result<()> {
         .collect();
     let lower_is_better = |label: &str| aer.iter().any(|a| a == label);
     print!("{}", seeds_markdown(&values, lower_is_better)?);
+    tatoeba_averages(&start, &runs)?;
     let groups: std::collections::BTreeSet<&str> =
         runs.iter().map(|(label, _)| seed_group(label)).collect();
     if groups.len() < runs.len() {
         // Some configuration has several seeds: compare configurations seed by seed.
         print!("{}", seed_differences_markdown(&start, &runs)?);
     }
+    Ok(())
+}
+
+/// With XTREME Tatoeba in the runs: its per-language averages (XTREME's summary: each
+/// language counts once), mean ± standard deviation over seeds, beside the starting model.
+fn tatoeba_averages(start: &Evaluation, runs: &[(String, Evaluation)]) -> Result<()> {
+    let Some(report) = &start.tatoeba else {
+        return Ok(());
+    };
+    let mut values: Vec<RunMetrics> = vec![("starting model".into(), report.averages())];
+    for (label, evaluation) in runs {
+        let report = evaluation
+            .tatoeba
+            .as_ref()
+            .context("a run without Tatoeba")?;
+        values.push((label.clone(), report.averages()));
+    }
+    println!(
+        "\n### XTREME Tatoeba, averaged over languages, mean ± standard deviation over seeds\n\n\
+         Accuracy in %, each language counted once (XTREME's average); en→xx is XTREME's \
+         direction.\n"
+    );
+    print!("{}", seeds_markdown(&values, |_| false)?);
     Ok(())
 }
 

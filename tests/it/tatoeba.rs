@@ -98,6 +98,18 @@ fn hand_counted_accuracies_with_ties_and_an_empty_line() {
     assert_eq!(avg(LanguageGroup::Trained, Direction::EnToXx), 100.0);
     assert_eq!(avg(LanguageGroup::All, Direction::EnToXx), 75.0);
     assert_eq!(avg(LanguageGroup::All, Direction::XxToEn), 62.5);
+    // The labelled summary: each group's averages, en→xx then xx→en.
+    let values: Vec<f64> = report.averages().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(values, [50.0, 25.0, 100.0, 100.0]);
+    let labels: Vec<String> = report.averages().into_iter().map(|(l, _)| l).collect();
+    assert!(
+        labels[0].starts_with("Tatoeba 1 zero-shot") && labels[0].ends_with("en→xx"),
+        "{labels:?}"
+    );
+    assert!(
+        labels[3].starts_with("Tatoeba 1 trained") && labels[3].ends_with("xx→en"),
+        "{labels:?}"
+    );
 }
 
 #[test]

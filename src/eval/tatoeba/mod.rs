@@ -551,6 +551,30 @@ impl TatoebaReport {
         Some(100.0 * sum / languages.len() as f64)
     }
 
+    /// XTREME's summary figures, labelled: for each pooling, the zero-shot and the trained
+    /// languages' [`TatoebaReport::average`] in both directions (en→xx first), in percent.
+    /// Groups without languages are left out.
+    pub fn averages(&self) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (p, pooling) in self.poolings.iter().enumerate() {
+            for (group, name) in [
+                (LanguageGroup::ZeroShot, "zero-shot"),
+                (LanguageGroup::Trained, "trained, held-apart lines"),
+            ] {
+                let n = self.group(group).len();
+                for (direction, arrow) in
+                    [(Direction::EnToXx, "en→xx"), (Direction::XxToEn, "xx→en")]
+                {
+                    if let Some(value) = self.average(p, group, direction) {
+                        let label = format!("Tatoeba {n} {name}, {}, {arrow}", pooling.label);
+                        out.push((label, value));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Bootstrap items of the summary metrics: for each pooling and for the zero-shot and the
     /// trained languages, every query's hit (1) or miss (0), both directions; and XTREME's
     /// direction alone for the headline pooling. Labels name the pooling and the group. Every
