@@ -20,12 +20,47 @@ pub struct RetrievalScores {
     /// Number of pairs.
     pub n: usize,
     /// Whether each source retrieved its translation (`n` entries, in pair order): the items
-    /// of a bootstrap interval ([`crate::eval::bootstrap`]).
-    #[serde(default)]
+    /// of a bootstrap interval ([`crate::eval::bootstrap`]). In JSON a string of `1` (hit) and
+    /// `0` (miss); an array of booleans, as earlier versions wrote, also reads.
+    #[serde(default, with = "hit_string")]
     pub src_hits: Vec<bool>,
     /// Whether each target retrieved its translation.
-    #[serde(default)]
+    #[serde(default, with = "hit_string")]
     pub tgt_hits: Vec<bool>,
+}
+
+/// Hits as a string of `0` and `1`: a fifth of an array of booleans in JSON, which matters at
+/// XTREME Tatoeba's 55,000 queries per pooling and model.
+mod hit_string {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(hits: &[bool], serializer: S) -> Result<S::Ok, S::Error> {
+        let text: String = hits.iter().map(|&h| if h { '1' } else { '0' }).collect();
+        serializer.serialize_str(&text)
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Hits {
+        Text(String),
+        Flags(Vec<bool>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<bool>, D::Error> {
+        match Hits::deserialize(deserializer)? {
+            Hits::Flags(flags) => Ok(flags),
+            Hits::Text(text) => text
+                .chars()
+                .map(|c| match c {
+                    '1' => Ok(true),
+                    '0' => Ok(false),
+                    other => Err(D::Error::custom(format!(
+                        "hits are a string of 0 and 1, not {other:?}"
+                    ))),
+                })
+                .collect(),
+        }
+    }
 }
 
 impl RetrievalScores {

@@ -38,3 +38,34 @@ fn identical_embeddings_do_not_count_as_correct_and_shapes_are_checked() {
         Err(mlctl::Error::ShapeMismatch { .. })
     ));
 }
+
+#[test]
+fn hits_are_saved_as_a_string_and_read_in_either_form() {
+    let scores = mlctl::eval::RetrievalScores {
+        src_to_tgt: 0.5,
+        tgt_to_src: 0.25,
+        n: 4,
+        src_hits: vec![true, false, false, true],
+        tgt_hits: vec![false, false, true, false],
+    };
+    let json = serde_json::to_string(&scores).unwrap();
+    assert!(
+        json.contains(r#""src_hits":"1001""#) && json.contains(r#""tgt_hits":"0010""#),
+        "{json}"
+    );
+    let back: mlctl::eval::RetrievalScores = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, scores);
+    // The arrays of booleans earlier versions wrote, and files without hits at all.
+    let old = r#"{"src_to_tgt":0.5,"tgt_to_src":0.25,"n":4,
+        "src_hits":[true,false,false,true],"tgt_hits":[false,false,true,false]}"#;
+    assert_eq!(
+        serde_json::from_str::<mlctl::eval::RetrievalScores>(old).unwrap(),
+        scores
+    );
+    let bare = r#"{"src_to_tgt":0.5,"tgt_to_src":0.25,"n":4}"#;
+    let bare: mlctl::eval::RetrievalScores = serde_json::from_str(bare).unwrap();
+    assert!(bare.src_hits.is_empty() && bare.tgt_hits.is_empty());
+    let bad = r#"{"src_to_tgt":0.5,"tgt_to_src":0.25,"n":4,"src_hits":"10x1","tgt_hits":""}"#;
+    let err = serde_json::from_str::<mlctl::eval::RetrievalScores>(bad).unwrap_err();
+    assert!(err.to_string().contains("0 and 1"), "{err}");
+}
