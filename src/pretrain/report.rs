@@ -214,7 +214,8 @@ fn over_seeds_cell(
         .iter()
         .filter_map(|(seed, a)| {
             let b = match before {
-                [(_, only)] if before.len() == 1 => Some(only),
+                // The starting model (no seed tag) stands beside every seed.
+                [("", only)] => Some(only),
                 _ => before.iter().find(|(s, _)| s == seed).map(|(_, b)| b),
             };
             b.map(|b| (&b[i], &a[i]))

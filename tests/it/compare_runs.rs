@@ -96,6 +96,7 @@ fn differences_over_seeds_pair_runs_by_seed_and_average_them() {
         ("a-seed1", anchors([1, 1, 1, 0], [1, 1, 0, 0])), // 62.5: +50.0
         ("b-seed1", anchors([1, 1, 1, 0], [1, 0, 0, 0])), // 50.0: +37.5
         ("b-seed2", anchors([0, 0, 0, 0], [1, 0, 0, 0])), // 12.5: +0.0, no a-seed2 to pair
+        ("c-seed1", anchors([1, 1, 1, 1], [0, 0, 0, 0])), // 50.0: only seed 1 pairs with a
     ];
     let runs: Vec<(String, _)> = runs.into_iter().map(|(n, e)| (n.to_string(), e)).collect();
     let table = seed_differences_markdown(&start, &runs).unwrap();
@@ -105,7 +106,7 @@ fn differences_over_seeds_pair_runs_by_seed_and_average_them() {
         .unwrap_or_else(|| panic!("{table}"));
     let cells: Vec<&str> = row.split('|').map(str::trim).collect();
     assert!(
-        table.contains("| `a` − start | `b` − start | `a` − `b` |"),
+        table.contains("| `a` − start | `b` − start | `c` − start | `a` − `b` | `a` − `c` |"),
         "{table}"
     );
     // a − start: 25 and 50, mean 37.5, sd 17.68. b − start: 12.5, 37.5, 0, mean 16.67, sd
@@ -120,7 +121,10 @@ fn differences_over_seeds_pair_runs_by_seed_and_average_them() {
     };
     check(cells[2], "+37.5", "±17.7 (n=2)");
     check(cells[3], "+16.7", "±19.1 (n=3)");
-    check(cells[4], "+12.5", "±0.0 (n=2)");
+    check(cells[4], "+37.5", "(n=1)");
+    check(cells[5], "+12.5", "±0.0 (n=2)");
+    // a − c: seed 1 alone, 62.5 − 50.
+    check(cells[6], "+12.5", "(n=1)");
     // A run evaluated on another suite is refused.
     let mut other = runs.clone();
     other[0].1.anchor.clear();
