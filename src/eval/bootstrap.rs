@@ -131,14 +131,7 @@ pub fn paired_aer_difference(
 /// training seeds' spread is apart ([`crate::eval::seeds::MeanSd`] of the per-seed
 /// differences).
 pub fn paired_mean_difference_over_seeds(before: &[&[f64]], after: &[&[f64]]) -> Result<Interval> {
-    let n = same_items(before, after, |items| items.len())?;
-    interval(n, DEFAULT_RESAMPLES, |idx| {
-        let per_seed = before
-            .iter()
-            .zip(after)
-            .map(|(b, a)| mean_at(a, idx) - mean_at(b, idx));
-        per_seed.sum::<f64>() / before.len() as f64
-    })
+    difference_over_seeds(before, after, mean_at)
 }
 
 /// [`paired_mean_difference_over_seeds`] for corpus AER over the same sentence pairs.
@@ -146,27 +139,37 @@ pub fn paired_aer_difference_over_seeds(
     before: &[&[AlignmentCounts]],
     after: &[&[AlignmentCounts]],
 ) -> Result<Interval> {
-    let n = same_items(before, after, |pairs| pairs.len())?;
+    difference_over_seeds(before, after, aer_at)
+}
+
+/// The interval of the mean over seeds of `statistic(after[s]) - statistic(before[s])`, one
+/// set of item indices for every run.
+fn difference_over_seeds<T>(
+    before: &[&[T]],
+    after: &[&[T]],
+    statistic: fn(&[T], &[usize]) -> f64,
+) -> Result<Interval> {
+    let n = same_items(before, after)?;
     interval(n, DEFAULT_RESAMPLES, |idx| {
         let per_seed = before
             .iter()
             .zip(after)
-            .map(|(b, a)| aer_at(a, idx) - aer_at(b, idx));
+            .map(|(b, a)| statistic(a, idx) - statistic(b, idx));
         per_seed.sum::<f64>() / before.len() as f64
     })
 }
 
 /// The item count shared by every run of both configurations, which have as many seeds.
-fn same_items<T: ?Sized>(before: &[&T], after: &[&T], len: impl Fn(&T) -> usize) -> Result<usize> {
+fn same_items<T>(before: &[&[T]], after: &[&[T]]) -> Result<usize> {
     if before.is_empty() {
         return Err(Error::InvalidArgument(
             "a difference over seeds needs at least one seed".into(),
         ));
     }
     same_len(before.len(), after.len())?;
-    let n = len(before[0]);
+    let n = before[0].len();
     for items in before.iter().chain(after) {
-        same_len(n, len(items))?;
+        same_len(n, items.len())?;
     }
     Ok(n)
 }

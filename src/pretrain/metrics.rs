@@ -103,6 +103,21 @@ impl Metric {
         }
     }
 
+    /// The value as measured, without an interval (accuracy in percent, AER as a fraction):
+    /// [`Metric::interval`]'s estimate.
+    pub fn value(&self) -> f64 {
+        match &self.items {
+            MetricItems::Hits(h) => 100.0 * h.iter().sum::<f64>() / h.len().max(1) as f64,
+            MetricItems::Alignment(c) => c.iter().copied().sum::<AlignmentCounts>().aer(),
+        }
+    }
+
+    /// Whether two evaluations' metric lists come from the same suite: the same labels in the
+    /// same order.
+    pub fn same_suite(a: &[Metric], b: &[Metric]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(a, b)| a.label == b.label)
+    }
+
     /// `other - self` on the same items, with its paired 95% interval.
     pub fn difference(&self, other: &Metric) -> Result<Interval> {
         match (&self.items, &other.items) {

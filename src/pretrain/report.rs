@@ -1,6 +1,6 @@
 //! The results tables: one run before and after, and several runs side by side.
 
-use super::metrics::{Evaluation, Metric, MetricItems};
+use super::metrics::{Evaluation, Metric};
 use crate::eval::bootstrap::Interval;
 use crate::eval::seeds::{seed_group, MeanSd};
 use crate::eval::tatoeba::tatoeba_markdown;
@@ -111,7 +111,7 @@ pub fn objectives_markdown(start: &Evaluation, runs: &[(String, Evaluation)]) ->
     let base = start.metrics();
     let metrics: Vec<Vec<Metric>> = runs.iter().map(|(_, e)| e.metrics()).collect();
     for ((label, _), m) in runs.iter().zip(&metrics) {
-        if m.len() != base.len() || m.iter().zip(&base).any(|(a, b)| a.label != b.label) {
+        if !Metric::same_suite(m, &base) {
             return Err(Error::InvalidArgument(format!(
                 "run `{label}` was not evaluated on the same suite as the starting model"
             )));
@@ -174,8 +174,7 @@ fn seed_groups<'a>(base: &[Metric], runs: &'a [(String, Evaluation)]) -> Result<
     let mut groups: SeedGroups<'a> = Vec::new();
     for (label, evaluation) in runs {
         let metrics = evaluation.metrics();
-        if metrics.len() != base.len() || metrics.iter().zip(base).any(|(a, b)| a.label != b.label)
-        {
+        if !Metric::same_suite(&metrics, base) {
             return Err(Error::InvalidArgument(format!(
                 "run `{label}` was not evaluated on the same suite as the starting model"
             )));
@@ -188,18 +187,6 @@ fn seed_groups<'a>(base: &[Metric], runs: &'a [(String, Evaluation)]) -> Result<
         }
     }
     Ok(groups)
-}
-
-/// A metric's value as measured: accuracy in percent, AER as a fraction.
-fn estimate(metric: &Metric) -> f64 {
-    match &metric.items {
-        MetricItems::Hits(h) => 100.0 * h.iter().sum::<f64>() / h.len().max(1) as f64,
-        MetricItems::Alignment(c) => c
-            .iter()
-            .copied()
-            .sum::<crate::align::AlignmentCounts>()
-            .aer(),
-    }
 }
 
 /// One cell: metric `i` of `after` minus `before`, over the seeds both have (`before` may be
@@ -227,10 +214,7 @@ fn over_seeds_cell(
     let (b, a): (Vec<&Metric>, Vec<&Metric>) = paired.iter().copied().unzip();
     let aer = a[0].lower_is_better();
     let ci = Metric::difference_over_seeds(&b, &a)?;
-    let per_seed: Vec<f64> = paired
-        .iter()
-        .map(|(b, a)| estimate(a) - estimate(b))
-        .collect();
+    let per_seed: Vec<f64> = paired.iter().map(|(b, a)| a.value() - b.value()).collect();
     let spread = MeanSd::of(&per_seed).expect("at least one seed");
     let sd = match (spread.sd, aer) {
         (Some(sd), true) => format!(" ±{sd:.3}"),
