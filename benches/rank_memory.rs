@@ -1,9 +1,10 @@
 //! Memory of one data-parallel rank's CZ-NCE blocks in the cached loss, counted by the
-//! allocator: every rank holds all `N = W·n` rows' embeddings; before, each rank evaluated the
-//! whole `[N, N]` loss (the fused op), now it evaluates its own `n` rows
-//! ([`CzNce::forward_rows`], `[n, N]` blocks). This program plays one rank at a time in one
-//! process and reports the peak bytes allocated during the loss's forward and backward, above
-//! the embeddings themselves, which both paths share.
+//! allocator: every rank holds all `N = W·n` rows' embeddings; each rank used to evaluate the
+//! whole `[N, N]` loss (the fused op), it now evaluates its own `n` rows
+//! ([`CzNce::forward_rows`], `[n, N]` blocks), with the fused band of rows on the CPU; the
+//! composite band (its twin, and what other devices run) is reported beside them. This program
+//! plays one rank at a time in one process and reports the peak bytes allocated during the
+//! loss's forward and backward, above the embeddings themselves, which every path shares.
 //!
 //! ```text
 //! cargo bench --bench rank_memory -- [--rows 256] [--dim 1536]
@@ -47,12 +48,25 @@ fn peak_during(f: impl FnOnce() -> mlctl::Result<()>) -> mlctl::Result<usize> {
     Ok(PEAK.load(Ordering::Relaxed) - before)
 }
 
-/// Forward and backward of rank 0's loss: the whole batch, or rows `0..n` of it.
-fn rank_step(q: &Var, k: &Var, rows: Option<usize>) -> mlctl::Result<()> {
+/// How a rank evaluates its loss.
+#[derive(Clone, Copy)]
+enum Path {
+    /// The whole `[N, N]` loss, fused.
+    Whole,
+    /// Rows `0..n`, fused.
+    FusedRows(usize),
+    /// Rows `0..n`, composite.
+    CompositeRows(usize),
+}
+
+/// Forward and backward of rank 0's loss by `path`.
+fn rank_step(q: &Var, k: &Var, path: Path) -> mlctl::Result<()> {
     let loss = CzNce::new();
-    let value = match rows {
-        None => loss.forward(q.as_tensor(), k.as_tensor())?,
-        Some(n) => loss.forward_rows(q.as_tensor(), k.as_tensor(), 0..n)?,
+    let (q, k) = (q.as_tensor(), k.as_tensor());
+    let value = match path {
+        Path::Whole => loss.forward_fused(q, k)?,
+        Path::FusedRows(n) => loss.forward_rows_fused(q, k, 0..n)?,
+        Path::CompositeRows(n) => loss.forward_rows_composite(q, k, 0..n)?,
     };
     let grads = value.backward()?;
     std::hint::black_box(grads);
@@ -70,27 +84,32 @@ fn arg(name: &str, default: usize) -> usize {
 fn main() -> mlctl::Result<()> {
     let (n, d) = (arg("--rows", 256), arg("--dim", 1536));
     let dev = Device::Cpu;
-    println!("| W | N | before: `[N, N]` fused | after: `[n, N]` rows | after / before |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| W | N | whole `[N, N]`, fused | `[n, N]` rows, composite | `[n, N]` rows, fused | fused rows / whole |"
+    );
+    println!("|---|---|---|---|---|---|");
     for w in [1usize, 2, 4, 8] {
         let big = w * n;
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (big, d), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (big, d), &dev)?)?;
         assert_eq!(q.dtype(), DType::F32);
-        // One rank keeps the fused whole-batch path.
-        let rows = (w > 1).then_some(n);
+        let paths = [Path::Whole, Path::CompositeRows(n), Path::FusedRows(n)];
         // Each once unmeasured: the GEMM's per-thread packing buffers grow to the largest
         // product seen and stay, and would count against whichever ran first.
-        rank_step(&q, &k, None)?;
-        rank_step(&q, &k, rows)?;
-        let before = peak_during(|| rank_step(&q, &k, None))?;
-        let after = peak_during(|| rank_step(&q, &k, rows))?;
+        for path in paths {
+            rank_step(&q, &k, path)?;
+        }
+        let mut peaks = vec![];
+        for path in paths {
+            peaks.push(peak_during(|| rank_step(&q, &k, path))?);
+        }
         let mb = |b: usize| b as f64 / 1e6;
         println!(
-            "| {w} | {big} | {:.1} MB | {:.1} MB | {:.2} |",
-            mb(before),
-            mb(after),
-            after as f64 / before as f64
+            "| {w} | {big} | {:.1} MB | {:.1} MB | {:.1} MB | {:.2} |",
+            mb(peaks[0]),
+            mb(peaks[1]),
+            mb(peaks[2]),
+            peaks[2] as f64 / peaks[0] as f64
         );
     }
     Ok(())

@@ -445,7 +445,7 @@ impl Run<'_> {
     /// `loss` on the embeddings `q` and `k`: the whole batch's in one process; over a shard,
     /// where they hold every rank's rows, only this rank's rows of the loss (its part, of
     /// which the sum over the ranks is the global batch's loss): `[n, W·n]` logits per rank
-    /// instead of `[W·n, W·n]`, with the composite ops (the fused kernel takes whole batches).
+    /// instead of `[W·n, W·n]` (the fused band of rows on the CPU).
     fn term(&self, loss: &super::CzNce, q: &Var, k: &Var) -> Result<Tensor> {
         let (q, k) = (q.as_tensor(), k.as_tensor());
         match self.shard {

@@ -41,7 +41,15 @@ fn scalar(t: &Tensor) -> R<f64> {
 fn assert_close(what: &str, a: &[f64], b: &[f64], rtol: f64, floor: f64) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
-    let err = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+    // NaN-aware: `f64::max` would drop a NaN difference.
+    let err = a.iter().zip(b).fold(0f64, |m, (x, y)| {
+        let e = (x - y).abs();
+        if e.is_nan() || m.is_nan() {
+            f64::NAN
+        } else {
+            m.max(e)
+        }
+    });
     assert!(
         err <= rtol * scale,
         "{what}: max abs err {err:e} > {rtol:e} * {scale:e}\n  got  {a:?}\n  want {b:?}"
@@ -64,6 +72,24 @@ struct Eval {
 enum Path {
     Fused,
     Composite,
+    /// `forward_rows_fused` over rows `start..start + len`.
+    FusedRows(usize, usize),
+    /// `forward_rows_composite` over rows `start..start + len`.
+    CompositeRows(usize, usize),
+}
+
+impl Path {
+    /// `loss` on `q`, `k` by this path.
+    fn run(self, loss: &CzNce, q: &Tensor, k: &Tensor) -> mlctl::Result<Tensor> {
+        match self {
+            Path::Fused => loss.forward_fused(q, k),
+            Path::Composite => loss.forward_composite(q, k),
+            Path::FusedRows(start, len) => loss.forward_rows_fused(q, k, start..start + len),
+            Path::CompositeRows(start, len) => {
+                loss.forward_rows_composite(q, k, start..start + len)
+            }
+        }
+    }
 }
 
 /// Evaluates `loss` with q, k given as views of Vars: `layout` 0 = contiguous, 1 = q transposed
@@ -124,10 +150,7 @@ fn eval(
             .with_learnable_log_scale(ls.as_tensor().clone()),
         None => loss.clone(),
     };
-    let out = match path {
-        Path::Fused => loss.forward_fused(&q, &k)?,
-        Path::Composite => loss.forward_composite(&q, &k)?,
-    };
+    let out = path.run(&loss, &q, &k)?;
     assert_eq!(out.dims(), &[] as &[usize]);
     let grads = out.backward()?;
     let dq = grads.get(qv.as_tensor()).ok_or("no dq")?;
@@ -277,10 +300,7 @@ fn finite_differences(cfg: &CzNce, path: Path, b: usize, d: usize, t: f64) -> R<
         let c = cfg
             .clone()
             .with_learnable_log_scale(Tensor::new(&[ls], &Device::Cpu)?);
-        let out = match path {
-            Path::Fused => c.forward_fused(q, k)?,
-            Path::Composite => c.forward_composite(q, k)?,
-        };
+        let out = path.run(&c, q, k)?;
         assert_eq!(out.dtype(), DType::F64);
         scalar(&out)
     };
@@ -319,7 +339,13 @@ fn gradients_match_finite_differences_f64() -> R<()> {
             .with_symmetric(true),
     ];
     for cfg in &cfgs {
-        for path in [Path::Fused, Path::Composite] {
+        let paths = [
+            Path::Fused,
+            Path::Composite,
+            Path::FusedRows(1, 2),
+            Path::CompositeRows(1, 2),
+        ];
+        for path in paths {
             finite_differences(cfg, path, 4, 3, 0.3)?;
         }
     }
@@ -524,6 +550,96 @@ fn bad_inputs_give_typed_errors() -> R<()> {
 }
 
 /// B ≥ 512 takes the fused kernel's block-triangular Gram path for `q q^T` / `k k^T`.
+/// The fused band of rows against its composite twin, for every option, layout and dtype, on
+/// bands at the start, middle and end of the batch: values and the gradients of every row.
+#[test]
+fn fused_rows_match_composite_rows_f32_all_options() -> R<()> {
+    fused_rows_match_composite_rows(DType::F32, 1e-5, 1.0)
+}
+
+/// The same in f64 (both paths exact to ~1e-12).
+#[test]
+fn fused_rows_match_composite_rows_f64_all_options() -> R<()> {
+    fused_rows_match_composite_rows(DType::F64, 1e-10, 1e-3)
+}
+
+fn fused_rows_match_composite_rows(dtype: DType, rtol: f64, grad_floor: f64) -> R<()> {
+    let cases = [
+        (2usize, 3usize, (1usize, 1usize)),
+        (5, 4, (0, 2)),
+        (6, 16, (2, 3)),
+    ];
+    let mut n = 0;
+    for (ci, (name, cfg)) in all_configs().into_iter().enumerate() {
+        for (si, &(b, d, (start, len))) in cases.iter().enumerate() {
+            let seed = (ci * 10 + si) as u64;
+            let q = tensor(seed, b, d, dtype)?;
+            let k = ((&q * 0.5)? + tensor(seed + 1000, b, d, dtype)?)?;
+            let layout = (ci + si) as u8 % 3;
+            let learnable = (ci % 3 == 0).then_some(0.2);
+            let f = eval(&cfg, Path::FusedRows(start, len), &q, &k, layout, learnable)?;
+            let c = eval(
+                &cfg,
+                Path::CompositeRows(start, len),
+                &q,
+                &k,
+                layout,
+                learnable,
+            )?;
+            let what = format!("{name} B={b} D={d} rows {start}+{len} layout={layout}");
+            // Tolerances as in `fused_matches_composite`: the same arithmetic on fewer rows.
+            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], rtol, 1e-3);
+            assert_close(&format!("{what} dq"), &f.dq, &c.dq, rtol, grad_floor);
+            assert_close(&format!("{what} dk"), &f.dk, &c.dk, rtol, grad_floor);
+            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
+                assert_close(&format!("{what} dlog_scale"), &[a], &[b_], rtol, grad_floor);
+            }
+            assert_finite(&what, &f.dq);
+            n += 1;
+        }
+    }
+    assert!(n >= 96);
+    Ok(())
+}
+
+/// The band on the calling thread and on the rayon pool (`n·B·(D + 32)` below or above 2²³):
+/// both against the composite twin, every row's gradient.
+#[test]
+fn fused_rows_serial_and_pooled_match_composite_rows_f64() -> R<()> {
+    let configs = [
+        CzNce::new(),
+        CzNce::new()
+            .with_target_negatives(true)
+            .with_symmetric(true),
+        CzNce::info_nce().with_symmetric(true),
+    ];
+    for (b, d, start, len) in [(40, 64, 10, 20), (256, 288, 64, 160)] {
+        let q = tensor(120, b, d, DType::F64)?;
+        let k = ((&q * 0.5)? + tensor(121, b, d, DType::F64)?)?;
+        for (ci, cfg) in configs.iter().enumerate() {
+            let learnable = (ci != 1).then_some(0.1);
+            let layout = ci as u8 % 3;
+            let f = eval(cfg, Path::FusedRows(start, len), &q, &k, layout, learnable)?;
+            let c = eval(
+                cfg,
+                Path::CompositeRows(start, len),
+                &q,
+                &k,
+                layout,
+                learnable,
+            )?;
+            let what = format!("{cfg:?} B={b} D={d} rows {start}+{len}");
+            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], 1e-10, 1e-3);
+            assert_close(&format!("{what} dq"), &f.dq, &c.dq, 1e-9, 1e-6);
+            assert_close(&format!("{what} dk"), &f.dk, &c.dk, 1e-9, 1e-6);
+            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
+                assert_close(&format!("{what} dls"), &[a], &[b_], 1e-9, 1e-6);
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn large_batch_matches_composite_f64() -> R<()> {
     let (b, d) = (600, 3);
@@ -595,10 +711,7 @@ fn train_log_scale<O: candle_nn::optim::Optimizer>(
     let mut opt = make_opt(vec![q.clone(), k.clone(), theta.clone()])?;
     let mut trace = vec![];
     for _ in 0..steps {
-        let loss = match path {
-            Path::Fused => cfg.forward_fused(q.as_tensor(), k.as_tensor())?,
-            Path::Composite => cfg.forward_composite(q.as_tensor(), k.as_tensor())?,
-        };
+        let loss = path.run(&cfg, q.as_tensor(), k.as_tensor())?;
         opt.step(&loss.backward()?)?;
         let t = scalar(theta.as_tensor())?;
         trace.push(t);
@@ -785,11 +898,18 @@ fn cz_nce_rows_of_a_partition_add_up_to_the_whole_loss() -> R<()> {
         CzNce::info_nce(),
         CzNce::new().with_learnable_log_scale(theta.as_tensor().clone()),
     ];
-    for loss in losses {
+    let part = |fused: bool, l: &CzNce, rows: std::ops::Range<usize>| {
+        let path = match fused {
+            true => Path::FusedRows(rows.start, rows.len()),
+            false => Path::CompositeRows(rows.start, rows.len()),
+        };
+        path.run(l, q.as_tensor(), k.as_tensor())
+    };
+    for (loss, fused) in losses.iter().flat_map(|l| [(l, true), (l, false)]) {
         let whole = loss.forward_fused(q.as_tensor(), k.as_tensor())?;
         let parts = [0..3, 3..4, 4..7]
             .into_iter()
-            .map(|rows| loss.forward_rows(q.as_tensor(), k.as_tensor(), rows))
+            .map(|rows| part(fused, loss, rows))
             .collect::<Result<Vec<_>, _>>()?;
         let sum = parts
             .iter()
@@ -802,17 +922,14 @@ fn cz_nce_rows_of_a_partition_add_up_to_the_whole_loss() -> R<()> {
                 (None, None) => continue, // a fixed temperature: no θ in the graph
                 (a, b) => (to_f64(a.unwrap())?, to_f64(b.unwrap())?),
             };
-            let diff = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f64, f64::max);
-            assert!(diff < 1e-12, "{loss:?}: gradient differs by {diff}");
+            assert_close(&format!("{loss:?} gradient"), &a, &b, 1e-12, 1.0);
         }
     }
-    let bad = CzNce::new().forward_rows(q.as_tensor(), k.as_tensor(), 5..9);
-    assert!(matches!(bad, Err(Error::InvalidArgument(_))));
-    let empty = CzNce::new().forward_rows(q.as_tensor(), k.as_tensor(), 2..2);
-    assert!(matches!(empty, Err(Error::InvalidArgument(_))));
+    for fused in [true, false] {
+        let bad = part(fused, &CzNce::new(), 5..9);
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+        let empty = part(fused, &CzNce::new(), 2..2);
+        assert!(matches!(empty, Err(Error::InvalidArgument(_))));
+    }
     Ok(())
 }

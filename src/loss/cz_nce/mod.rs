@@ -351,7 +351,8 @@ impl CzNce {
     /// values and gradients. Each row still sees every other row as a negative, but only
     /// `[rows.len(), B]` blocks of logits are built, so a data-parallel rank that holds every
     /// rank's embeddings computes only its own rows (OpenCLIP's "local loss"). The gradient
-    /// reaches every row of `q` and `k`, not only `rows`. Composite ops, on any device.
+    /// reaches every row of `q` and `k`, not only `rows`. The fused op on CPU tensors (f32,
+    /// f16, bf16, f64), the composite path elsewhere.
     ///
     /// # Shapes
     ///
@@ -367,18 +368,27 @@ impl CzNce {
         k: &Tensor,
         rows: std::ops::Range<usize>,
     ) -> Result<Tensor> {
-        let scale = self.validate(q, k)?;
-        let b = q.dims()[0];
-        if rows.is_empty() || rows.end > b {
-            return Err(Error::InvalidArgument(format!(
-                "cz_nce: rows {rows:?} of a batch of {b}"
-            )));
+        if q.device().is_cpu() && Self::fused_supported(q) {
+            self.forward_rows_fused(q, k, rows)
+        } else {
+            self.forward_rows_composite(q, k, rows)
         }
+    }
+
+    /// [`CzNce::forward_rows`] with composite ops, on any device (the fused band's twin). Same
+    /// errors.
+    pub fn forward_rows_composite(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let scale = self.validate(q, k)?;
+        let part = check_rows(q, rows)?;
         let log_scale = match &self.temperature {
             Temperature::Fixed(_) => None,
             Temperature::LearnableLogScale(ls) => Some(ls),
         };
-        let part = (rows.start, rows.len());
         let spec = self.spec();
         Ok(composite::forward_rows(
             q,
@@ -387,6 +397,26 @@ impl CzNce {
             spec,
             (scale, log_scale),
         )?)
+    }
+
+    /// [`CzNce::forward_rows`] with the fused op (exact hand-written backward), CPU tensors
+    /// only. Same errors, plus [`Error::InvalidArgument`] for other inputs.
+    pub fn forward_rows_fused(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        let scale = self.validate(q, k)?;
+        let part = check_rows(q, rows)?;
+        if !(q.device().is_cpu() && Self::fused_supported(q)) {
+            return Err(Error::InvalidArgument(format!(
+                "cz_nce: the fused band of rows runs on the CPU (f32/f16/bf16/f64); got {:?} on {:?}",
+                q.dtype(),
+                q.device().location()
+            )));
+        }
+        self.apply_fused(q, k, scale, Some(part))
     }
 
     /// The fused op (exact hand-written backward). Same errors as [`CzNce::forward`], plus
@@ -400,30 +430,57 @@ impl CzNce {
                 q.device().location()
             )));
         }
+        self.apply_fused(q, k, scale, None)
+    }
+
+    /// Builds and applies the fused op, over the whole batch or the band `rows`.
+    fn apply_fused(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        scale: LogitScale,
+        rows: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
         let spec = self.spec();
+        let op = |tracks: bool| {
+            let op = CzNceOp::new(spec, scale, tracks, self.backward_mode);
+            match rows {
+                Some(r) => op.with_rows(r),
+                None => op,
+            }
+        };
         Ok(match &self.temperature {
             Temperature::Fixed(_) => {
                 let tracks = q.track_op() || k.track_op();
-                let op = CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
-                    q.apply_op2(k, op)?
+                    q.apply_op2(k, op(true))?
                 } else {
-                    q.apply_op2_no_bwd(k, &op)?
+                    q.apply_op2_no_bwd(k, &op(false))?
                 }
             }
             // `log_scale` is an argument so that autograd routes `∂L/∂θ` to it; its value is
             // already in `scale`.
             Temperature::LearnableLogScale(ls) => {
                 let tracks = q.track_op() || k.track_op() || ls.track_op();
-                let op = CzNceOp::new(spec, scale, tracks, self.backward_mode);
                 if tracks {
-                    q.apply_op3(k, ls, op)?
+                    q.apply_op3(k, ls, op(true))?
                 } else {
-                    q.apply_op3_no_bwd(k, ls, &op)?
+                    q.apply_op3_no_bwd(k, ls, &op(false))?
                 }
             }
         })
     }
+}
+
+/// Checks that `rows` is a non-empty range of `q`'s rows; returns `(start, len)`.
+fn check_rows(q: &Tensor, rows: std::ops::Range<usize>) -> Result<(usize, usize)> {
+    let b = q.dims()[0];
+    if rows.is_empty() || rows.end > b {
+        return Err(Error::InvalidArgument(format!(
+            "cz_nce: rows {rows:?} of a batch of {b}"
+        )));
+    }
+    Ok((rows.start, rows.len()))
 }
 
 /// Checks that `q` and `k` are non-empty float matrices of one shape, dtype and device.

@@ -54,7 +54,12 @@ const SERIAL_WORK: usize = 1 << 23;
 
 /// Whether a `b × d` problem runs on the calling thread (see [`SERIAL_WORK`]).
 pub(crate) fn runs_serial(b: usize, d: usize) -> bool {
-    b.saturating_mul(b).saturating_mul(d.saturating_add(32)) <= SERIAL_WORK
+    band_runs_serial(b, b, d)
+}
+
+/// Whether `rows` rows of a `b × d` problem run on the calling thread (see [`SERIAL_WORK`]).
+pub(super) fn band_runs_serial(rows: usize, b: usize, d: usize) -> bool {
+    rows.saturating_mul(b).saturating_mul(d.saturating_add(32)) <= SERIAL_WORK
         || rayon::current_num_threads() <= 1
 }
 
@@ -91,8 +96,8 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     s
 }
 
-struct Normed<T> {
-    hat: Vec<T>,
+pub(super) struct Normed<T> {
+    pub(super) hat: Vec<T>,
     /// `1 / max(‖x‖, ε)` per row (1 when not normalizing).
     inv: Vec<T>,
     /// Whether `‖x‖ > ε` (the projection term of the Jacobian applies).
@@ -101,7 +106,13 @@ struct Normed<T> {
 
 /// Row norms and `x̂`. Every row of `x̂` is written once, so it is allocated without the
 /// zero-fill (a `B × D` write, comparable to the pass itself at small batch).
-fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool, par: bool) -> Normed<T> {
+pub(super) fn normalize<T: Real>(
+    x: &[T],
+    b: usize,
+    d: usize,
+    normalize: bool,
+    par: bool,
+) -> Normed<T> {
     if !normalize {
         return Normed {
             hat: x.to_vec(),
@@ -140,7 +151,7 @@ fn normalize<T: Real>(x: &[T], b: usize, d: usize, normalize: bool, par: bool) -
 
 /// `dst (m × n, row-major) = [dst +] beta · lhs · rhs` ([`gemm`]), spread over rayon's pool
 /// when `par`.
-fn gemm_into<T: Real>(
+pub(super) fn gemm_into<T: Real>(
     dst: &mut [T],
     lhs: View<'_, T>,
     rhs: View<'_, T>,
@@ -239,13 +250,15 @@ fn scale_row<T: Real>(x: &mut [T], c: T) -> T {
     s
 }
 
-/// One direction's row-wise pass, **in place**: `blocks[0]` is the cross block (positive on its
-/// diagonal), the others are same-batch blocks whose diagonal is masked; all hold unscaled
-/// similarities. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)`. With `want_grad`, every block is overwritten
-/// with its part of `G`; without, with the unnormalized exponentials.
-fn direction_pass<T: Real>(
+/// One direction's row-wise pass, **in place**, over rows `r0..` of the batch: each block holds
+/// those rows (`[n, b]`, row-major) of a `[b, b]` similarity matrix, unscaled; `blocks[0]` is the
+/// cross block (row `i`'s positive in column `r0 + i`), the others are same-batch blocks whose
+/// entry in that column is masked. Returns `(Σ_i w/B·ℓ_i, Σ G⊙X)` over the rows. With
+/// `want_grad`, every block is overwritten with its part of `G`; without, with the unnormalized
+/// exponentials.
+pub(super) fn direction_pass<T: Real>(
     blocks: &mut [Vec<T>],
-    b: usize,
+    (b, r0): (usize, usize),
     scale: T,
     include_positive: bool,
     weight: T,
@@ -254,6 +267,7 @@ fn direction_pass<T: Real>(
     let nb = blocks.len();
     let wb = weight / T::lit(b as f64);
     let row_fn = |i: usize, mut r: Vec<&mut [T]>| -> (T, T) {
+        let i = r0 + i;
         let pos = r[0][i] * scale;
         for (blk, row) in r.iter_mut().enumerate() {
             if blk > 0 || !include_positive {
@@ -288,7 +302,8 @@ fn direction_pass<T: Real>(
         (row_loss, gx)
     };
     // Hand row i of every block to task i.
-    let mut rows: Vec<Vec<&mut [T]>> = (0..b).map(|_| Vec::with_capacity(nb)).collect();
+    let n = blocks[0].len() / b;
+    let mut rows: Vec<Vec<&mut [T]>> = (0..n).map(|_| Vec::with_capacity(nb)).collect();
     for blk in blocks.iter_mut() {
         for (i, r) in blk.chunks_mut(b).enumerate() {
             rows[i].push(r);
@@ -424,7 +439,7 @@ impl<T: Real> Accumulators<T> {
         let (b, positive, par) = (self.b, self.spec.include_positive, self.par);
         let (l, gx) = direction_pass(
             &mut mats,
-            b,
+            (b, 0),
             self.scale,
             positive,
             self.weight,
@@ -471,7 +486,7 @@ impl<T: Real> Accumulators<T> {
 }
 
 /// `slot += v`, or `slot = v` when empty.
-fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>, par: bool) {
+pub(super) fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>, par: bool) {
     match slot {
         Some(dst) if par => dst
             .par_iter_mut()
@@ -526,7 +541,7 @@ fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize, par: bool) {
 }
 
 /// In place: `dx_i = (dx̂_i − x̂_i ⟨x̂_i, dx̂_i⟩) · inv_i` (projection only for active rows).
-fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize, par: bool) {
+pub(super) fn norm_backward<T: Real>(dx: &mut [T], n: &Normed<T>, d: usize, par: bool) {
     let row = |(i, g): (usize, &mut [T])| {
         let h = &n.hat[i * d..(i + 1) * d];
         let r = n.inv[i];
@@ -640,6 +655,11 @@ mod tests {
         if rayon::current_num_threads() > 1 {
             assert!(!runs_serial(160, 320));
             assert!(!runs_serial(256, 768));
+        }
+        // `fused_rows_serial_and_pooled_match_composite_rows_f64`'s bands.
+        assert!(band_runs_serial(20, 40, 64));
+        if rayon::current_num_threads() > 1 {
+            assert!(!band_runs_serial(160, 256, 288));
         }
     }
 

@@ -27,8 +27,8 @@
 //! gradient; `∂L/∂θ` is zero while the scale is clamped (like `torch.clamp`); and the gradients
 //! are cast to the inputs' dtypes, f16 saturating instead of overflowing ([`cast_grad`]).
 
-use super::cpu;
 use super::spec::{BackwardMode, LogitScale, Spec};
+use super::{cpu, rows};
 use crate::ops::num::Real;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
@@ -51,6 +51,9 @@ pub(crate) struct CzNceOp {
     /// Whether the forward computes the gradients too: the inputs track gradients and the mode
     /// is [`BackwardMode::GradInForward`].
     grad_in_forward: bool,
+    /// `(first row, number of rows)`: the op computes only that band's part of the loss
+    /// ([`super::rows`]); `None` for the whole batch.
+    rows: Option<(usize, usize)>,
     saved: Mutex<Option<UnitGrads>>,
 }
 
@@ -61,8 +64,16 @@ impl CzNceOp {
             spec,
             scale,
             grad_in_forward: tracks && mode == BackwardMode::GradInForward,
+            rows: None,
             saved: Mutex::new(None),
         }
+    }
+
+    /// The op over rows `start..start + len` of the batch only (their part of the loss,
+    /// divided by the whole batch's size). CPU only: the CUDA kernel takes whole batches.
+    pub(crate) fn with_rows(mut self, (start, len): (usize, usize)) -> Self {
+        self.rows = Some((start, len));
+        self
     }
 
     /// Whether the forward should compute the gradients as well as the loss.
@@ -251,7 +262,11 @@ fn on_cpu(
         (b, d): (usize, usize),
         want_grad: bool,
     ) -> candle_core::Result<(T, Option<UnitGrads>)> {
-        let out = cpu::cz_nce(q, k, b, d, T::lit(op.scale.value), op.spec, want_grad);
+        let scale = T::lit(op.scale.value);
+        let out = match op.rows {
+            None => cpu::cz_nce(q, k, b, d, scale, op.spec, want_grad),
+            Some(rows) => rows::cz_nce_rows((q, k), (b, d), rows, scale, op.spec, want_grad),
+        };
         let grads = match out.grads {
             None => None,
             Some(g) => Some(UnitGrads {
@@ -338,6 +353,9 @@ fn on_cuda(
     k: (&candle_core::CudaStorage, &Layout),
     want_grad: bool,
 ) -> candle_core::Result<(candle_core::CudaStorage, Option<UnitGrads>)> {
+    if op.rows.is_some() {
+        candle_core::bail!("cz_nce: the CUDA kernel takes whole batches, not bands of rows");
+    }
     let (b, d) = q.1.shape().dims2()?;
     let (loss, packed) =
         crate::ops::cuda::cz_nce::cz_nce(q, k, op.scale.value as f32, op.spec, want_grad)?;
