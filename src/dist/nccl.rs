@@ -14,7 +14,7 @@ use candle_core::cuda::cudarc::nccl::{result as nccl, sys, NcclType};
 use candle_core::cuda::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::watchdog::{collective_timeout, Communicator, PendingWork, Watchdog};
+use super::watchdog::{collective_timeout, within, Communicator, PendingWork, Watchdog};
 use super::{rendezvous, Collective, DistEnv};
 use crate::{Error, Result};
 
@@ -79,6 +79,10 @@ struct RawComm {
     comm: sys::ncclComm_t,
     aborted: AtomicBool,
 }
+
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; it is created
+// on a helper thread (see `NcclCollective::new`) and then only used by its owner.
+unsafe impl Send for RawComm {}
 
 impl RawComm {
     fn init(rank: usize, world: usize, id: sys::ncclUniqueId) -> Result<Self> {
@@ -167,7 +171,8 @@ impl NcclCollective {
     ///
     /// [`Error::InvalidArgument`] when `device` is not a CUDA device or the timeout variable is
     /// not a number of seconds; the rendezvous' errors; [`Error::Distributed`] when NCCL fails
-    /// to create the communicator.
+    /// to create the communicator, or has not created it within the collective timeout (a rank
+    /// that died after the rendezvous).
     pub fn new(device: &Device, env: &DistEnv, timeout: Duration) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
             return Err(Error::InvalidArgument(format!(
@@ -192,12 +197,22 @@ impl NcclCollective {
                 ))
             })?;
         let stream = cuda.cuda_stream();
-        // NCCL creates the communicator on the thread's current device.
-        stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| Error::Distributed(format!("binding the CUDA device: {e:?}")))?;
-        let comm = RawComm::init(env.rank, env.world_size, sys::ncclUniqueId { internal })?;
+        let context = stream.context().clone();
+        let (rank, world) = (env.rank, env.world_size);
+        // Creating the communicator blocks until every rank has joined, with no timeout of
+        // its own: a rank that died after the rendezvous would hold the others forever.
+        let comm = within(
+            rank,
+            collective_timeout,
+            "creating the NCCL communicator",
+            move || {
+                // NCCL creates the communicator on the thread's current device.
+                context
+                    .bind_to_thread()
+                    .map_err(|e| Error::Distributed(format!("binding the CUDA device: {e:?}")))?;
+                RawComm::init(rank, world, sys::ncclUniqueId { internal })
+            },
+        )?;
         Ok(Self {
             comm,
             stream,

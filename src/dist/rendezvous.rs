@@ -35,8 +35,9 @@ pub struct DistEnv {
     /// A name that every rank of this launch shares and no one else knows: rank 0 hands the
     /// rendezvous blob (the NCCL id) only to peers that present it. [`super::launch_local_ranks`]
     /// draws a random one per launch; under torchrun, `--rdzv-id` (`TORCHELASTIC_RUN_ID`) or
-    /// `MLCTL_JOB_ID` set to a secret on every node. Empty: any peer that speaks the protocol
-    /// is let in.
+    /// `MLCTL_JOB_ID` set to a secret on every node. Empty, or torchrun's default `none`:
+    /// [`rendezvous`] refuses to start unless `master_addr` is a loopback address (where only
+    /// this machine's processes can connect).
     pub job_id: String,
 }
 
@@ -210,12 +211,33 @@ pub fn rendezvous(
     make_blob: impl FnOnce() -> Result<Vec<u8>>,
 ) -> Result<Vec<u8>> {
     env.validate()?;
+    check_job_id(env)?;
     let deadline = Instant::now() + timeout;
     if env.rank == 0 {
         serve(env, deadline, make_blob)
     } else {
         join(env, deadline)
     }
+}
+
+/// Refuses a rendezvous that other machines can reach without a job id that is not public:
+/// rank 0 would hand the NCCL id to any peer that speaks the protocol.
+fn check_job_id(env: &DistEnv) -> Result<()> {
+    let id = env.job_id.trim();
+    let loopback = env.master_addr == "localhost"
+        || env
+            .master_addr
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if env.world_size == 1 || loopback || !(id.is_empty() || id == "none") {
+        return Ok(());
+    }
+    Err(Error::Distributed(format!(
+        "MASTER_ADDR={} can be reached from other machines, and the job's id is {id:?} \
+         (MLCTL_JOB_ID, else TORCHELASTIC_RUN_ID, whose torchrun default is \"none\"), which \
+         anyone can present: set MLCTL_JOB_ID to the same secret on every node",
+        env.master_addr
+    )))
 }
 
 fn serve(

@@ -197,6 +197,38 @@ pub fn collective_timeout_from(lookup: impl Fn(&str) -> Option<String>) -> Resul
     parse_seconds(COLLECTIVE_TIMEOUT_VAR, &value)
 }
 
+/// Runs `f` on a thread of its own and waits for it at most `timeout`: a blocking call with no
+/// timeout of its own (NCCL's communicator creation, which waits for every rank) is bounded
+/// this way. On timeout the thread is left behind, still blocked (nothing can cancel it), and
+/// the caller gets the error; the process is expected to exit with it.
+///
+/// # Errors
+///
+/// `f`'s error; [`Error::Distributed`] naming the rank, `what` and the timeout when `f` has
+/// not returned in time, or when it panicked.
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))] // NCCL's communicator is its one user
+pub(crate) fn within<T: Send + 'static>(
+    rank: usize,
+    timeout: Duration,
+    what: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    match result.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Distributed(format!(
+            "rank {rank}: {what} did not finish within {timeout:?} ({COLLECTIVE_TIMEOUT_VAR} \
+             sets the limit): another rank hung, died or never started"
+        ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err(Error::Distributed(format!("rank {rank}: {what} panicked")))
+        }
+    }
+}
+
 /// [`collective_timeout_from`] the process's environment.
 ///
 /// # Errors
@@ -219,4 +251,45 @@ pub(crate) fn parse_seconds(name: &str, value: &str) -> Result<Duration> {
                 "{name}={value:?}: expected a positive number of seconds"
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that returns in time gives its result; one that blocks past the timeout gives a
+    /// typed error in about the timeout, not when it returns.
+    #[test]
+    fn within_bounds_a_blocking_call() {
+        let quick = within(1, Duration::from_secs(5), "a quick call", || Ok(7));
+        assert_eq!(quick.unwrap(), 7);
+        let failing = within(
+            1,
+            Duration::from_secs(5),
+            "a failing call",
+            || -> Result<()> { Err(Error::InvalidArgument("no".into())) },
+        );
+        assert!(matches!(failing, Err(Error::InvalidArgument(_))));
+        let start = Instant::now();
+        let blocked = within(
+            2,
+            Duration::from_millis(200),
+            "creating the communicator",
+            || {
+                std::thread::sleep(Duration::from_secs(30));
+                Ok(())
+            },
+        );
+        let took = start.elapsed();
+        let err = blocked.unwrap_err().to_string();
+        assert!(
+            err.contains("rank 2") && err.contains("creating the communicator"),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        let panicked = within(3, Duration::from_secs(5), "a call", || -> Result<()> {
+            panic!("inside")
+        });
+        assert!(panicked.unwrap_err().to_string().contains("panicked"));
+    }
 }

@@ -776,28 +776,63 @@ impl Trainer {
     /// checksums, if there is one; returns its step. A newer checkpoint that was damaged
     /// (truncated or changed files) is skipped with a warning
     /// ([`super::latest_verified_checkpoint`]). `metrics.jsonl` is cut back to that step.
+    ///
+    /// In a data-parallel run every rank calls it: the ranks agree on the checkpoint (its step
+    /// and a hash of its checksums) before loading, and on every rank's load having worked
+    /// after. Any difference or failure stops every rank with an error (a rank that failed
+    /// reports its own); none trains on alone.
+    ///
+    /// # Errors
+    ///
+    /// The checkpoint's I/O, format and checksum errors; [`Error::Distributed`] when the
+    /// ranks disagree or another rank failed.
     pub fn resume(&mut self) -> Result<Option<u64>> {
         let found = latest_verified_checkpoint(&self.checkpoint_root());
         if let Some(dp) = &self.data_parallel {
             // Every rank must resume from the same step: one that sees no checkpoint (a
             // node-local run directory) would train other weights with the same collectives.
             // The ranks refuse together; the run directory must be shared (or hold the same
-            // checkpoints on every node).
-            let (step, contents) = match &found {
-                Ok(Some((step, dir))) => (*step, checkpoint_fingerprint(dir)?),
-                Ok(None) => (0, 0),
-                Err(_) => (u64::MAX, 0),
+            // checkpoints on every node). A rank that cannot read its checkpoints still joins
+            // the agreement, which its peers are waiting in, and then reports its own error.
+            let fingerprint = match &found {
+                Ok(Some((step, dir))) => checkpoint_fingerprint(dir).map(|c| (*step, c)),
+                Ok(None) => Ok((0, 0)),
+                Err(_) => Ok((u64::MAX, 0)),
             };
+            let (step, contents) = *fingerprint.as_ref().unwrap_or(&(u64::MAX, 0));
             // Same step is not enough: a node-local directory may hold another run's checkpoint.
             let fields = [
                 ("checkpoint to resume from (its step; 0: none found)", step),
                 ("checkpoint contents (a hash of its checksums)", contents),
             ];
-            agree(dp.collective.as_ref(), &self.device, &fields)?;
+            let agreed = agree(dp.collective.as_ref(), &self.device, &fields);
+            if found.is_err() {
+                return found.map(|_| None);
+            }
+            fingerprint?;
+            agreed?;
         }
         let Some((_, dir)) = found? else {
             return Ok(None);
         };
+        let loaded = self.load_checkpoint(&dir);
+        if let Some(dp) = &self.data_parallel {
+            // A rank that failed to load leaves the run; its peers must not train on alone.
+            let fields = [(
+                "checkpoint loaded (1: yes, 0: failed)",
+                loaded.is_ok() as u64,
+            )];
+            let agreed = agree(dp.collective.as_ref(), &self.device, &fields);
+            let step = loaded?;
+            agreed?;
+            return Ok(Some(step));
+        }
+        loaded.map(Some)
+    }
+
+    /// Loads the checkpoint `dir` (already verified) into the model, optimizer, loader and
+    /// counters; returns its step.
+    fn load_checkpoint(&mut self, dir: &Path) -> Result<u64> {
         let state_path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&state_path).map_err(Error::io(&state_path))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|source| Error::Json {
@@ -805,7 +840,7 @@ impl Trainer {
             source,
         })?;
 
-        let mut tensors: HashMap<String, candle_core::Tensor> = read_checkpoint_dir(&dir)?.tensors;
+        let mut tensors: HashMap<String, candle_core::Tensor> = read_checkpoint_dir(dir)?.tensors;
         let head_path = dir.join(HEAD_WEIGHTS_FILE);
         let head = candle_core::safetensors::load(&head_path, &Device::Cpu).map_err(|e| {
             Error::Checkpoint {
@@ -850,7 +885,7 @@ impl Trainer {
         if self.writes() {
             self.truncate_metrics(state.step)?;
         }
-        Ok(Some(state.step))
+        Ok(state.step)
     }
 
     fn truncate_metrics(&self, step: u64) -> Result<()> {

@@ -523,6 +523,27 @@ fn data_parallel_env_parsing() {
     })
     .unwrap();
     assert_eq!(back.as_ref(), Some(&env));
+    // Reachable from other machines without a job id of its own: refused before connecting.
+    for id in ["", "none"] {
+        let open = DistEnv {
+            job_id: id.into(),
+            ..env.clone()
+        };
+        let err = rendezvous(&open, Duration::from_secs(1), || Ok(vec![1])).unwrap_err();
+        assert!(err.to_string().contains("MLCTL_JOB_ID"), "{err}");
+    }
+    // On the loopback address only this machine's processes can join: no id needed (rank 0
+    // then waits for rank 1 until the timeout).
+    let local = DistEnv {
+        rank: 0,
+        world_size: 2,
+        local_rank: 0,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+        job_id: String::new(),
+    };
+    let err = rendezvous(&local, Duration::from_millis(300), || Ok(vec![1])).unwrap_err();
+    assert!(err.to_string().contains("timed out"), "{err}");
 
     let bad: [(&[(&str, &str)], &str); 4] = [
         (
@@ -1597,10 +1618,10 @@ fn data_parallel_a_hung_or_dead_rank_fails_every_rank_in_bounded_time() {
     }
 }
 
-/// Ranks started with different seeds, or training different parameters, are refused on
-/// every rank before anything else crosses, naming the field.
+/// Ranks started with different seeds, training different parameters or with another training
+/// configuration are refused on every rank before anything else crosses, naming the field.
 #[test]
-fn data_parallel_ranks_that_differ_in_seed_or_parameters_are_refused_everywhere() {
+fn data_parallel_ranks_that_differ_in_seed_parameters_or_configuration_are_refused_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = train_corpus(dir.path());
     let root = dir.path().to_path_buf();
@@ -1616,6 +1637,13 @@ fn data_parallel_ranks_that_differ_in_seed_or_parameters_are_refused_everywhere(
             "trained parameters",
             TrainConfig {
                 freeze_embeddings: true,
+                ..dp_config(2, 1, None)
+            },
+        ),
+        (
+            "training configuration",
+            TrainConfig {
+                max_grad_norm: Some(2.0),
                 ..dp_config(2, 1, None)
             },
         ),
@@ -1640,6 +1668,98 @@ fn data_parallel_ranks_that_differ_in_seed_or_parameters_are_refused_everywhere(
             );
         }
     }
+}
+
+/// Ranks whose loaders would draw other batches (here: rank 1's loader seeded differently)
+/// are refused on every rank: their shards would not make up one global batch.
+#[test]
+fn data_parallel_ranks_that_differ_in_data_order_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let root = dir.path().to_path_buf();
+    let errors = run_ranks(2, move |c| {
+        let loader = common::tsv_loader(&data, 4, 16, 3 + c.rank() as u64);
+        let model = common::tiny_model(5);
+        let config = dp_config(2, 1, None);
+        Trainer::new(
+            model,
+            MultiLevelLoss::mlctl(),
+            loader,
+            config,
+            &root.join("run"),
+        )
+        .unwrap()
+        .with_collective(Box::new(c))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    });
+    for (rank, err) in errors.iter().enumerate() {
+        assert!(
+            err.contains("data order") && err.contains("rank 1"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
+/// The agreed checkpoint fails to load on rank 1 only (copies without checksums, as written
+/// before checksums existed, rank 1's optimizer file truncated): every rank stops, rank 1 with
+/// its own error, rank 0 instead of training on alone.
+#[test]
+fn data_parallel_resume_that_fails_to_load_on_one_rank_is_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    for rank in 0..2 {
+        // The same seed and data: the same checkpoint on both "nodes".
+        let run = dir.path().join(format!("run-{rank}"));
+        let mut single = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5);
+        single.train_step().unwrap();
+        let checkpoint = single.save_checkpoint().unwrap();
+        std::fs::remove_file(checkpoint.join("checksums.json")).unwrap();
+        if rank == 1 {
+            let optimizer = checkpoint.join("optimizer.safetensors");
+            let bytes = std::fs::read(&optimizer).unwrap();
+            std::fs::write(&optimizer, &bytes[..bytes.len() / 2]).unwrap();
+        }
+    }
+    let root = dir.path().to_path_buf();
+    let errors = run_ranks(2, move |c| {
+        let run = root.join(format!("run-{}", c.rank()));
+        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
+            .with_collective(Box::new(c))
+            .unwrap();
+        trainer.resume().unwrap_err().to_string()
+    });
+    assert!(errors[1].contains("optimizer.safetensors"), "{}", errors[1]);
+    assert!(
+        errors[0].contains("checkpoint loaded") && errors[0].contains("rank 1 has 0"),
+        "{}",
+        errors[0]
+    );
+}
+
+/// A shared run directory whose newest checkpoint is damaged: every rank skips it alike and
+/// resumes from the older, whole one.
+#[test]
+fn data_parallel_ranks_skip_a_damaged_newest_checkpoint_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = train_corpus(dir.path());
+    let run = dir.path().join("run");
+    let mut single = dp_trainer(&run, &data, 4, dp_config(3, 1, None), 5);
+    single.train_step().unwrap();
+    single.save_checkpoint().unwrap();
+    single.train_step().unwrap();
+    let newest = single.save_checkpoint().unwrap();
+    let model = newest.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() - 100]).unwrap();
+    let steps = run_ranks(2, move |c| {
+        let mut trainer = dp_trainer(&run, &data, 4, dp_config(3, 1, None), 5)
+            .with_collective(Box::new(c))
+            .unwrap();
+        trainer.resume().unwrap()
+    });
+    assert_eq!(steps, vec![Some(1), Some(1)]);
 }
 
 /// A resume where rank 1 sees no checkpoint (a node-local run directory) is refused on every

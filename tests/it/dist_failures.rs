@@ -516,6 +516,53 @@ fn dist_failures_a_dead_rank_stops_the_launch() {
     assert_all_gone(&rank_pids(dir.path(), 3));
 }
 
+/// A rank that dies mid-step, with no launcher to stop the others (as under a scheduler that
+/// starts each rank on its own): every other rank's collective fails with a typed timeout
+/// within its 2 s limit, and each exits with a failure.
+#[test]
+fn dist_failures_a_dead_rank_fails_its_peers_in_time_without_a_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut ranks: Vec<_> = (0..3)
+        .map(|rank| {
+            let env = DistEnv {
+                rank,
+                world_size: 3,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: 29400,
+                job_id: "file-test".into(),
+            };
+            Command::new(&exe)
+                .args(worker_args("dist_failures_rank_worker"))
+                .envs(env.to_vars())
+                .env(MODE, "die:1")
+                .env(DIR, dir.path())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Generous beside the 2 s collective timeout: the ranks start on a possibly busy machine.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ranks.iter_mut().any(|r| r.try_wait().unwrap().is_none()) {
+        if Instant::now() > deadline {
+            ranks.iter_mut().for_each(|r| drop(r.kill()));
+            panic!("the other ranks did not fail in time after rank 1 died");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let codes: Vec<_> = ranks.iter_mut().map(|r| r.wait().unwrap().code()).collect();
+    assert_eq!(codes, [Some(1), Some(3), Some(1)]);
+    for rank in [0, 2] {
+        let result = read(&dir.path().join(format!("result.r{rank}")));
+        assert!(
+            result.contains("Distributed") && result.contains("timed out") && result.contains("#3"),
+            "rank {rank}: {result}"
+        );
+    }
+    assert_all_gone(&rank_pids(dir.path(), 3));
+}
+
 /// Ranks that all hang (no collective to time out) are stopped by the launch's own limit.
 #[test]
 fn dist_failures_the_launch_timeout_stops_every_rank() {
