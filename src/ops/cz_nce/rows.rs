@@ -67,21 +67,6 @@ pub(crate) fn cz_nce_rows<T: Real>(
         n,
         par,
     };
-    let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-    let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
-    let mut s_in = need_in.then(|| band.gram(IN));
-    let mut s_kk = need_kk.then(|| band.gram(KK));
-    // As in the whole-batch kernel: the row pass overwrites its blocks, so a block both
-    // directions read is copied for the first.
-    let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
-    let take = |slot: &mut Option<Vec<T>>| -> Vec<T> {
-        let v = slot.as_ref().expect("block computed");
-        if both_sides {
-            v.clone()
-        } else {
-            slot.take().expect("block computed")
-        }
-    };
     let mut acc = BandGrads {
         b,
         r0,
@@ -94,27 +79,7 @@ pub(crate) fn cz_nce_rows<T: Real>(
         dlog_scale: T::ZERO,
         g: [None, None, None, None],
     };
-    // Direction q→k: [S_out | S_in | S_kk].
-    let mut blocks = vec![(OUT, band.gram(OUT))];
-    if spec.anchor_negatives {
-        blocks.push((IN, take(&mut s_in)));
-    }
-    if spec.target_negatives {
-        blocks.push((KK, take(&mut s_kk)));
-    }
-    acc.direction(blocks);
-    // Direction k→q: [S_kq | S_kk | S_in].
-    if spec.symmetric {
-        let mut blocks = vec![(KQ, band.gram(KQ))];
-        if spec.anchor_negatives {
-            blocks.push((KK, s_kk.take().expect("s_kk")));
-        }
-        if spec.target_negatives {
-            blocks.push((IN, s_in.take().expect("s_in")));
-        }
-        acc.direction(blocks);
-    }
-    drop((s_in, s_kk));
+    band.directions(spec, &mut acc);
     let loss = acc.loss;
     let grads = want_grad.then(|| band.input_grads(acc, scale));
     Output { loss, grads }
@@ -132,6 +97,46 @@ struct Band<'a, T> {
 }
 
 impl<T: Real> Band<'_, T> {
+    /// Both directions' row passes (q→k, then k→q when symmetric), added into `acc`.
+    fn directions(&self, spec: Spec, acc: &mut BandGrads<T>) {
+        let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
+        let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
+        let mut s_in = need_in.then(|| self.gram(IN));
+        let mut s_kk = need_kk.then(|| self.gram(KK));
+        // As in the whole-batch kernel: the row pass overwrites its blocks, so a block both
+        // directions read is copied for the first.
+        let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
+        let take = |slot: &mut Option<Vec<T>>| -> Vec<T> {
+            let v = slot.as_ref().expect("block computed");
+            if both_sides {
+                v.clone()
+            } else {
+                slot.take().expect("block computed")
+            }
+        };
+        // Direction q→k: [S_out | S_in | S_kk].
+        let mut blocks = vec![(OUT, self.gram(OUT))];
+        if spec.anchor_negatives {
+            blocks.push((IN, take(&mut s_in)));
+        }
+        if spec.target_negatives {
+            blocks.push((KK, take(&mut s_kk)));
+        }
+        acc.direction(blocks);
+        // Direction k→q: [S_kq | S_kk | S_in].
+        if spec.symmetric {
+            let mut blocks = vec![(KQ, self.gram(KQ))];
+            if spec.anchor_negatives {
+                blocks.push((KK, s_kk.take().expect("s_kk")));
+            }
+            if spec.target_negatives {
+                blocks.push((IN, s_in.take().expect("s_in")));
+            }
+            acc.direction(blocks);
+        }
+        drop((s_in, s_kk));
+    }
+
     /// All `b` rows of `x̂` for one side.
     fn full(&self, side: Side) -> &[T] {
         match side {
