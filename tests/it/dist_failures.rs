@@ -516,42 +516,65 @@ fn dist_failures_a_dead_rank_stops_the_launch() {
     assert_all_gone(&rank_pids(dir.path(), 3));
 }
 
+/// Starts `world` processes of the ignored test `worker` as the ranks of a job on 127.0.0.1
+/// (`port`, job id), each told the failure `mode` and the shared `dir`, without a launcher.
+fn start_ranks(
+    worker: &str,
+    world: usize,
+    (port, job): (u16, &str),
+    mode: &str,
+    dir: &Path,
+) -> Vec<std::process::Child> {
+    let exe = std::env::current_exe().unwrap();
+    (0..world)
+        .map(|rank| {
+            let env = DistEnv {
+                rank,
+                world_size: world,
+                local_rank: rank,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+                job_id: job.into(),
+            };
+            Command::new(&exe)
+                .args(worker_args(worker))
+                .envs(env.to_vars())
+                .env(MODE, mode)
+                .env(DIR, dir)
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The exit codes of `ranks` once all have exited; kills them and fails the test naming
+/// `who` if they have not within `limit`.
+fn exit_codes(mut ranks: Vec<std::process::Child>, limit: Duration, who: &str) -> Vec<Option<i32>> {
+    let deadline = Instant::now() + limit;
+    while ranks.iter_mut().any(|r| r.try_wait().unwrap().is_none()) {
+        if Instant::now() > deadline {
+            ranks.iter_mut().for_each(|r| drop(r.kill()));
+            panic!("{who} did not fail in time");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    ranks.iter_mut().map(|r| r.wait().unwrap().code()).collect()
+}
+
 /// A rank that dies mid-step, with no launcher to stop the others (as under a scheduler that
 /// starts each rank on its own): every other rank's collective fails with a typed timeout
 /// within its 2 s limit, and each exits with a failure.
 #[test]
 fn dist_failures_a_dead_rank_fails_its_peers_in_time_without_a_launcher() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut ranks: Vec<_> = (0..3)
-        .map(|rank| {
-            let env = DistEnv {
-                rank,
-                world_size: 3,
-                local_rank: rank,
-                master_addr: "127.0.0.1".into(),
-                master_port: 29400,
-                job_id: "file-test".into(),
-            };
-            Command::new(&exe)
-                .args(worker_args("dist_failures_rank_worker"))
-                .envs(env.to_vars())
-                .env(MODE, "die:1")
-                .env(DIR, dir.path())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let worker = "dist_failures_rank_worker";
+    let ranks = start_ranks(worker, 3, (29400, "file-test"), "die:1", dir.path());
     // Generous beside the 2 s collective timeout: the ranks start on a possibly busy machine.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ranks.iter_mut().any(|r| r.try_wait().unwrap().is_none()) {
-        if Instant::now() > deadline {
-            ranks.iter_mut().for_each(|r| drop(r.kill()));
-            panic!("the other ranks did not fail in time after rank 1 died");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let codes: Vec<_> = ranks.iter_mut().map(|r| r.wait().unwrap().code()).collect();
+    let codes = exit_codes(
+        ranks,
+        Duration::from_secs(60),
+        "the ranks after rank 1 died",
+    );
     assert_eq!(codes, [Some(1), Some(3), Some(1)]);
     for rank in [0, 2] {
         let result = read(&dir.path().join(format!("result.r{rank}")));
@@ -761,34 +784,15 @@ fn dist_failures_nccl_a_hung_or_dead_peer() {
         .local_addr()
         .unwrap()
         .port();
-    let mut ranks: Vec<_> = (0..2)
-        .map(|rank| {
-            let env = DistEnv {
-                rank,
-                world_size: 2,
-                local_rank: rank,
-                master_addr: "127.0.0.1".into(),
-                master_port: port,
-                job_id: format!("nccl-test-{port}"),
-            };
-            Command::new(&exe)
-                .args(worker_args("dist_failures_nccl_worker"))
-                .envs(env.to_vars())
-                .env(MODE, "die:1")
-                .env(DIR, dir.path())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while ranks.iter_mut().any(|r| r.try_wait().unwrap().is_none()) {
-        if Instant::now() > deadline {
-            ranks.iter_mut().for_each(|r| drop(r.kill()));
-            panic!("rank 0 did not fail in time after rank 1 died");
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    let codes: Vec<_> = ranks.iter_mut().map(|r| r.wait().unwrap().code()).collect();
+    let job = format!("nccl-test-{port}");
+    let ranks = start_ranks(
+        "dist_failures_nccl_worker",
+        2,
+        (port, &job),
+        "die:1",
+        dir.path(),
+    );
+    let codes = exit_codes(ranks, Duration::from_secs(180), "rank 0 after rank 1 died");
     assert_eq!(codes, [Some(1), Some(3)]);
     let result = read(&dir.path().join("result.r0"));
     assert!(result.contains("Distributed"), "{result}");

@@ -110,12 +110,10 @@ pub(crate) fn forward_rows(
         }
     };
     let (q_rows, k_rows) = (qh.narrow(0, rows.0, rows.1)?, kh.narrow(0, rows.0, rows.1)?);
-    let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-    let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
     let gram = |a: &Tensor, b: &Tensor| apply_scale(a.matmul(&b.t()?)?);
     let s_out = gram(&q_rows, &kh)?;
-    let s_in = need_in.then(|| gram(&q_rows, &qh)).transpose()?;
-    let s_kk = need_kk.then(|| gram(&k_rows, &kh)).transpose()?;
+    let s_in = spec.needs_in().then(|| gram(&q_rows, &qh)).transpose()?;
+    let s_kk = spec.needs_kk().then(|| gram(&k_rows, &kh)).transpose()?;
     let pick = |x: &Option<Tensor>| x.clone().expect("block computed");
 
     let mut blocks = vec![s_out];

@@ -273,6 +273,14 @@ impl CzNce {
         self.symmetric
     }
 
+    /// The learnable log-scale `θ`, `None` for a fixed temperature.
+    fn log_scale(&self) -> Option<&Tensor> {
+        match &self.temperature {
+            Temperature::Fixed(_) => None,
+            Temperature::LearnableLogScale(ls) => Some(ls),
+        }
+    }
+
     fn spec(&self) -> Spec {
         Spec {
             include_positive: self.include_positive,
@@ -339,11 +347,13 @@ impl CzNce {
     /// autograd. Same errors as [`CzNce::forward`].
     pub fn forward_composite(&self, q: &Tensor, k: &Tensor) -> Result<Tensor> {
         let scale = self.validate(q, k)?;
-        let log_scale = match &self.temperature {
-            Temperature::Fixed(_) => None,
-            Temperature::LearnableLogScale(ls) => Some(ls),
-        };
-        Ok(composite::forward(q, k, self.spec(), scale, log_scale)?)
+        Ok(composite::forward(
+            q,
+            k,
+            self.spec(),
+            scale,
+            self.log_scale(),
+        )?)
     }
 
     /// The loss's part of rows `rows` of the batch, divided by the whole batch's size `B`:
@@ -385,17 +395,13 @@ impl CzNce {
     ) -> Result<Tensor> {
         let scale = self.validate(q, k)?;
         let part = check_rows(q, rows)?;
-        let log_scale = match &self.temperature {
-            Temperature::Fixed(_) => None,
-            Temperature::LearnableLogScale(ls) => Some(ls),
-        };
         let spec = self.spec();
         Ok(composite::forward_rows(
             q,
             k,
             part,
             spec,
-            (scale, log_scale),
+            (scale, self.log_scale()),
         )?)
     }
 

@@ -305,12 +305,16 @@ impl Similarities {
             gemm(blas, (b, b, d), a, bt, (&mut out, b), 1.0, 0.0)?;
             Ok(out)
         };
-        let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-        let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
         Ok(Self {
             s_out: gram(&qn.hat, &kn.hat)?,
-            s_in: need_in.then(|| gram(&qn.hat, &qn.hat)).transpose()?,
-            s_kk: need_kk.then(|| gram(&kn.hat, &kn.hat)).transpose()?,
+            s_in: spec
+                .needs_in()
+                .then(|| gram(&qn.hat, &qn.hat))
+                .transpose()?,
+            s_kk: spec
+                .needs_kk()
+                .then(|| gram(&kn.hat, &kn.hat))
+                .transpose()?,
             s_out_t: spec.symmetric.then(|| gram(&kn.hat, &qn.hat)).transpose()?,
         })
     }

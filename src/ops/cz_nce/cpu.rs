@@ -339,22 +339,10 @@ pub(crate) fn cz_nce<T: Real>(
     let par = !runs_serial(b, d);
     let qn = normalize(q, b, d, spec.normalize, par);
     let kn = normalize(k, b, d, spec.normalize, par);
-    let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-    let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
     let s_out = gram(&qn.hat, &kn.hat, b, d, par);
-    let mut s_in = need_in.then(|| gram(&qn.hat, &qn.hat, b, d, par));
-    let mut s_kk = need_kk.then(|| gram(&kn.hat, &kn.hat, b, d, par));
-    // The row pass turns its blocks into gradient blocks in place, so a block that both
-    // directions read (symmetric with both kinds of negatives) is copied for the first one.
-    let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
-    let take = |slot: &mut Option<Vec<T>>| -> Vec<T> {
-        let v = slot.as_ref().expect("block computed");
-        if both_sides {
-            v.clone()
-        } else {
-            slot.take().expect("block computed")
-        }
-    };
+    let mut s_in = spec.needs_in().then(|| gram(&qn.hat, &qn.hat, b, d, par));
+    let mut s_kk = spec.needs_kk().then(|| gram(&kn.hat, &kn.hat, b, d, par));
+    let take = |slot: &mut Option<Vec<T>>| first_read(slot, spec);
     let s_out_t = spec.symmetric.then(|| transpose(&s_out, b, par));
     let mut acc = Accumulators::new(b, scale, spec, (want_grad, par));
 
@@ -382,6 +370,18 @@ pub(crate) fn cz_nce<T: Real>(
     let loss = acc.loss;
     let grads = acc.input_grads(&qn, &kn, d);
     Output { loss, grads }
+}
+
+/// A same-batch block for the first direction that reads it. The row pass turns its blocks into
+/// gradient blocks in place, so a block that both directions read
+/// ([`Spec::blocks_read_twice`]) is copied for the first; otherwise it is taken.
+pub(super) fn first_read<T: Clone>(slot: &mut Option<Vec<T>>, spec: Spec) -> Vec<T> {
+    let v = slot.as_ref().expect("block computed");
+    if spec.blocks_read_twice() {
+        v.clone()
+    } else {
+        slot.take().expect("block computed")
+    }
 }
 
 /// Which gradient accumulator a block of a direction's row pass feeds.

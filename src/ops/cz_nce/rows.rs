@@ -20,8 +20,8 @@
 //! holds `[b, b]` blocks.
 
 use super::cpu::{
-    accumulate, band_runs_serial, direction_pass, gemm_into, norm_backward, normalize, Grads,
-    Normed, Output,
+    accumulate, band_runs_serial, direction_pass, first_read, gemm_into, norm_backward, normalize,
+    Grads, Normed, Output,
 };
 use super::spec::Spec;
 use crate::ops::gemm::View;
@@ -99,21 +99,9 @@ struct Band<'a, T> {
 impl<T: Real> Band<'_, T> {
     /// Both directions' row passes (q→k, then k→q when symmetric), added into `acc`.
     fn directions(&self, spec: Spec, acc: &mut BandGrads<T>) {
-        let need_in = spec.anchor_negatives || (spec.symmetric && spec.target_negatives);
-        let need_kk = spec.target_negatives || (spec.symmetric && spec.anchor_negatives);
-        let mut s_in = need_in.then(|| self.gram(IN));
-        let mut s_kk = need_kk.then(|| self.gram(KK));
-        // As in the whole-batch kernel: the row pass overwrites its blocks, so a block both
-        // directions read is copied for the first.
-        let both_sides = spec.symmetric && spec.anchor_negatives && spec.target_negatives;
-        let take = |slot: &mut Option<Vec<T>>| -> Vec<T> {
-            let v = slot.as_ref().expect("block computed");
-            if both_sides {
-                v.clone()
-            } else {
-                slot.take().expect("block computed")
-            }
-        };
+        let mut s_in = spec.needs_in().then(|| self.gram(IN));
+        let mut s_kk = spec.needs_kk().then(|| self.gram(KK));
+        let take = |slot: &mut Option<Vec<T>>| first_read(slot, spec);
         // Direction q→k: [S_out | S_in | S_kk].
         let mut blocks = vec![(OUT, self.gram(OUT))];
         if spec.anchor_negatives {

@@ -17,6 +17,24 @@ pub(crate) struct Spec {
     pub normalize: bool,
 }
 
+impl Spec {
+    /// Whether a direction reads `Ŝ_in = q̂ q̂ᵀ`: q→k's anchor negatives or k→q's targets.
+    pub(crate) fn needs_in(&self) -> bool {
+        self.anchor_negatives || (self.symmetric && self.target_negatives)
+    }
+
+    /// Whether a direction reads `Ŝ_kk = k̂ k̂ᵀ`: q→k's target negatives or k→q's anchors.
+    pub(crate) fn needs_kk(&self) -> bool {
+        self.target_negatives || (self.symmetric && self.anchor_negatives)
+    }
+
+    /// Whether both directions read the same-batch blocks (symmetric, with both kinds of
+    /// negatives): a kernel whose row pass overwrites a block copies it for the first.
+    pub(crate) fn blocks_read_twice(&self) -> bool {
+        self.symmetric && self.anchor_negatives && self.target_negatives
+    }
+}
+
 /// Epsilon of the row normalization `x / max(‖x‖, ε)`.
 pub(crate) const NORM_EPS: f64 = 1e-8;
 
