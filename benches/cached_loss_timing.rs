@@ -234,6 +234,8 @@ fn run_config(batch: usize, mini_batch: Option<usize>, reps: usize) -> Result<Ro
 }
 
 fn main() -> Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = args
         .iter()

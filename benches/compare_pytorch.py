@@ -14,6 +14,9 @@ PyTorch eager with the same number of threads (default: the number of cores, whi
 candle/rayon use), and prints Markdown tables. Rust and PyTorch alternate for `rounds` rounds of
 `reps` timed runs each (after warm-ups) so both see the same machine load; the tables give the
 median of the per-round medians and the overall minimum, all measured in this one invocation.
+The Rust side runs candle's elementwise ops on the calling thread, as training does
+(`mlctl::device::single_cpu_thread_pool`); `CANDLE_NUM_THREADS=2 python benches/...` gives
+candle's own pool of elementwise workers back, for a comparison.
 """
 
 import argparse
@@ -122,7 +125,7 @@ def main():
     # Rust and PyTorch alternate, round by round, so that both see the same machine load;
     # the table reports the median of the per-round medians and the minimum of all runs.
     runs = {}  # (b, d, impl) -> list of per-round dicts
-    threads = "?"
+    threads = candle_workers = "?"
     for _ in range(args.rounds):
         # PyTorch's OpenMP workers keep spinning for a while after its last parallel region;
         # let them go idle so that they do not compete with the Rust process.
@@ -132,6 +135,7 @@ def main():
             if line.startswith("{"):
                 x = json.loads(line)
                 threads = x["threads"]
+                candle_workers = x.get("candle_workers", "?")
                 runs.setdefault((x["b"], x["d"], x["path"]), []).append(x)
         for b, d in shapes:
             runs.setdefault((b, d, "torch"), []).append(
@@ -148,7 +152,8 @@ def main():
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(0)}; ", end="")
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; threads: {args.threads} "
-          f"(rayon {threads}, torch {torch.get_num_threads()}); torch {torch.__version__}; "
+          f"(rayon {threads}, torch {torch.get_num_threads()}; candle elementwise pool workers "
+          f"{candle_workers}); torch {torch.__version__}; "
           f"dtype {args.dtype}; {args.rounds} rounds x {args.reps} runs; "
           f"1-min load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}\n")
     rows = [(b, d, agg(b, d, "fused"), agg(b, d, "composite"), agg(b, d, "torch"))

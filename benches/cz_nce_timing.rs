@@ -10,7 +10,10 @@
 //! -- --device cuda`); the clock stops after `device.synchronize()`.
 //!
 //! Each line: `{"path", "b", "d", "dtype", "fwd_ms", "fwd_bwd_ms", "fwd_min_ms",
-//! "fwd_bwd_min_ms", "threads"}`: median and minimum over `reps` runs after two warm-ups.
+//! "fwd_bwd_min_ms", "threads", "candle_workers"}`: median and minimum over `reps` runs after two
+//! warm-ups. `candle_workers` counts the worker threads of candle's elementwise pool: none, as
+//! in training, unless `CANDLE_NUM_THREADS` asks for them
+//! (see `mlctl::device::single_cpu_thread_pool`).
 
 use candle_core::{DType, Device, Tensor, Var};
 use mlctl::loss::CzNce;
@@ -42,6 +45,8 @@ fn time<F: FnMut() -> candle_core::Result<()>>(
 }
 
 fn main() -> candle_core::Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
         args.iter()
@@ -74,6 +79,7 @@ fn main() -> candle_core::Result<()> {
     };
     let cfg = CzNce::new();
     let threads = rayon::current_num_threads();
+    let candle_workers = candle_core::utils::barrier_pool().n_workers();
     for (b, d) in shapes {
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?)?;
         let k0 = Tensor::randn(0f32, 1.0, (b, d), &dev)?.to_dtype(dtype)?;
@@ -100,7 +106,8 @@ fn main() -> candle_core::Result<()> {
             println!(
                 "{{\"path\": \"{path}\", \"device\": \"{device}\", \"b\": {b}, \"d\": {d}, \"dtype\": \"{dtype:?}\", \
                  \"fwd_ms\": {:.3}, \"fwd_bwd_ms\": {:.3}, \"fwd_min_ms\": {:.3}, \
-                 \"fwd_bwd_min_ms\": {:.3}, \"threads\": {threads}}}",
+                 \"fwd_bwd_min_ms\": {:.3}, \"threads\": {threads}, \
+                 \"candle_workers\": {candle_workers}}}",
                 fwd.0, fwd_bwd.0, fwd.1, fwd_bwd.1
             );
         }

@@ -274,6 +274,8 @@ fn print_adamw(
 }
 
 fn main() -> mlctl::Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
         args.iter()

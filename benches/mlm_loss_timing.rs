@@ -197,6 +197,8 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args: Vec<String> = std::env::args().collect();
     let reps: usize = arg(&args, "--reps").map_or(Ok(3), |v| v.parse())?;
     let chunk: usize = arg(&args, "--chunk").map_or(Ok(ops::VOCAB_NLL_CHUNK), |v| v.parse())?;

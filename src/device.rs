@@ -80,6 +80,46 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
     choice.open()
 }
 
+/// Runs candle's elementwise CPU ops on the calling thread instead of on a second thread pool,
+/// so that rayon's pool (candle's matrix products and mlctl's kernels) is the only one;
+/// [`BertEncoder::load`](crate::encoder::BertEncoder::load) calls it on the CPU and the examples
+/// at the start of `main`. Returns whether it is in effect: whether candle's elementwise pool
+/// has no worker threads.
+///
+/// Why: candle 0.11 runs every contiguous elementwise op of 65 536 elements or more on a pool
+/// of its own (`CANDLE_NUM_THREADS` threads, by default one per core), whose workers spin for
+/// thousands of iterations after each op before they sleep. With rayon's workers that makes
+/// two busy threads per core, and each pool's threads wait for the other's to be scheduled: on
+/// a 2-core machine CZ-NCE's forward and backward at a batch of 64 by 1536 took 2–6 times as
+/// long with candle's pool as without it, and an ML-CTL training run of the `pretrain_xnli`
+/// example a fifth longer (see `benches/README.md`). Elementwise ops give the same bits either
+/// way: each element is computed alone.
+///
+/// How: it sets `CANDLE_NUM_THREADS=1` when that variable is unset, which candle reads when
+/// its pool first starts. It changes the environment only while the process has a single
+/// thread (on Linux, where it can count them), since changing it while another thread may
+/// read it is undefined behaviour; otherwise, or if the variable holds another value, or if
+/// candle's pool has already started with workers, it changes nothing. Setting
+/// `CANDLE_NUM_THREADS=1` yourself has the same effect anywhere.
+pub fn single_cpu_thread_pool() -> bool {
+    const VAR: &str = "CANDLE_NUM_THREADS";
+    if std::env::var_os(VAR).is_none() && process_threads() == Some(1) {
+        // Sound: this process has one thread (this one), so nothing else reads the
+        // environment while it changes.
+        std::env::set_var(VAR, "1");
+    }
+    candle_core::utils::barrier_pool().n_workers() == 0
+}
+
+/// The number of threads of this process, where the platform tells (Linux's `/proc`).
+fn process_threads() -> Option<usize> {
+    if cfg!(target_os = "linux") {
+        std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+    } else {
+        None
+    }
+}
+
 /// Makes the C allocator keep freed memory for reuse instead of handing it back to the
 /// operating system at every free; [`BertEncoder::load`](crate::encoder::BertEncoder::load)
 /// calls it on the CPU. Returns whether the allocator was tuned (only on Linux with glibc;
@@ -119,4 +159,29 @@ fn tune_malloc() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_malloc() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test runs beside the harness's main thread, so the environment must stay as it was:
+    /// changing it while other threads may read it is undefined behaviour.
+    #[test]
+    fn single_cpu_thread_pool_leaves_the_environment_of_a_threaded_process_alone() {
+        let before = std::env::var_os("CANDLE_NUM_THREADS");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        if cfg!(target_os = "linux") {
+            assert!(process_threads().is_some_and(|n| n >= 2));
+        }
+        let in_effect = single_cpu_thread_pool();
+        assert_eq!(std::env::var_os("CANDLE_NUM_THREADS"), before);
+        assert_eq!(
+            in_effect,
+            candle_core::utils::barrier_pool().n_workers() == 0
+        );
+        tx.send(()).unwrap();
+        other.join().unwrap().unwrap();
+    }
 }

@@ -65,6 +65,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args = Args::parse();
     let device = select_device(args.device)?;
     let clock = std::time::Instant::now();

@@ -331,6 +331,8 @@ impl Mode {
 }
 
 fn main() -> Result<()> {
+    // First, while this is the process's only thread (see its docs).
+    mlctl::device::single_cpu_thread_pool();
     let args = Args::parse();
     let dist = DistEnv::from_env()?;
     match (&dist, args.nproc_per_node) {

@@ -361,11 +361,14 @@ impl BertEncoder {
     /// Dropout masks start from seed 0; change it with [`BertEncoder::with_dropout_seed`].
     ///
     /// On the CPU this also calls [`crate::device::retain_freed_cpu_memory`] (once per
-    /// process): the step's buffers are then reused instead of being faulted in afresh.
+    /// process): the step's buffers are then reused instead of being faulted in afresh; and
+    /// [`crate::device::single_cpu_thread_pool`], which takes effect only if the process still
+    /// has a single thread (call it at the start of `main` to be sure).
     pub fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         cfg.validate()?;
         if vb.device().is_cpu() {
             crate::device::retain_freed_cpu_memory();
+            crate::device::single_cpu_thread_pool();
         }
         let rng = DropoutRng::new(0);
         let embeddings = Embeddings::load(vb.pp("embeddings"), cfg, &rng)?;

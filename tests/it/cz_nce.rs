@@ -68,6 +68,44 @@ struct Eval {
     dls: Option<f64>,
 }
 
+/// The tolerances of a twin comparison: `rtol` relative, `floor` the absolute floor of the
+/// gradients' comparison (the loss' floor is 1e-3).
+#[derive(Clone, Copy)]
+struct Tol {
+    rtol: f64,
+    floor: f64,
+}
+
+/// f64 twins at the larger shapes: exact to ~1e-12, compared at 1e-9.
+const F64_TOL: Tol = Tol {
+    rtol: 1e-9,
+    floor: 1e-6,
+};
+
+/// Runs `cfg` by `fused` and by its twin `composite` on the same inputs and asserts that loss
+/// and gradients agree within `tol`; returns the fused path's result.
+#[allow(clippy::too_many_arguments)]
+fn twins_agree(
+    what: &str,
+    cfg: &CzNce,
+    (fused, composite): (Path, Path),
+    (q, k): (&Tensor, &Tensor),
+    layout: u8,
+    learnable: Option<f64>,
+    tol: Tol,
+) -> R<Eval> {
+    let f = eval(cfg, fused, q, k, layout, learnable)?;
+    let c = eval(cfg, composite, q, k, layout, learnable)?;
+    let Tol { rtol, floor } = tol;
+    assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], rtol, 1e-3);
+    assert_close(&format!("{what} dq"), &f.dq, &c.dq, rtol, floor);
+    assert_close(&format!("{what} dk"), &f.dk, &c.dk, rtol, floor);
+    if let (Some(a), Some(b_)) = (f.dls, c.dls) {
+        assert_close(&format!("{what} dlog_scale"), &[a], &[b_], rtol, floor);
+    }
+    Ok(f)
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Fused,
@@ -216,10 +254,7 @@ fn fused_matches_composite(dtype: DType, rtol: f64, grad_floor: f64) -> R<()> {
             let k = ((&q * 0.5)? + tensor(seed + 1000, b, d, dtype)?)?;
             let layout = (ci + si) as u8 % 3;
             let learnable = (ci % 3 == 0).then_some(0.2);
-            let f = eval(&cfg, Path::Fused, &q, &k, layout, learnable)?;
-            let c = eval(&cfg, Path::Composite, &q, &k, layout, learnable)?;
             let what = format!("{name} B={b} D={d} layout={layout}");
-            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], rtol, 1e-3);
             // In f32, rounding of logits of size 1/t leaves ~1e-6 absolute noise in the
             // composite's gradients (exactly-zero ones for D = 1, saturated softmax rows): the
             // floor turns the relative tolerance into an absolute one for tiny gradients. For
@@ -230,11 +265,9 @@ fn fused_matches_composite(dtype: DType, rtol: f64, grad_floor: f64) -> R<()> {
             } else {
                 grad_floor
             };
-            assert_close(&format!("{what} dq"), &f.dq, &c.dq, rtol, floor);
-            assert_close(&format!("{what} dk"), &f.dk, &c.dk, rtol, floor);
-            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
-                assert_close(&format!("{what} dlog_scale"), &[a], &[b_], rtol, grad_floor);
-            }
+            let paths = (Path::Fused, Path::Composite);
+            let tol = Tol { rtol, floor };
+            let f = twins_agree(&what, &cfg, paths, (&q, &k), layout, learnable, tol)?;
             assert_finite(&what, &f.dq);
             n += 1;
         }
@@ -577,23 +610,14 @@ fn fused_rows_match_composite_rows(dtype: DType, rtol: f64, grad_floor: f64) -> 
             let k = ((&q * 0.5)? + tensor(seed + 1000, b, d, dtype)?)?;
             let layout = (ci + si) as u8 % 3;
             let learnable = (ci % 3 == 0).then_some(0.2);
-            let f = eval(&cfg, Path::FusedRows(start, len), &q, &k, layout, learnable)?;
-            let c = eval(
-                &cfg,
-                Path::CompositeRows(start, len),
-                &q,
-                &k,
-                layout,
-                learnable,
-            )?;
             let what = format!("{name} B={b} D={d} rows {start}+{len} layout={layout}");
             // Tolerances as in `fused_matches_composite`: the same arithmetic on fewer rows.
-            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], rtol, 1e-3);
-            assert_close(&format!("{what} dq"), &f.dq, &c.dq, rtol, grad_floor);
-            assert_close(&format!("{what} dk"), &f.dk, &c.dk, rtol, grad_floor);
-            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
-                assert_close(&format!("{what} dlog_scale"), &[a], &[b_], rtol, grad_floor);
-            }
+            let paths = (Path::FusedRows(start, len), Path::CompositeRows(start, len));
+            let tol = Tol {
+                rtol,
+                floor: grad_floor,
+            };
+            let f = twins_agree(&what, &cfg, paths, (&q, &k), layout, learnable, tol)?;
             assert_finite(&what, &f.dq);
             n += 1;
         }
@@ -618,23 +642,10 @@ fn fused_rows_serial_and_pooled_match_composite_rows_f64() -> R<()> {
         let k = ((&q * 0.5)? + tensor(121, b, d, DType::F64)?)?;
         for (ci, cfg) in configs.iter().enumerate() {
             let learnable = (ci != 1).then_some(0.1);
-            let layout = ci as u8 % 3;
-            let f = eval(cfg, Path::FusedRows(start, len), &q, &k, layout, learnable)?;
-            let c = eval(
-                cfg,
-                Path::CompositeRows(start, len),
-                &q,
-                &k,
-                layout,
-                learnable,
-            )?;
             let what = format!("{cfg:?} B={b} D={d} rows {start}+{len}");
-            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], 1e-10, 1e-3);
-            assert_close(&format!("{what} dq"), &f.dq, &c.dq, 1e-9, 1e-6);
-            assert_close(&format!("{what} dk"), &f.dk, &c.dk, 1e-9, 1e-6);
-            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
-                assert_close(&format!("{what} dls"), &[a], &[b_], 1e-9, 1e-6);
-            }
+            let paths = (Path::FusedRows(start, len), Path::CompositeRows(start, len));
+            let layout = ci as u8 % 3;
+            twins_agree(&what, cfg, paths, (&q, &k), layout, learnable, F64_TOL)?;
         }
     }
     Ok(())
@@ -648,18 +659,16 @@ fn large_batch_matches_composite_f64() -> R<()> {
     let cfg = CzNce::new()
         .with_target_negatives(true)
         .with_symmetric(true);
-    let f = eval(&cfg, Path::Fused, &q, &k, 0, Some(0.1))?;
-    let c = eval(&cfg, Path::Composite, &q, &k, 0, Some(0.1))?;
-    assert_close("loss", &[f.loss], &[c.loss], 1e-10, 1e-3);
-    assert_close("dq", &f.dq, &c.dq, 1e-9, 1e-6);
-    assert_close("dk", &f.dk, &c.dk, 1e-9, 1e-6);
-    assert_close("dls", &[f.dls.unwrap()], &[c.dls.unwrap()], 1e-9, 1e-6);
+    let paths = (Path::Fused, Path::Composite);
+    let f = twins_agree("B=600", &cfg, paths, (&q, &k), 0, Some(0.1), F64_TOL)?;
+    assert!(f.dls.is_some());
     Ok(())
 }
 
 /// The CPU kernel runs small problems on the calling thread and larger ones on the rayon pool
-/// (`B²·(D + 32)` below or above 2²³; a unit test in `ops::cz_nce::cpu` keeps these shapes on
-/// their sides): both against the composite twin, on values and gradients.
+/// (`B²·(D + 32)` below or above 2²³), and between the two sends only its products of 2²² or more
+/// multiply-adds to the pool (a unit test in `ops::cz_nce::cpu` keeps these shapes in their
+/// regimes): all three against the composite twin, on values and gradients.
 #[test]
 fn serial_and_pooled_kernels_match_composite_f64() -> R<()> {
     let configs = [
@@ -669,20 +678,22 @@ fn serial_and_pooled_kernels_match_composite_f64() -> R<()> {
             .with_symmetric(true),
         CzNce::info_nce().with_symmetric(true),
     ];
-    for (b, d) in [(40, 64), (160, 320)] {
+    for (b, d) in [(40, 64), (64, 1024), (160, 320)] {
         let q = tensor(110, b, d, DType::F64)?;
         let k = ((&q * 0.5)? + tensor(111, b, d, DType::F64)?)?;
         for (ci, cfg) in configs.iter().enumerate() {
             let learnable = (ci != 1).then_some(0.1);
-            let f = eval(cfg, Path::Fused, &q, &k, ci as u8 % 3, learnable)?;
-            let c = eval(cfg, Path::Composite, &q, &k, ci as u8 % 3, learnable)?;
             let what = format!("{cfg:?} B={b} D={d}");
-            assert_close(&format!("{what} loss"), &[f.loss], &[c.loss], 1e-10, 1e-3);
-            assert_close(&format!("{what} dq"), &f.dq, &c.dq, 1e-9, 1e-6);
-            assert_close(&format!("{what} dk"), &f.dk, &c.dk, 1e-9, 1e-6);
-            if let (Some(a), Some(b_)) = (f.dls, c.dls) {
-                assert_close(&format!("{what} dls"), &[a], &[b_], 1e-9, 1e-6);
-            }
+            let paths = (Path::Fused, Path::Composite);
+            twins_agree(
+                &what,
+                cfg,
+                paths,
+                (&q, &k),
+                ci as u8 % 3,
+                learnable,
+                F64_TOL,
+            )?;
         }
     }
     Ok(())
