@@ -1702,6 +1702,26 @@ fn data_parallel_ranks_that_differ_in_data_order_are_refused_everywhere() {
     }
 }
 
+/// A one-step checkpoint (trainer seeded `init`) in `run`; returns its directory.
+fn one_step_checkpoint(run: &Path, data: &Path, init: u64) -> PathBuf {
+    let mut single = dp_trainer(run, data, 4, dp_config(2, 1, None), init);
+    single.train_step().unwrap();
+    single.save_checkpoint().unwrap()
+}
+
+/// Two ranks resuming, each from its node-local `root/run-{rank}` (which may hold no
+/// checkpoint): each rank's error.
+fn resume_errors_from_node_local_runs(root: &Path, data: &Path) -> Vec<String> {
+    let (root, data) = (root.to_path_buf(), data.to_path_buf());
+    run_ranks(2, move |c| {
+        let run = root.join(format!("run-{}", c.rank()));
+        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
+            .with_collective(Box::new(c))
+            .unwrap();
+        trainer.resume().unwrap_err().to_string()
+    })
+}
+
 /// The agreed checkpoint fails to load on rank 1 only (copies without checksums, as written
 /// before checksums existed, rank 1's optimizer file truncated): every rank stops, rank 1 with
 /// its own error, rank 0 instead of training on alone.
@@ -1712,9 +1732,7 @@ fn data_parallel_resume_that_fails_to_load_on_one_rank_is_refused_everywhere() {
     for rank in 0..2 {
         // The same seed and data: the same checkpoint on both "nodes".
         let run = dir.path().join(format!("run-{rank}"));
-        let mut single = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5);
-        single.train_step().unwrap();
-        let checkpoint = single.save_checkpoint().unwrap();
+        let checkpoint = one_step_checkpoint(&run, &data, 5);
         std::fs::remove_file(checkpoint.join("checksums.json")).unwrap();
         if rank == 1 {
             let optimizer = checkpoint.join("optimizer.safetensors");
@@ -1722,14 +1740,7 @@ fn data_parallel_resume_that_fails_to_load_on_one_rank_is_refused_everywhere() {
             std::fs::write(&optimizer, &bytes[..bytes.len() / 2]).unwrap();
         }
     }
-    let root = dir.path().to_path_buf();
-    let errors = run_ranks(2, move |c| {
-        let run = root.join(format!("run-{}", c.rank()));
-        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
-            .with_collective(Box::new(c))
-            .unwrap();
-        trainer.resume().unwrap_err().to_string()
-    });
+    let errors = resume_errors_from_node_local_runs(dir.path(), &data);
     assert!(errors[1].contains("optimizer.safetensors"), "{}", errors[1]);
     assert!(
         errors[0].contains("checkpoint loaded") && errors[0].contains("rank 1 has 0"),
@@ -1768,23 +1779,8 @@ fn data_parallel_ranks_skip_a_damaged_newest_checkpoint_alike() {
 fn data_parallel_resume_that_only_rank_zero_can_see_is_refused_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = train_corpus(dir.path());
-    let mut single = dp_trainer(
-        &dir.path().join("run-0"),
-        &data,
-        4,
-        dp_config(2, 1, None),
-        5,
-    );
-    single.train_step().unwrap();
-    single.save_checkpoint().unwrap();
-    let root = dir.path().to_path_buf();
-    let errors = run_ranks(2, move |c| {
-        let run = root.join(format!("run-{}", c.rank()));
-        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
-            .with_collective(Box::new(c))
-            .unwrap();
-        trainer.resume().unwrap_err().to_string()
-    });
+    one_step_checkpoint(&dir.path().join("run-0"), &data, 5);
+    let errors = resume_errors_from_node_local_runs(dir.path(), &data);
     for (rank, err) in errors.iter().enumerate() {
         assert!(
             err.contains("checkpoint to resume from") && err.contains("rank 0 has 1"),
@@ -1800,24 +1796,9 @@ fn data_parallel_resume_from_checkpoints_that_differ_is_refused_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let data = train_corpus(dir.path());
     for (rank, seed) in [(0usize, 5u64), (1, 6)] {
-        let mut single = dp_trainer(
-            &dir.path().join(format!("run-{rank}")),
-            &data,
-            4,
-            dp_config(2, 1, None),
-            seed,
-        );
-        single.train_step().unwrap();
-        single.save_checkpoint().unwrap();
+        one_step_checkpoint(&dir.path().join(format!("run-{rank}")), &data, seed);
     }
-    let root = dir.path().to_path_buf();
-    let errors = run_ranks(2, move |c| {
-        let run = root.join(format!("run-{}", c.rank()));
-        let mut trainer = dp_trainer(&run, &data, 4, dp_config(2, 1, None), 5)
-            .with_collective(Box::new(c))
-            .unwrap();
-        trainer.resume().unwrap_err().to_string()
-    });
+    let errors = resume_errors_from_node_local_runs(dir.path(), &data);
     for (rank, err) in errors.iter().enumerate() {
         assert!(err.contains("checkpoint contents"), "rank {rank}: {err}");
     }
