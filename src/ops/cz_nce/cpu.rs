@@ -36,9 +36,8 @@
 //! buffers; they are freed before the kernel returns: what outlives it is the `O(B·D)` gradient
 //! (see [`super::BackwardMode`]).
 //!
-//! Small problems (see [`runs_serial`]) run every step on the calling thread, with
-//! single-threaded GEMMs unless a product is large enough to repay its hand-off to the pool
-//! ([`GEMM_POOL_WORK`]): there the pool's hand-offs, not the arithmetic, would dominate.
+//! Small problems (see [`runs_serial`]) run every step on the calling thread with single-threaded
+//! GEMMs: there the pool's hand-offs, not the arithmetic, would dominate.
 
 use super::spec::{Spec, NORM_EPS};
 use crate::ops::gemm::{gemm, Threads, View};
@@ -52,11 +51,6 @@ use std::mem::MaybeUninit;
 /// hand-off to the pool and a wait for its slowest worker, which on a busy machine is a
 /// scheduler time slice.
 const SERIAL_WORK: usize = 1 << 23;
-
-/// A product of this many multiply-adds or more runs on rayon's pool even when the rest of the
-/// kernel stays on the calling thread ([`runs_serial`]): one hand-off then buys half of the
-/// product's time on two cores.
-const GEMM_POOL_WORK: usize = 1 << 22;
 
 /// Whether a `b × d` problem runs on the calling thread (see [`SERIAL_WORK`]).
 pub(crate) fn runs_serial(b: usize, d: usize) -> bool {
@@ -155,14 +149,8 @@ pub(super) fn normalize<T: Real>(
     Normed { hat, inv, active }
 }
 
-/// Whether a product of `work` multiply-adds runs on the pool: always in a kernel that uses
-/// the pool (`par`), and from [`GEMM_POOL_WORK`] up in one that runs on the calling thread.
-fn product_on_pool(work: usize, par: bool) -> bool {
-    par || work >= GEMM_POOL_WORK
-}
-
 /// `dst (m × n, row-major) = [dst +] beta · lhs · rhs` ([`gemm`]), spread over rayon's pool
-/// when `par` or when the product is large ([`product_on_pool`]).
+/// when `par`.
 pub(super) fn gemm_into<T: Real>(
     dst: &mut [T],
     lhs: View<'_, T>,
@@ -172,12 +160,7 @@ pub(super) fn gemm_into<T: Real>(
     par: bool,
 ) {
     assert_eq!(dst.len(), lhs.rows * rhs.cols);
-    let work = lhs.rows * lhs.cols * rhs.cols;
-    let threads = if product_on_pool(work, par) {
-        Threads::Pool
-    } else {
-        Threads::One
-    };
+    let threads = if par { Threads::Pool } else { Threads::One };
     gemm(dst, rhs.cols, lhs, rhs, beta, accumulate, threads);
 }
 
@@ -669,10 +652,6 @@ mod tests {
     fn serial_threshold_splits_the_tested_shapes() {
         assert!(runs_serial(40, 64));
         assert!(runs_serial(64, 1536));
-        // `serial_and_pooled_kernels_match_composite_f64`'s middle shape: serial passes, its
-        // `64 × 64 × 1024` products on the pool; the small shape's stay on the calling thread.
-        assert!(runs_serial(64, 1024) && product_on_pool(64 * 64 * 1024, false));
-        assert!(!product_on_pool(40 * 40 * 64, false));
         if rayon::current_num_threads() > 1 {
             assert!(!runs_serial(160, 320));
             assert!(!runs_serial(256, 768));
