@@ -90,18 +90,25 @@ pub fn select_device(choice: DeviceChoice) -> Result<Device> {
 /// of its own (`CANDLE_NUM_THREADS` threads, by default one per core), whose workers spin for
 /// thousands of iterations after each op before they sleep. With rayon's workers that makes
 /// two busy threads per core, and each pool's threads wait for the other's to be scheduled: on
-/// a 2-core machine CZ-NCE's forward and backward at a batch of 64 by 1536 took 2–6 times as
-/// long with candle's pool as without it, and an ML-CTL training run of the `pretrain_xnli`
-/// example a fifth longer (see `benches/README.md`). Elementwise ops give the same bits either
-/// way: each element is computed alone.
+/// a 2-core machine kept busy by another process, CZ-NCE's forward and backward at a batch of
+/// 64 by 1536 took 2–6 times as long with candle's pool as without it, and an ML-CTL training
+/// run of the `pretrain_xnli` example a fifth longer; with the machine to itself the two made
+/// no measurable difference (see `benches/README.md`). Elementwise ops give the same bits
+/// either way: each element is computed alone.
 ///
 /// How: it sets `CANDLE_NUM_THREADS=1` when that variable is unset, which candle reads when
 /// its pool first starts. It changes the environment only while the process has a single
 /// thread (on Linux, where it can count them), since changing it while another thread may
 /// read it is undefined behaviour; otherwise, or if the variable holds another value, or if
 /// candle's pool has already started with workers, it changes nothing. Setting
-/// `CANDLE_NUM_THREADS=1` yourself has the same effect anywhere.
+/// `CANDLE_NUM_THREADS=1` yourself has the same effect anywhere. The first call starts candle's
+/// pool, which fixes the answer, so later calls return it without looking again.
 pub fn single_cpu_thread_pool() -> bool {
+    static IN_EFFECT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN_EFFECT.get_or_init(elementwise_on_caller)
+}
+
+fn elementwise_on_caller() -> bool {
     const VAR: &str = "CANDLE_NUM_THREADS";
     if std::env::var_os(VAR).is_none() && process_threads() == Some(1) {
         // Sound: this process has one thread (this one), so nothing else reads the
