@@ -129,7 +129,7 @@ fn process_threads() -> Option<usize> {
 
 /// Makes the C allocator keep freed memory for reuse instead of handing it back to the
 /// operating system at every free; [`BertEncoder::load`](crate::encoder::BertEncoder::load)
-/// calls it on the CPU. Returns whether the allocator was tuned (only on Linux with glibc;
+/// and the first [`CzNce`](crate::loss::CzNce) call on CPU tensors call it. Returns whether the allocator was tuned (only on Linux with glibc;
 /// elsewhere it does nothing).
 ///
 /// Why: a training step allocates and frees hundreds of buffers of a few MiB. glibc's malloc

@@ -71,6 +71,28 @@ pub(crate) enum Threads {
     One,
 }
 
+thread_local! {
+    /// Set while this thread runs a task that is already one of many (see
+    /// [`on_calling_thread`]): every product it starts then stays on it.
+    static ON_CALLING_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every product it starts on the calling thread, whatever its [`Threads`].
+///
+/// For work split into independent tasks, one per thread (a batch's sequences in inference): the
+/// threads then run whole tasks without meeting at every product. Other passes inside `f` may
+/// still use rayon's pool; when every thread is busy they stay where they are.
+pub(crate) fn on_calling_thread<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ON_CALLING_THREAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(ON_CALLING_THREAD.with(|c| c.replace(true)));
+    f()
+}
+
 /// `dst = [dst +] alpha · lhs · rhs`, with `dst` an `m × n` row-major block whose rows are
 /// `dst_rs` apart (`dst` starts at its first element). `accumulate: false` overwrites `dst`
 /// without reading it (it may hold garbage, even NaN).
@@ -101,8 +123,9 @@ pub(crate) fn gemm<T: Real>(
         return;
     }
     let pool = rayon::current_num_threads();
+    let here = ON_CALLING_THREAD.with(|c| c.get());
     let par = match threads {
-        Threads::Pool if pool > 1 => gemm::Parallelism::Rayon(pool),
+        Threads::Pool if pool > 1 && !here => gemm::Parallelism::Rayon(pool),
         _ => gemm::Parallelism::None,
     };
     // SAFETY: `T` is f32 or f64 (the only `Real` impls), which `gemm` supports; every index

@@ -418,6 +418,45 @@ fn trainer_steps_agree_between_the_two_backwards() {
     }
 }
 
+/// Inference splits a batch into one group of sequences per thread, each group's whole forward on
+/// its own thread: on pools of 1 to 4 threads (batches of 5 and 2 split unevenly or not at all,
+/// a batch of 1 never) every hidden state equals the graph path's, f64 to 1e-12, with padding
+/// and token types, and f32 to 1e-5 (as the whole-batch comparison above).
+#[test]
+fn inference_split_by_sequence_over_threads_equals_the_graph_forward() {
+    for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-5)] {
+        let cfg = config(16, 2, 2, HiddenAct::Gelu);
+        let params = ParamStore::new(9);
+        let enc = BertEncoder::load(params.var_builder(dtype, &DEV), &cfg).unwrap();
+        for lengths in [&[5, 3, 7, 1, 6][..], &[4, 7], &[6]] {
+            let (ids, types, mask) = batch(lengths, 3);
+            let graph = enc.forward(&ids, Some(&types), Some(&mask)).unwrap();
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let host = pool
+                    .install(|| enc.forward_detached(&ids, Some(&types), Some(&mask)))
+                    .unwrap();
+                assert_eq!(graph.hidden_states.len(), host.hidden_states.len());
+                for (i, (g, h)) in graph
+                    .hidden_states
+                    .iter()
+                    .zip(&host.hidden_states)
+                    .enumerate()
+                {
+                    let d = rel_diff(h, g, 0.0);
+                    assert!(
+                        d <= tol,
+                        "{dtype:?}, batch {lengths:?}, {threads} threads: hidden state {i} differs by {d:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// `forward_detached` runs on host slices with the same kernels: every hidden state equals the
 /// graph path's (f64 to 1e-12; f32 to rounding), with padding, token types, and RoBERTa-style
 /// position ids.

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Layout, Storage, StorageRef, Tensor, TensorId, 
 
 use crate::encoder::{BertConfig, HiddenAct};
 use crate::ops::dropout::dropout_in_place;
-use crate::ops::gemm::{gemm, Threads, View};
+use crate::ops::gemm::{gemm, on_calling_thread, Threads, View};
 use crate::ops::num::Real;
 use crate::ops::transformer::{
     activation_backward, activation_forward, add_bias, attention_backward, attention_forward,
@@ -26,6 +26,7 @@ use crate::ops::transformer::{
 };
 use crate::ops::{DropoutKey, GeluForm};
 use crate::{Error, Result};
+use rayon::prelude::*;
 
 /// How the encoder's training passes are differentiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,6 +207,33 @@ struct Inputs {
     seq: usize,
 }
 
+impl Inputs {
+    /// Sequences `rows` of the batch.
+    fn sequences(&self, rows: std::ops::Range<usize>) -> Inputs {
+        let tokens = rows.start * self.seq..rows.end * self.seq;
+        Inputs {
+            ids: self.ids[tokens.clone()].to_vec(),
+            token_types: self.token_types[tokens.clone()].to_vec(),
+            attention: self.attention[tokens].to_vec(),
+            batch: rows.len(),
+            seq: self.seq,
+        }
+    }
+}
+
+/// transformers' additive attention mask, `(1 - mask) · MIN` per key.
+fn additive_mask<T: Host>(attention: &[f32]) -> Vec<T> {
+    let min = if T::DTYPE == DType::F64 {
+        f64::MIN
+    } else {
+        f64::from(f32::MIN)
+    };
+    attention
+        .iter()
+        .map(|&m| T::lit((1.0 - f64::from(m)) * min))
+        .collect()
+}
+
 impl Explicit<'_> {
     /// The training forward of the explicit path: records the pass and returns its hidden
     /// states as leaf variables.
@@ -246,41 +274,27 @@ impl Explicit<'_> {
     }
 
     fn run_host<T: Host>(&self, inputs: Inputs, key: Option<DropoutKey>) -> Result<Vec<Tensor>> {
-        let (batch, seq, h) = (inputs.batch, inputs.seq, self.config.hidden_size);
-        let min = if T::DTYPE == DType::F64 {
-            f64::MIN
-        } else {
-            f64::from(f32::MIN)
+        let Some(key) = key else {
+            return self.infer_host::<T>(&inputs);
         };
-        let mask: Vec<T> = inputs
-            .attention
-            .iter()
-            .map(|&m| T::lit((1.0 - f64::from(m)) * min))
-            .collect();
-        let (positions, embedded, embedding_norm) = self.embed_host::<T>(&inputs, key)?;
+        let (batch, seq, h) = (inputs.batch, inputs.seq, self.config.hidden_size);
+        let mask = additive_mask::<T>(&inputs.attention);
+        let (positions, embedded, embedding_norm) = self.embed_host::<T>(&inputs, Some(key))?;
         let device = self.device.clone();
         // Training outputs are leaves the loss's autograd can differentiate.
         let wrap = |v: Vec<T>| -> Result<Tensor> {
-            Ok(match key {
-                Some(_) => Var::from_vec(v, (batch, seq, h), &device)?.into_inner(),
-                None => Tensor::from_vec(v, (batch, seq, h), &device)?,
-            })
+            Ok(Var::from_vec(v, (batch, seq, h), &device)?.into_inner())
         };
         let mut hidden = vec![wrap(embedded)?];
         let mut layers = Vec::with_capacity(self.layers.len());
         for i in 0..self.layers.len() {
             let input = Held::new(hidden.last().expect("the embeddings are in"));
             let (out, tape) =
-                self.layer_forward::<T>(i, input.slice()?, &mask, key, (batch, seq))?;
+                self.layer_forward::<T>(i, input.slice()?, &mask, Some(key), (batch, seq))?;
             drop(input);
             hidden.push(wrap(out)?);
-            if key.is_some() {
-                layers.push(tape);
-            }
+            layers.push(tape);
         }
-        let Some(key) = key else {
-            return Ok(hidden);
-        };
         let tape = Tape {
             hidden: hidden.clone(),
             ids: inputs.ids,
@@ -293,6 +307,53 @@ impl Explicit<'_> {
             layers,
         };
         self.recorder.lock().tapes.push(T::wrap_tape(tape));
+        Ok(hidden)
+    }
+
+    /// Inference: every hidden state, as plain tensors.
+    ///
+    /// With at least one sequence per thread of rayon's pool, the sequences are split into one
+    /// group per thread and each group's whole forward runs on its own thread, its products
+    /// included. Sequences are independent without a backward, so the threads never wait for
+    /// each other between passes, and every product runs at one thread's full speed; a product
+    /// spread over the threads pays a meeting and a share of packing for each of the ~7 products
+    /// and ~10 passes of a layer. Each row's arithmetic is that of the whole batch.
+    fn infer_host<T: Host>(&self, inputs: &Inputs) -> Result<Vec<Tensor>> {
+        let (batch, seq, h) = (inputs.batch, inputs.seq, self.config.hidden_size);
+        let threads = rayon::current_num_threads();
+        let mut parts = match threads > 1 && batch >= threads {
+            false => vec![self.hidden_host::<T>(inputs)?],
+            true => (0..threads)
+                .into_par_iter()
+                .map(|g| {
+                    let part = inputs.sequences(g * batch / threads..(g + 1) * batch / threads);
+                    on_calling_thread(|| self.hidden_host::<T>(&part))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        (0..=self.layers.len())
+            .map(|layer| {
+                let mut all = Vec::with_capacity(batch * seq * h);
+                for part in &mut parts {
+                    all.extend_from_slice(&std::mem::take(&mut part[layer]));
+                }
+                Ok(Tensor::from_vec(all, (batch, seq, h), self.device)?)
+            })
+            .collect()
+    }
+
+    /// The inference forward of `inputs`' sequences on host vectors: every hidden state, the
+    /// embeddings' first.
+    fn hidden_host<T: Host>(&self, inputs: &Inputs) -> Result<Vec<Vec<T>>> {
+        let mask = additive_mask::<T>(&inputs.attention);
+        let (_, embedded, _) = self.embed_host::<T>(inputs, None)?;
+        let mut hidden = vec![embedded];
+        for i in 0..self.layers.len() {
+            let x = hidden.last().expect("the embeddings are in");
+            let (out, _) =
+                self.layer_forward::<T>(i, x, &mask, None, (inputs.batch, inputs.seq))?;
+            hidden.push(out);
+        }
         Ok(hidden)
     }
 

@@ -118,6 +118,8 @@ pub enum Temperature {
 /// on inputs that track gradients pays for the gradient even if `backward` is never called:
 /// detach the inputs for evaluation-only losses.
 ///
+/// On the CPU, the first call makes the C allocator keep freed memory for reuse
+/// ([`crate::device::retain_freed_cpu_memory`]), as loading an encoder does.
 ///
 /// # Shapes
 ///
@@ -304,6 +306,12 @@ impl CzNce {
     /// Validates the inputs and the temperature; returns the logit scale to use.
     fn validate(&self, q: &Tensor, k: &Tensor) -> Result<LogitScale> {
         check_inputs(q, k)?;
+        if q.device().is_cpu() {
+            // Each call allocates and frees its [B, D] and [B, 2B] buffers; glibc would hand
+            // them back to the kernel and fault them in again next time (a third of the time
+            // at B 64, D 1536).
+            crate::device::retain_freed_cpu_memory();
+        }
         if q.dims()[0] == 1 && !self.include_positive {
             return Err(Error::InvalidArgument(
                 "cz_nce: CZ-NCE with B = 1 has no negatives (use B >= 2 or InfoNCE mode)".into(),
