@@ -129,8 +129,8 @@ fn process_threads() -> Option<usize> {
 
 /// Makes the C allocator keep freed memory for reuse instead of handing it back to the
 /// operating system at every free; [`BertEncoder::load`](crate::encoder::BertEncoder::load)
-/// and the first [`CzNce`](crate::loss::CzNce) call on CPU tensors call it. Returns whether the allocator was tuned (only on Linux with glibc;
-/// elsewhere it does nothing).
+/// and the first [`CzNce`](crate::loss::CzNce) call on CPU tensors call it. Returns whether the
+/// allocator was tuned (only on Linux with glibc; elsewhere it does nothing).
 ///
 /// Why: a training step allocates and frees hundreds of buffers of a few MiB. glibc's malloc
 /// returns the top of its heap to the kernel whenever more than a (dynamic) threshold is free
@@ -138,9 +138,14 @@ fn process_threads() -> Option<usize> {
 /// those buffers back in and the kernel zeroes them: at multilingual-e5-small's shape a third
 /// of a forward pass went to page faults. This sets `M_TRIM_THRESHOLD` to 2 GiB (the heap is
 /// not trimmed) and `M_MMAP_THRESHOLD` to 32 MiB (glibc's largest; bigger blocks, such as a
-/// whole embedding table's gradient, still get their own mapping). The cost is that the
-/// process keeps its peak heap size after a step, as PyTorch's caching allocators do on GPUs.
-/// It changes the whole process's allocator; it is safe to call more than once.
+/// whole embedding table's gradient, still get their own mapping). It also sets `M_ARENA_MAX`
+/// to 1: glibc gives threads that allocate at the same time arenas of their own, and an arena
+/// that is never trimmed keeps its own high-water mark, so memory one thread freed (an
+/// inference group's buffers on a worker thread) could not serve another (the training step on
+/// the main one); the buffers here are few and large, so sharing one arena's lock costs nothing
+/// measurable. The cost is that the process keeps its peak heap size after a step, as PyTorch's
+/// caching allocators do on GPUs. It changes the whole process's allocator; it is safe to call
+/// more than once.
 pub fn retain_freed_cpu_memory() -> bool {
     static TUNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TUNED.get_or_init(tune_malloc)
@@ -155,11 +160,14 @@ fn tune_malloc() -> bool {
     // From glibc's <malloc.h>.
     const M_TRIM_THRESHOLD: c_int = -1;
     const M_MMAP_THRESHOLD: c_int = -3;
+    const M_ARENA_MAX: c_int = -8;
     // SAFETY: mallopt only changes the allocator's parameters (it takes the allocator's own
-    // lock); both values are within the ranges glibc documents and accepts (it returns 0 and
+    // lock); the three values are within the ranges glibc documents and accepts (it returns 0 and
     // changes nothing otherwise).
     unsafe {
-        mallopt(M_TRIM_THRESHOLD, c_int::MAX) == 1 && mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+        mallopt(M_TRIM_THRESHOLD, c_int::MAX) == 1
+            && mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+            && mallopt(M_ARENA_MAX, 1) == 1
     }
 }
 

@@ -591,6 +591,11 @@ impl BertEncoder {
     /// every intermediate (attention scores included) alive for a backward pass until its
     /// outputs are dropped; this one holds one layer's intermediates at a time, which is what
     /// embedding and alignment need. No gradient flows back through the outputs.
+    ///
+    /// On the CPU (f32 or f64) it runs on host slices; with at least one sequence per thread of
+    /// rayon's pool, each thread takes a group of the batch's sequences through the whole
+    /// encoder, its matrix products included, so the threads never wait for each other. The
+    /// results are the whole batch's up to the rounding of products blocked differently.
     pub fn forward_detached(
         &self,
         input_ids: &Tensor,

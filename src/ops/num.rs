@@ -167,9 +167,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 /// `2^n` from `shifted = n + 1.5·2²³` (`shifter`), for an integer `n` in `[-126, 128]`
 /// (128 gives +inf): `shifted` holds `n` in its low mantissa bits, so integer arithmetic on its
 /// bits gives the exponent field `n + 127` directly. The same bits as
-/// `f32::from_bits(((n as i32 + 127) as u32) << 23)`, checked over every f32 input of both
-/// exponentials; but Rust's saturating `as i32` does not vectorise (one scalar conversion and
-/// its range checks per lane, which made `exp` 4-5x slower).
+/// `f32::from_bits(((n as i32 + 127) as u32) << 23)` (both exponentials were checked against
+/// that form over their whole domain), but Rust's saturating `as i32` does not vectorise: one
+/// scalar conversion and its range checks per lane made `exp` 4-5x slower.
 #[inline(always)]
 fn pow2_shifted(shifted: f32, shifter: f32) -> f32 {
     f32::from_bits(

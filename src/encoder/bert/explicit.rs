@@ -317,7 +317,8 @@ impl Explicit<'_> {
     /// included. Sequences are independent without a backward, so the threads never wait for
     /// each other between passes, and every product runs at one thread's full speed; a product
     /// spread over the threads pays a meeting and a share of packing for each of the ~7 products
-    /// and ~10 passes of a layer. Each row's arithmetic is that of the whole batch.
+    /// and ~10 passes of a layer. The results are the whole batch's up to the rounding of
+    /// products blocked differently (bit for bit in the tests' small shapes).
     fn infer_host<T: Host>(&self, inputs: &Inputs) -> Result<Vec<Tensor>> {
         let (batch, seq, h) = (inputs.batch, inputs.seq, self.config.hidden_size);
         let threads = rayon::current_num_threads();
