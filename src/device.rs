@@ -142,8 +142,8 @@ fn process_threads() -> Option<usize> {
 /// to 1: glibc gives threads that allocate at the same time arenas of their own, and an arena
 /// that is never trimmed keeps its own high-water mark, so memory one thread freed (an
 /// inference group's buffers on a worker thread) could not serve another (the training step on
-/// the main one); the buffers here are few and large, so sharing one arena's lock costs nothing
-/// measurable. The cost is that the process keeps its peak heap size after a step, as PyTorch's
+/// the main one); the buffers here are few and large, so sharing one arena's lock cost nothing
+/// measurable (on two cores; not measured on many). The cost is that the process keeps its peak heap size after a step, as PyTorch's
 /// caching allocators do on GPUs. It changes the whole process's allocator; it is safe to call
 /// more than once.
 pub fn retain_freed_cpu_memory() -> bool {
