@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use mlctl::encoder::{Backward, BertConfig, BertEncoder, HiddenAct, ParamStore};
+use mlctl::encoder::{Backward, BertConfig, BertEncoder, EncoderOutput, HiddenAct, ParamStore};
 use mlctl::ops::DropoutKey;
 
 const DEV: Device = Device::Cpu;
@@ -418,6 +418,20 @@ fn trainer_steps_agree_between_the_two_backwards() {
     }
 }
 
+/// Every hidden state of `got` within `tol` (relative) of `want`'s.
+fn assert_hidden_states_close(what: &str, got: &EncoderOutput, want: &EncoderOutput, tol: f64) {
+    assert_eq!(got.hidden_states.len(), want.hidden_states.len(), "{what}");
+    for (i, (h, g)) in got
+        .hidden_states
+        .iter()
+        .zip(&want.hidden_states)
+        .enumerate()
+    {
+        let d = rel_diff(h, g, 0.0);
+        assert!(d <= tol, "{what}: hidden state {i} differs by {d:e}");
+    }
+}
+
 /// Inference splits a batch into one group of sequences per thread, each group's whole forward on
 /// its own thread: on pools of 1 to 4 threads (batches of 5 and 2 split unevenly or not at all,
 /// a batch of 1 never) every hidden state equals the graph path's, f64 to 1e-12, with padding
@@ -439,19 +453,8 @@ fn inference_split_by_sequence_over_threads_equals_the_graph_forward() {
                 let host = pool
                     .install(|| enc.forward_detached(&ids, Some(&types), Some(&mask)))
                     .unwrap();
-                assert_eq!(graph.hidden_states.len(), host.hidden_states.len());
-                for (i, (g, h)) in graph
-                    .hidden_states
-                    .iter()
-                    .zip(&host.hidden_states)
-                    .enumerate()
-                {
-                    let d = rel_diff(h, g, 0.0);
-                    assert!(
-                        d <= tol,
-                        "{dtype:?}, batch {lengths:?}, {threads} threads: hidden state {i} differs by {d:e}"
-                    );
-                }
+                let what = format!("{dtype:?}, batch {lengths:?}, {threads} threads");
+                assert_hidden_states_close(&what, &host, &graph, tol);
             }
         }
     }
@@ -480,18 +483,7 @@ fn inference_on_host_slices_equals_the_graph_forward() {
         let host = enc
             .forward_detached(&ids, Some(&types), Some(&mask))
             .unwrap();
-        assert_eq!(graph.hidden_states.len(), host.hidden_states.len());
-        for (i, (g, h)) in graph
-            .hidden_states
-            .iter()
-            .zip(&host.hidden_states)
-            .enumerate()
-        {
-            let d = rel_diff(h, g, 0.0);
-            assert!(
-                d <= tol,
-                "{dtype:?} roberta={roberta}: hidden state {i} differs by {d:e}"
-            );
-        }
+        let what = format!("{dtype:?} roberta={roberta}");
+        assert_hidden_states_close(&what, &host, &graph, tol);
     }
 }
