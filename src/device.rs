@@ -143,9 +143,9 @@ fn process_threads() -> Option<usize> {
 /// that is never trimmed keeps its own high-water mark, so memory one thread freed (an
 /// inference group's buffers on a worker thread) could not serve another (the training step on
 /// the main one); the buffers here are few and large, so sharing one arena's lock cost nothing
-/// measurable (on two cores; not measured on many). The cost is that the process keeps its peak heap size after a step, as PyTorch's
-/// caching allocators do on GPUs. It changes the whole process's allocator; it is safe to call
-/// more than once.
+/// measurable (on two cores; not measured on many). The cost is that the process keeps its
+/// peak heap size after a step, as PyTorch's caching allocators do on GPUs. It changes the
+/// whole process's allocator; it is safe to call more than once.
 pub fn retain_freed_cpu_memory() -> bool {
     static TUNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TUNED.get_or_init(tune_malloc)
@@ -162,8 +162,8 @@ fn tune_malloc() -> bool {
     const M_MMAP_THRESHOLD: c_int = -3;
     const M_ARENA_MAX: c_int = -8;
     // SAFETY: mallopt only changes the allocator's parameters (it takes the allocator's own
-    // lock); the three values are within the ranges glibc documents and accepts (it returns 0 and
-    // changes nothing otherwise).
+    // lock); the three values are within the ranges glibc documents and accepts (it returns 0
+    // and changes nothing otherwise).
     unsafe {
         mallopt(M_TRIM_THRESHOLD, c_int::MAX) == 1
             && mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
