@@ -144,11 +144,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.7);
-    // Round to nearest by the 1.5 * 2^23 trick: `f32::round` is a libm call that blocks
-    // vectorisation on baseline x86-64.
-    const MAGIC: f32 = 12_582_912.0;
-    let shifted = x * LOG2E + MAGIC;
-    let n = shifted - MAGIC;
+    // n = round(x / ln 2) (see `SHIFTER`).
+    let shifted = x * LOG2E + SHIFTER;
+    let n = shifted - SHIFTER;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -156,7 +154,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = pow2_shifted(shifted, MAGIC);
+    let scale = pow2_shifted(shifted);
     if underflow {
         0.0
     } else {
@@ -164,18 +162,22 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     }
 }
 
-/// `2^n` from `shifted = n + 1.5·2²³` (`shifter`), for an integer `n` in `[-126, 128]`
+/// `1.5·2²³`: adding it to an `|x| < 2²²` rounds `x` to an integer (`f32::round` is a libm call
+/// that blocks vectorisation on baseline x86-64), which then sits in the sum's low mantissa bits.
+const SHIFTER: f32 = 12_582_912.0;
+
+/// `2^n` from `shifted = n + SHIFTER`, for an integer `n` in `[-126, 128]`
 /// (128 gives +inf): `shifted` holds `n` in its low mantissa bits, so integer arithmetic on its
 /// bits gives the exponent field `n + 127` directly. The same bits as
 /// `f32::from_bits(((n as i32 + 127) as u32) << 23)` (both exponentials were checked against
 /// that form over their whole domain), but Rust's saturating `as i32` does not vectorise: one
 /// scalar conversion and its range checks per lane made `exp` 4-5x slower.
 #[inline(always)]
-fn pow2_shifted(shifted: f32, shifter: f32) -> f32 {
+fn pow2_shifted(shifted: f32) -> f32 {
     f32::from_bits(
         shifted
             .to_bits()
-            .wrapping_sub(shifter.to_bits())
+            .wrapping_sub(SHIFTER.to_bits())
             .wrapping_add(127)
             << 23,
     )
@@ -324,8 +326,7 @@ pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
     // Below ln(f32::MIN_POSITIVE) the result would be subnormal: flush to 0 (and -inf to 0).
     const LO: f32 = -87.336_55;
     let xc = if x < LO { LO } else { x };
-    // n = round(x / ln 2) via the 1.5·2²³ trick (no `round` call, which would not vectorize).
-    const SHIFTER: f32 = 12_582_912.0;
+    // n = round(x / ln 2) (see `SHIFTER`).
     let shifted = xc * std::f32::consts::LOG2_E + SHIFTER;
     let n = shifted - SHIFTER;
     // r = x − n ln 2, with ln 2 split in two for precision.
@@ -337,7 +338,7 @@ pub(crate) fn exp_nonpos_f32(x: f32) -> f32 {
     let p = p * r + 0.166_666_65;
     let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    let two_n = pow2_shifted(shifted, SHIFTER);
+    let two_n = pow2_shifted(shifted);
     if x < LO {
         0.0
     } else {
@@ -352,12 +353,11 @@ mod tests {
     /// The exponent built from the shifted value's bits is exactly `2^n` over the whole range.
     #[test]
     fn pow2_from_the_shifted_bits_is_exact() {
-        const SHIFTER: f32 = 12_582_912.0;
         for n in -126..=127 {
-            let got = pow2_shifted(n as f32 + SHIFTER, SHIFTER);
+            let got = pow2_shifted(n as f32 + SHIFTER);
             assert_eq!(got, 2f32.powi(n), "2^{n}");
         }
-        assert_eq!(pow2_shifted(128.0 + SHIFTER, SHIFTER), f32::INFINITY);
+        assert_eq!(pow2_shifted(128.0 + SHIFTER), f32::INFINITY);
     }
 
     /// `exp_f32` within 2 ulp of the exact value (f64) on a fine grid of its finite range, and
