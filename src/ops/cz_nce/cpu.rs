@@ -28,7 +28,8 @@
 //! the constant `ε` and `∂L/∂q_i = ∂L/∂q̂_i / ε` (this is exactly what autograd gives for
 //! `x / sqrt(max(Σx², ε²))`, the composite twin's formula).
 //!
-//! Cost: the forward is two GEMMs (`Ŝ_out`, `Ŝ_in`) for plain CZ-NCE plus one row-wise pass over
+//! Cost: the forward is two GEMMs (`Ŝ_out`, and `Ŝ_in`, of which only the bands on and below the
+//! diagonal are multiplied: a little over half a GEMM) for plain CZ-NCE plus one row-wise pass over
 //! the `B × 2B` logits (max, log-sum-exp and the softmax weights `G`, parallel over rows with
 //! rayon, vectorized exponentials); the gradient is three more GEMMs (`G_out k̂`, `G_in,sym q̂`,
 //! `G_outᵀ q̂`) and an `O(B·D)` Jacobian pass. The row pass writes `G` over the similarity
@@ -164,25 +165,154 @@ pub(super) fn gemm_into<T: Real>(
     gemm(dst, rhs.cols, lhs, rhs, beta, accumulate, threads);
 }
 
+/// `a b_ᵀ` for row-major `rows × d` sides. `b_` is transposed first: the `gemm` crate packs a
+/// transposed right-hand side (`d`-strided columns) at up to half its speed when `rows` is small
+/// beside `d` (B 256 × D 1536), and the `O(rows · d)` copy is cheap beside the `rows² · d` product.
 fn gram<T: Real>(a: &[T], b_: &[T], rows: usize, d: usize, par: bool) -> Vec<T> {
-    let mut out = vec![T::ZERO; rows * rows];
-    let va = View::rows(a, rows, d);
-    let vb = View::rows(b_, rows, d);
-    gemm_into(&mut out, va, vb.t(), T::ONE, false, par);
+    gram_rect(a, (b_, rows), rows, d, par)
+}
+
+/// `a b_ᵀ` for a row-major `a_rows × d` left side and a row-major `b_rows × d` right side
+/// (`[a_rows, b_rows]`), through the transposed right side (see [`gram`]).
+pub(super) fn gram_rect<T: Real>(
+    a: &[T],
+    (b_, b_rows): (&[T], usize),
+    a_rows: usize,
+    d: usize,
+    par: bool,
+) -> Vec<T> {
+    let mut out = vec![T::ZERO; a_rows * b_rows];
+    let b_t = transpose_rect(&b_[..b_rows * d], b_rows, d, par);
+    let va = View::rows(a, a_rows, d);
+    gemm_into(
+        &mut out,
+        va,
+        View::rows(&b_t, d, b_rows),
+        T::ONE,
+        false,
+        par,
+    );
     out
 }
 
-fn transpose<T: Real>(x: &[T], b: usize, par: bool) -> Vec<T> {
+/// `a aᵀ` for a row-major `b × d` matrix, multiplying only the blocks on and below the
+/// diagonal (each band of rows against the columns up to the band's end: about half the work
+/// of [`gram`] for many bands) and mirroring the rest, so the result is exactly symmetric.
+fn gram_sym<T: Real>(a: &[T], b: usize, d: usize, par: bool) -> Vec<T> {
     let mut out = vec![T::ZERO; b * b];
-    let row = |(i, row): (usize, &mut [T])| {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = x[j * b + i];
+    if b == 0 {
+        return out;
+    }
+    let a_t = transpose_rect(&a[..b * d], b, d, par);
+    // Enough bands for each thread to get several, none so thin that a product is mostly
+    // overhead.
+    let band = b.div_ceil(4 * rayon::current_num_threads()).max(32);
+    let run = |(i, rows): (usize, &mut [T])| {
+        let (r0, r1) = (i * band, (i * band + rows.len() / b));
+        let lhs = View::block(&a[r0 * d..], r1 - r0, d, d);
+        let rhs = View::block(&a_t, d, r1, b);
+        gemm(rows, b, lhs, rhs, T::ONE, false, Threads::One);
+    };
+    let mut bands: Vec<(usize, &mut [T])> = out.chunks_mut(band * b).enumerate().collect();
+    if par {
+        // Band i costs about i + 1 units: the order 0, n−1, 1, n−2, … puts equal work in each
+        // half of every split rayon makes.
+        let n = bands.len();
+        let mut order: Vec<Option<(usize, &mut [T])>> = bands.into_iter().map(Some).collect();
+        let balanced: Vec<(usize, &mut [T])> = (0..n)
+            .map(|j| if j % 2 == 0 { j / 2 } else { n - 1 - j / 2 })
+            .map(|i| order[i].take().expect("each band once"))
+            .collect();
+        balanced.into_par_iter().with_max_len(1).for_each(run);
+    } else {
+        bands.drain(..).for_each(run);
+    }
+    mirror_lower(&mut out, b, par);
+    out
+}
+
+/// Copies the strict lower triangle of a row-major `b × b` matrix onto the upper one, in place,
+/// through a `16 × 16` tile buffer so that reads and writes are runs of contiguous values (see
+/// [`transpose_rect`]).
+fn mirror_lower<T: Real>(g: &mut [T], b: usize, par: bool) {
+    const TILE: usize = 16;
+    assert_eq!(g.len(), b * b);
+    let ptr = SharedMut(g.as_mut_ptr());
+    // Task `ti` reads row block `ti` left of and on the diagonal, and writes column block `ti`
+    // above the diagonal.
+    let block = |ti: usize| {
+        let p = ptr;
+        let (i0, h) = (ti * TILE, TILE.min(b - ti * TILE));
+        let mut t = [[T::ZERO; TILE]; TILE];
+        for j0 in (0..=i0).step_by(TILE) {
+            let w = TILE.min(b - j0);
+            // SAFETY: every index is below b·b. Task `ti` writes only entries (j, i) with
+            // j < i and i in block ti (strictly above the diagonal, in its own column block),
+            // and reads only row block ti at columns up to the end of its diagonal tile. Of what
+            // it reads, only the upper part of its own diagonal tile is ever written, by itself,
+            // after the tile was read; the lower triangle is never written.
+            unsafe {
+                for (r, row) in (0..h).map(|r| (r, p.0.add((i0 + r) * b + j0))) {
+                    for (c, tc) in t.iter_mut().enumerate().take(w) {
+                        tc[r] = *row.add(c);
+                    }
+                }
+                for (c, tc) in t.iter().enumerate().take(w) {
+                    let dst = p.0.add((j0 + c) * b + i0);
+                    for (r, &v) in tc.iter().enumerate().take(h) {
+                        if j0 + c < i0 + r {
+                            *dst.add(r) = v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let blocks = b.div_ceil(TILE);
+    if par {
+        (0..blocks).into_par_iter().for_each(block);
+    } else {
+        (0..blocks).for_each(block);
+    }
+}
+
+/// The transpose of a row-major `b × b` matrix.
+fn transpose<T: Real>(x: &[T], b: usize, par: bool) -> Vec<T> {
+    transpose_rect(x, b, b, par)
+}
+
+/// The transpose (`cols × rows`, row-major) of a row-major `rows × cols` matrix, in `16 × 16`
+/// tiles copied through a local buffer: every read and write is a run of 16 contiguous values.
+/// (Writing one element per output row at a time is several times slower when rows are a
+/// power-of-two size apart: the 16 streams then share one set of the L1 cache.)
+fn transpose_rect<T: Real>(x: &[T], rows: usize, cols: usize, par: bool) -> Vec<T> {
+    const TILE: usize = 16;
+    assert_eq!(x.len(), rows * cols);
+    let mut out = vec![T::ZERO; rows * cols];
+    if rows == 0 {
+        return out;
+    }
+    // Output rows c0..c0 + w (input columns), one strip per task.
+    let strip = |(s, block): (usize, &mut [T])| {
+        let (c0, w) = (s * TILE, block.len() / rows);
+        let mut tile = [[T::ZERO; TILE]; TILE];
+        for r0 in (0..rows).step_by(TILE) {
+            let h = TILE.min(rows - r0);
+            for r in 0..h {
+                let src = &x[(r0 + r) * cols + c0..][..w];
+                for (c, &v) in src.iter().enumerate() {
+                    tile[c][r] = v;
+                }
+            }
+            for (c, t) in tile.iter().enumerate().take(w) {
+                block[c * rows + r0..][..h].copy_from_slice(&t[..h]);
+            }
         }
     };
     if par {
-        out.par_chunks_mut(b).enumerate().for_each(row);
+        out.par_chunks_mut(TILE * rows).enumerate().for_each(strip);
     } else {
-        out.chunks_mut(b).enumerate().for_each(row);
+        out.chunks_mut(TILE * rows).enumerate().for_each(strip);
     }
     out
 }
@@ -340,8 +470,8 @@ pub(crate) fn cz_nce<T: Real>(
     let qn = normalize(q, b, d, spec.normalize, par);
     let kn = normalize(k, b, d, spec.normalize, par);
     let s_out = gram(&qn.hat, &kn.hat, b, d, par);
-    let mut s_in = spec.needs_in().then(|| gram(&qn.hat, &qn.hat, b, d, par));
-    let mut s_kk = spec.needs_kk().then(|| gram(&kn.hat, &kn.hat, b, d, par));
+    let mut s_in = spec.needs_in().then(|| gram_sym(&qn.hat, b, d, par));
+    let mut s_kk = spec.needs_kk().then(|| gram_sym(&kn.hat, b, d, par));
     let take = |slot: &mut Option<Vec<T>>| first_read(slot, spec);
     let s_out_t = spec.symmetric.then(|| transpose(&s_out, b, par));
     let mut acc = Accumulators::new(b, scale, spec, (want_grad, par));
@@ -497,7 +627,8 @@ pub(super) fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>, par: boo
     }
 }
 
-/// A raw pointer that rayon tasks may share; see [`symmetrize_in_place`] for why that is sound.
+/// A raw pointer that rayon tasks may share; see [`symmetrize_in_place`] and
+/// [`mirror_lower`] for why that is sound.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
 unsafe impl<T: Send> Send for SharedMut<T> {}
@@ -625,6 +756,44 @@ mod tests {
                         g[i * b + j] + g[j * b + i],
                         "b={b} ({i},{j})"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_matches_definition() {
+        for (rows, cols) in [(0, 3), (1, 1), (17, 33), (33, 17), (64, 64), (5, 40)] {
+            let x: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
+            for par in [false, true] {
+                let t = transpose_rect(&x, rows, cols, par);
+                for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
+                    assert_eq!(t[c * rows + r], x[r * cols + c], "{rows}x{cols} ({r},{c})");
+                }
+            }
+        }
+    }
+
+    /// Every entry of `gram_sym` is the dot product of its two rows (to `d` roundings of a sum
+    /// of at most `d` in magnitude), and the result is exactly symmetric: with a pool of
+    /// three threads the bands are uneven and the last one short.
+    #[test]
+    fn symmetric_gram_is_the_product_of_its_rows() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for (b, d) in [(1, 4), (7, 3), (9, 50), (37, 20), (130, 33)] {
+            let a: Vec<f64> = (0..b * d)
+                .map(|i| ((i * 37 % 101) as f64 - 50.0) / 50.0)
+                .collect();
+            for par in [false, true] {
+                let g = pool.install(|| gram_sym(&a, b, d, par));
+                for (i, j) in (0..b).flat_map(|i| (0..b).map(move |j| (i, j))) {
+                    let want: f64 = (0..d).map(|p| a[i * d + p] * a[j * d + p]).sum();
+                    let tol = (d * d) as f64 * f64::EPSILON;
+                    assert!((g[i * b + j] - want).abs() <= tol, "b={b} ({i},{j})");
+                    assert_eq!(g[i * b + j], g[j * b + i], "b={b} ({i},{j})");
                 }
             }
         }

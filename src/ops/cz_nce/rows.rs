@@ -20,8 +20,8 @@
 //! holds `[b, b]` blocks.
 
 use super::cpu::{
-    accumulate, band_runs_serial, direction_pass, first_read, gemm_into, norm_backward, normalize,
-    Grads, Normed, Output,
+    accumulate, band_runs_serial, direction_pass, first_read, gemm_into, gram_rect, norm_backward,
+    normalize, Grads, Normed, Output,
 };
 use super::spec::Spec;
 use crate::ops::gemm::View;
@@ -140,11 +140,13 @@ impl<T: Real> Band<'_, T> {
 
     /// The unscaled band block `Â_band B̂ᵀ` (`[n, b]`).
     fn gram(&self, (a, b_): (Side, Side)) -> Vec<T> {
-        let mut out = vec![T::ZERO; self.n * self.b];
-        let va = View::rows(self.rows(a), self.n, self.d);
-        let vb = View::rows(self.full(b_), self.b, self.d);
-        gemm_into(&mut out, va, vb.t(), T::ONE, false, self.par);
-        out
+        gram_rect(
+            self.rows(a),
+            (self.full(b_), self.b),
+            self.n,
+            self.d,
+            self.par,
+        )
     }
 
     /// `∂L/∂q` and `∂L/∂k` from the band blocks' logit gradients.
