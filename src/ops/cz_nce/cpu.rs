@@ -231,49 +231,9 @@ fn gram_sym<T: Real>(a: &[T], b: usize, d: usize, par: bool) -> Vec<T> {
     out
 }
 
-/// Copies the strict lower triangle of a row-major `b × b` matrix onto the upper one, in place,
-/// through a `16 × 16` tile buffer so that reads and writes are runs of contiguous values (see
-/// [`transpose_rect`]).
+/// Copies the strict lower triangle of a row-major `b × b` matrix onto the upper one, in place.
 fn mirror_lower<T: Real>(g: &mut [T], b: usize, par: bool) {
-    const TILE: usize = 16;
-    assert_eq!(g.len(), b * b);
-    let ptr = SharedMut(g.as_mut_ptr());
-    // Task `ti` reads row block `ti` left of and on the diagonal, and writes column block `ti`
-    // above the diagonal.
-    let block = |ti: usize| {
-        let p = ptr;
-        let (i0, h) = (ti * TILE, TILE.min(b - ti * TILE));
-        let mut t = [[T::ZERO; TILE]; TILE];
-        for j0 in (0..=i0).step_by(TILE) {
-            let w = TILE.min(b - j0);
-            // SAFETY: every index is below b·b. Task `ti` writes only entries (j, i) with
-            // j < i and i in block ti (strictly above the diagonal, in its own column block),
-            // and reads only row block ti at columns up to the end of its diagonal tile. Of what
-            // it reads, only the upper part of its own diagonal tile is ever written, by itself,
-            // after the tile was read; the lower triangle is never written.
-            unsafe {
-                for (r, row) in (0..h).map(|r| (r, p.0.add((i0 + r) * b + j0))) {
-                    for (c, tc) in t.iter_mut().enumerate().take(w) {
-                        tc[r] = *row.add(c);
-                    }
-                }
-                for (c, tc) in t.iter().enumerate().take(w) {
-                    let dst = p.0.add((j0 + c) * b + i0);
-                    for (r, &v) in tc.iter().enumerate().take(h) {
-                        if j0 + c < i0 + r {
-                            *dst.add(r) = v;
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let blocks = b.div_ceil(TILE);
-    if par {
-        (0..blocks).into_par_iter().for_each(block);
-    } else {
-        (0..blocks).for_each(block);
-    }
+    combine_pairs_in_place(g, b, par, |lower, _| lower);
 }
 
 /// The transpose of a row-major `b × b` matrix.
@@ -627,47 +587,74 @@ pub(super) fn accumulate<T: Real>(slot: &mut Option<Vec<T>>, v: Vec<T>, par: boo
     }
 }
 
-/// A raw pointer that rayon tasks may share; see [`symmetrize_in_place`] and
-/// [`mirror_lower`] for why that is sound.
+/// A raw pointer that rayon tasks may share; see [`combine_pairs_in_place`] for why that is
+/// sound.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
 unsafe impl<T: Send> Send for SharedMut<T> {}
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
-/// In place `G ← G + Gᵀ` for a row-major `b × b` matrix, in `TILE × TILE` tiles.
+/// In place `G ← G + Gᵀ` for a row-major `b × b` matrix.
 fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize, par: bool) {
-    const TILE: usize = 64;
+    combine_pairs_in_place(g, b, par, |lower, upper| lower + upper);
+}
+
+/// In place, for every `j ≤ i` of a row-major `b × b` matrix: `g[i, j]` and `g[j, i]` both
+/// become `f(g[i, j], g[j, i])`. Each pair of `16 × 16` tiles goes through two local buffers,
+/// so that reads and writes are runs of contiguous values (see [`transpose_rect`]).
+fn combine_pairs_in_place<T: Real>(g: &mut [T], b: usize, par: bool, f: impl Fn(T, T) -> T + Sync) {
+    const TILE: usize = 16;
     assert_eq!(g.len(), b * b);
     let ptr = SharedMut(g.as_mut_ptr());
-    let tiles = b.div_ceil(TILE);
-    let tile = |ti: usize| {
+    // Task `ti` owns row block `ti` left of and on the diagonal and column block `ti` above it.
+    let block = |ti: usize| {
         let p = ptr;
-        let (i0, i1) = (ti * TILE, ((ti + 1) * TILE).min(b));
-        for tj in 0..=ti {
-            let j0 = tj * TILE;
-            for i in i0..i1 {
-                // Entry pairs (i, j) with j < i, plus the diagonal (j = i).
-                let j1 = ((tj + 1) * TILE).min(b).min(i + 1);
-                for j in j0..j1 {
-                    // SAFETY: i, j < b, so both indices are in bounds. Task `ti` is the only
-                    // one touching the pairs {(i, j), (j, i)} with i in tile ti and j ≤ i:
-                    // every unordered pair is owned by the tile of its larger index, so no
-                    // element is read or written by two tasks.
-                    unsafe {
-                        let a = p.0.add(i * b + j);
-                        let t = p.0.add(j * b + i);
-                        let s = *a + *t;
-                        *a = s;
-                        *t = s;
+        let (i0, h) = (ti * TILE, TILE.min(b - ti * TILE));
+        // lo[r][c] = g[i0 + r, j0 + c] (lower tile), up[c][r] = g[j0 + c, i0 + r] (its mirror).
+        let mut lo = [[T::ZERO; TILE]; TILE];
+        let mut up = [[T::ZERO; TILE]; TILE];
+        for j0 in (0..=i0).step_by(TILE) {
+            let w = TILE.min(b - j0);
+            // SAFETY: every index is below b·b. Task `ti` touches only entries (i, j) with i in
+            // block ti and j before the end of its diagonal tile, and their mirrors (j, i):
+            // another task's entries have their larger-block index in its own block, so no
+            // entry is touched by two tasks. On the diagonal tile (j0 = i0) both buffers hold
+            // the same entries; `up` is written back only strictly above the diagonal, after
+            // `lo`, so each entry ends as f of its pair.
+            unsafe {
+                for (r, row) in lo.iter_mut().enumerate().take(h) {
+                    let src = p.0.add((i0 + r) * b + j0);
+                    row[..w].copy_from_slice(std::slice::from_raw_parts(src, w));
+                }
+                for (c, col) in up.iter_mut().enumerate().take(w) {
+                    let src = p.0.add((j0 + c) * b + i0);
+                    col[..h].copy_from_slice(std::slice::from_raw_parts(src, h));
+                }
+                for r in 0..h {
+                    for c in 0..w.min(i0 + r + 1 - j0) {
+                        let v = f(lo[r][c], up[c][r]);
+                        lo[r][c] = v;
+                        up[c][r] = v;
+                    }
+                }
+                for (r, row) in lo.iter().enumerate().take(h) {
+                    let dst = p.0.add((i0 + r) * b + j0);
+                    std::slice::from_raw_parts_mut(dst, w).copy_from_slice(&row[..w]);
+                }
+                for (c, col) in up.iter().enumerate().take(w) {
+                    let dst = p.0.add((j0 + c) * b + i0);
+                    for r in (0..h).filter(|&r| j0 + c < i0 + r) {
+                        *dst.add(r) = col[r];
                     }
                 }
             }
         }
     };
+    let blocks = b.div_ceil(TILE);
     if par {
-        (0..tiles).into_par_iter().for_each(tile);
+        (0..blocks).into_par_iter().for_each(block);
     } else {
-        (0..tiles).for_each(tile);
+        (0..blocks).for_each(block);
     }
 }
 
