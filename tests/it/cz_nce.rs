@@ -610,7 +610,6 @@ fn bad_inputs_give_typed_errors() -> R<()> {
     Ok(())
 }
 
-/// B ≥ 512 takes the fused kernel's block-triangular Gram path for `q q^T` / `k k^T`.
 /// The fused band of rows against its composite twin, for every option, layout and dtype, on
 /// bands at the start, middle and end of the batch: values and the gradients of every row.
 #[test]
@@ -681,6 +680,8 @@ fn fused_rows_serial_and_pooled_match_composite_rows_f64() -> R<()> {
     Ok(())
 }
 
+/// B 600 runs on the rayon pool with several bands of the lower-half products `q̂q̂ᵀ` and
+/// `k̂k̂ᵀ`, uneven at the end; both directions read them: against the composite twin.
 #[test]
 fn large_batch_matches_composite_f64() -> R<()> {
     let (b, d) = (600, 3);
