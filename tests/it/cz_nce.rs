@@ -681,7 +681,7 @@ fn fused_rows_serial_and_pooled_match_composite_rows_f64() -> R<()> {
 }
 
 /// B 600 runs on the rayon pool with several bands of the lower-half products `q̂q̂ᵀ` and
-/// `k̂k̂ᵀ`, uneven at the end; both directions read them: against the composite twin.
+/// `k̂k̂ᵀ`, which both directions read: against the composite twin.
 #[test]
 fn large_batch_matches_composite_f64() -> R<()> {
     let (b, d) = (600, 3);
