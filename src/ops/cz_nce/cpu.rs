@@ -243,8 +243,8 @@ fn transpose<T: Real>(x: &[T], b: usize, par: bool) -> Vec<T> {
 
 /// The transpose (`cols × rows`, row-major) of a row-major `rows × cols` matrix, in `16 × 16`
 /// tiles copied through a local buffer: every read and write is a run of 16 contiguous values.
-/// (Writing one element per output row at a time is several times slower when rows are a
-/// power-of-two size apart: the 16 streams then share one set of the L1 cache.)
+/// (Writing one element per output row at a time, to 16 output rows far apart, took 2.6–3.5x as
+/// long at 1000–1024 rows and about 1.5x at 64–256, on a 2-vCPU AVX-512 AMD EPYC.)
 fn transpose_rect<T: Real>(x: &[T], rows: usize, cols: usize, par: bool) -> Vec<T> {
     const TILE: usize = 16;
     assert_eq!(x.len(), rows * cols);
