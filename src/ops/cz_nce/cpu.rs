@@ -218,14 +218,16 @@ fn gram_sym<T: Real>(a: &[T], b: usize, d: usize, par: bool) -> Vec<T> {
         // Band i costs about i + 1 units: the order 0, n−1, 1, n−2, … puts equal work in each
         // half of every split rayon makes.
         let n = bands.len();
-        let mut order: Vec<Option<(usize, &mut [T])>> = bands.into_iter().map(Some).collect();
-        let balanced: Vec<(usize, &mut [T])> = (0..n)
-            .map(|j| if j % 2 == 0 { j / 2 } else { n - 1 - j / 2 })
-            .map(|i| order[i].take().expect("each band once"))
-            .collect();
-        balanced.into_par_iter().with_max_len(1).for_each(run);
+        bands.sort_by_key(|&(i, _)| {
+            if 2 * i < n {
+                2 * i
+            } else {
+                2 * (n - 1 - i) + 1
+            }
+        });
+        bands.into_par_iter().with_max_len(1).for_each(run);
     } else {
-        bands.drain(..).for_each(run);
+        bands.into_iter().for_each(run);
     }
     mirror_lower(&mut out, b, par);
     out
