@@ -44,6 +44,7 @@ pub(crate) mod num;
 pub(crate) mod philox;
 pub(crate) mod softmax;
 pub(crate) mod transformer;
+pub(crate) mod transpose;
 mod vocab_nll;
 
 pub use bias::{bias_add, bias_add_composite, bias_add_fused};

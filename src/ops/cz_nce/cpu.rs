@@ -43,6 +43,7 @@
 use super::spec::{Spec, NORM_EPS};
 use crate::ops::gemm::{gemm, Threads, View};
 use crate::ops::num::Real;
+use crate::ops::transpose::transposed;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -182,7 +183,7 @@ pub(super) fn gram_rect<T: Real>(
     par: bool,
 ) -> Vec<T> {
     let mut out = vec![T::ZERO; a_rows * b_rows];
-    let b_t = transpose_rect(&b_[..b_rows * d], b_rows, d, par);
+    let b_t = transposed(&b_[..b_rows * d], b_rows, d, par);
     let va = View::rows(a, a_rows, d);
     gemm_into(
         &mut out,
@@ -203,7 +204,7 @@ fn gram_sym<T: Real>(a: &[T], b: usize, d: usize, par: bool) -> Vec<T> {
     if b == 0 {
         return out;
     }
-    let a_t = transpose_rect(&a[..b * d], b, d, par);
+    let a_t = transposed(&a[..b * d], b, d, par);
     // Enough bands for each thread to get several, none so thin that a product is mostly
     // overhead.
     let band = b.div_ceil(4 * rayon::current_num_threads()).max(32);
@@ -240,43 +241,7 @@ fn mirror_lower<T: Real>(g: &mut [T], b: usize, par: bool) {
 
 /// The transpose of a row-major `b × b` matrix.
 fn transpose<T: Real>(x: &[T], b: usize, par: bool) -> Vec<T> {
-    transpose_rect(x, b, b, par)
-}
-
-/// The transpose (`cols × rows`, row-major) of a row-major `rows × cols` matrix, in `16 × 16`
-/// tiles copied through a local buffer: every read and write is a run of 16 contiguous values.
-/// (Writing one element per output row at a time, to 16 output rows far apart, took 2.6–3.5x as
-/// long at 1000–1024 rows and about 1.5x at 64–256, on a 2-vCPU AVX-512 AMD EPYC.)
-fn transpose_rect<T: Real>(x: &[T], rows: usize, cols: usize, par: bool) -> Vec<T> {
-    const TILE: usize = 16;
-    assert_eq!(x.len(), rows * cols);
-    let mut out = vec![T::ZERO; rows * cols];
-    if rows == 0 {
-        return out;
-    }
-    // Output rows c0..c0 + w (input columns), one strip per task.
-    let strip = |(s, block): (usize, &mut [T])| {
-        let (c0, w) = (s * TILE, block.len() / rows);
-        let mut tile = [[T::ZERO; TILE]; TILE];
-        for r0 in (0..rows).step_by(TILE) {
-            let h = TILE.min(rows - r0);
-            for r in 0..h {
-                let src = &x[(r0 + r) * cols + c0..][..w];
-                for (c, &v) in src.iter().enumerate() {
-                    tile[c][r] = v;
-                }
-            }
-            for (c, t) in tile.iter().enumerate().take(w) {
-                block[c * rows + r0..][..h].copy_from_slice(&t[..h]);
-            }
-        }
-    };
-    if par {
-        out.par_chunks_mut(TILE * rows).enumerate().for_each(strip);
-    } else {
-        out.chunks_mut(TILE * rows).enumerate().for_each(strip);
-    }
-    out
+    transposed(x, b, b, par)
 }
 
 /// `max(init, max(x))`, kept in 8 lanes so that the compiler vectorizes it (like [`dot`]:
@@ -603,7 +568,7 @@ fn symmetrize_in_place<T: Real>(g: &mut [T], b: usize, par: bool) {
 
 /// In place, for every `j ≤ i` of a row-major `b × b` matrix: `g[i, j]` and `g[j, i]` both
 /// become `f(g[i, j], g[j, i])`. Each pair of `16 × 16` tiles goes through two local buffers,
-/// so that reads and writes are runs of contiguous values (see [`transpose_rect`]).
+/// so that reads and writes are runs of contiguous values (see [`transposed`]).
 fn combine_pairs_in_place<T: Real>(g: &mut [T], b: usize, par: bool, f: impl Fn(T, T) -> T + Sync) {
     const TILE: usize = 16;
     assert_eq!(g.len(), b * b);
@@ -745,19 +710,6 @@ mod tests {
                         g[i * b + j] + g[j * b + i],
                         "b={b} ({i},{j})"
                     );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn transpose_matches_definition() {
-        for (rows, cols) in [(0, 3), (1, 1), (17, 33), (33, 17), (64, 64), (5, 40)] {
-            let x: Vec<f64> = (0..rows * cols).map(|i| i as f64).collect();
-            for par in [false, true] {
-                let t = transpose_rect(&x, rows, cols, par);
-                for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
-                    assert_eq!(t[c * rows + r], x[r * cols + c], "{rows}x{cols} ({r},{c})");
                 }
             }
         }
