@@ -171,9 +171,9 @@ pub(crate) fn gemm<T: Real>(
 
 /// Column strides, in bytes, that the `gemm` crate packs slowly: measured single-threaded on an
 /// AVX-512 AMD EPYC, a right-hand side stored transposed (each column contiguous) with a column
-/// stride that is a multiple of 2 KiB multiplied at 70–85 GFLOP/s where the plain layout ran at
-/// 105–110 (k 512–4096), and at 30–50 against 90–100 for 64–128 rows; strides of 2.5 or 5 KiB
-/// did not.
+/// stride that is a multiple of 2 KiB multiplied at 66–94 GFLOP/s where the plain layout ran at
+/// 99–117 (k 512–4096, 256–1024 rows), and at 30–50 against 90–100 for 64–128 rows; strides of
+/// 2.5, 3 or 5 KiB lost 0–7 %.
 const SLOW_STRIDE: usize = 2048;
 
 /// The bytes a padded column stride adds: one cache line.
@@ -182,8 +182,8 @@ const PAD_BYTES: usize = 64;
 /// `rhs` (`k × n`) copied to contiguous columns `k + 64 bytes` apart, when it is stored
 /// transposed with a column stride the `gemm` crate packs slowly ([`SLOW_STRIDE`]); `None`
 /// otherwise. The copy reads and writes the matrix once, which costs far less than the packing
-/// it saves once the columns are at least 2 KiB long (the weights of a linear layer whose input
-/// is 512, 1024 or 3072 wide). Returns the copy and its column stride in elements.
+/// it saves once the columns are at least 2 KiB long (the weight of a linear layer whose input
+/// width is a multiple of 512, in f32). Returns the copy and its column stride in elements.
 fn padded_columns<T: Real>(rhs: &View<'_, T>, parallel: bool) -> Option<(Vec<T>, usize)> {
     let size = std::mem::size_of::<T>();
     let (k, n) = (rhs.rows, rhs.cols);
