@@ -169,32 +169,53 @@ pub(crate) fn gemm<T: Real>(
     }
 }
 
-/// Column strides, in bytes, that the `gemm` crate packs slowly: measured single-threaded on an
-/// AVX-512 AMD EPYC, a right-hand side stored transposed (each column contiguous) with a column
-/// stride that is a multiple of 2 KiB multiplied at 66–94 GFLOP/s where the plain layout ran at
-/// 99–117 (k 512–4096, 256–1024 rows), and at 30–50 against 90–100 for 64–128 rows; strides of
-/// 2.5, 3 or 5 KiB lost 0–7 %.
+/// Column strides, in bytes, that the `gemm` crate's AVX-512 kernels pack slowly: measured
+/// single-threaded on an AVX-512 AMD EPYC, a right-hand side stored transposed (each column
+/// contiguous) with a column stride that is a multiple of 2 KiB multiplied at 66–94 GFLOP/s
+/// where the plain layout ran at 99–117 (k 512–4096, 256–1024 rows), and at 30–50 against 90–100
+/// for 64–128 rows; strides of 2.5, 3 or 5 KiB lost 0–7 %. The crate's AVX2 kernels (the same
+/// machine, the crate built without AVX-512) packed those strides at full speed.
 const SLOW_STRIDE: usize = 2048;
 
 /// The bytes a padded column stride adds: one cache line.
 const PAD_BYTES: usize = 64;
 
-/// `rhs` (`k × n`) copied to contiguous columns `k + 64 bytes` apart, when it is stored
-/// transposed with a column stride the `gemm` crate packs slowly ([`SLOW_STRIDE`]); `None`
-/// otherwise. The copy reads and writes the matrix once, which costs far less than the packing
-/// it saves once the columns are at least 2 KiB long (the weight of a linear layer whose input
-/// width is a multiple of 512, in f32). Returns the copy and its column stride in elements.
+/// `rhs` (`k × n`) copied by [`padded_copy`] when the `gemm` crate would pack it slowly
+/// ([`packs_slowly`]); `None` otherwise.
 fn padded_columns<T: Real>(rhs: &View<'_, T>, parallel: bool) -> Option<(Vec<T>, usize)> {
+    (packs_slowly(rhs) && gemm_runs_avx512()).then(|| padded_copy(rhs, parallel))
+}
+
+/// Whether `rhs` is stored transposed with a column stride of [`SLOW_STRIDE`] and columns at
+/// least that long: the weight of a linear layer whose input width is a multiple of 512 (f32).
+/// The copy costs far less than the packing it saves there.
+fn packs_slowly<T: Real>(rhs: &View<'_, T>) -> bool {
     let size = std::mem::size_of::<T>();
-    let (k, n) = (rhs.rows, rhs.cols);
-    let slow = rhs.rs == 1
+    rhs.rs == 1
         && rhs.cs > 0
         && (rhs.cs as usize * size) % SLOW_STRIDE == 0
-        && k * size >= SLOW_STRIDE
-        && n > 1;
-    if !slow {
-        return None;
+        && rhs.rows * size >= SLOW_STRIDE
+        && rhs.cols > 1
+}
+
+/// Whether the `gemm` crate runs its AVX-512 kernels here (it checks the same feature).
+fn gemm_runs_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `rhs` (`k × n`, columns contiguous) copied to columns `k + 64 bytes` apart, reading and
+/// writing the matrix once. Returns the copy and its column stride in elements.
+fn padded_copy<T: Real>(rhs: &View<'_, T>, parallel: bool) -> (Vec<T>, usize) {
+    let size = std::mem::size_of::<T>();
+    let (k, n) = (rhs.rows, rhs.cols);
+    assert_eq!(rhs.rs, 1, "columns must be contiguous");
     let stride = k + PAD_BYTES / size;
     let src = rhs.cs as usize;
     let mut out = Vec::with_capacity(n * stride);
@@ -214,7 +235,7 @@ fn padded_columns<T: Real>(rhs: &View<'_, T>, parallel: bool) -> Option<(Vec<T>,
     }
     // SAFETY: the loops above wrote every one of the first `n * stride` elements.
     unsafe { out.set_len(n * stride) };
-    Some((out, stride))
+    (out, stride)
 }
 
 #[cfg(test)]
@@ -265,71 +286,77 @@ mod tests {
         }
     }
 
-    /// A right-hand side stored transposed at a 2 KiB-multiple column stride goes through the
-    /// padded copy; its product must still be the definition's, serial and on the pool, for a
-    /// block whose columns are shorter than their stride and for f32.
+    /// `a · rhs` through [`gemm`], serially and on the pool, checked against `want` within `tol`.
+    fn check_product<T: Real + Into<f64>>(a: &[T], rhs: View<'_, T>, want: &[f64], tol: f64) {
+        let (m, n) = (a.len() / rhs.rows, rhs.cols);
+        for threads in [Threads::One, Threads::Pool] {
+            let mut c = vec![T::lit(f64::NAN); m * n];
+            gemm(
+                &mut c,
+                n,
+                View::rows(a, m, rhs.rows),
+                rhs,
+                T::ONE,
+                false,
+                threads,
+            );
+            for (c, w) in c.into_iter().zip(want) {
+                let c: f64 = c.into();
+                assert!((c - w).abs() <= tol, "{c} {w}");
+            }
+        }
+    }
+
+    /// A right-hand side stored transposed at a 2 KiB-multiple column stride, its columns
+    /// shorter than their stride (NaN in the gap): the stride rule picks it, and its product is
+    /// the definition's both as it is (copied first where `gemm` runs AVX-512) and through an
+    /// explicit padded copy (on every CPU), in f64 and f32.
     #[test]
     fn transposed_right_sides_at_slow_strides_match_the_definition() {
         let (m, k, n, stride) = (3, 600, 5, 1024);
-        // bᵀ's rows (b's columns) are `stride` apart, their last `stride - k` entries NaN.
         let mut bt = vec![f64::NAN; n * stride];
         for c in 0..n {
             for r in 0..k {
                 bt[c * stride + r] = ((r * n + c) as f64 * 0.13).cos();
             }
         }
-        assert!(padded_columns(&View::block(&bt, n, k, stride).t(), false).is_some());
         let b: Vec<f64> = (0..k * n).map(|i| bt[(i % n) * stride + i / n]).collect();
         let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
         let want = naive(&a, &b, m, k, n);
-        let rhs = View::block(&bt, n, k, stride).t();
-        let mut pool = vec![f64::NAN; m * n];
-        gemm(
-            &mut pool,
-            n,
-            View::rows(&a, m, k),
-            rhs,
-            1.0,
-            false,
-            Threads::Pool,
-        );
-        let mut one = vec![f64::NAN; m * n];
-        gemm(
-            &mut one,
-            n,
-            View::rows(&a, m, k),
-            rhs,
-            1.0,
-            false,
-            Threads::One,
-        );
-        // Each entry sums k products of terms at most 1 in size.
-        let bound = k as f64 * f64::EPSILON;
-        for ((p, o), w) in pool.iter().zip(&one).zip(&want) {
-            assert!(
-                (p - w).abs() <= bound && (o - w).abs() <= bound,
-                "{p} {o} {w}"
-            );
-        }
         let (a32, bt32): (Vec<f32>, Vec<f32>) = (
             a.iter().map(|&x| x as f32).collect(),
             bt.iter().map(|&x| x as f32).collect(),
         );
-        let rhs32 = View::block(&bt32, n, k, stride).t();
-        assert!(padded_columns(&rhs32, true).is_some());
-        let mut c32 = vec![f32::NAN; m * n];
-        gemm(
-            &mut c32,
-            n,
-            View::rows(&a32, m, k),
-            rhs32,
-            1.0,
-            false,
-            Threads::Pool,
+        // Each entry sums k products of terms at most 1 in size (f32: inputs rounded too).
+        let (tol64, tol32) = (
+            k as f64 * f64::EPSILON,
+            2.0 * k as f64 * f32::EPSILON as f64,
         );
-        let bound = k as f64 * f32::EPSILON as f64 * 2.0;
-        for (c, w) in c32.iter().zip(&want) {
-            assert!((*c as f64 - w).abs() <= bound, "{c} {w}");
+        let rhs = View::block(&bt, n, k, stride).t();
+        let rhs32 = View::block(&bt32, n, k, stride).t();
+        assert!(packs_slowly(&rhs) && packs_slowly(&rhs32));
+        check_product(&a, rhs, &want, tol64);
+        check_product(&a32, rhs32, &want, tol32);
+        for parallel in [false, true] {
+            let (copy, st) = padded_copy(&rhs, parallel);
+            let padded = View {
+                data: &copy,
+                rows: k,
+                cols: n,
+                rs: 1,
+                cs: st as isize,
+            };
+            assert!(!packs_slowly(&padded));
+            check_product(&a, padded, &want, tol64);
+            let (copy, st) = padded_copy(&rhs32, parallel);
+            let padded = View {
+                data: &copy,
+                rows: k,
+                cols: n,
+                rs: 1,
+                cs: st as isize,
+            };
+            check_product(&a32, padded, &want, tol32);
         }
     }
 }
