@@ -186,9 +186,9 @@ fn padded_columns<T: Real>(rhs: &View<'_, T>, parallel: bool) -> Option<(Vec<T>,
     (packs_slowly(rhs) && gemm_runs_avx512()).then(|| padded_copy(rhs, parallel))
 }
 
-/// Whether `rhs` is stored transposed with a column stride of [`SLOW_STRIDE`] and columns at
-/// least that long: the weight of a linear layer whose input width is a multiple of 512 (f32).
-/// The copy costs far less than the packing it saves there.
+/// Whether `rhs` is stored transposed with a column stride that is a multiple of
+/// [`SLOW_STRIDE`] and columns at least that long: the weight of a linear layer whose input
+/// width is a multiple of 512 (f32). The copy costs far less than the packing it saves there.
 fn packs_slowly<T: Real>(rhs: &View<'_, T>) -> bool {
     let size = std::mem::size_of::<T>();
     rhs.rs == 1
