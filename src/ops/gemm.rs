@@ -132,13 +132,7 @@ pub(crate) fn gemm<T: Real>(
     };
     let padded = padded_columns(&rhs, matches!(par, gemm::Parallelism::Rayon(_)));
     let rhs = match &padded {
-        Some((data, stride)) => View {
-            data,
-            rows: k,
-            cols: n,
-            rs: 1,
-            cs: *stride as isize,
-        },
+        Some((data, stride)) => View::block(data, n, k, *stride).t(),
         None => rhs,
     };
     // SAFETY: `T` is f32 or f64 (the only `Real` impls), which `gemm` supports; every index
@@ -307,6 +301,17 @@ mod tests {
         }
     }
 
+    /// [`check_product`] through an explicit [`padded_copy`] of `rhs`, made serially and on the
+    /// pool; the copy's own stride is not one the rule picks again.
+    fn check_padded_copy<T: Real + Into<f64>>(a: &[T], rhs: &View<'_, T>, want: &[f64], tol: f64) {
+        for parallel in [false, true] {
+            let (copy, stride) = padded_copy(rhs, parallel);
+            let padded = View::block(&copy, rhs.cols, rhs.rows, stride).t();
+            assert!(!packs_slowly(&padded));
+            check_product(a, padded, want, tol);
+        }
+    }
+
     /// A right-hand side stored transposed at a 2 KiB-multiple column stride, its columns
     /// shorter than their stride (NaN in the gap): the stride rule picks it, and its product is
     /// the definition's both as it is (copied first where `gemm` runs AVX-512) and through an
@@ -337,26 +342,7 @@ mod tests {
         assert!(packs_slowly(&rhs) && packs_slowly(&rhs32));
         check_product(&a, rhs, &want, tol64);
         check_product(&a32, rhs32, &want, tol32);
-        for parallel in [false, true] {
-            let (copy, st) = padded_copy(&rhs, parallel);
-            let padded = View {
-                data: &copy,
-                rows: k,
-                cols: n,
-                rs: 1,
-                cs: st as isize,
-            };
-            assert!(!packs_slowly(&padded));
-            check_product(&a, padded, &want, tol64);
-            let (copy, st) = padded_copy(&rhs32, parallel);
-            let padded = View {
-                data: &copy,
-                rows: k,
-                cols: n,
-                rs: 1,
-                cs: st as isize,
-            };
-            check_product(&a32, padded, &want, tol32);
-        }
+        check_padded_copy(&a, &rhs, &want, tol64);
+        check_padded_copy(&a32, &rhs32, &want, tol32);
     }
 }
