@@ -326,13 +326,18 @@ mod tests {
             }
         }
         let b: Vec<f64> = (0..k * n).map(|i| bt[(i % n) * stride + i / n]).collect();
-        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        // |a| ≤ 1/k and |b| ≤ 1, so each entry's terms sum to at most 1 in absolute value.
+        let a: Vec<f64> = (0..m * k)
+            .map(|i| (i as f64 * 0.37).sin() / k as f64)
+            .collect();
         let want = naive(&a, &b, m, k, n);
         let (a32, bt32): (Vec<f32>, Vec<f32>) = (
             a.iter().map(|&x| x as f32).collect(),
             bt.iter().map(|&x| x as f32).collect(),
         );
-        // Each entry sums k products of terms at most 1 in size (f32: inputs rounded too).
+        // Any order of summing k terms whose magnitudes sum to at most 1 errs by at most
+        // γ_k ≈ k·u (u = ε/2), FMA or not; the reference errs as much again. In f32 the inputs'
+        // rounding adds 2·u₃₂ and the accumulation k·u₃₂: (k + 2)·u₃₂ ≤ 2k·ε₃₂.
         let (tol64, tol32) = (
             k as f64 * f64::EPSILON,
             2.0 * k as f64 * f32::EPSILON as f64,
